@@ -1,0 +1,16 @@
+"""glp: Greedy Layer Pruning for transformer encoders.
+
+The library (this package) is pure Python + torch/transformers/datasets; it imports
+neither Prefect nor MLflow, so it can be used from a notebook, a test or another
+orchestrator. The Prefect tasks and flows live in the top-level ``tasks`` and
+``flows`` packages.
+"""
+
+__version__ = "0.1.0"
+
+
+class GlpError(ValueError):
+    """A user-facing error: bad input, named with what would be valid.
+
+    The CLI prints these as one red line and exits non-zero, without a traceback.
+    """

@@ -1,0 +1,68 @@
+"""Frozen settings for fine-tuning and search; every default says why it is what it is."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """How one model is fine-tuned and evaluated.
+
+    The paper's protocol is lr 2e-5, batch 32, max length 128, 3 epochs, linear decay,
+    no warm-up. The defaults here are that protocol except the learning rate: at the
+    small training subsets a CPU allows, 2e-5 often leaves the model at the majority
+    class, while 1e-4 learns reliably (measured on SST-2 with MiniLM).
+    """
+
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    max_length: int = 128
+    epochs: float = 3.0
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0  # the paper uses no warm-up
+    eval_batch_size: int = 128
+    # Batches are built from examples of similar length (within shuffled chunks):
+    # ~1.3x faster on CPU through less padding, with no measured accuracy change.
+    length_grouping: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How layers are searched: what to remove, which data decides, which seeds."""
+
+    remove: int = 2
+    strategy: str = "greedy"
+    # The reference protocol: 85% of the training set fine-tunes candidates, the
+    # other 15% scores them; the dev set is used only for the final report.
+    selection_fraction: float = 0.15
+    split_seed: int = 0
+    train_limit: int | None = None  # training examples used (before the split); None = all
+    eval_limit: int | None = None  # dev examples used for the final report; None = all
+    search_seed: int = 41  # the reference code's search seed
+    final_seeds: tuple[int, ...] = field(default=(40, 41, 42, 43, 44))  # the paper's 5 seeds
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["final_seeds"] = list(self.final_seeds)
+        return d
+
+
+def stable_hash(*parts: object, length: int = 16) -> str:
+    """A short, stable hex digest of JSON-serialisable parts (dataclasses allowed)."""
+
+    def default(obj: object) -> object:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return dataclasses.asdict(obj)
+        if isinstance(obj, set | frozenset):
+            return sorted(obj)
+        return str(obj)
+
+    payload = json.dumps(parts, sort_keys=True, default=default, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]

