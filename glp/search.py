@@ -61,9 +61,11 @@ def select_layer(candidates: Sequence[tuple[int, float]]) -> int:
     if not candidates:
         raise GlpError("no candidates to select from")
 
-    def key(item: tuple[int, float]) -> tuple[float, int]:
+    def key(item: tuple[int, float]) -> tuple[bool, float, int]:
         layer, score = item
-        return (-math.inf if math.isnan(score) else score, layer)
+        # A real score (even -inf) ranks above every NaN; among NaNs only the layer counts.
+        is_real = not math.isnan(score)
+        return (is_real, score if is_real else 0.0, layer)
 
     return max(candidates, key=key)[0]
 

@@ -1,0 +1,283 @@
+"""The ``glp`` command line: prune, demo, ui.
+
+Prefect reads its settings when it is first imported, so this module sets up the run
+home's environment first and imports the flows only inside the commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from glp import GlpError
+from tasks import progress
+from tasks.home import RunHome, configure_environment
+
+app = typer.Typer(
+    name="glp",
+    help="Greedy layer pruning for transformer encoders: smaller, faster models for one task.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+# The demo: the embedded MiniLM on 2,000 SST-2 examples, 1 epoch, max length 64,
+# lr 1e-4 (2e-5 often stays at the majority class with so little data), 2 of 6 layers.
+DEMO = {"task": "sst2", "remove": 2, "train_limit": 2000, "epochs": 1.0, "max_length": 64,
+        "learning_rate": 1e-4, "seeds": 1}
+
+
+class RichReporter:
+    """Progress bars: iterations, candidates and final models stay; training steps come and go."""
+
+    def __init__(self, bars: Progress):
+        self.bars = bars
+        self.kinds: dict[object, str] = {}
+
+    def begin(self, kind: str, label: str, total: int | None) -> object:
+        handle = self.bars.add_task(label, total=total)
+        self.kinds[handle] = kind
+        return handle
+
+    def update(self, handle: object, completed: int, total: int | None = None) -> None:
+        self.bars.update(handle, completed=completed, total=total or None)
+
+    def end(self, handle: object) -> None:
+        if self.kinds.pop(handle, None) == "steps":
+            self.bars.remove_task(handle)  # one bar per fine-tune would flood the screen
+
+    def note(self, message: str) -> None:
+        self.bars.console.print(f"[green]✓[/green] {message}")
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _quiet(verbose: bool) -> None:
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        warnings.filterwarnings("ignore")
+        logging.getLogger("alembic").setLevel(logging.ERROR)
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def run_prune_command(values: dict, home: str | None, verbose: bool) -> None:
+    """Validate, run the flow with progress bars, print the summary."""
+    run_home = RunHome.resolve(home)
+    configure_environment(run_home)
+    _quiet(verbose)
+    from pydantic import ValidationError
+
+    from flows.prune import PruneParams, preflight, prune
+
+    try:
+        params = PruneParams(**values, home=str(run_home.root))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        _fail(f"--{field.replace('_', '-')}={first.get('input')!r}: {first['msg']}")
+    try:
+        described = preflight(params)
+    except GlpError as exc:
+        _fail(str(exc))
+    console.print(f"[bold]glp[/bold] {described}")
+    console.print(f"run home: {run_home.root}")
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console)
+    progress.set_reporter(RichReporter(bars))
+    try:
+        with bars:
+            summary = prune(params)
+    except GlpError as exc:
+        _fail(str(exc))
+    finally:
+        progress.set_reporter(None)
+    print_summary(summary)
+
+
+def print_summary(summary) -> None:
+    """The pruning order, every candidate's score, the final models, and where to look."""
+    console.print()
+    console.print(f"[bold]Pruning order[/bold] ({summary.strategy}, first removed first): "
+                  f"[cyan]{', '.join(map(str, summary.order))}[/cyan]")
+    if summary.candidates:
+        table = Table(title=f"Candidates: selection-split {summary.metric} "
+                            "(* = removed in that iteration)")
+        table.add_column("iteration", justify="right")
+        for layer in range(summary.num_layers):
+            table.add_column(f"-L{layer}", justify="right")
+        iterations = sorted({row["iteration"] for row in summary.candidates})
+        for it in iterations:
+            rows = {r["layer"]: r for r in summary.candidates if r["iteration"] == it}
+            cells = []
+            for layer in range(summary.num_layers):
+                if layer not in rows:
+                    cells.append("")
+                    continue
+                mark = "*" if summary.order[it] == layer else ""
+                cells.append(f"{rows[layer]['value']:.4f}{mark}")
+            table.add_row(str(it + 1), *cells)
+        console.print(table)
+    finals = Table(title=f"Final models: dev {summary.metric}")
+    for column in ("layers", "removed", "seeds", f"dev {summary.metric}", "parameters",
+                   "registry"):
+        finals.add_column(column, justify="right" if column != "registry" else "left")
+    depths = sorted({r["depth"] for r in summary.finals}, reverse=True)
+    inverse = {v: k for k, v in summary.versions.items() if k.startswith("depth-")}
+    best = summary.versions.get("best")
+    for depth in depths:
+        rows = [r for r in summary.finals if r["depth"] == depth]
+        values = [r["value"] for r in rows]
+        spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        version = rows[0].get("model_version")
+        registry = ""
+        if version:
+            registry = f"v{version} @{inverse.get(version, '')}"
+            registry += " @best" if version == best else ""
+        finals.add_row(str(depth), ",".join(map(str, rows[0]["removed"])) or "none (reference)",
+                       str(len(rows)), f"{statistics.mean(values):.4f}{spread}",
+                       f"{rows[0]['parameters']:,}" if rows[0]["parameters"] else "",
+                       registry)
+    console.print(finals)
+    total = summary.computed + summary.reused
+    console.print(f"fine-tunes: [bold]{summary.computed}[/bold] computed, "
+                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
+                  f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
+    home = Path(summary.home)
+    if summary.registered_model:
+        console.print(f"registered model: [cyan]{summary.registered_model}[/cyan] "
+                      f"(load with mlflow.transformers.load_model("
+                      f"\"models:/{summary.registered_model}@best\"))")
+    console.print(f"MLflow UI:      glp ui --home {home}")
+    console.print(f"Parquet tables: {home / 'parquet'} (candidates/, selections/, finals/)")
+
+
+HomeOption = Annotated[
+    str | None,
+    typer.Option("--home", envvar="GLP_HOME", help="run home for every artifact [default: ./.glp]"),
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")]
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Option(help="model directory or hub id")] = "all-MiniLM-L6-v2",
+    task: Annotated[str, typer.Option(help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, qqp, "
+                                      "mnli (case-insensitive)")] = "sst2",
+    data_dir: Annotated[str | None, typer.Option(help="folder of GLUE task folders "
+                                                 "[default: the shipped data/glue]")] = None,
+    train_file: Annotated[str | None, typer.Option(help="your training data (CSV/TSV/JSON/"
+                                                   "Parquet) or a datasets id")] = None,
+    dev_file: Annotated[str | None, typer.Option(help="your evaluation data")] = None,
+    text_column: Annotated[list[str] | None, typer.Option(help="text column (twice for pairs)")]
+    = None,
+    label_column: Annotated[str, typer.Option(help="label column of your data")] = "label",
+    task_type: Annotated[str, typer.Option(help="classification or regression")]
+    = "classification",
+    metric: Annotated[str | None, typer.Option(help="selection metric: accuracy, f1, mcc, "
+                                               "pearson, spearman")] = None,
+    remove: Annotated[int, typer.Option(help="encoder layers to remove")] = 2,
+    strategy: Annotated[str, typer.Option(help="greedy or top")] = "greedy",
+    train_limit: Annotated[int | None, typer.Option(help="training examples used "
+                                                    "[default: all]")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="dev examples used [default: all]")]
+    = None,
+    epochs: Annotated[float, typer.Option(help="fine-tune epochs")] = 3.0,
+    max_length: Annotated[int, typer.Option(help="max tokens per example")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="learning rate")] = 2e-5,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
+    seeds: Annotated[int, typer.Option(help="seeds per final model (40, 41, ...)")] = 5,
+    search_seed: Annotated[int, typer.Option(help="seed of the candidate fine-tunes")] = 41,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI "
+                                                     "[default: sqlite in the home]")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "glp",
+    registered_model: Annotated[str | None, typer.Option(help="registry name [default: "
+                                                         "glp-<model>-<task>-<strategy>]")]
+    = None,
+    register: Annotated[bool, typer.Option(help="register the final models")] = True,
+    home: HomeOption = None,
+    verbose: Verbose = False,
+) -> None:
+    """Remove encoder layers one at a time and keep a fine-tuned model for every depth.
+
+    Defaults follow the paper's protocol (full training set, 3 epochs, lr 2e-5, 5 seeds);
+    see `glp demo` for a run sized for a laptop CPU.
+    """
+    run_prune_command(
+        {"model": model, "task": task, "data_dir": data_dir, "train_file": train_file,
+         "dev_file": dev_file, "text_columns": tuple(text_column or ()),
+         "label_column": label_column, "task_type": task_type, "metric": metric,
+         "remove": remove, "strategy": strategy, "train_limit": train_limit,
+         "eval_limit": eval_limit, "epochs": epochs, "max_length": max_length,
+         "learning_rate": lr, "batch_size": batch_size, "seeds": seeds,
+         "search_seed": search_seed, "tracking_uri": tracking_uri, "experiment": experiment,
+         "registered_model": registered_model, "register": register},
+        home, verbose,
+    )
+
+
+@app.command()
+def demo(home: HomeOption = None, verbose: Verbose = False) -> None:
+    """Greedy pruning of the embedded MiniLM on SST-2, sized for a laptop CPU (~10 minutes).
+
+    2,000 training examples, 1 epoch, max length 64, lr 1e-4, 2 of 6 layers, 1 seed.
+    """
+    run_prune_command(dict(DEMO), home, verbose)
+
+
+@app.command()
+def ui(
+    home: HomeOption = None,
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+) -> None:
+    """Serve the MLflow UI for the run home on 127.0.0.1 (runs, metrics, registered models)."""
+    run_home = RunHome.resolve(home)
+    if not run_home.mlflow_db.exists():
+        _fail(f"no MLflow store at {run_home.mlflow_db}; run `glp prune` or `glp demo` first, "
+              "or pass --home")
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+               str(port), "--backend-store-uri", run_home.tracking_uri]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Progress reporting hooks: the CLI installs a reporter, tasks and flows call it.
+
+A reporter lives in the process that shows the bars; a task running elsewhere (a Dask
+or Ray worker) finds the default no-op reporter and reports nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Reporter(Protocol):
+    def begin(self, kind: str, label: str, total: int | None) -> object: ...
+    def update(self, handle: object, completed: int, total: int | None = None) -> None: ...
+    def end(self, handle: object) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class NullReporter:
+    def begin(self, kind: str, label: str, total: int | None) -> object:
+        return None
+
+    def update(self, handle: object, completed: int, total: int | None = None) -> None:
+        pass
+
+    def end(self, handle: object) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+_reporter: Reporter = NullReporter()
+
+
+def set_reporter(reporter: Reporter | None) -> None:
+    """Install ``reporter`` for this process (None restores the no-op one)."""
+    global _reporter
+    _reporter = reporter or NullReporter()
+
+
+def get_reporter() -> Reporter:
+    return _reporter
+
+
+def step_callback(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A training-step callback for ``glp.train.fine_tune`` and the function that closes it."""
+    reporter = get_reporter()
+    handle = reporter.begin("steps", label, None)
+
+    def on_step(done: int, total: int) -> None:
+        reporter.update(handle, done, total)
+
+    return on_step, lambda: reporter.end(handle)

@@ -1,0 +1,109 @@
+"""Parquet audit tables: candidates, selections and finals, one row per decision.
+
+Layout: ``<home>/parquet/<table>/<job_id>/<part>.parquet``. Every row also carries its
+``job_id``, so ``pyarrow.dataset.dataset("<home>/parquet/candidates")`` reads all jobs
+(the job folder is deliberately not a ``key=value`` partition: a partition column that
+is also stored in the file breaks pandas' reader). A part is written to a temporary
+file and renamed, and a re-run of the same job rewrites the same parts: rows are
+replaced, never duplicated, and a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+_LAYERS = pa.list_(pa.int64())
+
+CANDIDATES = pa.schema([
+    ("job_id", pa.string()),
+    ("run_id", pa.string()),
+    ("parent_run_id", pa.string()),
+    ("flow_run_id", pa.string()),
+    ("strategy", pa.string()),
+    ("model", pa.string()),
+    ("task", pa.string()),
+    ("iteration", pa.int64()),
+    ("layer", pa.int64()),
+    ("removed", _LAYERS),
+    ("depth", pa.int64()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("metrics_json", pa.string()),
+    ("seed", pa.int64()),
+    ("train_examples", pa.int64()),
+    ("eval_examples", pa.int64()),
+    ("fine_tune_seconds", pa.float64()),
+    ("eval_seconds", pa.float64()),
+    ("cache_key", pa.string()),
+    ("reused", pa.bool_()),
+    ("recorded_at", pa.timestamp("us", tz="UTC")),
+])
+
+SELECTIONS = pa.schema([
+    ("job_id", pa.string()),
+    ("run_id", pa.string()),
+    ("strategy", pa.string()),
+    ("model", pa.string()),
+    ("task", pa.string()),
+    ("iteration", pa.int64()),
+    ("layer", pa.int64()),
+    ("order", _LAYERS),
+    ("depth", pa.int64()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("candidates", pa.int64()),
+    ("cache_key", pa.string()),
+    ("recorded_at", pa.timestamp("us", tz="UTC")),
+])
+
+FINALS = pa.schema([
+    ("job_id", pa.string()),
+    ("run_id", pa.string()),
+    ("parent_run_id", pa.string()),
+    ("strategy", pa.string()),
+    ("model", pa.string()),
+    ("task", pa.string()),
+    ("depth", pa.int64()),
+    ("removed", _LAYERS),
+    ("seed", pa.int64()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("metrics_json", pa.string()),
+    ("parameters", pa.int64()),
+    ("train_examples", pa.int64()),
+    ("eval_examples", pa.int64()),
+    ("fine_tune_seconds", pa.float64()),
+    ("eval_seconds", pa.float64()),
+    ("cache_key", pa.string()),
+    ("reused", pa.bool_()),
+    ("registered_model", pa.string()),
+    ("model_version", pa.string()),
+    ("recorded_at", pa.timestamp("us", tz="UTC")),
+])
+
+SCHEMAS = {"candidates": CANDIDATES, "selections": SELECTIONS, "finals": FINALS}
+
+
+def write_part(root: Path, table: str, job_id: str, part: str, rows: list[dict]) -> Path:
+    """Write (or replace) one part of a job's table atomically."""
+    schema = SCHEMAS[table]
+    folder = Path(root) / table / job_id
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{part}.parquet"
+    data = pa.Table.from_pylist([{k: row.get(k) for k in schema.names} for row in rows], schema)
+    tmp = folder / f".{part}.{os.getpid()}.tmp"
+    pq.write_table(data, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+@task(name="record-rows", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def record_rows(root: Path, table: str, job_id: str, part: str, rows: list[dict]) -> str:
+    """Write one part of an audit table (idempotent: a retry replaces the same file)."""
+    return str(write_part(root, table, job_id, part, rows))

@@ -1,0 +1,171 @@
+"""MLflow tracking and registry: a parent run per pruning job, child runs per candidate and
+final model, and one registered model version per depth.
+
+Everything goes through ``MlflowClient`` with explicit run ids (MLflow's active run is
+thread-local, and tasks may run on other threads or machines). Every write is looked up
+first by its tags, so a retried task or a re-run of the same job finds its runs and
+versions instead of creating second copies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import glp
+
+JOB, CANDIDATE, FINAL = "job", "candidate", "final"
+_RETRY = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 2}
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    """The experiment's id, created with its artifacts under the run home if new."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=Path(artifact_root).as_uri())
+
+
+def _find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
+    clauses = " and ".join(f"tags.`glp.{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([experiment_id], filter_string=clauses, max_results=100)
+
+
+def _log(client: MlflowClient, run_id: str, params: dict | None = None,
+         metrics: dict | None = None, tags: dict | None = None) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+
+
+@task(name="start-job-run", **_RETRY)
+def start_job_run(tracking_uri: str, experiment: str, artifact_root: Path, job_id: str,
+                  run_name: str, params: dict, tags: dict) -> str:
+    """The job's parent run: reopened when the job ran before, created otherwise.
+
+    Child runs a killed attempt left RUNNING are marked KILLED.
+    """
+    client = client_for(tracking_uri)
+    experiment_id = ensure_experiment(client, experiment, artifact_root)
+    existing = _find_runs(client, experiment_id, job_id=job_id, kind=JOB)
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        for child in _find_runs(client, experiment_id, job_id=job_id):
+            if child.info.run_id != run_id and child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, status="KILLED")
+        attempts = int(existing[0].data.tags.get("glp.attempts", "1")) + 1
+    else:
+        all_tags = {"glp.job_id": job_id, "glp.kind": JOB, "glp.version": glp.__version__,
+                    **tags}
+        run_id = client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+        _log(client, run_id, params=params)
+        attempts = 1
+    client.set_tag(run_id, "glp.attempts", str(attempts))
+    return run_id
+
+
+@task(name="end-job-run", **_RETRY)
+def end_job_run(tracking_uri: str, run_id: str, status: str, metrics: dict | None = None,
+                tags: dict | None = None) -> None:
+    """Close the parent run as FINISHED or FAILED, with the summary metrics."""
+    client = client_for(tracking_uri)
+    _log(client, run_id, metrics=metrics, tags=tags)
+    client.set_terminated(run_id, status=status)
+
+
+@task(name="log-child-run", **_RETRY)
+def log_child_run(tracking_uri: str, parent_run_id: str, job_id: str, kind: str, key: str,
+                  run_name: str, params: dict, metrics: dict, tags: dict) -> str:
+    """A finished child run for one candidate or final model (found again on a re-run)."""
+    client = client_for(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    for run in _find_runs(client, experiment_id, job_id=job_id, kind=kind, key=key):
+        if run.info.status == "FINISHED":
+            return run.info.run_id
+    all_tags = {"mlflow.parentRunId": parent_run_id, "glp.job_id": job_id, "glp.kind": kind,
+                "glp.key": key, **tags}
+    run_id = client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+    _log(client, run_id, params=params, metrics=metrics)
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def _pipeline_requirements() -> list[str]:
+    import torch
+    import transformers
+
+    torch_version = torch.__version__.split("+")[0]
+    return [f"torch=={torch_version}", f"transformers=={transformers.__version__}"]
+
+
+@task(name="register-model", **_RETRY)
+def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: str,
+                   job_id: str, depth: int, tags: dict, description: str) -> str:
+    """Log the checkpoint as a transformers pipeline in its run and register a version.
+
+    Idempotent: a version of ``name`` that already carries this job and depth is returned
+    as it is. Returns the version number.
+    """
+    import mlflow
+    import transformers
+
+    client = client_for(tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:  # the registered model does not exist yet
+        versions = []
+    for version in versions:
+        if version.tags.get("glp.job_id") == job_id and version.tags.get("glp.depth") == str(
+            depth
+        ):
+            return str(version.version)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    pipe = transformers.pipeline("text-classification", model=checkpoint_path,
+                                 tokenizer=checkpoint_path, device="cpu")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=pipe,
+            name="model",
+            task="text-classification",
+            pip_requirements=_pipeline_requirements(),
+        )
+    version_tags = {"glp.job_id": job_id, "glp.depth": str(depth), **tags}
+    if not versions:
+        try:
+            client.create_registered_model(name, description=description)
+        except Exception:  # created meanwhile by another run
+            pass
+    version = client.create_model_version(
+        name, source=info.model_uri, run_id=run_id, tags=version_tags, description=description
+    )
+    return str(version.version)
+
+
+@task(name="set-aliases", **_RETRY)
+def set_aliases(tracking_uri: str, name: str, aliases: dict[str, str]) -> None:
+    """Point each alias (``best``, ``depth-4``, ...) at its version."""
+    client = client_for(tracking_uri)
+    for alias, version in aliases.items():
+        client.set_registered_model_alias(name, alias, version)
+
+
+def dumps(metrics: dict) -> str:
+    return json.dumps(metrics, sort_keys=True)

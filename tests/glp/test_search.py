@@ -1,0 +1,259 @@
+"""Layer-selection strategies driven by fake scorers: pure Python, no models."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from glp import GlpError
+from glp.search import (
+    STRATEGIES,
+    CandidateScored,
+    GreedyLayerPruning,
+    LayerSelected,
+    TopLayerPruning,
+    depth_plan,
+    get_strategy,
+    removal_order,
+    score_of,
+    select_layer,
+    validate_budget,
+)
+
+# The cost of removing each layer of a 6-layer model: the cheapest go first.
+PENALTY = {0: 9.0, 1: 1.0, 2: 5.0, 3: 0.5, 4: 3.0, 5: 7.0}
+
+
+class PenaltyScorer:
+    """Scores a removal set by minus the sum of its layers' penalties; records every call."""
+
+    def __init__(self, penalty: dict[int, float] = PENALTY) -> None:
+        self.penalty = penalty
+        self.calls: list[list[tuple[int, ...]]] = []
+
+    def __call__(self, removal_sets):
+        self.calls.append(list(removal_sets))
+        return [-sum(self.penalty[layer] for layer in removed) for removed in removal_sets]
+
+
+@dataclass(frozen=True)
+class Result:
+    score: float
+    note: str = ""
+
+
+def run(num_layers: int, remove: int, score, strategy: str = "greedy") -> list:
+    return list(get_strategy(strategy).search(num_layers, remove, score))
+
+
+def selections(records) -> list[LayerSelected]:
+    return [r for r in records if isinstance(r, LayerSelected)]
+
+
+def candidates(records, iteration: int) -> list[CandidateScored]:
+    return [r for r in records if isinstance(r, CandidateScored) and r.iteration == iteration]
+
+
+# --------------------------------------------------------------------------- greedy
+
+
+def test_greedy_finds_the_order_of_a_known_score_table() -> None:
+    records = run(6, 4, PenaltyScorer())
+    assert removal_order(records) == (3, 1, 4, 2)
+    assert [s.layer for s in selections(records)] == [3, 1, 4, 2]
+
+
+def test_greedy_candidate_counts_per_iteration() -> None:
+    scorer = PenaltyScorer()
+    records = run(6, 2, scorer)
+    assert [len(call) for call in scorer.calls] == [6, 5]
+    assert sum(isinstance(r, CandidateScored) for r in records) == 11
+    scorer = PenaltyScorer()
+    run(6, 5, scorer)
+    assert [len(call) for call in scorer.calls] == [6, 5, 4, 3, 2]
+
+
+def test_greedy_candidates_are_nested_fresh_sorted_tuples() -> None:
+    scorer = PenaltyScorer()
+    records = run(6, 4, scorer)
+    order = removal_order(records)
+    for iteration, call in enumerate(scorer.calls):
+        earlier = set(order[:iteration])
+        assert len({id(s) for s in call}) == len(call)  # a fresh set per candidate
+        assert len(set(call)) == len(call)
+        for removed in call:
+            assert isinstance(removed, tuple)
+            assert list(removed) == sorted(removed)
+            assert len(removed) == iteration + 1
+            assert earlier <= set(removed)
+        # Exactly one candidate per layer not yet removed.
+        added = sorted(set(removed).difference(earlier).pop() for removed in call)
+        assert added == sorted(set(range(6)) - earlier)
+        # The records carry the same sets the scorer saw, in the same order.
+        assert [c.removed for c in candidates(records, iteration)] == call
+
+
+def test_greedy_record_order_and_scores() -> None:
+    records = run(6, 2, PenaltyScorer())
+    kinds = [type(r).__name__ for r in records]
+    assert kinds == ["CandidateScored"] * 6 + ["LayerSelected"] + ["CandidateScored"] * 5 + [
+        "LayerSelected"
+    ]
+    first, second = selections(records)
+    assert first == LayerSelected(0, 3, (3,), -0.5)
+    assert second == LayerSelected(1, 1, (3, 1), -1.5)
+    cands = candidates(records, 0)
+    assert [c.layer for c in cands] == [0, 1, 2, 3, 4, 5]
+    assert [c.score for c in cands] == [-PENALTY[i] for i in range(6)]
+    assert all(c.result == c.score for c in cands)
+    assert [c.layer for c in candidates(records, 1)] == [0, 1, 2, 4, 5]
+    assert candidates(records, 1)[0].removed == (0, 3)
+
+
+def test_greedy_accepts_results_with_a_score_attribute() -> None:
+    def scorer(removal_sets):
+        return [Result(-sum(PENALTY[i] for i in s), note=str(s)) for s in removal_sets]
+
+    records = run(6, 3, scorer)
+    assert removal_order(records) == (3, 1, 4)
+    for c in (r for r in records if isinstance(r, CandidateScored)):
+        assert isinstance(c.result, Result)
+        assert c.result.note == str(c.removed)
+        assert c.score == c.result.score and type(c.score) is float
+    assert [s.score for s in selections(records)] == [-0.5, -1.5, -4.5]
+
+
+def test_greedy_scorer_may_return_any_iterable() -> None:
+    def scorer(removal_sets):
+        return (-sum(PENALTY[i] for i in s) for s in removal_sets)  # a generator
+
+    assert removal_order(run(6, 2, scorer)) == (3, 1)
+
+
+def test_greedy_ties_go_to_the_highest_layer() -> None:
+    records = run(6, 3, lambda sets: [0.0] * len(sets))
+    assert removal_order(records) == (5, 4, 3)
+
+
+def test_greedy_nan_never_wins() -> None:
+    def scorer(removal_sets):
+        # Removing layer 5 (the tie-break favourite) diverges; everything else is equal.
+        return [math.nan if 5 in s else 1.0 for s in removal_sets]
+
+    records = run(6, 2, scorer)
+    assert removal_order(records) == (4, 3)
+    assert all(not math.isnan(s.score) for s in selections(records))
+
+
+def test_greedy_scorer_returning_the_wrong_count_fails() -> None:
+    with pytest.raises(RuntimeError, match="returned 1 results"):
+        run(6, 1, lambda sets: [0.0])
+
+
+def test_greedy_uses_an_injected_selector() -> None:
+    # A selector that picks the lowest layer index every time.
+    strategy = GreedyLayerPruning()
+    records = list(strategy.search(5, 2, PenaltyScorer(), select=lambda c: min(c)[0]))
+    assert removal_order(records) == (0, 1)
+
+
+def test_greedy_validates_the_budget_before_scoring() -> None:
+    scorer = PenaltyScorer()
+    with pytest.raises(GlpError, match="choose 1..5"):
+        run(6, 6, scorer)
+    assert scorer.calls == []
+
+
+# --------------------------------------------------------------------------- top
+
+
+def test_top_layer_order_without_scoring() -> None:
+    def scorer(_):
+        raise AssertionError("top-layer pruning must not score")
+
+    records = run(6, 3, scorer, "top")
+    assert records == [
+        LayerSelected(0, 5, (5,), None),
+        LayerSelected(1, 4, (5, 4), None),
+        LayerSelected(2, 3, (5, 4, 3), None),
+    ]
+    assert removal_order(records) == (5, 4, 3)
+    assert TopLayerPruning.needs_scores is False
+    assert GreedyLayerPruning.needs_scores is True
+
+
+def test_top_validates_the_budget() -> None:
+    with pytest.raises(GlpError, match="choose 1..3"):
+        run(4, 0, None, "top")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("name", ["greedy", "GREEDY", " Greedy ", "top", "Top"])
+def test_get_strategy_is_case_insensitive(name: str) -> None:
+    strategy = get_strategy(name)
+    assert strategy.name == name.strip().lower()
+    assert isinstance(strategy, STRATEGIES[strategy.name])
+
+
+def test_get_strategy_unknown_names_the_choices() -> None:
+    with pytest.raises(GlpError) as info:
+        get_strategy("random")
+    assert str(info.value) == "unknown strategy 'random'; choose one of: greedy, top"
+
+
+@pytest.mark.parametrize("remove", [0, -1, 6, 7])
+def test_validate_budget_rejects_out_of_range(remove: int) -> None:
+    with pytest.raises(GlpError) as info:
+        validate_budget(6, remove)
+    message = str(info.value)
+    assert f"cannot remove {remove} layers" in message
+    assert "6 encoder layers" in message
+    assert "choose 1..5" in message
+
+
+def test_validate_budget_accepts_the_range_and_rejects_tiny_models() -> None:
+    for remove in range(1, 6):
+        validate_budget(6, remove)
+    with pytest.raises(GlpError, match="1 encoder layer"):
+        validate_budget(1, 1)
+
+
+def test_select_layer_picks_the_best() -> None:
+    assert select_layer([(0, 0.1), (1, 0.9), (2, 0.5)]) == 1
+    assert select_layer([(4, -2.0)]) == 4
+
+
+def test_select_layer_ties_and_nan() -> None:
+    assert select_layer([(0, 0.5), (3, 0.5), (1, 0.5)]) == 3
+    assert select_layer([(0, 0.5), (5, math.nan)]) == 0
+    assert select_layer([(0, -math.inf), (5, math.nan)]) == 0
+    assert select_layer([(2, math.nan), (1, math.nan)]) == 2  # all diverged: still a choice
+
+
+def test_select_layer_needs_candidates() -> None:
+    with pytest.raises(GlpError, match="no candidates"):
+        select_layer([])
+
+
+def test_score_of() -> None:
+    assert score_of(0.25) == 0.25
+    assert score_of(Result(0.75)) == 0.75
+    assert type(score_of(1)) is float
+
+
+def test_depth_plan() -> None:
+    assert depth_plan((3, 1, 4), 6) == [
+        (6, ()),
+        (5, (3,)),
+        (4, (1, 3)),
+        (3, (1, 3, 4)),
+    ]
+    assert depth_plan((), 6) == [(6, ())]
+
+
+def test_removal_order_of_no_records() -> None:
+    assert removal_order([]) == ()

@@ -1,0 +1,198 @@
+"""The fine-tuning loop on a tiny random BERT and a synthetic, learnable toy task."""
+
+from __future__ import annotations
+
+import copy
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from glp.config import FineTuneConfig
+from glp.train import TrainStats, evaluate, fine_tune, predict, total_steps
+
+VOCAB = 100
+SIGNAL = 5  # the label is whether this token occurs
+CLS, SEP = 2, 3
+
+
+def tiny_model(num_labels: int = 2, seed: int = 0, **kwargs) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        **kwargs,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def toy_dataset(n: int = 64, seed: int = 0, regression: bool = False) -> datasets.Dataset:
+    """Rows of varying length; label 1 (or a count, for regression) when token 5 occurs."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    labels: list = []
+    for i in range(n):
+        length = int(rng.integers(3, 15))
+        body = rng.integers(10, VOCAB, size=length).tolist()
+        hits = int(rng.integers(1, 3)) if i % 2 else 0
+        for _ in range(hits):
+            body[int(rng.integers(0, length))] = SIGNAL
+        ids = [CLS, *body, SEP]
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * len(ids))
+        rows["token_type_ids"].append([0] * len(ids))
+        count = body.count(SIGNAL)
+        labels.append(float(count) + 0.1 * length / 15 if regression else int(count > 0))
+    features = datasets.Features(
+        {k: datasets.List(datasets.Value("int64")) for k in rows}
+        | {"labels": datasets.Value("float32" if regression else "int64")}
+    )
+    return datasets.Dataset.from_dict(rows | {"labels": labels}, features=features)
+
+
+def flat_weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def data() -> datasets.Dataset:
+    return toy_dataset()
+
+
+@pytest.fixture(scope="module")
+def init() -> BertForSequenceClassification:
+    return tiny_model()
+
+
+FAST = FineTuneConfig(learning_rate=3e-3, batch_size=8, epochs=1.0, eval_batch_size=16)
+
+
+def test_fine_tune_is_deterministic_for_a_seed(data, init) -> None:
+    a, b, c = (copy.deepcopy(init) for _ in range(3))
+    stats_a = fine_tune(a, data, FAST, seed=7)
+    stats_b = fine_tune(b, data, FAST, seed=7)
+    fine_tune(c, data, FAST, seed=8)
+    assert torch.equal(flat_weights(a), flat_weights(b))
+    assert stats_a.final_loss == stats_b.final_loss
+    np.testing.assert_array_equal(predict(a, data), predict(b, data))
+    assert not torch.equal(flat_weights(a), flat_weights(c))
+    assert not torch.equal(flat_weights(a), flat_weights(init))  # it trained in place
+    assert not a.training  # left in eval mode
+
+
+def mean_cross_entropy(model, data) -> float:
+    logits = torch.from_numpy(predict(model, data))
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(data["labels"])))
+
+
+def test_fine_tune_learns_the_toy_task(data) -> None:
+    model = tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    loss_before = mean_cross_entropy(model, data)
+    config = FineTuneConfig(learning_rate=3e-3, batch_size=8, epochs=8.0)
+    fine_tune(model, data, config, seed=0)
+    assert mean_cross_entropy(model, data) < 0.8 * min(loss_before, np.log(2))
+    assert evaluate(model, data, is_regression=False)["accuracy"] >= 0.95
+    held_out = evaluate(model, toy_dataset(64, seed=99), is_regression=False)
+    assert held_out["accuracy"] >= 0.8  # chance is 0.5
+
+
+def test_total_steps_and_the_step_callback(data, init) -> None:
+    assert total_steps(64, FineTuneConfig(batch_size=8, epochs=1.0)) == 8
+    assert total_steps(65, FineTuneConfig(batch_size=8, epochs=1.0)) == 9
+    assert total_steps(64, FineTuneConfig(batch_size=8, epochs=3.0)) == 24
+    assert total_steps(64, FineTuneConfig(batch_size=8, epochs=0.3)) == 3  # ceil(2.4)
+    assert total_steps(1, FineTuneConfig(batch_size=32, epochs=0.01)) == 1  # never zero
+
+    calls: list[tuple[int, int]] = []
+    config = FineTuneConfig(learning_rate=1e-3, batch_size=8, epochs=2.0)
+    stats = fine_tune(copy.deepcopy(init), data, config, seed=0, on_step=lambda *a: calls.append(a))
+    assert calls == [(i, 16) for i in range(1, 17)]
+    assert isinstance(stats, TrainStats)
+    assert stats.steps == 16
+    assert stats.examples == 128
+    assert stats.seconds > 0
+    assert np.isfinite(stats.final_loss)
+
+
+def test_fractional_epochs(data, init) -> None:
+    # 60 rows in batches of 8: 8 batches per epoch (the last one of 4 rows).
+    part = data.select(range(60))
+    calls: list[tuple[int, int]] = []
+    config = FineTuneConfig(learning_rate=1e-3, batch_size=8, epochs=0.5)
+    stats = fine_tune(copy.deepcopy(init), part, config, seed=0, on_step=lambda *a: calls.append(a))
+    assert stats.steps == 4 == len(calls)
+    assert calls[-1] == (4, 4)
+    assert 4 * 4 <= stats.examples <= 4 * 8
+
+    # 1.5 epochs continue into a second, reshuffled epoch: every row seen at least once.
+    config = FineTuneConfig(learning_rate=1e-3, batch_size=8, epochs=1.5)
+    stats = fine_tune(copy.deepcopy(init), part, config, seed=0)
+    assert stats.steps == 12
+    assert 60 + 4 * 4 <= stats.examples <= 60 + 4 * 8
+
+
+def test_empty_dataset_is_rejected(data, init) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        fine_tune(copy.deepcopy(init), data.select([]), FAST, seed=0)
+
+
+def test_regression_runs_and_reports_correlations() -> None:
+    data = toy_dataset(64, seed=2, regression=True)
+    assert isinstance(data[0]["labels"], float)
+    model = tiny_model(
+        num_labels=1,
+        problem_type="regression",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    labels = np.asarray(data["labels"])
+    mse_before = float(np.mean((predict(model, data)[:, 0] - labels) ** 2))
+    config = FineTuneConfig(learning_rate=3e-3, batch_size=8, epochs=8.0)
+    stats = fine_tune(model, data, config, seed=0)
+    assert np.isfinite(stats.final_loss)
+    scores = predict(model, data)
+    assert scores.shape == (64, 1) and scores.dtype == np.float32
+    assert float(np.mean((scores[:, 0] - labels) ** 2)) < 0.5 * mse_before
+    metrics = evaluate(model, data, is_regression=True)
+    assert set(metrics) == {"pearson", "spearman"}
+    assert all(type(v) is float for v in metrics.values())
+    assert metrics["pearson"] > 0.5  # it learnt to count the signal token
+
+
+def test_predict_keeps_input_order(data, init) -> None:
+    # Lengths vary, so predict's length sorting reorders rows internally.
+    lengths = [len(ids) for ids in data["input_ids"]]
+    assert lengths != sorted(lengths)
+    model = copy.deepcopy(init)
+    for batch_size in (5, 128):
+        got = predict(model, data, batch_size=batch_size)
+        assert got.shape == (len(data), 2)
+        expected = []
+        with torch.inference_mode():
+            for row in data:
+                inputs = {
+                    k: torch.tensor([row[k]])
+                    for k in ("input_ids", "attention_mask", "token_type_ids")
+                }
+                expected.append(model(**inputs).logits[0].numpy())
+        np.testing.assert_allclose(got, np.stack(expected), atol=1e-5, rtol=1e-4)
+
+
+def test_predict_without_labels_or_token_type_ids(data, init) -> None:
+    stripped = data.remove_columns(["labels", "token_type_ids"])
+    got = predict(init, stripped, batch_size=7)
+    np.testing.assert_allclose(got, predict(init, data, batch_size=7), atol=1e-6)
+
+
+def test_evaluate_metric_keys(data, init) -> None:
+    metrics = evaluate(init, data, is_regression=False, batch_size=16)
+    assert set(metrics) == {"accuracy", "f1", "mcc"}
+    assert all(type(v) is float for v in metrics.values())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
