@@ -19,6 +19,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from glp import GlpError
 from glp.config import FineTuneConfig, stable_hash
 from glp.models import DEFAULT_MODEL, check_supported, model_fingerprint, num_encoder_layers
 from glp.models import resolve_model as resolve_model_path

@@ -116,6 +116,9 @@ def run_fine_tune(request: FineTuneRequest, kind: str) -> Checkpoint:
         is_regression=request.data.is_regression,
         seed=request.seed,
     )
+    if request.data.label_names:  # readable predictions: the task's own label values
+        model.config.id2label = dict(enumerate(request.data.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(request.data.label_names)}
     remove_layers(model, request.removed)
     on_step, close = progress.step_callback(label)
     try:

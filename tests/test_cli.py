@@ -1,0 +1,65 @@
+"""The CLI's bad-input contract: one clear line, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AlbertConfig, AlbertModel
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def _prune(tmp_path, *args):
+    result = runner.invoke(app, ["prune", "--home", str(tmp_path / "home"), *args])
+    return result, result.output
+
+
+@pytest.fixture
+def albert(tmp_path):
+    path = tmp_path / "albert"
+    config = AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32,
+                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    AlbertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--remove", "6"], "cannot remove 6 layers"),
+        (["--remove", "0"], "--remove"),
+        (["--strategy", "best-guess"], "unknown strategy 'best-guess'"),
+        (["--train-file", "missing.csv", "--text-column", "text"], "missing.csv"),
+        (["--model", "./no/such/model"], "no/such/model"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
+    result, output = _prune(tmp_path, *args)
+    assert result.exit_code == 2, output
+    assert expected in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "home" / "mlflow.db").exists()  # nothing half-registered
+
+
+def test_missing_column(tmp_path):
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\ngood,1\nbad,0\n" * 10)
+    result, output = _prune(tmp_path, "--train-file", str(data), "--dev-file", str(data),
+                            "--text-column", "sentence")
+    assert result.exit_code == 2
+    assert "'sentence'" in output and "text, label" in output
+
+
+def test_unsupported_model(tmp_path, albert):
+    result, output = _prune(tmp_path, "--model", str(albert))
+    assert result.exit_code == 2
+    assert "albert" in output.lower() and "supported" in output
+
+
+def test_ui_without_a_store(tmp_path):
+    result = runner.invoke(app, ["ui", "--home", str(tmp_path / "empty")])
+    assert result.exit_code == 2
+    assert "no MLflow store" in result.output
