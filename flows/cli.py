@@ -244,7 +244,7 @@ def prune(
          "eval_limit": eval_limit, "epochs": epochs, "max_length": max_length,
          "learning_rate": lr, "batch_size": batch_size, "seeds": seeds,
          "search_seed": search_seed, "tracking_uri": tracking_uri, "experiment": experiment,
-         "registered_model": registered_model, "register": register},
+         "registered_model": registered_model, "register_models": register},
         home, verbose,
     )
 

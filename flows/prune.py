@@ -81,7 +81,7 @@ class PruneParams(BaseModel):
     tracking_uri: str | None = None
     experiment: str = "glp"
     registered_model: str | None = None
-    register: bool = True
+    register_models: bool = True
 
     def finetune_config(self) -> FineTuneConfig:
         return FineTuneConfig(
@@ -306,7 +306,7 @@ def prune(params: PruneParams) -> PruneSummary:
         reporter.end(fin_handle)
 
         versions = _register(params, final_rows, registered_name, tracking_uri, job_id,
-                             common_tags, model_fp, data, order) if params.register else {}
+                             common_tags, model_fp, data, order) if params.register_models else {}
         for row in final_rows:
             row["parameters"] = _parameter_count(row.pop("_path"))
         record_rows(home.parquet, "finals", job_id, "finals", final_rows)

@@ -38,13 +38,13 @@ def test_tables_and_summary(runs):
     finals = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
     assert sorted(r["layer"] for r in candidates) == [0, 1, 2, 3, 4, 5]
     assert len(selections) == 1 and sorted(r["depth"] for r in finals) == [5, 6]
-    assert "Pruning order" in first and "7 computed, 0 reused" in first
+    assert "Pruning order" in first and "8 computed, 0 reused" in first
     assert "glp ui --home" in first and str(home / "parquet") in first
 
 
 def test_rerun_reuses_everything(runs):
     home, _, second = runs
-    assert "0 computed, 7 reused" in second
+    assert "0 computed, 8 reused" in second
     assert len(ds.dataset(home / "parquet" / "candidates").to_table()) == 6
 
 

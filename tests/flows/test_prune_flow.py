@@ -94,7 +94,7 @@ def test_mlflow_runs_and_registry(two_runs):
 
 def test_changed_config_does_not_reuse(harness, tiny_bert, two_runs):
     home, first, _ = two_runs
-    third = prune(_params(tiny_bert, home, remove=1, search_seed=7, register=False))
+    third = prune(_params(tiny_bert, home, remove=1, search_seed=7, register_models=False))
     assert third.job_id != first.job_id
     # A new search seed: 3 new candidate fine-tunes. The unpruned final model does not
     # depend on the search, so it is reused.
