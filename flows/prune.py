@@ -190,6 +190,12 @@ def prune(params: PruneParams) -> PruneSummary:
               "glp.data_fingerprint": stable_hash(data.fingerprints)},
     )
     counts = {"computed": 0, "reused": 0}
+    # Results (the cache) live in this run home, whoever calls the flow: CLI, test, deployment.
+    stored = {"result_storage": home.results}
+    fine_tune_candidate_ = fine_tune_candidate.with_options(**stored)
+    evaluate_candidate_ = evaluate_candidate.with_options(**stored)
+    fine_tune_final_ = fine_tune_final.with_options(**stored)
+    evaluate_final_ = evaluate_final.with_options(**stored)
 
     def count(result: Checkpoint) -> bool:
         reused = _reused(result)
@@ -206,9 +212,9 @@ def prune(params: PruneParams) -> PruneSummary:
         iteration = num_layers - len(removal_sets) + 1
         handle = reporter.begin("candidates", f"iteration {iteration} candidates",
                                 len(removal_sets))
-        checkpoints = [fine_tune_candidate.submit(request(r, "fit", params.search_seed))
+        checkpoints = [fine_tune_candidate_.submit(request(r, "fit", params.search_seed))
                        for r in removal_sets]
-        evaluations = [evaluate_candidate.submit(c, data, "selection", finetune, home)
+        evaluations = [evaluate_candidate_.submit(c, data, "selection", finetune, home)
                        for c in checkpoints]
         results = []
         for done, (checkpoint, evaluation) in enumerate(zip(checkpoints, evaluations,
@@ -277,9 +283,9 @@ def prune(params: PruneParams) -> PruneSummary:
         jobs = []
         for depth, removed in plan:
             for seed in seeds:
-                checkpoint = fine_tune_final.submit(request(removed, "train", seed))
+                checkpoint = fine_tune_final_.submit(request(removed, "train", seed))
                 jobs.append((depth, removed, seed, checkpoint,
-                             evaluate_final.submit(checkpoint, data, "dev", finetune, home)))
+                             evaluate_final_.submit(checkpoint, data, "dev", finetune, home)))
         final_rows = []
         for done, (depth, removed, seed, ckpt_future, eval_future) in enumerate(jobs):
             checkpoint, evaluation = ckpt_future.result(), eval_future.result()
