@@ -19,11 +19,17 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from glp import GlpError
 from glp.config import FineTuneConfig, stable_hash
 from glp.models import DEFAULT_MODEL, check_supported, model_fingerprint, num_encoder_layers
 from glp.models import resolve_model as resolve_model_path
-from glp.search import CandidateScored, LayerSelected, depth_plan, get_strategy, validate_budget
+from glp.search import (
+    CandidateScored,
+    LayerSelected,
+    Strategy,
+    depth_plan,
+    get_strategy,
+    validate_budget,
+)
 from tasks import progress
 from tasks.data import DataRef, DataSource, load_source, prepare_data
 from tasks.home import RunHome
@@ -124,19 +130,27 @@ class PruneSummary(BaseModel):
     tracking_uri: str
 
 
+def check_model(params: PruneParams) -> tuple[Strategy, str, int]:
+    """The strategy, the local model directory and its layer count, or a GlpError.
+
+    Raises GlpError for an unknown strategy, an unsupported model, or more layers to remove
+    than the model allows.
+    """
+    strategy = get_strategy(params.strategy)
+    model_path = resolve_model_path(params.model)
+    num_layers = num_encoder_layers(check_supported(model_path))
+    validate_budget(num_layers, params.remove)
+    return strategy, model_path, num_layers
+
+
 def preflight(params: PruneParams) -> str:
     """Check the inputs before any run starts; a one-line description of the job.
 
     Raises GlpError for an unknown task or strategy, a missing file or column, an
     unsupported model, or more layers to remove than the model allows.
     """
-    strategy = get_strategy(params.strategy)
-    model_path = resolve_model_path(params.model)
-    num_layers = num_encoder_layers(check_supported(model_path))
-    validate_budget(num_layers, params.remove)
+    strategy, _, num_layers = check_model(params)
     data = load_source(params.source())
-    if data.dev is None:
-        raise GlpError("the data has no dev split: give --dev-file for the final evaluation")
     return (f"{strategy.name}: remove {params.remove} of {num_layers} layers of {params.model} "
             f"on {data.spec.name} ({len(data.train):,} train / {len(data.dev):,} dev rows, "
             f"selection by {data.spec.metric})")
@@ -164,11 +178,7 @@ def prune(params: PruneParams) -> PruneSummary:
     reporter = progress.get_reporter()
 
     # Fail fast on bad input, before anything is written to MLflow.
-    strategy = get_strategy(params.strategy)
-    model_path = resolve_model_path(params.model)
-    config = check_supported(model_path)
-    num_layers = num_encoder_layers(config)
-    validate_budget(num_layers, params.remove)
+    strategy, model_path, num_layers = check_model(params)
     model_fp = model_fingerprint(model_path)
     finetune = params.finetune_config()
     data: DataRef = prepare_data(params.source(), home, params.train_limit, params.eval_limit,

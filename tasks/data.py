@@ -64,7 +64,17 @@ class DataRef(BaseModel, frozen=True):
 
 
 def load_source(source: DataSource) -> TaskData:
-    """Read the rows a source names (GLUE folder, file, or ``datasets`` id)."""
+    """Read the rows a source names (GLUE folder, file, or ``datasets`` id).
+
+    Raises GlpError when the source has no dev split: the final report needs one.
+    """
+    data = _read_source(source)
+    if data.dev is None:
+        raise GlpError("the data has no dev split: give --dev-file for the final evaluation")
+    return data
+
+
+def _read_source(source: DataSource) -> TaskData:
     if source.train_file:
         if not source.text_columns:
             raise GlpError("--text-column is required with --train-file (one or two columns)")
@@ -85,19 +95,20 @@ def load_source(source: DataSource) -> TaskData:
     return load_glue_task(source.task, source.data_dir)
 
 
-def prepare_splits(
+@task(name="prepare-data", cache_policy=NO_CACHE, retries=1)
+def prepare_data(
     source: DataSource,
     home: RunHome,
-    *,
     train_limit: int | None,
     eval_limit: int | None,
     selection_fraction: float,
     split_seed: int,
 ) -> DataRef:
-    """Load, limit, split (85/15, deterministic) and write the splits as Parquet."""
+    """Load, limit, split (85/15, deterministic) and write the splits as Parquet.
+
+    Cheap and deterministic, so not cached; ``prepare_data.fn`` runs it without Prefect.
+    """
     data = load_source(source)
-    if data.dev is None:
-        raise GlpError("the task has no dev split: give --dev-file for the final evaluation")
     train = limit_examples(data.train, train_limit, seed=split_seed)
     fit, selection = split_for_selection(train, selection_fraction, seed=split_seed)
     dev = limit_examples(data.dev, eval_limit, seed=split_seed)
@@ -122,24 +133,4 @@ def prepare_splits(
         paths=paths,
         fingerprints=prints,
         sizes={name: len(ds) for name, ds in splits.items()},
-    )
-
-
-@task(name="prepare-data", cache_policy=NO_CACHE, retries=1)
-def prepare_data(
-    source: DataSource,
-    home: RunHome,
-    train_limit: int | None,
-    eval_limit: int | None,
-    selection_fraction: float,
-    split_seed: int,
-) -> DataRef:
-    """Load and split the task's data (cheap and deterministic, so not cached)."""
-    return prepare_splits(
-        source,
-        home,
-        train_limit=train_limit,
-        eval_limit=eval_limit,
-        selection_fraction=selection_fraction,
-        split_seed=split_seed,
     )
