@@ -6,8 +6,10 @@ home's environment first and imports the flows only inside the commands.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,6 +33,10 @@ from rich.table import Table
 from glp import GlpError
 from tasks import progress
 from tasks.home import RunHome, configure_environment
+
+# The strategies' registry names, kept here so that --help needs no torch import.
+ALL_STRATEGY_NAMES = ("greedy", "top", "bottom", "random", "exhaustive", "block-influence",
+                      "angular")
 
 app = typer.Typer(
     name="glp",
@@ -95,20 +101,27 @@ def _quiet(verbose: bool) -> None:
         datasets.disable_progress_bars()
 
 
-def run_prune_command(values: dict, home: str | None, verbose: bool) -> None:
-    """Validate, run the flow with progress bars, print the summary."""
+def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> None:
+    """Validate, run the ``prune`` or ``compare`` flow with progress bars, print the summary."""
     run_home = RunHome.resolve(home)
     configure_environment(run_home)
     _quiet(verbose)
     from pydantic import ValidationError
 
-    from flows.prune import PruneParams, preflight, prune
+    if kind == "compare":
+        from flows.compare import CompareParams as Params
+        from flows.compare import compare as flow
+        from flows.compare import preflight
+    else:
+        from flows.prune import PruneParams as Params
+        from flows.prune import preflight
+        from flows.prune import prune as flow
 
     try:
-        params = PruneParams(**values, home=str(run_home.root))
+        params = Params(**values, home=str(run_home.root))
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
+        field = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
         _fail(f"--{field.replace('_', '-')}={first.get('input')!r}: {first['msg']}")
     try:
         described = preflight(params)
@@ -122,12 +135,43 @@ def run_prune_command(values: dict, home: str | None, verbose: bool) -> None:
     progress.set_reporter(RichReporter(bars))
     try:
         with bars:
-            summary = prune(params)
+            summary = flow(params)
     except GlpError as exc:
         _fail(str(exc))
     finally:
         progress.set_reporter(None)
-    print_summary(summary)
+    (print_comparison if kind == "compare" else print_summary)(summary)
+
+
+def print_comparison(summary) -> None:
+    """The mean ± std table per strategy and depth, and where the report is."""
+    import pandas as pd
+
+    from glp.report import summarize
+
+    table = summarize(pd.DataFrame(summary.finals), summary.num_layers)
+    shown = Table(title=f"dev {summary.metric}: mean ± std over seeds, by layers removed")
+    counts = sorted(table["removed_layers"].unique())
+    shown.add_column("strategy")
+    for count in counts:
+        shown.add_column(str(count), justify="right")
+    for name in dict.fromkeys(table["label"]):
+        cells = []
+        for count in counts:
+            match = table[(table["label"] == name) & (table["removed_layers"] == count)]
+            cells.append("" if match.empty else
+                         f"{match['mean'].iloc[0]:.4f} ± {match['std'].iloc[0]:.4f}")
+        shown.add_row(name, *cells)
+    console.print(shown)
+    total = summary.computed + summary.reused
+    console.print(f"fine-tunes: [bold]{summary.computed}[/bold] computed, "
+                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
+                  f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
+    console.print(f"report:         {summary.report['report']}")
+    console.print(f"plots:          {summary.report['metric_vs_removed']}")
+    console.print(f"                {summary.report['metric_vs_latency']}")
+    console.print(f"Parquet tables: {Path(summary.home) / 'parquet'} (finals/ has a strategy "
+                  "column)")
 
 
 def print_summary(summary) -> None:
@@ -212,7 +256,14 @@ def prune(
     metric: Annotated[str | None, typer.Option(help="selection metric: accuracy, f1, mcc, "
                                                "pearson, spearman")] = None,
     remove: Annotated[int, typer.Option(help="encoder layers to remove")] = 2,
-    strategy: Annotated[str, typer.Option(help="greedy or top")] = "greedy",
+    strategy: Annotated[str, typer.Option(help="greedy, top, bottom, random, exhaustive, "
+                                          "block-influence or angular")] = "greedy",
+    prefilter_keep: Annotated[int, typer.Option(help="greedy: fine-tune only the m candidates "
+                                                "with the lowest block influence [0: all]")]
+    = 0,
+    random_seed: Annotated[int, typer.Option(help="random: seed of the random order")] = 0,
+    exhaustive_limit: Annotated[int, typer.Option(help="exhaustive: refuse searches needing "
+                                                  "more fine-tunes")] = 64,
     train_limit: Annotated[int | None, typer.Option(help="training examples used "
                                                     "[default: all]")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="dev examples used [default: all]")]
@@ -238,17 +289,60 @@ def prune(
     Defaults follow the paper's protocol (full training set, 3 epochs, lr 2e-5, 5 seeds);
     see `glp demo` for a run sized for a laptop CPU.
     """
-    run_prune_command(
-        {"model": model, "task": task, "data_dir": data_dir, "train_file": train_file,
-         "dev_file": dev_file, "text_columns": tuple(text_column or ()),
-         "label_column": label_column, "task_type": task_type, "metric": metric,
-         "remove": remove, "strategy": strategy, "train_limit": train_limit,
-         "eval_limit": eval_limit, "epochs": epochs, "max_length": max_length,
-         "learning_rate": lr, "batch_size": batch_size, "seeds": seeds,
-         "search_seed": search_seed, "tracking_uri": tracking_uri, "experiment": experiment,
-         "registered_model": registered_model, "register_models": register},
-        home, verbose,
-    )
+    values = dict(locals())
+    home, verbose = values.pop("home"), values.pop("verbose")
+    run_command("prune", _params(values), home, verbose)
+
+
+def _params(values: dict) -> dict:
+    """CLI option values as flow parameters."""
+    renamed = {"text_column": "text_columns", "lr": "learning_rate",
+               "register": "register_models"}
+    params = {renamed.get(k, k): v for k, v in values.items()}
+    params["text_columns"] = tuple(params.get("text_columns") or ())
+    return params
+
+
+def compare(strategies: str, random_orders: int, **options) -> None:
+    """Compare layer-selection strategies at every depth: a table, a report and plots.
+
+    Takes every option of `glp prune` (except --strategy). Runs each strategy, the final
+    protocol for every strategy and depth, and writes the finals (with a strategy column)
+    to parquet/finals/ and a markdown report with PNG plots to reports/ in the run home.
+    """
+    home, verbose = options.pop("home"), options.pop("verbose")
+    options.pop("strategy", None)
+    options["register"] = options.pop("register_compare")
+    values = {**_params(options), "strategies": strategies, "random_orders": random_orders,
+              "command": "glp compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
+    run_command("compare", values, home, verbose)
+
+
+def _compare_signature() -> inspect.Signature:
+    """``prune``'s options without --strategy and --register, plus --strategies and
+    --random-orders; one definition of the shared options for both commands."""
+    shared = [p for name, p in inspect.signature(prune, eval_str=True).parameters.items()
+              if name not in ("strategy", "register")]
+    extra = [
+        inspect.Parameter("strategies", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+            str, typer.Option(help="comma-separated: greedy, top, bottom, random, exhaustive, "
+                                   "block-influence, angular")],
+            default=",".join(ALL_STRATEGY_NAMES)),
+        inspect.Parameter("random_orders", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+            int, typer.Option(help="random: how many random orders (seeds 0, 1, ...)")],
+            default=3),
+        inspect.Parameter("register_compare", inspect.Parameter.KEYWORD_ONLY,
+                          annotation=Annotated[bool, typer.Option(
+                              "--register/--no-register",
+                              help="register every strategy's final models")],
+                          default=False),
+    ]
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared]
+    return inspect.Signature(extra + keyword)
+
+
+compare.__signature__ = _compare_signature()
+app.command(name="compare")(compare)
 
 
 @app.command()
@@ -257,7 +351,7 @@ def demo(home: HomeOption = None, verbose: Verbose = False) -> None:
 
     2,000 training examples, 1 epoch, max length 64, lr 1e-4, 2 of 6 layers, 1 seed.
     """
-    run_prune_command(dict(DEMO), home, verbose)
+    run_command("prune", dict(DEMO), home, verbose)
 
 
 @app.command()

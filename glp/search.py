@@ -9,7 +9,9 @@ fake scorer in a unit test, sequentially on a laptop, or in parallel on a cluste
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,7 +24,8 @@ class CandidateScored:
     """One candidate of one iteration: the layers it removes and its selection score."""
 
     iteration: int
-    layer: int  # the layer this candidate removes on top of the earlier choices
+    # the layer this candidate removes on top of the earlier choices (None: a whole subset)
+    layer: int | None
     removed: tuple[int, ...]  # every layer the candidate removes, sorted
     score: float
     result: Any = None  # whatever the scorer returned (metrics, timings, cache key)
@@ -38,8 +41,30 @@ class LayerSelected:
     score: float | None  # the winning candidate's score (None for rule-based strategies)
 
 
-Record = CandidateScored | LayerSelected
+@dataclass(frozen=True)
+class SubsetChosen:
+    """A strategy that is not nested chose ``removed`` as its set of ``count`` layers."""
+
+    count: int
+    removed: tuple[int, ...]
+    score: float | None
+
+
+@dataclass(frozen=True)
+class LayerScored:
+    """A zero-shot score of one layer (or block start) of the model with ``removed`` gone."""
+
+    iteration: int
+    layer: int
+    removed: tuple[int, ...]
+    method: str  # block-influence, angular-<n>
+    value: float  # lower = safer to remove
+    kept: bool  # still a candidate after the score (pre-filters drop the others)
+
+
+Record = CandidateScored | LayerSelected | SubsetChosen | LayerScored
 Scorer = Callable[[Sequence[tuple[int, ...]]], Sequence[Any]]
+SimilarityFn = Callable[[tuple[int, ...]], Any]  # removed layers -> glp.zeroshot.LayerSimilarity
 Selector = Callable[[Sequence[tuple[int, float]]], int]
 
 
@@ -82,16 +107,72 @@ def validate_budget(num_layers: int, remove: int) -> None:
 
 
 class Strategy:
-    """The interface: ``search`` yields records and ends with ``remove`` selections."""
+    """The interface: ``search`` yields records and ends with a choice for every count.
+
+    Nested strategies (greedy, top, bottom, random, block influence) yield one
+    ``LayerSelected`` per iteration: their choices form one removal order. The others
+    (exhaustive, angular) choose each subset size on its own and yield ``SubsetChosen``.
+    ``plan_of`` turns either into the removed set per number of removed layers.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
-    needs_scores: ClassVar[bool] = True
+    needs_scores: ClassVar[bool] = True  # fine-tunes candidates
+    needs_similarity: ClassVar[bool] = False  # reads hidden states of the pre-trained model
+
+    @property
+    def variant(self) -> str:
+        """What tells two configurations of the same strategy apart ("" if nothing)."""
+        return ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.variant}" if self.variant else self.name
+
+    @classmethod
+    def create(cls, options: StrategyOptions) -> Strategy:
+        return cls()
+
+    def validate(self, num_layers: int, remove: int) -> None:
+        """Raise GlpError if this strategy cannot remove ``remove`` of ``num_layers`` layers."""
+        validate_budget(num_layers, remove)
 
     def search(
-        self, num_layers: int, remove: int, score: Scorer, select: Selector = select_layer
+        self,
+        num_layers: int,
+        remove: int,
+        score: Scorer,
+        select: Selector = select_layer,
+        similarity: SimilarityFn | None = None,
     ) -> Iterator[Record]:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Options some strategies take; each strategy reads only its own."""
+
+    seed: int = 0  # random: which random order
+    prefilter_keep: int = 0  # greedy: fine-tune only the m lowest-block-influence candidates
+    exhaustive_limit: int = 64  # exhaustive: refuse searches needing more fine-tunes
+
+
+def _score_all(score: Scorer, removal_sets: list[tuple[int, ...]]) -> list[Any]:
+    results = list(score(removal_sets))
+    if len(results) != len(removal_sets):
+        raise RuntimeError(f"scorer returned {len(results)} results for {len(removal_sets)}")
+    return results
+
+
+def _need_similarity(similarity: SimilarityFn | None, name: str) -> SimilarityFn:
+    if similarity is None:
+        raise GlpError(f"the {name} strategy needs a hidden-state similarity function")
+    return similarity
+
+
+def _lowest_first(scores: dict[int, float]) -> list[int]:
+    """Layers by score, lowest first; ties go to the higher layer (as in greedy)."""
+    return sorted(scores, key=lambda layer: (scores[layer], -layer))
 
 
 class GreedyLayerPruning(Strategy):
@@ -100,20 +181,54 @@ class GreedyLayerPruning(Strategy):
     Every candidate starts again from the pre-trained weights with all earlier choices
     plus one more layer removed; the best-scoring one is kept. The choices form one
     nested order, so one search gives a model for every depth.
+
+    With ``prefilter_keep = m`` each iteration first scores the remaining layers by
+    block influence on the pre-trained model (no fine-tune) and fine-tunes only the m
+    layers that change their input least: fewer fine-tunes, perhaps a worse choice.
     """
 
     name = "greedy"
     description = "fine-tune every candidate, remove the layer that hurts least (Peer et al.)"
 
-    def search(self, num_layers, remove, score, select=select_layer):
-        validate_budget(num_layers, remove)
+    def __init__(self, prefilter_keep: int = 0):
+        if prefilter_keep < 0:
+            raise GlpError(f"prefilter keep must be 0 (off) or positive, not {prefilter_keep}")
+        self.prefilter_keep = prefilter_keep
+
+    @property
+    def needs_similarity(self) -> bool:  # type: ignore[override]
+        return self.prefilter_keep > 0
+
+    @property
+    def variant(self) -> str:
+        return f"prefilter-{self.prefilter_keep}" if self.prefilter_keep else ""
+
+    @classmethod
+    def create(cls, options: StrategyOptions) -> Strategy:
+        return cls(options.prefilter_keep)
+
+    def _candidates(self, num_layers, order, similarity, iteration) -> tuple[list[int], list]:
+        layers = [layer for layer in range(num_layers) if layer not in order]
+        if not self.prefilter_keep or self.prefilter_keep >= len(layers):
+            return layers, []
+        from glp.zeroshot import block_influence
+
+        removed = tuple(sorted(order))
+        influence = block_influence(_need_similarity(similarity, "pre-filtered greedy")(removed))
+        scores = dict(zip(layers, influence, strict=True))
+        kept = sorted(_lowest_first(scores)[: self.prefilter_keep])
+        records = [LayerScored(iteration, layer, removed, "block-influence", value,
+                               layer in kept) for layer, value in scores.items()]
+        return kept, records
+
+    def search(self, num_layers, remove, score, select=select_layer, similarity=None):
+        self.validate(num_layers, remove)
         order: list[int] = []
         for iteration in range(remove):
-            layers = [layer for layer in range(num_layers) if layer not in order]
+            layers, prefiltered = self._candidates(num_layers, order, similarity, iteration)
+            yield from prefiltered
             removal_sets = [tuple(sorted([*order, layer])) for layer in layers]
-            results = list(score(removal_sets))
-            if len(results) != len(removal_sets):
-                raise RuntimeError(f"scorer returned {len(results)} results for {len(layers)}")
+            results = _score_all(score, removal_sets)
             scored = []
             for layer, removed, result in zip(layers, removal_sets, results, strict=True):
                 value = score_of(result)
@@ -124,32 +239,168 @@ class GreedyLayerPruning(Strategy):
             yield LayerSelected(iteration, chosen, tuple(order), dict(scored)[chosen])
 
 
-class TopLayerPruning(Strategy):
+class _FixedOrder(Strategy):
+    """A rule-based nested order: no search cost."""
+
+    needs_scores = False
+
+    def order(self, num_layers: int, remove: int) -> list[int]:
+        raise NotImplementedError
+
+    def search(self, num_layers, remove, score, select=select_layer, similarity=None):
+        self.validate(num_layers, remove)
+        order = self.order(num_layers, remove)
+        for iteration in range(remove):
+            yield LayerSelected(iteration, order[iteration], tuple(order[: iteration + 1]), None)
+
+
+class TopLayerPruning(_FixedOrder):
     """Drop the last layers first (Sajjad et al., "Poor Man's BERT"); no search cost."""
 
     name = "top"
     description = "remove the top layers, last first (Sajjad et al.)"
-    needs_scores = False
 
-    def search(self, num_layers, remove, score, select=select_layer):
+    def order(self, num_layers, remove):
+        return [num_layers - 1 - i for i in range(remove)]
+
+
+class BottomLayerPruning(_FixedOrder):
+    """Drop the first layers first: the baseline that shows where a model keeps its skill."""
+
+    name = "bottom"
+    description = "remove the bottom layers, first first"
+
+    def order(self, num_layers, remove):
+        return list(range(remove))
+
+
+class RandomLayerPruning(_FixedOrder):
+    """A random nested order from a seeded generator (run several seeds for a spread)."""
+
+    name = "random"
+    description = "remove random layers (seeded; compare runs several orders)"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    @property
+    def variant(self) -> str:
+        return f"seed-{self.seed}"
+
+    @classmethod
+    def create(cls, options: StrategyOptions) -> Strategy:
+        return cls(options.seed)
+
+    def order(self, num_layers, remove):
+        return random.Random(self.seed).sample(range(num_layers), remove)
+
+
+class ExhaustiveSearch(Strategy):
+    """The optimum for every subset size 1..k: fine-tune all subsets of each size.
+
+    Costs sum over j of C(L, j) fine-tunes, so it is refused above ``limit``; it tells
+    how far greedy's nested choices are from the best possible ones.
+    """
+
+    name = "exhaustive"
+    description = "fine-tune every subset of each size, keep the best (small k only)"
+
+    def __init__(self, limit: int = StrategyOptions.exhaustive_limit):
+        self.limit = limit
+
+    @classmethod
+    def create(cls, options: StrategyOptions) -> Strategy:
+        return cls(options.exhaustive_limit)
+
+    @staticmethod
+    def cost(num_layers: int, remove: int) -> int:
+        return sum(math.comb(num_layers, j) for j in range(1, remove + 1))
+
+    def validate(self, num_layers, remove):
         validate_budget(num_layers, remove)
-        order: list[int] = []
+        needed = self.cost(num_layers, remove)
+        if needed > self.limit:
+            raise GlpError(
+                f"exhaustive search for 1..{remove} of {num_layers} layers needs {needed:,} "
+                f"fine-tunes, more than the limit of {self.limit:,}; remove fewer layers or "
+                f"raise --exhaustive-limit to {needed}"
+            )
+
+    def search(self, num_layers, remove, score, select=select_layer, similarity=None):
+        self.validate(num_layers, remove)
+        for count in range(1, remove + 1):
+            subsets = list(itertools.combinations(range(num_layers), count))
+            results = _score_all(score, subsets)
+            scored = []
+            for index, (removed, result) in enumerate(zip(subsets, results, strict=True)):
+                value = score_of(result)
+                scored.append((index, value))
+                yield CandidateScored(count - 1, None, removed, value, result)
+            # Ties go to the last subset in lexicographic order (the highest layers).
+            best = select(scored)
+            yield SubsetChosen(count, subsets[best], dict(scored)[best])
+
+
+class BlockInfluence(Strategy):
+    """ShortGPT (Men et al. 2024): remove the layers that change their input least.
+
+    Block influence of layer l = 1 − cosine(input of l, output of l), averaged over the
+    task's tokens on the pre-trained model; one forward pass, no fine-tune.
+    """
+
+    name = "block-influence"
+    description = "zero-shot: remove layers with the lowest block influence (ShortGPT)"
+    needs_scores = False
+    needs_similarity = True
+
+    def search(self, num_layers, remove, score, select=select_layer, similarity=None):
+        self.validate(num_layers, remove)
+        from glp.zeroshot import block_influence
+
+        influence = block_influence(_need_similarity(similarity, self.name)(()))
+        scores = dict(enumerate(influence))
+        for layer, value in scores.items():
+            yield LayerScored(0, layer, (), self.name, value, True)
+        order = _lowest_first(scores)[:remove]
         for iteration in range(remove):
-            order.append(num_layers - 1 - iteration)
-            yield LayerSelected(iteration, order[-1], tuple(order), None)
+            yield LayerSelected(iteration, order[iteration], tuple(order[: iteration + 1]), None)
+
+
+class AngularDistance(Strategy):
+    """Gromov et al. 2024: remove the block of n consecutive layers whose input and output
+    are closest in angular distance; each n is chosen on its own (not nested)."""
+
+    name = "angular"
+    description = "zero-shot: remove the n consecutive layers with the smallest angular distance"
+    needs_scores = False
+    needs_similarity = True
+
+    def search(self, num_layers, remove, score, select=select_layer, similarity=None):
+        self.validate(num_layers, remove)
+        from glp.zeroshot import angular_distances
+
+        sim = _need_similarity(similarity, self.name)(())
+        for count in range(1, remove + 1):
+            distances = dict(enumerate(angular_distances(sim, count)))
+            for start, value in distances.items():
+                yield LayerScored(count - 1, start, (), f"angular-{count}", value, True)
+            start = _lowest_first(distances)[0]
+            yield SubsetChosen(count, tuple(range(start, start + count)), None)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (GreedyLayerPruning, TopLayerPruning)
+    cls.name: cls
+    for cls in (GreedyLayerPruning, TopLayerPruning, BottomLayerPruning, RandomLayerPruning,
+                ExhaustiveSearch, BlockInfluence, AngularDistance)
 }
 
 
-def get_strategy(name: str) -> Strategy:
-    """The strategy registered under ``name`` (case-insensitive)."""
+def get_strategy(name: str, options: StrategyOptions | None = None) -> Strategy:
+    """The strategy registered under ``name`` (case-insensitive), configured by ``options``."""
     key = name.strip().lower()
     if key not in STRATEGIES:
-        raise GlpError(f"unknown strategy '{name}'; choose one of: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[key]()
+        raise GlpError(f"unknown strategy '{name}'; choose one of: {', '.join(STRATEGIES)}")
+    return STRATEGIES[key].create(options or StrategyOptions())
 
 
 def removal_order(records: Sequence[Record]) -> tuple[int, ...]:
@@ -161,3 +412,16 @@ def removal_order(records: Sequence[Record]) -> tuple[int, ...]:
 def depth_plan(order: Sequence[int], num_layers: int) -> list[tuple[int, tuple[int, ...]]]:
     """(depth, removed layers) for every depth the order gives, the unpruned model first."""
     return [(num_layers - j, tuple(sorted(order[:j]))) for j in range(len(order) + 1)]
+
+
+def plan_of(records: Sequence[Record], num_layers: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(depth, removed layers) for every depth a finished search chose, unpruned first.
+
+    Works for nested strategies (from the removal order) and for the ones that choose
+    each subset size on its own (from their ``SubsetChosen`` records).
+    """
+    subsets = {r.count: r.removed for r in records if isinstance(r, SubsetChosen)}
+    if not subsets:
+        return depth_plan(removal_order(records), num_layers)
+    return [(num_layers, ())] + [(num_layers - count, tuple(sorted(subsets[count])))
+                                 for count in sorted(subsets)]

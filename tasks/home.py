@@ -51,6 +51,11 @@ class RunHome:
         return self.root / "prefect" / "results"
 
     @property
+    def reports(self) -> Path:
+        """Comparison reports: markdown, CSV and PNG plots, one folder per job."""
+        return self.root / "reports"
+
+    @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"
 

@@ -1,4 +1,4 @@
-"""Parquet audit tables: candidates, selections and finals, one row per decision.
+"""Parquet audit tables: candidates, selections, finals and zero-shot scores.
 
 Layout: ``<home>/parquet/<table>/<job_id>/<part>.parquet``. Every row also carries its
 ``job_id``, so ``pyarrow.dataset.dataset("<home>/parquet/candidates")`` reads all jobs
@@ -26,6 +26,7 @@ CANDIDATES = pa.schema([
     ("parent_run_id", pa.string()),
     ("flow_run_id", pa.string()),
     ("strategy", pa.string()),
+    ("variant", pa.string()),
     ("model", pa.string()),
     ("task", pa.string()),
     ("iteration", pa.int64()),
@@ -49,6 +50,7 @@ SELECTIONS = pa.schema([
     ("job_id", pa.string()),
     ("run_id", pa.string()),
     ("strategy", pa.string()),
+    ("variant", pa.string()),
     ("model", pa.string()),
     ("task", pa.string()),
     ("iteration", pa.int64()),
@@ -67,6 +69,7 @@ FINALS = pa.schema([
     ("run_id", pa.string()),
     ("parent_run_id", pa.string()),
     ("strategy", pa.string()),
+    ("variant", pa.string()),
     ("model", pa.string()),
     ("task", pa.string()),
     ("depth", pa.int64()),
@@ -80,6 +83,8 @@ FINALS = pa.schema([
     ("eval_examples", pa.int64()),
     ("fine_tune_seconds", pa.float64()),
     ("eval_seconds", pa.float64()),
+    ("latency_ms", pa.float64()),
+    ("latency_batch", pa.int64()),
     ("cache_key", pa.string()),
     ("reused", pa.bool_()),
     ("registered_model", pa.string()),
@@ -87,7 +92,25 @@ FINALS = pa.schema([
     ("recorded_at", pa.timestamp("us", tz="UTC")),
 ])
 
-SCHEMAS = {"candidates": CANDIDATES, "selections": SELECTIONS, "finals": FINALS}
+# Zero-shot layer scores (block influence, angular distance): what the zero-shot
+# strategies and greedy's pre-filter decided from.
+SCORES = pa.schema([
+    ("job_id", pa.string()),
+    ("strategy", pa.string()),
+    ("variant", pa.string()),
+    ("model", pa.string()),
+    ("task", pa.string()),
+    ("iteration", pa.int64()),
+    ("method", pa.string()),
+    ("layer", pa.int64()),
+    ("removed_before", _LAYERS),
+    ("value", pa.float64()),
+    ("kept", pa.bool_()),
+    ("recorded_at", pa.timestamp("us", tz="UTC")),
+])
+
+SCHEMAS = {"candidates": CANDIDATES, "selections": SELECTIONS, "finals": FINALS,
+           "scores": SCORES}
 
 
 def write_part(root: Path, table: str, job_id: str, part: str, rows: list[dict]) -> Path:

@@ -169,3 +169,9 @@ def set_aliases(tracking_uri: str, name: str, aliases: dict[str, str]) -> None:
 
 def dumps(metrics: dict) -> str:
     return json.dumps(metrics, sort_keys=True)
+
+
+@task(name="log-report", **_RETRY)
+def log_report(tracking_uri: str, run_id: str, folder: Path) -> None:
+    """Attach a report folder (markdown, CSV, plots) to the job's run, under ``report/``."""
+    client_for(tracking_uri).log_artifacts(run_id, str(folder), artifact_path="report")

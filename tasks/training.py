@@ -94,7 +94,7 @@ def _current_flow_run() -> str | None:
     return str(run_id) if run_id else None
 
 
-def _tokenized(data: DataRef, split: str, tokenizer_path: str, max_length: int, home: RunHome):
+def tokenized(data: DataRef, split: str, tokenizer_path: str, max_length: int, home: RunHome):
     """The split tokenised, cached per (rows, tokenizer definition, max length)."""
     tokenizer = load_tokenizer(tokenizer_path)
     tokens = tokenize(
@@ -107,7 +107,7 @@ def run_fine_tune(request: FineTuneRequest, kind: str) -> Checkpoint:
     """Fresh pre-trained weights, layers removed, fine-tuned, saved atomically."""
     removed = ",".join(map(str, request.removed)) or "none"
     label = f"  {kind[:-1]}: layers {removed} removed, seed {request.seed}"
-    dataset, tokenizer = _tokenized(
+    dataset, tokenizer = tokenized(
         request.data, request.split, request.model_path, request.config.max_length, request.home
     )
     model = load_classifier(
@@ -156,7 +156,7 @@ def run_evaluation(checkpoint: Checkpoint, data: DataRef, split: str, config: Fi
         raise GlpError(f"checkpoint {path} is missing; delete the run home's prefect/results "
                        "to recompute, or restore the artifacts folder")
     start = time.perf_counter()
-    dataset, _ = _tokenized(data, split, str(path), config.max_length, home)
+    dataset, _ = tokenized(data, split, str(path), config.max_length, home)
     model = load_classifier(path, num_labels=data.num_labels, is_regression=data.is_regression)
     metrics = evaluate(model, dataset, is_regression=data.is_regression,
                        batch_size=config.eval_batch_size)
@@ -186,30 +186,30 @@ def _evaluation_key(context, parameters) -> str:
 # TASK_SOURCE joins the key: a change to the task's code invalidates its cached results.
 FINE_TUNE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_fine_tune_key)
 EVALUATION_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_evaluation_key)
-_CACHED = {"persist_result": True, "result_serializer": "json", "retries": 2,
+CACHED = {"persist_result": True, "result_serializer": "json", "retries": 2,
            "retry_delay_seconds": 1}
 
 
-@task(name="fine-tune-candidate", cache_policy=FINE_TUNE_CACHE, **_CACHED)
+@task(name="fine-tune-candidate", cache_policy=FINE_TUNE_CACHE, **CACHED)
 def fine_tune_candidate(request: FineTuneRequest) -> Checkpoint:
     """Fine-tune one search candidate on the 85% split."""
     return run_fine_tune(request, "candidates")
 
 
-@task(name="evaluate-candidate", cache_policy=EVALUATION_CACHE, **_CACHED)
+@task(name="evaluate-candidate", cache_policy=EVALUATION_CACHE, **CACHED)
 def evaluate_candidate(checkpoint: Checkpoint, data: DataRef, split: str,
                        config: FineTuneConfig, home: RunHome) -> Evaluation:
     """Score one search candidate on the 15% selection split."""
     return run_evaluation(checkpoint, data, split, config, home)
 
 
-@task(name="fine-tune-final", cache_policy=FINE_TUNE_CACHE, **_CACHED)
+@task(name="fine-tune-final", cache_policy=FINE_TUNE_CACHE, **CACHED)
 def fine_tune_final(request: FineTuneRequest) -> Checkpoint:
     """Fine-tune a final model (one depth, one seed) on the whole training split."""
     return run_fine_tune(request, "finals")
 
 
-@task(name="evaluate-final", cache_policy=EVALUATION_CACHE, **_CACHED)
+@task(name="evaluate-final", cache_policy=EVALUATION_CACHE, **CACHED)
 def evaluate_final(checkpoint: Checkpoint, data: DataRef, split: str,
                    config: FineTuneConfig, home: RunHome) -> Evaluation:
     """Score a final model on the task's dev set."""

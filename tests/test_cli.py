@@ -63,3 +63,37 @@ def test_ui_without_a_store(tmp_path):
     result = runner.invoke(app, ["ui", "--home", str(tmp_path / "empty")])
     assert result.exit_code == 2
     assert "no MLflow store" in result.output
+
+
+def _compare(tmp_path, *args):
+    result = runner.invoke(app, ["compare", "--home", str(tmp_path / "home"), *args])
+    return result, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--strategies", "greedy,middle"], "unknown strategy 'middle'; choose from: greedy"),
+        (["--strategies", ","], "no strategies given"),
+        (["--remove", "3", "--exhaustive-limit", "10"], "needs 41 fine-tunes"),
+        (["--random-orders", "0"], "--random-orders"),
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--prefilter-keep", "-1"], "--prefilter-keep"),
+    ],
+)
+def test_compare_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):
+    result, output = _compare(tmp_path, *args)
+    assert result.exit_code == 2, output
+    assert expected in " ".join(output.split())
+    assert "Traceback" not in output
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
+def test_compare_takes_the_options_of_prune():
+    prune_help = runner.invoke(app, ["prune", "--help"], terminal_width=200).output
+    compare_help = runner.invoke(app, ["compare", "--help"], terminal_width=200).output
+    for option in ("--model", "--task", "--train-file", "--remove", "--train-limit",
+                   "--epochs", "--seeds", "--lr", "--prefilter-keep", "--home", "--register"):
+        assert option in prune_help and option in compare_help, option
+    assert "--strategies" in compare_help and "--random-orders" in compare_help
+    assert "--strategy " not in compare_help

@@ -11,16 +11,22 @@ from glp import GlpError
 from glp.search import (
     STRATEGIES,
     CandidateScored,
+    ExhaustiveSearch,
     GreedyLayerPruning,
+    LayerScored,
     LayerSelected,
+    StrategyOptions,
+    SubsetChosen,
     TopLayerPruning,
     depth_plan,
     get_strategy,
+    plan_of,
     removal_order,
     score_of,
     select_layer,
     validate_budget,
 )
+from glp.zeroshot import LayerSimilarity
 
 # The cost of removing each layer of a 6-layer model: the cheapest go first.
 PENALTY = {0: 9.0, 1: 1.0, 2: 5.0, 3: 0.5, 4: 3.0, 5: 7.0}
@@ -192,7 +198,8 @@ def test_top_validates_the_budget() -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.mark.parametrize("name", ["greedy", "GREEDY", " Greedy ", "top", "Top"])
+@pytest.mark.parametrize("name", ["greedy", "GREEDY", " Greedy ", "top", "Top", "bottom",
+                                  "random", "exhaustive", "Block-Influence", "angular"])
 def test_get_strategy_is_case_insensitive(name: str) -> None:
     strategy = get_strategy(name)
     assert strategy.name == name.strip().lower()
@@ -201,8 +208,11 @@ def test_get_strategy_is_case_insensitive(name: str) -> None:
 
 def test_get_strategy_unknown_names_the_choices() -> None:
     with pytest.raises(GlpError) as info:
-        get_strategy("random")
-    assert str(info.value) == "unknown strategy 'random'; choose one of: greedy, top"
+        get_strategy("middle")
+    assert str(info.value) == (
+        "unknown strategy 'middle'; choose one of: greedy, top, bottom, random, exhaustive, "
+        "block-influence, angular"
+    )
 
 
 @pytest.mark.parametrize("remove", [0, -1, 6, 7])
@@ -257,3 +267,156 @@ def test_depth_plan() -> None:
 
 def test_removal_order_of_no_records() -> None:
     assert removal_order([]) == ()
+
+
+# --------------------------------------------------------------------------- other baselines
+
+
+def _no_scores(_):
+    raise AssertionError("this strategy must not fine-tune candidates")
+
+
+def test_bottom_layer_order_without_scoring() -> None:
+    records = run(6, 3, _no_scores, "bottom")
+    assert removal_order(records) == (0, 1, 2)
+    assert plan_of(records, 6) == [(6, ()), (5, (0,)), (4, (0, 1)), (3, (0, 1, 2))]
+
+
+def test_random_orders_are_seeded_distinct_and_nested() -> None:
+    def order(seed: int) -> tuple[int, ...]:
+        strategy = get_strategy("random", StrategyOptions(seed=seed))
+        return removal_order(list(strategy.search(6, 3, _no_scores)))
+
+    assert order(0) == order(0)  # reproducible
+    orders = {order(seed) for seed in range(5)}
+    assert len(orders) > 1  # different seeds, different orders
+    for found in orders:
+        assert len(set(found)) == 3 and set(found) <= set(range(6))
+    assert get_strategy("random", StrategyOptions(seed=3)).variant == "seed-3"
+    assert get_strategy("random", StrategyOptions(seed=3)).label == "random-seed-3"
+
+
+def test_exhaustive_finds_the_best_subset_of_every_size() -> None:
+    # Interactions greedy cannot see: layers 0 and 5 are bad alone but fine together.
+    def scorer(sets):
+        return [10.0 if s == (0, 5) else -sum(PENALTY[i] for i in s) for s in sets]
+
+    records = run(6, 2, scorer, "exhaustive")
+    chosen = [r for r in records if isinstance(r, SubsetChosen)]
+    assert [(c.count, c.removed, c.score) for c in chosen] == [(1, (3,), -0.5), (2, (0, 5), 10.0)]
+    cands = [r for r in records if isinstance(r, CandidateScored)]
+    assert len(cands) == 6 + 15  # every subset of size 1 and 2, once
+    assert len({c.removed for c in cands}) == 21
+    assert all(c.layer is None for c in cands)
+    assert plan_of(records, 6) == [(6, ()), (5, (3,)), (4, (0, 5))]
+    # Greedy, nested, misses the pair: it keeps its first choice (layer 3).
+    assert removal_order(run(6, 2, scorer)) == (3, 1)
+
+
+def test_exhaustive_ties_go_to_the_highest_subset() -> None:
+    records = run(5, 2, lambda sets: [0.0] * len(sets), "exhaustive")
+    chosen = [r.removed for r in records if isinstance(r, SubsetChosen)]
+    assert chosen == [(4,), (3, 4)]
+
+
+def test_exhaustive_refuses_politely_and_says_how_many() -> None:
+    scorer = PenaltyScorer()
+    strategy = get_strategy("exhaustive", StrategyOptions(exhaustive_limit=40))
+    with pytest.raises(GlpError) as info:
+        list(strategy.search(12, 3, scorer))
+    # 12 + 66 + 220 subsets of size 1, 2 and 3.
+    assert "needs 298 fine-tunes" in str(info.value)
+    assert "--exhaustive-limit" in str(info.value)
+    assert scorer.calls == []
+    assert ExhaustiveSearch.cost(6, 2) == 21
+
+
+def _similarity(cosine_steps: list[float]) -> LayerSimilarity:
+    """Hidden states whose neighbouring cosines are ``cosine_steps`` (K layers, K+1 states).
+
+    Cosines between states further apart multiply, angles add: a consistent geometry.
+    """
+    angles = [math.acos(c) for c in cosine_steps]
+    positions = [0.0]
+    for angle in angles:
+        positions.append(positions[-1] + angle)
+    size = len(positions)
+    cosine = tuple(tuple(math.cos(abs(positions[i] - positions[j])) for j in range(size))
+                   for i in range(size))
+    angular = tuple(tuple(abs(positions[i] - positions[j]) / math.pi for j in range(size))
+                    for i in range(size))
+    return LayerSimilarity(cosine=cosine, angular=angular, tokens=100)
+
+
+class SimilarityOf:
+    """A fake hidden-state similarity of the model with some layers removed; records calls."""
+
+    def __init__(self, steps: dict[int, float]):
+        self.steps = steps  # original layer -> cosine between its input and output
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, removed):
+        self.calls.append(removed)
+        return _similarity([c for layer, c in self.steps.items() if layer not in removed])
+
+
+STEPS = {0: 0.70, 1: 0.95, 2: 0.90, 3: 0.99, 4: 0.80, 5: 0.60}  # layer 3 changes least
+
+
+def test_block_influence_removes_the_layers_that_change_least() -> None:
+    similarity = SimilarityOf(STEPS)
+    strategy = get_strategy("block-influence")
+    records = list(strategy.search(6, 3, _no_scores, similarity=similarity))
+    assert removal_order(records) == (3, 1, 2)
+    assert similarity.calls == [()]  # one pass over the pre-trained model
+    scores = {r.layer: r.value for r in records if isinstance(r, LayerScored)}
+    assert scores[3] == pytest.approx(0.01) and scores[5] == pytest.approx(0.40)
+
+
+def test_angular_chooses_the_closest_block_for_each_size() -> None:
+    similarity = SimilarityOf(STEPS)
+    records = list(get_strategy("angular").search(6, 3, _no_scores, similarity=similarity))
+    chosen = {r.count: r.removed for r in records if isinstance(r, SubsetChosen)}
+    # 1 layer: the smallest angle (layer 3); 2 layers: 2+3 (0.90, 0.99) beat 1+2 and 3+4;
+    # 3 layers: 1..3 (0.95, 0.90, 0.99) has the smallest summed angle.
+    assert chosen == {1: (3,), 2: (2, 3), 3: (1, 2, 3)}
+    assert plan_of(records, 6)[1:] == [(5, (3,)), (4, (2, 3)), (3, (1, 2, 3))]
+    assert removal_order(records) == ()
+
+
+def test_zero_shot_strategies_need_a_similarity_function() -> None:
+    for name in ("block-influence", "angular"):
+        with pytest.raises(GlpError, match="similarity"):
+            list(get_strategy(name).search(6, 1, _no_scores))
+
+
+def test_greedy_prefilter_fine_tunes_only_the_m_lowest_influence_layers() -> None:
+    scorer, similarity = PenaltyScorer(), SimilarityOf(STEPS)
+    strategy = get_strategy("greedy", StrategyOptions(prefilter_keep=2))
+    assert strategy.variant == "prefilter-2" and strategy.needs_similarity
+    records = list(strategy.search(6, 2, scorer, similarity=similarity))
+    # Iteration 1: block influence keeps layers 3 (0.01) and 1 (0.05); penalties pick 3.
+    # Iteration 2 runs on the model without layer 3: keeps 1 and 2; penalties pick 1.
+    assert scorer.calls == [[(1,), (3,)], [(1, 3), (2, 3)]]
+    assert similarity.calls == [(), (3,)]
+    assert removal_order(records) == (3, 1)
+    first = [r for r in records if isinstance(r, LayerScored) and r.iteration == 0]
+    assert sorted(r.layer for r in first if r.kept) == [1, 3]
+    assert len(first) == 6
+    # Without the pre-filter greedy tries all 6 + 5 candidates.
+    full = PenaltyScorer()
+    list(get_strategy("greedy").search(6, 2, full))
+    assert [len(c) for c in full.calls] == [6, 5]
+
+
+def test_greedy_prefilter_larger_than_the_candidates_is_plain_greedy() -> None:
+    scorer = PenaltyScorer()
+    strategy = get_strategy("greedy", StrategyOptions(prefilter_keep=10))
+    records = list(strategy.search(6, 2, scorer, similarity=SimilarityOf(STEPS)))
+    assert [len(c) for c in scorer.calls] == [6, 5]
+    assert not any(isinstance(r, LayerScored) for r in records)
+
+
+def test_plan_of_nested_strategies_matches_depth_plan() -> None:
+    records = run(6, 3, PenaltyScorer())
+    assert plan_of(records, 6) == depth_plan(removal_order(records), 6)

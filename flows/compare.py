@@ -1,0 +1,192 @@
+"""The ``compare`` flow: every layer-selection strategy on one model and task, one report.
+
+Runs the chosen strategies with the same cached tasks as ``prune`` (a candidate or a
+final model that two strategies share is fine-tuned once), then the final protocol for
+every strategy and depth, measures each depth's CPU latency, and writes the finals to
+Parquet (with a ``strategy`` column) and a markdown report with plots under
+``<home>/reports/``, also attached to the job's MLflow run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+import pandas as pd
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field, field_validator
+
+from flows.job import (
+    Job,
+    PruneParams,
+    check_model,
+    final_plans,
+    register_depths,
+    strategy_for,
+)
+from glp import GlpError
+from glp.report import label, write_report
+from glp.search import STRATEGIES, Strategy
+from tasks.data import load_source
+from tasks.tracking import end_job_run, log_report
+
+ALL_STRATEGIES = tuple(STRATEGIES)
+
+
+class CompareParams(PruneParams):
+    """``prune``'s parameters plus which strategies to compare (``strategy`` is unused)."""
+
+    strategies: tuple[str, ...] = Field(ALL_STRATEGIES, description="strategies to compare")
+    random_orders: int = Field(3, ge=1, description="random orders (seeds 0, 1, ...)")
+    register_models: bool = False
+    command: str | None = Field(None, description="the command line, quoted in the report")
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _split(cls, value):
+        """Accept "greedy,top" as well as a list (names are checked by ``preflight``)."""
+        return tuple(value.split(",")) if isinstance(value, str) else value
+
+
+class CompareSummary(BaseModel):
+    job_id: str
+    parent_run_id: str
+    task: str
+    metric: str
+    num_layers: int
+    plans: dict[str, list[list[int]]]
+    costs: dict[str, dict]
+    finals: list[dict]
+    report: dict[str, str]
+    computed: int
+    reused: int
+    seconds: float
+    home: str
+    tracking_uri: str
+
+
+def parse_strategies(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"greedy,top"`` or a list: known, unique names in the given order, or a GlpError."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [n.strip().lower() for n in names if n.strip()]
+    if not names:
+        raise GlpError(f"no strategies given; choose from: {', '.join(ALL_STRATEGIES)}")
+    for name in names:
+        if name not in STRATEGIES:
+            raise GlpError(f"unknown strategy '{name}'; choose from: {', '.join(ALL_STRATEGIES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def strategies_of(params: CompareParams) -> list[Strategy]:
+    """The strategy instances: random once per order seed; with a pre-filter, greedy both
+    in full and pre-filtered, so the report shows what the pre-filter costs in quality."""
+    chosen: list[Strategy] = []
+    for name in parse_strategies(params.strategies):
+        if name == "random":
+            chosen += [strategy_for(params, name, seed=s) for s in range(params.random_orders)]
+        elif name == "greedy":
+            chosen.append(strategy_for(params, name, prefilter_keep=0))
+            if params.prefilter_keep:
+                chosen.append(strategy_for(params, name))
+        else:
+            chosen.append(strategy_for(params, name))
+    return chosen
+
+
+def preflight(params: CompareParams) -> str:
+    """Check the inputs before any run starts; a one-line description of the comparison."""
+    strategies = strategies_of(params)
+    _, num_layers = check_model(params, strategies)
+    data = load_source(params.source())
+    names = ", ".join(dict.fromkeys(s.name for s in strategies))
+    return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers of "
+            f"{params.model} on {data.spec.name} ({len(data.train):,} train / "
+            f"{len(data.dev):,} dev rows, {data.spec.metric}, {params.seeds} seed(s))")
+
+
+@flow(name="glp-compare", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def compare(params: CompareParams) -> CompareSummary:
+    """Greedy layer pruning against every baseline, at every depth up to ``remove``."""
+    started = time.perf_counter()
+    strategies = strategies_of(params)
+    job = Job(params, strategies)
+    data = job.data
+    labels = [s.label for s in strategies]
+    job_id = job.identity("compare", labels, params.exhaustive_limit)
+    job.start(job_id, f"compare-{job.slug}-{data.task}-remove{params.remove}",
+              tags={"glp.strategy": "compare", "glp.strategies": ",".join(labels)})
+    try:
+        outcomes = [job.search(strategy) for strategy in strategies]
+        rows = job.finals(final_plans(outcomes), measure_latency=True)
+        if params.register_models:
+            _register_all(params, job, rows, outcomes)
+        job.write_finals(rows)
+        for row in rows:
+            row.pop("_path", None)
+        plans: dict[str, list[list[int]]] = {}
+        costs: dict[str, dict] = {}
+        for outcome in outcomes:
+            name = label(outcome.strategy.name, outcome.strategy.variant)
+            shown = name if outcome.strategy.name != "random" else (
+                f"random ({outcome.strategy.variant})")
+            plans[shown] = [list(removed) for _, removed in outcome.plan[1:]]
+            cost = costs.setdefault(name, {"fine_tunes": 0, "seconds": 0.0,
+                                           "zero_shot_passes": 0})
+            cost["fine_tunes"] += outcome.fine_tunes
+            cost["seconds"] = round(cost["seconds"] + outcome.seconds, 1)
+            cost["zero_shot_passes"] += outcome.zero_shot_passes
+        seconds = round(time.perf_counter() - started, 1)
+        folder = job.home.reports / f"compare-{job.slug}-{data.task}-{job_id}"
+        report = write_report(
+            folder, pd.DataFrame(rows), job.num_layers, plans, costs,
+            meta=_meta(params, job, seconds),
+        )
+        log_report(job.tracking_uri, job.parent_run_id, folder)
+        end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
+                    metrics={"fine_tunes_computed": job.counts["computed"],
+                             "fine_tunes_reused": job.counts["reused"], "seconds": seconds})
+    except BaseException:
+        end_job_run(job.tracking_uri, job.parent_run_id, "FAILED")
+        raise
+    return CompareSummary(
+        job_id=job_id, parent_run_id=job.parent_run_id, task=data.task, metric=data.metric,
+        num_layers=job.num_layers, plans=plans, costs=costs, finals=rows,
+        report={k: str(v) for k, v in report.items()}, computed=job.counts["computed"],
+        reused=job.counts["reused"], seconds=seconds, home=str(job.home.root),
+        tracking_uri=job.tracking_uri,
+    )
+
+
+def _meta(params: CompareParams, job: Job, seconds: float) -> dict:
+    command = params.command or "glp compare " + " ".join(
+        f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
+        for k, v in params.model_dump(exclude={"home", "tracking_uri", "command", "strategy"},
+                                      exclude_defaults=True).items())
+    return {
+        "model": params.model, "task": job.data.task, "metric": job.data.metric,
+        "command": command, "wall_seconds": seconds,
+        "settings": {
+            "train examples (fit / selection / full)": (
+                f"{job.data.sizes['fit']:,} / {job.data.sizes['selection']:,} / "
+                f"{job.data.sizes['train']:,}"),
+            "dev examples": f"{job.data.sizes['dev']:,}",
+            "epochs": params.epochs, "learning rate": params.learning_rate,
+            "batch size": params.batch_size, "max length": params.max_length,
+            "final seeds": ", ".join(map(str, job.seeds)), "search seed": params.search_seed,
+            "random orders": params.random_orders,
+            "greedy pre-filter": params.prefilter_keep or "off",
+            "fine-tunes computed / reused": f"{job.counts['computed']} / "
+                                            f"{job.counts['reused']}",
+        },
+    }
+
+
+def _register_all(params: CompareParams, job: Job, rows: list[dict], outcomes) -> None:
+    """With ``register_models``: each strategy's models under its own registered name."""
+    for outcome in outcomes:
+        strategy = outcome.strategy
+        mine = [r for r in rows
+                if r["strategy"] == strategy.name and r["variant"] == strategy.variant]
+        name = f"glp-{job.slug}-{job.data.task}-{strategy.label}"
+        register_depths(params, job, mine, name, outcome)

@@ -1,0 +1,487 @@
+"""What the prune and compare flows share: a job's inputs, its search and its final models.
+
+A ``Job`` is built inside a running flow. It checks the model, prepares the data splits,
+and opens the job's MLflow parent run. It then turns a strategy's records into cached
+Prefect tasks, child runs and Parquet parts, and runs the final protocol for any set of
+(strategy, depth) plans. Strategies that share a candidate or a final model share its
+fine-tune: the tasks are cached by what decides their result, not by who asked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import prefect.runtime.flow_run
+from pydantic import BaseModel, Field
+
+from glp.config import FineTuneConfig, stable_hash
+from glp.models import DEFAULT_MODEL, check_supported, model_fingerprint, num_encoder_layers
+from glp.models import resolve_model as resolve_model_path
+from glp.search import (
+    CandidateScored,
+    LayerScored,
+    LayerSelected,
+    Strategy,
+    StrategyOptions,
+    SubsetChosen,
+    get_strategy,
+    plan_of,
+)
+from tasks import progress
+from tasks.analysis import SimilarityRequest, layer_similarity, measure_latencies
+from tasks.data import DataRef, DataSource, prepare_data
+from tasks.home import RunHome
+from tasks.records import record_rows
+from tasks.tracking import (
+    CANDIDATE,
+    FINAL,
+    dumps,
+    log_child_run,
+    register_model,
+    set_aliases,
+    start_job_run,
+)
+from tasks.training import (
+    Checkpoint,
+    Evaluation,
+    FineTuneRequest,
+    evaluate_candidate,
+    evaluate_final,
+    fine_tune_candidate,
+    fine_tune_final,
+    select_layer,
+)
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "glue"
+FINAL_SEED_BASE = 40  # the paper's final seeds are 40..44
+REFERENCE = "unpruned"  # the strategy name of the reference row (no layer removed)
+
+
+class PruneParams(BaseModel):
+    """Everything a pruning job depends on (validated by Prefect when the flow starts)."""
+
+    model: str = Field(DEFAULT_MODEL, description="local model directory or hub id")
+    task: str | None = Field("sst2", description="a GLUE task name (ignored with train_file)")
+    data_dir: str | None = Field(None, description="folder of GLUE task folders")
+    train_file: str | None = None
+    dev_file: str | None = None
+    text_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    task_type: str = "classification"
+    metric: str | None = None
+    remove: int = Field(2, ge=1, description="layers to remove")
+    strategy: str = "greedy"
+    prefilter_keep: int = Field(0, ge=0, description="greedy: fine-tune only the m candidates "
+                                "with the lowest block influence (0 = all)")
+    random_seed: int = Field(0, description="random: the seed of the random order")
+    exhaustive_limit: int = Field(64, ge=1, description="exhaustive: most fine-tunes allowed")
+    train_limit: int | None = Field(None, ge=1, description="training examples used")
+    eval_limit: int | None = Field(None, ge=1, description="dev examples used")
+    epochs: float = Field(3.0, gt=0)
+    max_length: int = Field(128, ge=8)
+    learning_rate: float = Field(2e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seeds: int = Field(5, ge=1, description="seeds per final model (40, 41, ...)")
+    search_seed: int = 41
+    split_seed: int = 0
+    selection_fraction: float = Field(0.15, gt=0, lt=1)
+    home: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "glp"
+    registered_model: str | None = None
+    register_models: bool = True
+
+    def finetune_config(self) -> FineTuneConfig:
+        return FineTuneConfig(
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            epochs=self.epochs,
+        )
+
+    def strategy_options(self, **overrides) -> StrategyOptions:
+        values = {"seed": self.random_seed, "prefilter_keep": self.prefilter_keep,
+                  "exhaustive_limit": self.exhaustive_limit, **overrides}
+        return StrategyOptions(**values)
+
+    def source(self) -> DataSource:
+        return DataSource(
+            task=None if self.train_file else self.task,
+            data_dir=self.data_dir or str(DEFAULT_DATA_DIR),
+            train_file=self.train_file,
+            dev_file=self.dev_file,
+            text_columns=self.text_columns,
+            label_column=self.label_column,
+            task_type=self.task_type,
+            metric=self.metric,
+            name=Path(self.train_file).stem if self.train_file else "custom",
+        )
+
+
+def check_model(params: PruneParams, strategies: list[Strategy]) -> tuple[str, int]:
+    """The local model directory and its layer count, or a GlpError.
+
+    Raises GlpError for an unsupported model, or a budget a strategy cannot search.
+    """
+    model_path = resolve_model_path(params.model)
+    num_layers = num_encoder_layers(check_supported(model_path))
+    for strategy in strategies:
+        strategy.validate(num_layers, params.remove)
+    return model_path, num_layers
+
+
+def strategy_for(params: PruneParams, name: str, **options) -> Strategy:
+    return get_strategy(name, params.strategy_options(**options))
+
+
+def model_slug(model: str) -> str:
+    base = DEFAULT_MODEL if model == DEFAULT_MODEL else model.rstrip("/").split("/")[-1]
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).lower()
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Scored:
+    """A candidate's checkpoint and evaluation; ``score`` is what the strategy compares."""
+
+    def __init__(self, checkpoint: Checkpoint, evaluation: Evaluation):
+        self.checkpoint, self.evaluation, self.score = checkpoint, evaluation, evaluation.score
+
+
+@dataclass
+class SearchOutcome:
+    """What one strategy found and what it cost."""
+
+    strategy: Strategy
+    plan: list[tuple[int, tuple[int, ...]]]  # (depth, removed), unpruned first
+    order: list[int]  # the nested removal order ([] for per-size strategies)
+    candidates: list[dict] = field(default_factory=list)
+    selections: list[dict] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)
+    fine_tunes: int = 0  # candidate fine-tunes this strategy needs (shared ones included)
+    seconds: float = 0.0  # their fine-tune and evaluation time, as measured when computed
+    zero_shot_passes: int = 0
+
+
+def parameter_count(checkpoint_path: str) -> int:
+    """Parameters of a saved model, read from the safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(checkpoint_path).glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
+class Job:
+    """One job inside a running flow: inputs checked, data prepared, tasks bound to the home."""
+
+    def __init__(self, params: PruneParams, strategies: list[Strategy]):
+        self.params = params
+        self.home = RunHome.resolve(params.home).create()
+        self.tracking_uri = params.tracking_uri or self.home.tracking_uri
+        self.reporter = progress.get_reporter()
+        # Fail fast on bad input, before anything is written to MLflow.
+        self.model_path, self.num_layers = check_model(params, strategies)
+        self.model_fp = model_fingerprint(self.model_path)
+        self.finetune = params.finetune_config()
+        self.data: DataRef = prepare_data(params.source(), self.home, params.train_limit,
+                                          params.eval_limit, params.selection_fraction,
+                                          params.split_seed)
+        self.seeds = [FINAL_SEED_BASE + i for i in range(params.seeds)]
+        self.slug = model_slug(params.model)
+        self.counts = {"computed": 0, "reused": 0}
+        self._seen: set[str] = set()
+        # Results (the cache) live in this run home, whoever calls the flow.
+        stored = {"result_storage": self.home.results}
+        self._fine_tune_candidate = fine_tune_candidate.with_options(**stored)
+        self._evaluate_candidate = evaluate_candidate.with_options(**stored)
+        self._fine_tune_final = fine_tune_final.with_options(**stored)
+        self._evaluate_final = evaluate_final.with_options(**stored)
+        self._similarity = layer_similarity.with_options(**stored)
+        self._latency = measure_latencies.with_options(**stored)
+        self.job_id = ""
+        self.parent_run_id = ""
+        self.common_tags: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ identity and runs
+
+    def identity(self, kind: str, *parts: object) -> str:
+        """The job id: a hash of everything that decides the results."""
+        return stable_hash(kind, self.model_fp, self.data.fingerprints, self.data.metric,
+                           self.params.remove, self.finetune, self.params.search_seed,
+                           self.seeds, *parts)
+
+    def start(self, job_id: str, run_name: str, tags: dict[str, str]) -> str:
+        self.job_id = job_id
+        self.common_tags = {"glp.model": self.params.model, "glp.task": self.data.task,
+                            "glp.metric": self.data.metric, **tags}
+        self.parent_run_id = start_job_run(
+            self.tracking_uri, self.params.experiment, self.home.mlflow_artifacts, job_id,
+            run_name,
+            params={**self.params.model_dump(exclude={"home", "tracking_uri"}),
+                    "model_fingerprint": self.model_fp, "num_layers": self.num_layers,
+                    **{f"data_{k}": v for k, v in self.data.sizes.items()}},
+            tags={**self.common_tags, "glp.model_fingerprint": self.model_fp,
+                  "glp.data_fingerprint": self.data_fingerprint},
+        )
+        return self.parent_run_id
+
+    @property
+    def data_fingerprint(self) -> str:
+        return stable_hash(self.data.fingerprints)
+
+    def _count(self, checkpoint: Checkpoint) -> bool:
+        """Whether the fine-tune came from the cache; each fine-tune is counted once per job."""
+        reused = checkpoint.flow_run_id != str(prefect.runtime.flow_run.id)
+        if checkpoint.key not in self._seen:
+            self._seen.add(checkpoint.key)
+            self.counts["reused" if reused else "computed"] += 1
+        return reused
+
+    def request(self, removed: tuple[int, ...], split: str, seed: int) -> FineTuneRequest:
+        return FineTuneRequest(model_path=self.model_path, model_fingerprint=self.model_fp,
+                               data=self.data, split=split, removed=removed,
+                               config=self.finetune, seed=seed, home=self.home)
+
+    # ------------------------------------------------------------------ search
+
+    def score(self, removal_sets) -> list[Scored]:
+        """Fine-tune and evaluate candidates, all submitted together (parallel runners)."""
+        handle = self.reporter.begin("candidates", f"{len(removal_sets)} candidates",
+                                     len(removal_sets))
+        checkpoints = [self._fine_tune_candidate.submit(
+            self.request(r, "fit", self.params.search_seed)) for r in removal_sets]
+        evaluations = [self._evaluate_candidate.submit(c, self.data, "selection",
+                                                       self.finetune, self.home)
+                       for c in checkpoints]
+        results = []
+        for done, (checkpoint, evaluation) in enumerate(zip(checkpoints, evaluations,
+                                                            strict=True)):
+            results.append(Scored(checkpoint.result(), evaluation.result()))
+            self.reporter.update(handle, done + 1)
+        self.reporter.end(handle)
+        return results
+
+    def similarity(self, removed: tuple[int, ...]):
+        """Hidden-state similarity of the pre-trained model without ``removed`` (cached)."""
+        request = SimilarityRequest(model_path=self.model_path, model_fingerprint=self.model_fp,
+                                    data=self.data, split="selection", removed=removed,
+                                    max_length=self.finetune.max_length, home=self.home)
+        return self._similarity.submit(request).result().matrices()
+
+    def search(self, strategy: Strategy) -> SearchOutcome:
+        """Run one strategy; log its candidates and write its Parquet parts per iteration."""
+        params, data = self.params, self.data
+        label = strategy.label
+        base = {"job_id": self.job_id, "strategy": strategy.name, "variant": strategy.variant,
+                "model": params.model, "task": data.task}
+        outcome = SearchOutcome(strategy, [], [])
+        pending: dict[str, list[dict]] = {"candidates": [], "scores": []}
+        passes = 0
+
+        def similarity(removed):
+            nonlocal passes
+            passes += 1
+            return self.similarity(removed)
+
+        handle = self.reporter.begin("iterations", f"{label} search", params.remove)
+        records = []
+        for record in strategy.search(self.num_layers, params.remove, self.score,
+                                      select=select_layer, similarity=similarity):
+            records.append(record)
+            if isinstance(record, CandidateScored):
+                pending["candidates"].append(self._candidate_row(base, record))
+                outcome.fine_tunes += 1
+                outcome.seconds += (record.result.checkpoint.seconds
+                                    + record.result.evaluation.seconds)
+            elif isinstance(record, LayerScored):
+                pending["scores"].append({
+                    **base, "iteration": record.iteration, "method": record.method,
+                    "layer": record.layer, "removed_before": list(record.removed),
+                    "value": record.value, "kept": record.kept, "recorded_at": now()})
+            elif isinstance(record, LayerSelected | SubsetChosen):
+                chosen = (list(record.order) if isinstance(record, LayerSelected)
+                          else list(record.removed))
+                iteration = (record.iteration if isinstance(record, LayerSelected)
+                             else record.count - 1)
+                row = {**base, "run_id": self.parent_run_id, "iteration": iteration,
+                       "layer": getattr(record, "layer", None), "order": chosen,
+                       "depth": self.num_layers - len(chosen), "metric": data.metric,
+                       "value": record.score, "candidates": len(pending["candidates"]),
+                       "cache_key": stable_hash(self.job_id, label, chosen),
+                       "recorded_at": now()}
+                part = f"{label}-iteration-{iteration:03d}"
+                for table, rows in pending.items():
+                    if rows:
+                        record_rows(self.home.parquet, table, self.job_id, part, rows)
+                record_rows(self.home.parquet, "selections", self.job_id, part, [row])
+                outcome.candidates += pending["candidates"]
+                outcome.scores += pending["scores"]
+                pending = {"candidates": [], "scores": []}
+                outcome.selections.append(row)
+                self.reporter.update(handle, iteration + 1)
+                what = (f"remove layer {record.layer}" if isinstance(record, LayerSelected)
+                        else f"remove layers {chosen}")
+                score = f" ({data.metric} {record.score:.4f})" if record.score is not None else ""
+                self.reporter.note(f"{label} {iteration + 1}: {what}{score}")
+        self.reporter.end(handle)
+        outcome.plan = plan_of(records, self.num_layers)
+        outcome.order = [r.layer for r in records if isinstance(r, LayerSelected)]
+        outcome.seconds = round(outcome.seconds, 3)
+        outcome.zero_shot_passes = passes
+        return outcome
+
+    def _candidate_row(self, base: dict, record: CandidateScored) -> dict:
+        checkpoint, evaluation = record.result.checkpoint, record.result.evaluation
+        reused = self._count(checkpoint)
+        run_id = log_child_run(
+            self.tracking_uri, self.parent_run_id, self.job_id, CANDIDATE, checkpoint.key,
+            f"candidate-remove-{'-'.join(map(str, record.removed))}",
+            params={"iteration": record.iteration, "layer": record.layer,
+                    "removed": list(record.removed), "seed": checkpoint.seed},
+            metrics={**evaluation.metrics, "fine_tune_seconds": checkpoint.seconds},
+            tags={**self.common_tags, "glp.iteration": record.iteration},
+        )
+        return {
+            **base, "run_id": run_id, "parent_run_id": self.parent_run_id,
+            "flow_run_id": checkpoint.flow_run_id, "iteration": record.iteration,
+            "layer": record.layer, "removed": list(record.removed),
+            "depth": self.num_layers - len(record.removed), "metric": evaluation.metric,
+            "value": evaluation.score, "metrics_json": dumps(evaluation.metrics),
+            "seed": checkpoint.seed, "train_examples": self.data.sizes["fit"],
+            "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
+            "eval_seconds": evaluation.seconds, "cache_key": checkpoint.key,
+            "reused": reused, "recorded_at": now(),
+        }
+
+    # ------------------------------------------------------------------ finals
+
+    def finals(self, plans: list[tuple[str, str, int, tuple[int, ...]]],
+               measure_latency: bool = False) -> list[dict]:
+        """The final protocol for (strategy, variant, depth, removed) entries.
+
+        Every removed set is fine-tuned on the whole training split with each seed and
+        evaluated on the dev set (never used for selection), once however many strategies
+        chose it. Returns one row per entry and seed (with ``_path`` to the checkpoint).
+        """
+        unique = sorted({removed for _, _, _, removed in plans}, key=lambda r: (len(r), r))
+        total = len(unique) * len(self.seeds)
+        handle = self.reporter.begin("finals", "final models", total)
+        jobs = {}
+        for removed in unique:
+            for seed in self.seeds:
+                checkpoint = self._fine_tune_final.submit(self.request(removed, "train", seed))
+                evaluation = self._evaluate_final.submit(checkpoint, self.data, "dev",
+                                                         self.finetune, self.home)
+                jobs[removed, seed] = (checkpoint, evaluation)
+        done_jobs: dict[tuple, dict] = {}
+        for done, ((removed, seed), (ckpt_future, eval_future)) in enumerate(jobs.items()):
+            checkpoint, evaluation = ckpt_future.result(), eval_future.result()
+            reused = self._count(checkpoint)
+            depth = self.num_layers - len(removed)
+            run_id = log_child_run(
+                self.tracking_uri, self.parent_run_id, self.job_id, FINAL, checkpoint.key,
+                f"final-depth{depth}-seed{seed}",
+                params={"depth": depth, "removed": list(removed), "seed": seed},
+                metrics={**evaluation.metrics, "fine_tune_seconds": checkpoint.seconds},
+                tags={**self.common_tags, "glp.depth": depth},
+            )
+            done_jobs[removed, seed] = {
+                "run_id": run_id, "checkpoint": checkpoint, "evaluation": evaluation,
+                "reused": reused}
+            self.reporter.update(handle, done + 1)
+        self.reporter.end(handle)
+
+        latency: dict[tuple, float] = {}
+        batch = None
+        if measure_latency:
+            first = [done_jobs[removed, self.seeds[0]]["checkpoint"] for removed in unique]
+            measured = self._latency(first, self.data, "dev", self.finetune.max_length,
+                                     self.home)
+            batch = measured.batch_size
+            latency = {removed: measured.median_ms[c.key]
+                       for removed, c in zip(unique, first, strict=True)}
+        parameters = {removed: parameter_count(done_jobs[removed, self.seeds[0]]["checkpoint"]
+                                               .path) for removed in unique}
+        rows = []
+        for strategy, variant, depth, removed in plans:
+            for seed in self.seeds:
+                job = done_jobs[removed, seed]
+                checkpoint, evaluation = job["checkpoint"], job["evaluation"]
+                rows.append({
+                    "job_id": self.job_id, "run_id": job["run_id"],
+                    "parent_run_id": self.parent_run_id, "strategy": strategy,
+                    "variant": variant, "model": self.params.model, "task": self.data.task,
+                    "depth": depth, "removed": list(removed), "seed": seed,
+                    "metric": evaluation.metric, "value": evaluation.score,
+                    "metrics_json": dumps(evaluation.metrics),
+                    "parameters": parameters[removed],
+                    "train_examples": self.data.sizes["train"],
+                    "eval_examples": evaluation.examples,
+                    "fine_tune_seconds": checkpoint.seconds,
+                    "eval_seconds": evaluation.seconds,
+                    "latency_ms": latency.get(removed), "latency_batch": batch,
+                    "cache_key": checkpoint.key, "reused": job["reused"],
+                    "recorded_at": now(), "_path": checkpoint.path,
+                })
+        return rows
+
+    def write_finals(self, rows: list[dict]) -> None:
+        record_rows(self.home.parquet, "finals", self.job_id, "finals",
+                    [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows])
+
+
+def final_plans(outcomes: list[SearchOutcome]) -> list[tuple[str, str, int, tuple[int, ...]]]:
+    """The reference row once, then every strategy's pruned depths."""
+    entries = []
+    for outcome in outcomes:
+        for depth, removed in outcome.plan:
+            if removed:
+                entries.append((outcome.strategy.name, outcome.strategy.variant, depth,
+                                removed))
+            elif not entries or entries[0][0] != REFERENCE:
+                entries.insert(0, (REFERENCE, "", depth, removed))
+    return entries
+
+
+def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,
+                    outcome: SearchOutcome) -> dict[str, str]:
+    """Register the best seed's model of every pruned depth; alias ``best`` and ``depth-N``."""
+    data = job.data
+    order = outcome.order or [layer for _, removed in outcome.plan[-1:] for layer in removed]
+    by_depth: dict[int, list[dict]] = {}
+    for row in final_rows:
+        if row["strategy"] != REFERENCE:  # the unpruned model is the reference, not a result
+            by_depth.setdefault(row["depth"], []).append(row)
+    aliases, means = {}, {}
+    for depth, rows in sorted(by_depth.items(), reverse=True):
+        best = max(rows, key=lambda r: r["value"])
+        mean = sum(r["value"] for r in rows) / len(rows)
+        version = register_model(
+            job.tracking_uri, best["run_id"], best["_path"], name, job.job_id, depth,
+            tags={**job.common_tags, "glp.removed_layers": ",".join(map(str, best["removed"])),
+                  "glp.depth": depth, "glp.seed": best["seed"],
+                  "glp.metric_value": f"{best['value']:.6f}", "glp.metric_mean": f"{mean:.6f}",
+                  "glp.base_model_fingerprint": job.model_fp,
+                  "glp.data_fingerprint": stable_hash(data.fingerprints),
+                  "glp.order": ",".join(map(str, order))},
+            description=(f"{params.model} with layers {best['removed']} removed "
+                         f"({depth} layers left), fine-tuned on {data.task}; dev "
+                         f"{data.metric} {best['value']:.4f}"),
+        )
+        for row in rows:
+            row["registered_model"], row["model_version"] = name, version
+        aliases[f"depth-{depth}"] = version
+        means[version] = mean
+    if aliases:
+        aliases["best"] = max(means, key=means.get)
+        set_aliases(job.tracking_uri, name, aliases)
+    return aliases

@@ -1,0 +1,110 @@
+"""Zero-shot layer scores and latency: measurements of models that need no fine-tune.
+
+Both are cached like the fine-tunes: the hidden-state similarity by the model's content,
+the removed layers and the data; the latency by the checkpoints measured and the
+machine (a latency measured elsewhere says nothing about this machine).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from prefect import task
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+from pydantic import BaseModel
+
+import glp
+from glp.bench import latency_batch, measure_latency
+from glp.config import stable_hash
+from glp.models import load_classifier
+from glp.surgery import remove_layers
+from glp.zeroshot import LayerSimilarity, hidden_state_similarity
+from tasks.data import DataRef
+from tasks.home import RunHome
+from tasks.training import CACHED, Checkpoint, tokenized
+
+SIMILARITY_EXAMPLES = 512  # selection-split rows whose tokens are averaged
+LATENCY_BATCH = 32
+
+
+class SimilarityRequest(BaseModel, frozen=True):
+    """The pre-trained model with ``removed`` gone, read on one split of the task."""
+
+    model_path: str
+    model_fingerprint: str
+    data: DataRef
+    split: str
+    removed: tuple[int, ...]
+    max_length: int
+    home: RunHome
+
+    @property
+    def key(self) -> str:
+        return stable_hash("similarity", glp.__version__, self.model_fingerprint,
+                           self.data.fingerprints[self.split], sorted(self.removed),
+                           self.max_length, SIMILARITY_EXAMPLES)
+
+
+class Similarity(BaseModel, frozen=True):
+    key: str
+    removed: tuple[int, ...]
+    cosine: tuple[tuple[float, ...], ...]
+    angular: tuple[tuple[float, ...], ...]
+    tokens: int
+
+    def matrices(self) -> LayerSimilarity:
+        return LayerSimilarity(cosine=self.cosine, angular=self.angular, tokens=self.tokens)
+
+
+def _similarity_key(context, parameters) -> str:
+    return parameters["request"].key
+
+
+@task(name="layer-similarity",
+      cache_policy=TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_similarity_key), **CACHED)
+def layer_similarity(request: SimilarityRequest) -> Similarity:
+    """Cosine and angular distance between every pair of hidden states (one forward pass)."""
+    dataset, _ = tokenized(request.data, request.split, request.model_path,
+                           request.max_length, request.home)
+    model = load_classifier(request.model_path, num_labels=request.data.num_labels,
+                            is_regression=request.data.is_regression, seed=0)
+    remove_layers(model, request.removed)
+    sim = hidden_state_similarity(model, dataset, max_examples=SIMILARITY_EXAMPLES)
+    return Similarity(key=request.key, removed=request.removed, cosine=sim.cosine,
+                      angular=sim.angular, tokens=sim.tokens)
+
+
+class Latencies(BaseModel, frozen=True):
+    """Median (and p90) forward latency per checkpoint key, measured round-robin."""
+
+    median_ms: dict[str, float]
+    p90_ms: dict[str, float]
+    batch_size: int
+    threads: int
+    machine: str
+
+
+def _latency_key(context, parameters) -> str:
+    keys = sorted(c.key for c in parameters["checkpoints"])
+    return stable_hash("latency", keys, parameters["data"].fingerprints[parameters["split"]],
+                       platform.node(), platform.machine(), torch.get_num_threads())
+
+
+@task(name="measure-latency",
+      cache_policy=TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_latency_key), **CACHED)
+def measure_latencies(checkpoints: list[Checkpoint], data: DataRef, split: str,
+                      max_length: int, home: RunHome) -> Latencies:
+    """CPU latency of a batch of ``split`` rows for every checkpoint, interleaved so that a
+    stall of the machine hits every model alike."""
+    first = checkpoints[0].path
+    dataset, tokenizer = tokenized(data, split, first, max_length, home)
+    batch = latency_batch(dataset, LATENCY_BATCH, pad_id=tokenizer.pad_token_id or 0)
+    models = {c.key: load_classifier(c.path, num_labels=data.num_labels,
+                                     is_regression=data.is_regression)
+              for c in checkpoints}
+    stats = measure_latency(models, batch)
+    return Latencies(median_ms={k: s.median_ms for k, s in stats.items()},
+                     p90_ms={k: s.p90_ms for k, s in stats.items()},
+                     batch_size=LATENCY_BATCH, threads=torch.get_num_threads(),
+                     machine=f"{platform.node()} {platform.machine()}")
