@@ -138,6 +138,12 @@ def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> Non
             summary = flow(params)
     except GlpError as exc:
         _fail(str(exc))
+    except Exception as exc:  # a task failed after its retries: say so, keep what finished
+        err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: {exc}",
+                  highlight=False)
+        err.print(f"Finished fine-tunes are cached in {run_home.results}; run the same "
+                  "command again to resume (--verbose shows the task logs).", highlight=False)
+        raise typer.Exit(code=1) from None
     finally:
         progress.set_reporter(None)
     (print_comparison if kind == "compare" else print_summary)(summary)

@@ -17,6 +17,7 @@ from pathlib import Path
 import prefect.runtime.flow_run
 from pydantic import BaseModel, Field
 
+import glp
 from glp.config import FineTuneConfig, stable_hash
 from glp.models import DEFAULT_MODEL, check_supported, model_fingerprint, num_encoder_layers
 from glp.models import resolve_model as resolve_model_path
@@ -41,8 +42,8 @@ from tasks.tracking import (
     dumps,
     log_child_run,
     register_model,
-    set_aliases,
     start_job_run,
+    update_aliases,
 )
 from tasks.training import (
     Checkpoint,
@@ -470,7 +471,7 @@ def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name:
             tags={**job.common_tags, "glp.removed_layers": ",".join(map(str, best["removed"])),
                   "glp.depth": depth, "glp.seed": best["seed"],
                   "glp.metric_value": f"{best['value']:.6f}", "glp.metric_mean": f"{mean:.6f}",
-                  "glp.base_model_fingerprint": job.model_fp,
+                  "glp.base_model_fingerprint": job.model_fp, "glp.version": glp.__version__,
                   "glp.data_fingerprint": stable_hash(data.fingerprints),
                   "glp.order": ",".join(map(str, order))},
             description=(f"{params.model} with layers {best['removed']} removed "
@@ -483,5 +484,5 @@ def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name:
         means[version] = mean
     if aliases:
         aliases["best"] = max(means, key=means.get)
-        set_aliases(job.tracking_uri, name, aliases)
+        aliases = update_aliases(job.tracking_uri, name, aliases)
     return aliases

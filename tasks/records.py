@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import faults
+
 _LAYERS = pa.list_(pa.int64())
 
 CANDIDATES = pa.schema([
@@ -129,4 +131,5 @@ def write_part(root: Path, table: str, job_id: str, part: str, rows: list[dict])
 @task(name="record-rows", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def record_rows(root: Path, table: str, job_id: str, part: str, rows: list[dict]) -> str:
     """Write one part of an audit table (idempotent: a retry replaces the same file)."""
+    faults.inject("record")
     return str(write_part(root, table, job_id, part, rows))

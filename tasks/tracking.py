@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import glp
+from tasks import faults
 
 JOB, CANDIDATE, FINAL = "job", "candidate", "final"
 _RETRY = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 2}
@@ -93,6 +94,7 @@ def end_job_run(tracking_uri: str, run_id: str, status: str, metrics: dict | Non
 def log_child_run(tracking_uri: str, parent_run_id: str, job_id: str, kind: str, key: str,
                   run_name: str, params: dict, metrics: dict, tags: dict) -> str:
     """A finished child run for one candidate or final model (found again on a re-run)."""
+    faults.inject("log")
     client = client_for(tracking_uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     for run in _find_runs(client, experiment_id, job_id=job_id, kind=kind, key=key):
@@ -122,6 +124,7 @@ def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: s
     Idempotent: a version of ``name`` that already carries this job and depth is returned
     as it is. Returns the version number.
     """
+    faults.inject("register")
     import mlflow
     import transformers
 
@@ -159,12 +162,37 @@ def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: s
     return str(version.version)
 
 
-@task(name="set-aliases", **_RETRY)
-def set_aliases(tracking_uri: str, name: str, aliases: dict[str, str]) -> None:
-    """Point each alias (``best``, ``depth-4``, ...) at its version."""
+@task(name="update-aliases", **_RETRY)
+def update_aliases(tracking_uri: str, name: str, proposals: dict[str, str]) -> dict[str, str]:
+    """Point each alias (``best``, ``depth-4``, ...) at its proposed version, unless the
+    version it points at now scored better on the same metric (``glp.metric_mean``).
+
+    So ``best`` moves when a newer run registers a better model and stays when it does
+    not. Returns where every alias points afterwards.
+    """
     client = client_for(tracking_uri)
-    for alias, version in aliases.items():
+    placed = {}
+    for alias, version in proposals.items():
+        new = client.get_model_version(name, version)
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except Exception:  # the alias does not exist yet
+            current = None
+        if current is not None and str(current.version) != str(version) and _scored_better(
+            current.tags, new.tags
+        ):
+            placed[alias] = str(current.version)
+            continue
         client.set_registered_model_alias(name, alias, version)
+        placed[alias] = str(version)
+    return placed
+
+
+def _scored_better(current: dict, new: dict) -> bool:
+    """Whether the current version's mean is at least the new one's, on the same metric."""
+    if current.get("glp.metric") != new.get("glp.metric") or "glp.metric_mean" not in current:
+        return False  # not comparable: the newer registration wins
+    return float(current["glp.metric_mean"]) >= float(new.get("glp.metric_mean", "-inf"))
 
 
 def dumps(metrics: dict) -> str:

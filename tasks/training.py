@@ -28,7 +28,7 @@ from glp.metrics import selection_score
 from glp.models import load_classifier, load_tokenizer
 from glp.surgery import kept_layers, remove_layers
 from glp.train import evaluate, fine_tune
-from tasks import progress
+from tasks import faults, progress
 from tasks.data import DataRef
 from tasks.home import RunHome
 
@@ -105,6 +105,7 @@ def tokenized(data: DataRef, split: str, tokenizer_path: str, max_length: int, h
 
 def run_fine_tune(request: FineTuneRequest, kind: str) -> Checkpoint:
     """Fresh pre-trained weights, layers removed, fine-tuned, saved atomically."""
+    faults.inject("fine-tune")
     removed = ",".join(map(str, request.removed)) or "none"
     label = f"  {kind[:-1]}: layers {removed} removed, seed {request.seed}"
     dataset, tokenizer = tokenized(
@@ -151,6 +152,7 @@ def run_fine_tune(request: FineTuneRequest, kind: str) -> Checkpoint:
 def run_evaluation(checkpoint: Checkpoint, data: DataRef, split: str, config: FineTuneConfig,
                    home: RunHome) -> Evaluation:
     """Score a checkpoint on a split with every metric of the task."""
+    faults.inject("evaluate")
     path = Path(checkpoint.path)
     if not path.is_dir():
         raise GlpError(f"checkpoint {path} is missing; delete the run home's prefect/results "

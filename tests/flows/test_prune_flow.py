@@ -88,6 +88,9 @@ def test_mlflow_runs_and_registry(two_runs):
     best = client.get_model_version_by_alias(name, "best")
     assert best.tags["glp.task"] == "sst2" and best.tags["glp.strategy"] == "greedy"
     assert best.tags["glp.removed_layers"]
+    for tag in ("glp.model", "glp.metric", "glp.data_fingerprint", "glp.version",
+                "glp.base_model_fingerprint", "glp.order", "glp.metric_mean"):
+        assert best.tags[tag], tag
     depth_1 = client.get_model_version_by_alias(name, "depth-1")
     assert depth_1.tags["glp.removed_layers"] == ",".join(map(str, sorted(first.order)))
 

@@ -1,0 +1,57 @@
+"""Fault injection: make named points in the tasks fail on purpose, for tests and drills.
+
+``GLP_FAULTS`` lists points and how they fail, comma-separated:
+
+- ``fine-tune=2``: the first 2 calls of the point fail (a transient fault; retries heal it);
+- ``evaluate=always``: every call fails (a permanent fault: the run fails);
+- ``fine-tune=after:3``: the first 3 calls succeed, every later one fails.
+
+Points: ``fine-tune``, ``evaluate``, ``log`` (MLflow child runs), ``record`` (Parquet
+parts), ``register`` (model registry). Counts are kept per process. Unset, nothing fails
+and the cost is one environment lookup per call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+POINTS = ("fine-tune", "evaluate", "log", "record", "register")
+_calls: dict[tuple[str, str], int] = {}
+_lock = threading.Lock()
+
+
+class InjectedFault(RuntimeError):
+    """A failure asked for by ``GLP_FAULTS``."""
+
+
+def _rules(spec: str) -> dict[str, str]:
+    rules = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        point, _, how = item.partition("=")
+        if point not in POINTS:
+            choices = ", ".join(POINTS)
+            raise ValueError(f"GLP_FAULTS: unknown point '{point}'; choose from {choices}")
+        rules[point] = how or "1"
+    return rules
+
+
+def inject(point: str) -> None:
+    """Raise ``InjectedFault`` if ``GLP_FAULTS`` says this call of ``point`` fails."""
+    spec = os.environ.get("GLP_FAULTS")
+    if not spec:
+        return
+    how = _rules(spec).get(point)
+    if how is None:
+        return
+    with _lock:
+        call = _calls.get((spec, point), 0) + 1
+        _calls[spec, point] = call
+    if how == "always":
+        fails = True
+    elif how.startswith("after:"):
+        fails = call > int(how.removeprefix("after:"))
+    else:
+        fails = call <= int(how)
+    if fails:
+        raise InjectedFault(f"injected fault at {point} (call {call}, GLP_FAULTS={spec})")

@@ -1,0 +1,60 @@
+"""Registry aliases across runs: ``best`` moves to a better newer model, never to a worse."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tasks.tracking import update_aliases
+
+
+@pytest.fixture
+def registry(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    source = tmp_path / "model"
+    source.mkdir()
+
+    def add(mean: float, metric: str = "accuracy") -> str:
+        version = client.create_model_version(
+            "m", source=str(source),
+            tags={"glp.metric": metric, "glp.metric_mean": f"{mean:.6f}"})
+        return str(version.version)
+
+    return uri, client, add
+
+
+def _alias(client, alias):
+    return str(client.get_model_version_by_alias("m", alias).version)
+
+
+def test_best_moves_only_to_a_better_model(registry):
+    uri, client, add = registry
+    first = add(0.80)
+    assert update_aliases.fn(uri, "m", {"best": first, "depth-5": first}) == {
+        "best": first, "depth-5": first}
+    better = add(0.83)
+    assert update_aliases.fn(uri, "m", {"best": better})["best"] == better
+    assert _alias(client, "best") == better
+    worse = add(0.79)
+    placed = update_aliases.fn(uri, "m", {"best": worse, "depth-4": worse})
+    assert placed == {"best": better, "depth-4": worse}  # a new alias is always set
+    assert _alias(client, "best") == better and _alias(client, "depth-4") == worse
+    tie = add(0.83)
+    assert update_aliases.fn(uri, "m", {"best": tie})["best"] == better  # ties keep the old
+
+
+def test_a_different_metric_is_not_comparable(registry):
+    uri, client, add = registry
+    first = add(0.90, metric="accuracy")
+    update_aliases.fn(uri, "m", {"best": first})
+    other = add(0.10, metric="mcc")
+    assert update_aliases.fn(uri, "m", {"best": other})["best"] == other
+
+
+def test_re_running_the_same_version_is_a_no_op(registry):
+    uri, client, add = registry
+    version = add(0.5)
+    for _ in range(2):
+        assert update_aliases.fn(uri, "m", {"best": version}) == {"best": version}

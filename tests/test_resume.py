@@ -1,0 +1,153 @@
+"""Crash and resume with real processes: kill -9 a running ``glp prune`` at several
+points, run the same command again, and get exactly the uninterrupted result; two runs
+with different parameters at once in one home do not corrupt each other."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+TOTAL = 11  # 3 + 2 candidates, then 3 depths x 2 seeds
+
+
+def _command(model: Path, home: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "prune", "--model", str(model), "--task", "sst2",
+            "--remove", "2", "--train-limit", "80", "--eval-limit", "40", "--epochs", "1",
+            "--max-length", "16", "--lr", "1e-3", "--batch-size", "16", "--seeds", "2",
+            "--home", str(home), *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+def _run(model: Path, home: Path, *extra: str) -> str:
+    done = subprocess.run(_command(model, home, *extra), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _counts(output: str) -> tuple[int, int]:
+    match = re.search(r"fine-tunes: (\d+) computed, (\d+) reused", output)
+    assert match, output
+    return int(match[1]), int(match[2])
+
+
+def _finished(home: Path, kind: str) -> int:
+    folder = home / "artifacts" / kind
+    return sum(1 for p in folder.iterdir() if ".tmp-" not in p.name) if folder.is_dir() else 0
+
+
+def _tables(home: Path) -> dict[str, list[dict]]:
+    return {table: ds.dataset(home / "parquet" / table).to_table().to_pylist()
+            for table in ("candidates", "selections", "finals")}
+
+
+def _results(home: Path) -> dict:
+    tables = _tables(home)
+    return {
+        "order": [r["layer"] for r in sorted(tables["selections"], key=lambda r: r["iteration"])],
+        "candidates": sorted((tuple(r["removed"]), r["value"]) for r in tables["candidates"]),
+        "finals": sorted((r["depth"], r["seed"], r["value"]) for r in tables["finals"]),
+    }
+
+
+def _runs(home: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bert, tmp_path_factory):
+    home = tmp_path_factory.mktemp("uninterrupted")
+    computed, reused = _counts(_run(tiny_bert, home))
+    assert (computed, reused) == (TOTAL, 0)
+    return _results(home)
+
+
+# (what to watch, how many finished, what the kill interrupts)
+KILL_POINTS = {
+    "first-candidate": ("candidates", 1),  # inside iteration 1
+    "second-iteration": ("candidates", 4),  # inside iteration 2
+    "finals": ("finals", 2),  # among the final models
+    "registry": ("finals", 6),  # every fine-tune done: evaluation, registry, tables
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_then_resume_repeats_no_finished_work(point, tiny_bert, tmp_path, reference):
+    kind, count = KILL_POINTS[point]
+    home = tmp_path / "home"
+    process = subprocess.Popen(_command(tiny_bert, home), cwd=REPO, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _finished(home, kind) < count:
+            if process.poll() is not None:
+                pytest.fail(f"finished before the kill point: {process.stdout.read()}")
+            assert time.monotonic() < deadline, "kill point not reached"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)  # the process alone, as a crash would
+        process.wait(timeout=30)
+    finally:
+        try:  # what the crash orphaned (the ephemeral API server) goes too
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    done_before = _finished(home, "candidates") + _finished(home, "finals")
+    assert process.returncode == -signal.SIGKILL
+
+    computed, reused = _counts(_run(tiny_bert, home))
+    print(f"{point}: {done_before} fine-tunes finished before the kill; "
+          f"resume computed {computed}, reused {reused}")
+    assert computed + reused == TOTAL
+    # Every finished fine-tune is reused; at most the interrupted one is done again (its
+    # checkpoint may be written while its result was not yet recorded).
+    assert reused >= done_before - 1 and computed <= TOTAL - done_before + 1
+    assert _results(home) == reference
+    tables = _tables(home)
+    assert [len(tables[t]) for t in ("candidates", "selections", "finals")] == [5, 2, 6]
+    assert len({r["cache_key"] for r in tables["candidates"]}) == 5  # no duplicate rows
+    runs = _runs(home)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parent = [r for r in runs if r.data.tags.get("glp.kind") == "job"]
+    assert len(parent) == 1 and parent[0].data.tags["glp.attempts"] == "2"
+
+
+def test_concurrent_runs_in_one_home(tiny_bert, tmp_path):
+    home = tmp_path / "home"
+    shared = ("--registered-model", "glp-shared")
+    jobs = [subprocess.Popen(_command(tiny_bert, home, "--strategy", strategy, *shared),
+                             cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+            for strategy in ("greedy", "bottom")]
+    outputs = [job.communicate(timeout=600)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], "\n".join(outputs)
+    tables = _tables(home)
+    by_strategy = {s: [r for r in tables["finals"] if r["strategy"] != "unpruned"
+                       and r["job_id"] in {c["job_id"] for c in tables["finals"]
+                                           if c["strategy"] == s}]
+                   for s in ("greedy", "bottom")}
+    assert all(len(rows) == 4 for rows in by_strategy.values())  # 2 depths x 2 seeds each
+    assert len(tables["candidates"]) == 5  # bottom fine-tunes no candidates
+    assert len({r["job_id"] for r in tables["finals"]}) == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                          registry_uri=f"sqlite:///{home / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'glp-shared'")
+    assert len(versions) == 4
+    assert len({(v.tags["glp.job_id"], v.tags["glp.depth"]) for v in versions}) == 4
+    assert client.get_model_version_by_alias("glp-shared", "best")
+    assert not [r for r in _runs(home) if r.info.status == "RUNNING"]
