@@ -92,6 +92,7 @@ def _quiet(verbose: bool) -> None:
         os.environ.setdefault("DATASETS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
         warnings.filterwarnings("ignore")
         logging.getLogger("alembic").setLevel(logging.ERROR)
         import datasets
@@ -287,6 +288,10 @@ def prune(
                                                          "glp-<model>-<task>-<strategy>]")]
     = None,
     register: Annotated[bool, typer.Option(help="register the final models")] = True,
+    task_runner: Annotated[str, typer.Option(help="where fine-tunes run: sequential, threads:N, "
+                                             "dask[:N] (local worker processes), "
+                                             "dask:tcp://HOST:8786, ray, ray:ray://HOST:10001")]
+    = "sequential",
     home: HomeOption = None,
     verbose: Verbose = False,
 ) -> None:
@@ -375,6 +380,37 @@ def ui(
                str(port), "--backend-store-uri", run_home.tracking_uri]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command()
+def serve(
+    home: HomeOption = None,
+    port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+    host: Annotated[str, typer.Option(help="bind address (loopback unless --allow-remote)")]
+    = "127.0.0.1",
+    pool: Annotated[str, typer.Option(help="process work pool")] = "glp-process",
+    deploy: Annotated[bool, typer.Option(help="deploy prefect.yaml's deployments")] = True,
+    allow_remote: Annotated[bool, typer.Option(help="allow a non-loopback --host (the server "
+                                               "has no authentication)")] = False,
+    limit: Annotated[int, typer.Option(help="flow runs the worker runs at once")] = 1,
+    ui: Annotated[bool, typer.Option(help="serve Prefect's UI")] = True,
+) -> None:
+    """A Prefect server, the scheduled deployments and a worker on this machine; Ctrl-C stops
+    them all.
+
+    Starts `prefect server start` on 127.0.0.1, creates the process work pool, deploys
+    prefect.yaml (nightly prune, weekly compare) and runs a worker until interrupted.
+    """
+    run_home = RunHome.resolve(home)
+    configure_environment(run_home)
+    from flows.serve import serve as serve_all
+
+    try:
+        code = serve_all(run_home.root, port=port, host=host, pool=pool, deploy=deploy,
+                         allow_remote=allow_remote, limit=limit, ui=ui, echo=console.print)
+    except GlpError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from flows.job import (
     register_depths,
     strategy_for,
 )
+from flows.runners import run_on_task_runner
 from glp import GlpError
 from glp.report import label, write_report
 from glp.search import STRATEGIES, Strategy
@@ -105,9 +106,17 @@ def preflight(params: CompareParams) -> str:
             f"{len(data.dev):,} dev rows, {data.spec.metric}, {params.seeds} seed(s))")
 
 
-@flow(name="glp-compare", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+@flow(name="glp-compare", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def compare(params: CompareParams) -> CompareSummary:
-    """Greedy layer pruning against every baseline, at every depth up to ``remove``."""
+    """Greedy layer pruning against every baseline, at every depth up to ``remove``.
+
+    ``params.task_runner`` picks where the fine-tunes run (flows/runners.py): any runner
+    but ``sequential`` runs the work as a subflow, ``glp-compare-<kind>``, on that runner.
+    """
+    return run_on_task_runner(_compare, params, "glp-compare")
+
+
+def _compare(params: CompareParams) -> CompareSummary:
     started = time.perf_counter()
     strategies = strategies_of(params)
     job = Job(params, strategies)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import prefect.runtime.flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 import glp
+from flows.runners import parse_task_runner
 from glp.config import FineTuneConfig, stable_hash
 from glp.models import DEFAULT_MODEL, check_supported, model_fingerprint, num_encoder_layers
 from glp.models import resolve_model as resolve_model_path
@@ -94,6 +95,14 @@ class PruneParams(BaseModel):
     experiment: str = "glp"
     registered_model: str | None = None
     register_models: bool = True
+    task_runner: str = Field("sequential", description=(
+        "where fine-tunes run: sequential, threads:N, dask, dask:N, dask:tcp://HOST:PORT, "
+        "ray, ray:ray://HOST:PORT (flows/runners.py); not part of the job id"))
+
+    @field_validator("task_runner")
+    @classmethod
+    def _check_task_runner(cls, value: str) -> str:
+        return parse_task_runner(value).spec
 
     def finetune_config(self) -> FineTuneConfig:
         return FineTuneConfig(
@@ -227,7 +236,7 @@ class Job:
         self.parent_run_id = start_job_run(
             self.tracking_uri, self.params.experiment, self.home.mlflow_artifacts, job_id,
             run_name,
-            params={**self.params.model_dump(exclude={"home", "tracking_uri"}),
+            params={**self.params.model_dump(exclude={"home", "tracking_uri", "task_runner"}),
                     "model_fingerprint": self.model_fp, "num_layers": self.num_layers,
                     **{f"data_{k}": v for k, v in self.data.sizes.items()}},
             tags={**self.common_tags, "glp.model_fingerprint": self.model_fp,

@@ -24,6 +24,7 @@ from flows.job import (
     register_depths,
     strategy_for,
 )
+from flows.runners import run_on_task_runner
 from tasks.data import load_source
 from tasks.tracking import end_job_run
 
@@ -64,9 +65,17 @@ def preflight(params: PruneParams) -> str:
             f"{len(data.dev):,} dev rows, selection by {data.spec.metric})")
 
 
-@flow(name="glp-prune", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+@flow(name="glp-prune", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def prune(params: PruneParams) -> PruneSummary:
-    """Greedy (or baseline) layer pruning of one model on one task, end to end."""
+    """Greedy (or baseline) layer pruning of one model on one task, end to end.
+
+    ``params.task_runner`` picks where the fine-tunes run (flows/runners.py): any runner
+    but ``sequential`` runs the work as a subflow, ``glp-prune-<kind>``, on that runner.
+    """
+    return run_on_task_runner(_prune, params, "glp-prune")
+
+
+def _prune(params: PruneParams) -> PruneSummary:
     started = time.perf_counter()
     strategy = strategy_for(params, params.strategy)
     job = Job(params, [strategy])

@@ -97,3 +97,17 @@ def test_compare_takes_the_options_of_prune():
         assert option in prune_help and option in compare_help, option
     assert "--strategies" in compare_help and "--random-orders" in compare_help
     assert "--strategy " not in compare_help
+
+
+def test_bad_task_runner_is_one_line(tmp_path):
+    result, output = _prune(tmp_path, "--task-runner", "gpu")
+    assert result.exit_code == 2, output
+    assert "unknown task runner 'gpu'" in " ".join(output.split())
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
+def test_serve_refuses_a_public_address(tmp_path):
+    result = runner.invoke(app, ["serve", "--home", str(tmp_path / "home"), "--host",
+                                 "0.0.0.0"])
+    assert result.exit_code == 2, result.output
+    assert "0.0.0.0" in result.output and "Traceback" not in result.output

@@ -1,0 +1,234 @@
+"""Task-runner specs, and the greedy search on a local Dask cluster of two worker processes.
+
+The Dask run must find what the sequential run finds (the fine-tunes are deterministic
+on CPU for a fixed seed), and its fine-tunes must really run in the worker processes:
+no fine-tune runs in this process (a counter here stays at zero while every fine-tune
+is computed), and a Dask worker plugin records the process id of every task it ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+from types import SimpleNamespace
+
+import dask
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.testing.utilities import prefect_test_harness
+
+import tasks.training
+from flows.prune import PruneParams, prune
+from flows.runners import (
+    FORMS,
+    local_worker_env,
+    make_task_runner,
+    parse_task_runner,
+    run_on_task_runner,
+)
+from glp import GlpError
+
+# ---------------------------------------------------------------------- specs (no cluster)
+
+
+@pytest.mark.parametrize(("spec", "normal", "workers"), [
+    ("sequential", "sequential", 1),
+    (None, "sequential", 1),
+    ("threads:3", "threads:3", 3),
+    (" Threads:2 ", "threads:2", 2),
+])
+def test_thread_specs(spec, normal, workers):
+    assert parse_task_runner(spec).spec == normal
+    runner = make_task_runner(spec) if spec else make_task_runner()
+    assert isinstance(runner, ThreadPoolTaskRunner)
+    assert runner._max_workers == workers
+
+
+@pytest.mark.parametrize(("spec", "workers"), [("dask", 2), ("dask:1", 1), ("DASK:3", 3)])
+def test_local_dask_specs(spec, workers, monkeypatch):
+    from prefect_dask import DaskTaskRunner
+
+    monkeypatch.setattr("flows.runners.cpu_cores", lambda: 4)
+    runner = make_task_runner(spec)
+    assert isinstance(runner, DaskTaskRunner) and runner.address is None
+    kwargs = runner.cluster_kwargs
+    assert kwargs["n_workers"] == workers and kwargs["processes"] is True
+    assert kwargs["threads_per_worker"] == 1
+    assert kwargs["env"]["OMP_NUM_THREADS"] == str(max(1, 4 // workers))
+    assert "PREFECT_API_URL" not in kwargs["env"]  # outside a flow run there is none
+    assert parse_task_runner(spec).spec == f"dask:{workers}"
+    # The copy Prefect enters for each run (and each Dask worker) keeps the settings.
+    assert runner.duplicate().cluster_kwargs == kwargs
+
+
+def test_dask_address_spec():
+    runner = make_task_runner("dask:tcp://10.0.0.5:8786")
+    assert runner.address == "tcp://10.0.0.5:8786" and not runner.cluster_kwargs
+
+
+@pytest.mark.parametrize("spec", [
+    "", "gpu", "threads", "threads:0", "threads:two", "sequential:2", "dask:0", "dask:x",
+    "dask:10.0.0.5:8786", "ray:10.0.0.5", "ray:ray//host", 3,
+])
+def test_bad_specs_name_the_valid_forms(spec):
+    with pytest.raises(GlpError) as caught:
+        make_task_runner(spec)
+    message = str(caught.value)
+    assert "\n" not in message and FORMS in message and repr(spec) in message
+
+
+def test_ray_is_imported_lazily_with_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # import fails as if not installed
+    with pytest.raises(GlpError, match=r"needs prefect-ray.*pip install prefect-ray"):
+        make_task_runner("ray:ray://head:10001")
+    parse_task_runner("ray:ray://head:10001")  # parsing needs no package
+
+
+def test_ray_specs_with_a_stand_in_package(monkeypatch):
+    class RayTaskRunner:
+        def __init__(self, address=None, init_kwargs=None):
+            self.address, self.init_kwargs = address, init_kwargs
+
+    monkeypatch.setitem(sys.modules, "prefect_ray",
+                        types.SimpleNamespace(RayTaskRunner=RayTaskRunner))
+    assert make_task_runner("ray:ray://head:10001").address == "ray://head:10001"
+    local = make_task_runner("ray")
+    assert local.address is None and local.init_kwargs is None  # no flow run, no API URL
+
+
+def test_sequential_runs_the_body_in_place():
+    calls = []
+    assert run_on_task_runner(lambda p: calls.append(p) or 42,
+                              SimpleNamespace(task_runner="sequential"), "x") == 42
+    assert run_on_task_runner(lambda p: 7, SimpleNamespace(), "x") == 7  # no field
+    with pytest.raises(GlpError):
+        run_on_task_runner(lambda p: 0, SimpleNamespace(task_runner="dask:nope"), "x")
+    assert len(calls) == 1
+
+
+def test_worker_env_splits_the_cores(monkeypatch):
+    monkeypatch.setattr("flows.runners.cpu_cores", lambda: 2)
+    assert local_worker_env(2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert local_worker_env(1)["OMP_NUM_THREADS"] == "2"
+    assert local_worker_env(5)["OMP_NUM_THREADS"] == "1"
+
+
+# ---------------------------------------------------------------------- Dask against sequential
+
+# A Dask worker preload: a plugin that writes one JSON line per finished task.
+RECORDER = '''
+import json, os
+from distributed import WorkerPlugin
+
+LOG = {log!r}
+
+
+class Recorder(WorkerPlugin):
+    def transition(self, key, start, finish, **kwargs):
+        if start == "executing" and finish == "memory":  # ran here (not fetched)
+            with open(LOG, "a") as out:
+                out.write(json.dumps({{"pid": os.getpid(), "key": str(key)}}) + "\\n")
+
+
+async def dask_setup(worker):
+    await worker.plugin_add(Recorder(), name="glp-test-recorder")
+'''
+
+
+def _params(model, home, **overrides) -> PruneParams:
+    values = dict(model=str(model), task="sst2", remove=2, train_limit=80, eval_limit=40,
+                  epochs=1.0, max_length=16, learning_rate=1e-3, batch_size=16, seeds=1,
+                  register_models=False, home=str(home))
+    return PruneParams(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def both_runs(tiny_bert, tmp_path_factory):
+    """The same search sequentially and on ``dask:2``, in separate homes (no shared cache)."""
+    tmp = tmp_path_factory.mktemp("dask")
+    log = tmp / "tasks.jsonl"
+    preload = tmp / "glp_test_recorder.py"
+    preload.write_text(RECORDER.format(log=str(log)))
+    here: list[int] = []
+    original = tasks.training.fine_tune
+
+    def counting(*args, **kwargs):
+        here.append(os.getpid())
+        return original(*args, **kwargs)
+
+    with prefect_test_harness(server_startup_timeout=90), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tasks.training, "fine_tune", counting)  # only this process's module
+        started = time.perf_counter()
+        sequential = prune(_params(tiny_bert, tmp / "sequential"))
+        seconds = {"sequential": time.perf_counter() - started}
+        in_process_sequential = len(here)
+        started = time.perf_counter()
+        with dask.config.set({"distributed.worker.preload": [str(preload)]}):
+            on_dask = prune(_params(tiny_bert, tmp / "dask", task_runner="dask:2"))
+        seconds["dask:2"] = time.perf_counter() - started
+        in_process_dask = len(here) - in_process_sequential
+        with get_client(sync_client=True) as client:
+            subflows = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["glp-prune-dask"])))
+    print(f"\nprune wall time: {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}")
+    tasks_run = [json.loads(line) for line in log.read_text().splitlines()]
+    return SimpleNamespace(tmp=tmp, sequential=sequential, dask=on_dask, tasks=tasks_run,
+                           in_process_sequential=in_process_sequential,
+                           in_process_dask=in_process_dask, subflows=subflows)
+
+
+def test_dask_finds_the_same_order_and_scores(both_runs):
+    sequential, on_dask = both_runs.sequential, both_runs.dask
+    assert on_dask.order == sequential.order and len(on_dask.order) == 2
+    assert on_dask.job_id == sequential.job_id  # the runner does not change the job
+    assert ([(c["iteration"], c["layer"], c["value"]) for c in on_dask.candidates]
+            == [(c["iteration"], c["layer"], c["value"]) for c in sequential.candidates])
+    assert ([(f["depth"], f["value"]) for f in on_dask.finals]
+            == [(f["depth"], f["value"]) for f in sequential.finals])
+    assert (on_dask.computed, on_dask.reused) == (sequential.computed, sequential.reused) == (8, 0)
+
+
+def test_dask_fine_tunes_give_the_same_weights(both_runs):
+    """The scores of so tiny a model tie often, so compare the checkpoints themselves.
+
+    Not bit for bit: a worker process runs torch with 1 thread (2 cores, 2 workers), this
+    process with 2, and the summation order differs (seen: at most ~1e-7 apart).
+    """
+    from safetensors.torch import load_file
+
+    keys = [c["cache_key"] for c in both_runs.sequential.candidates]
+    keys += [f["cache_key"] for f in both_runs.sequential.finals]
+    assert len(set(keys)) == 8
+    for key in set(keys):
+        folders = [both_runs.tmp / run / "artifacts" for run in ("sequential", "dask")]
+        found = [next(f.glob(f"*/{key}/model.safetensors")) for f in folders]
+        here, there = (load_file(path) for path in found)
+        assert here.keys() == there.keys()
+        for name, tensor in here.items():
+            assert torch.allclose(tensor, there[name], rtol=1e-4, atol=1e-6), (key, name)
+
+
+def test_dask_run_is_a_subflow_that_computed_the_candidates(both_runs):
+    (subflow,) = both_runs.subflows  # only the Dask run needed one
+    assert subflow.parent_task_run_id is not None and subflow.state.is_completed()
+    assert {c["flow_run_id"] for c in both_runs.dask.candidates} == {str(subflow.id)}
+
+
+def test_dask_fine_tunes_ran_in_two_worker_processes(both_runs):
+    # The counter sees every fine-tune of the sequential run, none of the Dask run's.
+    assert both_runs.in_process_sequential == 8
+    assert both_runs.in_process_dask == 0
+    runs = {}
+    for record in both_runs.tasks:
+        runs.setdefault(record["key"].rsplit("-", 1)[0], []).append(record["pid"])
+    assert len(runs["fine_tune_candidate"]) == 5 and len(runs["fine_tune_final"]) == 3
+    assert len(runs["evaluate_candidate"]) == 5 and len(runs["evaluate_final"]) == 3
+    pids = {pid for pids in runs.values() for pid in pids}
+    assert os.getpid() not in pids
+    assert len(set(runs["fine_tune_candidate"])) == 2  # the candidates ran side by side
