@@ -52,7 +52,7 @@ def test_registered_model_loads_and_predicts(runs):
     import mlflow
 
     home, _, _ = runs
-    mlflow.set_registry_uri(f"sqlite:///{home / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")  # the registry follows
     pipe = mlflow.transformers.load_model("models:/glp-all-minilm-l6-v2-sst2-greedy@best")
     prediction = pipe("a warm, funny and moving film")
     assert prediction[0]["label"] in {"0", "1"}
