@@ -9,6 +9,7 @@ versions instead of creating second copies.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import time
@@ -26,7 +27,33 @@ JOB, CANDIDATE, FINAL = "job", "candidate", "final"
 _RETRY = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 2}
 
 
+_READY: set[str] = set()
+
+
+def _create_store_once(tracking_uri: str) -> None:
+    """Create a new sqlite store under an exclusive file lock.
+
+    MLflow creates its tables with alembic migrations; two processes that open a new
+    database at the same moment both migrate and one fails ("table _alembic_tmp_tags
+    already exists"). Runs sharing a home open it one at a time; later opens are cheap.
+    """
+    if tracking_uri in _READY or not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(tracking_uri)
+
+
 def client_for(tracking_uri: str) -> MlflowClient:
+    _create_store_once(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -58,3 +58,20 @@ def test_re_running_the_same_version_is_a_no_op(registry):
     version = add(0.5)
     for _ in range(2):
         assert update_aliases.fn(uri, "m", {"best": version}) == {"best": version}
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    code = ("import sys, time; from tasks.tracking import client_for; "
+            "time.sleep(float(sys.argv[2]) - time.time()); "
+            "client_for(sys.argv[1]).search_experiments()")
+    import time
+
+    start = str(time.time() + 8)  # every process imports, then they all open at once
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, start],
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(errors)
