@@ -49,11 +49,24 @@ def test_rerun_reuses_everything(runs):
 
 
 def test_registered_model_loads_and_predicts(runs):
-    import mlflow
+    """The README's three lines, in a fresh interpreter (no registry URI set by the flow)."""
+    import os
+    import subprocess
+    import sys
 
     home, _, _ = runs
-    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")  # the registry follows
-    pipe = mlflow.transformers.load_model("models:/glp-all-minilm-l6-v2-sst2-greedy@best")
-    prediction = pipe("a warm, funny and moving film")
-    assert prediction[0]["label"] in {"0", "1"}
-    assert pipe.model.config.num_hidden_layers == 5
+    code = (
+        f"import mlflow; mlflow.set_tracking_uri('sqlite:///{home / 'mlflow.db'}')\n"
+        "pipe = mlflow.transformers.load_model("
+        "'models:/glp-all-minilm-l6-v2-sst2-greedy@best')\n"
+        "print(pipe('a warm, funny and moving film')[0]['label'], "
+        "pipe.model.config.num_hidden_layers)\n"
+    )
+    # A user's fresh shell: no URI that an in-process flow of this test session has set.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    label, layers = done.stdout.split()[-2:]
+    assert label in {"0", "1"} and layers == "5"
