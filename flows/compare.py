@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, field_validator
 from flows.job import (
     Job,
     PruneParams,
-    check_model,
+    check_inputs,
     final_plans,
     register_depths,
     strategy_for,
@@ -29,7 +29,6 @@ from flows.runners import run_on_task_runner
 from glp import GlpError
 from glp.report import label, write_report
 from glp.search import STRATEGIES, Strategy
-from tasks.data import load_source
 from tasks.tracking import end_job_run, log_report
 
 ALL_STRATEGIES = tuple(STRATEGIES)
@@ -98,8 +97,7 @@ def strategies_of(params: CompareParams) -> list[Strategy]:
 def preflight(params: CompareParams) -> str:
     """Check the inputs before any run starts; a one-line description of the comparison."""
     strategies = strategies_of(params)
-    _, num_layers = check_model(params, strategies)
-    data = load_source(params.source())
+    num_layers, data = check_inputs(params, strategies)
     names = ", ".join(dict.fromkeys(s.name for s in strategies))
     return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers of "
             f"{params.model} on {data.spec.name} ({len(data.train):,} train / "

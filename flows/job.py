@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, field_validator
 import glp
 from flows.runners import parse_task_runner
 from glp.config import FineTuneConfig, stable_hash
+from glp.data import TaskData
 from glp.models import DEFAULT_MODEL, check_supported, model_fingerprint, num_encoder_layers
 from glp.models import resolve_model as resolve_model_path
 from glp.search import (
@@ -31,10 +32,11 @@ from glp.search import (
     SubsetChosen,
     get_strategy,
     plan_of,
+    removal_order,
 )
 from tasks import progress
 from tasks.analysis import SimilarityRequest, layer_similarity, measure_latencies
-from tasks.data import DataRef, DataSource, prepare_data
+from tasks.data import DataRef, DataSource, load_source, prepare_data
 from tasks.home import RunHome
 from tasks.records import record_rows
 from tasks.tracking import (
@@ -141,6 +143,13 @@ def check_model(params: PruneParams, strategies: list[Strategy]) -> tuple[str, i
     for strategy in strategies:
         strategy.validate(num_layers, params.remove)
     return model_path, num_layers
+
+
+def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, TaskData]:
+    """Every check a run needs before it starts: the model, each strategy's budget, and the
+    data (task, files, columns). Returns the layer count and the loaded data."""
+    _, num_layers = check_model(params, strategies)
+    return num_layers, load_source(params.source())
 
 
 def strategy_for(params: PruneParams, name: str, **options) -> Strategy:
@@ -344,7 +353,7 @@ class Job:
                 self.reporter.note(f"{label} {iteration + 1}: {what}{score}")
         self.reporter.end(handle)
         outcome.plan = plan_of(records, self.num_layers)
-        outcome.order = [r.layer for r in records if isinstance(r, LayerSelected)]
+        outcome.order = list(removal_order(records))
         outcome.seconds = round(outcome.seconds, 3)
         outcome.zero_shot_passes = passes
         return outcome

@@ -18,14 +18,13 @@ from pydantic import BaseModel
 from flows.job import (
     Job,
     PruneParams,
-    check_model,
+    check_inputs,
     final_plans,
     model_slug,
     register_depths,
     strategy_for,
 )
 from flows.runners import run_on_task_runner
-from tasks.data import load_source
 from tasks.tracking import end_job_run
 
 __all__ = ["PruneParams", "PruneSummary", "preflight", "prune", "model_slug"]
@@ -58,8 +57,7 @@ def preflight(params: PruneParams) -> str:
     unsupported model, or more layers to remove than the model allows.
     """
     strategy = strategy_for(params, params.strategy)
-    _, num_layers = check_model(params, [strategy])
-    data = load_source(params.source())
+    num_layers, data = check_inputs(params, [strategy])
     return (f"{strategy.label}: remove {params.remove} of {num_layers} layers of "
             f"{params.model} on {data.spec.name} ({len(data.train):,} train / "
             f"{len(data.dev):,} dev rows, selection by {data.spec.metric})")

@@ -22,7 +22,7 @@ from glp.surgery import remove_layers
 from glp.zeroshot import LayerSimilarity, hidden_state_similarity
 from tasks.data import DataRef
 from tasks.home import RunHome
-from tasks.training import CACHED, Checkpoint, tokenized
+from tasks.training import CACHED, REQUEST_CACHE, Checkpoint, tokenized
 
 SIMILARITY_EXAMPLES = 512  # selection-split rows whose tokens are averaged
 LATENCY_BATCH = 32
@@ -57,12 +57,7 @@ class Similarity(BaseModel, frozen=True):
         return LayerSimilarity(cosine=self.cosine, angular=self.angular, tokens=self.tokens)
 
 
-def _similarity_key(context, parameters) -> str:
-    return parameters["request"].key
-
-
-@task(name="layer-similarity",
-      cache_policy=TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_similarity_key), **CACHED)
+@task(name="layer-similarity", cache_policy=REQUEST_CACHE, **CACHED)
 def layer_similarity(request: SimilarityRequest) -> Similarity:
     """Cosine and angular distance between every pair of hidden states (one forward pass)."""
     dataset, _ = tokenized(request.data, request.split, request.model_path,

@@ -175,7 +175,8 @@ def run_evaluation(checkpoint: Checkpoint, data: DataRef, split: str, config: Fi
     )
 
 
-def _fine_tune_key(context, parameters) -> str:
+def _request_key(context, parameters) -> str:
+    """The ``request`` parameter's own key: everything that decides the task's result."""
     return parameters["request"].key
 
 
@@ -186,13 +187,13 @@ def _evaluation_key(context, parameters) -> str:
 
 
 # TASK_SOURCE joins the key: a change to the task's code invalidates its cached results.
-FINE_TUNE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_fine_tune_key)
+REQUEST_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_request_key)
 EVALUATION_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_evaluation_key)
 CACHED = {"persist_result": True, "result_serializer": "json", "retries": 2,
            "retry_delay_seconds": 1}
 
 
-@task(name="fine-tune-candidate", cache_policy=FINE_TUNE_CACHE, **CACHED)
+@task(name="fine-tune-candidate", cache_policy=REQUEST_CACHE, **CACHED)
 def fine_tune_candidate(request: FineTuneRequest) -> Checkpoint:
     """Fine-tune one search candidate on the 85% split."""
     return run_fine_tune(request, "candidates")
@@ -205,7 +206,7 @@ def evaluate_candidate(checkpoint: Checkpoint, data: DataRef, split: str,
     return run_evaluation(checkpoint, data, split, config, home)
 
 
-@task(name="fine-tune-final", cache_policy=FINE_TUNE_CACHE, **CACHED)
+@task(name="fine-tune-final", cache_policy=REQUEST_CACHE, **CACHED)
 def fine_tune_final(request: FineTuneRequest) -> Checkpoint:
     """Fine-tune a final model (one depth, one seed) on the whole training split."""
     return run_fine_tune(request, "finals")
