@@ -362,20 +362,23 @@ def plot_metric_vs_latency(
 # --------------------------------------------------------------------------- markdown
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def _number(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, not a number, or NaN."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        return _MISSING
-    return _MISSING if math.isnan(number) else f"{number:.{digits}f}"
+        return None
+    return None if math.isnan(number) else number
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    number = _number(value)
+    return _MISSING if number is None else f"{number:.{digits}f}"
 
 
 def _fmt_int(value: Any) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return _MISSING
-    return _MISSING if math.isnan(number) else f"{round(number):,}"
+    number = _number(value)
+    return _MISSING if number is None else f"{round(number):,}"
 
 
 def _cell(text: Any) -> str:

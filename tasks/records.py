@@ -21,40 +21,36 @@ from prefect.cache_policies import NO_CACHE
 from tasks import faults
 
 _LAYERS = pa.list_(pa.int64())
+# Column groups the tables share (each table lists them in the same place).
+_WHO = [("strategy", pa.string()), ("variant", pa.string()), ("model", pa.string()),
+        ("task", pa.string())]
+_SCORED = [("metric", pa.string()), ("value", pa.float64()), ("metrics_json", pa.string())]
+_COST = [("train_examples", pa.int64()), ("eval_examples", pa.int64()),
+         ("fine_tune_seconds", pa.float64()), ("eval_seconds", pa.float64())]
+_CACHE = [("cache_key", pa.string()), ("reused", pa.bool_())]
+_RECORDED = ("recorded_at", pa.timestamp("us", tz="UTC"))
 
 CANDIDATES = pa.schema([
     ("job_id", pa.string()),
     ("run_id", pa.string()),
     ("parent_run_id", pa.string()),
     ("flow_run_id", pa.string()),
-    ("strategy", pa.string()),
-    ("variant", pa.string()),
-    ("model", pa.string()),
-    ("task", pa.string()),
+    *_WHO,
     ("iteration", pa.int64()),
     ("layer", pa.int64()),
     ("removed", _LAYERS),
     ("depth", pa.int64()),
-    ("metric", pa.string()),
-    ("value", pa.float64()),
-    ("metrics_json", pa.string()),
+    *_SCORED,
     ("seed", pa.int64()),
-    ("train_examples", pa.int64()),
-    ("eval_examples", pa.int64()),
-    ("fine_tune_seconds", pa.float64()),
-    ("eval_seconds", pa.float64()),
-    ("cache_key", pa.string()),
-    ("reused", pa.bool_()),
-    ("recorded_at", pa.timestamp("us", tz="UTC")),
+    *_COST,
+    *_CACHE,
+    _RECORDED,
 ])
 
 SELECTIONS = pa.schema([
     ("job_id", pa.string()),
     ("run_id", pa.string()),
-    ("strategy", pa.string()),
-    ("variant", pa.string()),
-    ("model", pa.string()),
-    ("task", pa.string()),
+    *_WHO,
     ("iteration", pa.int64()),
     ("layer", pa.int64()),
     ("order", _LAYERS),
@@ -63,52 +59,40 @@ SELECTIONS = pa.schema([
     ("value", pa.float64()),
     ("candidates", pa.int64()),
     ("cache_key", pa.string()),
-    ("recorded_at", pa.timestamp("us", tz="UTC")),
+    _RECORDED,
 ])
 
 FINALS = pa.schema([
     ("job_id", pa.string()),
     ("run_id", pa.string()),
     ("parent_run_id", pa.string()),
-    ("strategy", pa.string()),
-    ("variant", pa.string()),
-    ("model", pa.string()),
-    ("task", pa.string()),
+    *_WHO,
     ("depth", pa.int64()),
     ("removed", _LAYERS),
     ("seed", pa.int64()),
-    ("metric", pa.string()),
-    ("value", pa.float64()),
-    ("metrics_json", pa.string()),
+    *_SCORED,
     ("parameters", pa.int64()),
-    ("train_examples", pa.int64()),
-    ("eval_examples", pa.int64()),
-    ("fine_tune_seconds", pa.float64()),
-    ("eval_seconds", pa.float64()),
+    *_COST,
     ("latency_ms", pa.float64()),
     ("latency_batch", pa.int64()),
-    ("cache_key", pa.string()),
-    ("reused", pa.bool_()),
+    *_CACHE,
     ("registered_model", pa.string()),
     ("model_version", pa.string()),
-    ("recorded_at", pa.timestamp("us", tz="UTC")),
+    _RECORDED,
 ])
 
 # Zero-shot layer scores (block influence, angular distance): what the zero-shot
 # strategies and greedy's pre-filter decided from.
 SCORES = pa.schema([
     ("job_id", pa.string()),
-    ("strategy", pa.string()),
-    ("variant", pa.string()),
-    ("model", pa.string()),
-    ("task", pa.string()),
+    *_WHO,
     ("iteration", pa.int64()),
     ("method", pa.string()),
     ("layer", pa.int64()),
     ("removed_before", _LAYERS),
     ("value", pa.float64()),
     ("kept", pa.bool_()),
-    ("recorded_at", pa.timestamp("us", tz="UTC")),
+    _RECORDED,
 ])
 
 SCHEMAS = {"candidates": CANDIDATES, "selections": SELECTIONS, "finals": FINALS,

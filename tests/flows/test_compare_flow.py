@@ -9,18 +9,11 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.compare import CompareParams, compare, parse_strategies, strategies_of
 from glp import GlpError
 
 ALL = "greedy,top,bottom,random,exhaustive,block-influence,angular"
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 def _params(model, home, **overrides) -> CompareParams:

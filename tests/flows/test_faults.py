@@ -6,16 +6,9 @@ from __future__ import annotations
 import pyarrow.dataset as ds
 import pytest
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.prune import PruneParams, prune
 from tasks.faults import InjectedFault, inject
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 def _params(model, home) -> PruneParams:
