@@ -1,0 +1,46 @@
+"""One fine-tune of the unpruned model, evaluated on the full dev set: does a budget learn?
+
+Used to choose each task's budget in run.sh before spending a whole comparison on it.
+Runs on one CPU thread so that it can share the machine with a running comparison.
+
+Usage: python docs/results/probe.py TASK TRAIN_LIMIT LR MAX_LENGTH [EPOCHS [BATCH]]
+Example: python docs/results/probe.py stsb 2000 5e-5 128 1 8
+"""
+
+import sys
+import time
+
+import torch
+
+from glp.config import FineTuneConfig
+from glp.data import get_task, limit_examples, load_glue_split, tokenize
+from glp.models import load_classifier, load_tokenizer, resolve_model
+from glp.train import evaluate, fine_tune
+
+DATA = "../shared/data/glue"
+
+
+def main(task: str, limit: str, lr: str, length: str, epochs: str = "1", batch: str = "32") -> None:
+    torch.set_num_threads(1)
+    spec = get_task(task)
+    path = resolve_model(None)
+    tokenizer = load_tokenizer(path)
+    train = load_glue_split(task, DATA, "train")
+    train = tokenize(limit_examples(train, int(limit)), tokenizer, max_length=int(length))
+    dev = tokenize(load_glue_split(task, DATA, "dev"), tokenizer, max_length=int(length))
+    model = load_classifier(
+        path, num_labels=spec.num_labels, is_regression=spec.is_regression, seed=0
+    )
+    config = FineTuneConfig(
+        learning_rate=float(lr), epochs=float(epochs), batch_size=int(batch), max_length=int(length)
+    )
+    start = time.perf_counter()
+    fine_tune(model, train, config, seed=40)
+    metrics = evaluate(model, dev, is_regression=spec.is_regression)
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    seconds = time.perf_counter() - start
+    print(f"{task} {limit} lr {lr} epochs {epochs} batch {batch}: {shown} ({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
