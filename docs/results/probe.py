@@ -12,12 +12,11 @@ import time
 
 import torch
 
+from flows.job import DEFAULT_DATA_DIR
 from glp.config import FineTuneConfig
 from glp.data import get_task, limit_examples, load_glue_split, tokenize
 from glp.models import load_classifier, load_tokenizer, resolve_model
 from glp.train import evaluate, fine_tune
-
-DATA = "../shared/data/glue"
 
 
 def main(task: str, limit: str, lr: str, length: str, epochs: str = "1", batch: str = "32") -> None:
@@ -25,9 +24,11 @@ def main(task: str, limit: str, lr: str, length: str, epochs: str = "1", batch: 
     spec = get_task(task)
     path = resolve_model(None)
     tokenizer = load_tokenizer(path)
-    train = load_glue_split(task, DATA, "train")
+    train = load_glue_split(task, DEFAULT_DATA_DIR, "train")
     train = tokenize(limit_examples(train, int(limit)), tokenizer, max_length=int(length))
-    dev = tokenize(load_glue_split(task, DATA, "dev"), tokenizer, max_length=int(length))
+    dev = tokenize(
+        load_glue_split(task, DEFAULT_DATA_DIR, "dev"), tokenizer, max_length=int(length)
+    )
     model = load_classifier(
         path, num_labels=spec.num_labels, is_regression=spec.is_regression, seed=0
     )
