@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,9 @@ def _quiet(verbose: bool) -> None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
         warnings.filterwarnings("ignore")
         logging.getLogger("alembic").setLevel(logging.ERROR)
+        # Once a run is interrupted, every stopped task logs its crash: one line says it.
+        for name in ("prefect.task_runs", "prefect.flow_runs"):
+            logging.getLogger(name).addFilter(lambda record: not progress.stop_requested())
         import datasets
         import transformers
 
@@ -102,11 +106,46 @@ def _quiet(verbose: bool) -> None:
         datasets.disable_progress_bars()
 
 
+class Terminated(BaseException):
+    """SIGTERM reached the command (a scheduler or ``kill`` asking it to stop)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _interrupted(signum: int, run_home: RunHome) -> typer.Exit:
+    name = signal.Signals(signum).name
+    err.print(f"[bold red]interrupted[/bold red] by {name}: finished fine-tunes are cached in "
+              f"{run_home.results}; run the same command again to resume.", highlight=False)
+    return typer.Exit(code=128 + signum)
+
+
 def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> None:
-    """Validate, run the ``prune`` or ``compare`` flow with progress bars, print the summary."""
+    """Validate, run the ``prune`` or ``compare`` flow with progress bars, print the summary.
+
+    SIGTERM and Ctrl-C stop the run within a training step: the running fine-tune is
+    dropped, the parent MLflow run is closed as KILLED, and the command exits with
+    128 + the signal's number (143, 130); the same command resumes.
+    """
     run_home = RunHome.resolve(home)
+    # Prefect swaps in its own SIGTERM handler while the flow runs and hands the signal
+    # back to this one when the flow has been torn down.
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _run_command(kind, values, run_home, verbose)
+    except Terminated:
+        raise _interrupted(signal.SIGTERM, run_home) from None
+    except KeyboardInterrupt:
+        raise _interrupted(signal.SIGINT, run_home) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> None:
     configure_environment(run_home)
     _quiet(verbose)
+    from prefect.exceptions import TerminationSignal
     from pydantic import ValidationError
 
     if kind == "compare":
@@ -139,6 +178,8 @@ def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> Non
             summary = flow(params)
     except GlpError as exc:
         _fail(str(exc))
+    except TerminationSignal:  # Prefect kept the signal (a cancel from its runner)
+        raise Terminated() from None
     except Exception as exc:  # a task failed after its retries: say so, keep what finished
         err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: {exc}",
                   highlight=False)

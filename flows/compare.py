@@ -153,8 +153,8 @@ def _compare(params: CompareParams) -> CompareSummary:
         end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
                     metrics={"fine_tunes_computed": job.counts["computed"],
                              "fine_tunes_reused": job.counts["reused"], "seconds": seconds})
-    except BaseException:
-        end_job_run(job.tracking_uri, job.parent_run_id, "FAILED")
+    except BaseException as exc:
+        job.abort(exc)
         raise
     return CompareSummary(
         job_id=job_id, parent_run_id=job.parent_run_id, task=data.task, metric=data.metric,

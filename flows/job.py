@@ -43,6 +43,7 @@ from tasks.tracking import (
     CANDIDATE,
     FINAL,
     dumps,
+    end_job_run,
     log_child_run,
     register_model,
     start_job_run,
@@ -239,6 +240,7 @@ class Job:
                            self.seeds, *parts)
 
     def start(self, job_id: str, run_name: str, tags: dict[str, str]) -> str:
+        progress.clear_stop()
         self.job_id = job_id
         self.common_tags = {"glp.model": self.params.model, "glp.task": self.data.task,
                             "glp.metric": self.data.metric, **tags}
@@ -252,6 +254,14 @@ class Job:
                   "glp.data_fingerprint": self.data_fingerprint},
         )
         return self.parent_run_id
+
+    def abort(self, exc: BaseException) -> None:
+        """The flow body failed or was interrupted: stop this process's fine-tunes at
+        their next step (a thread pool would otherwise finish every queued one before the
+        flow could end) and close the parent run as FAILED, or KILLED when interrupted."""
+        progress.request_stop()
+        end_job_run(self.tracking_uri, self.parent_run_id,
+                    "FAILED" if isinstance(exc, Exception) else "KILLED")
 
     @property
     def data_fingerprint(self) -> str:

@@ -96,8 +96,8 @@ def _prune(params: PruneParams) -> PruneSummary:
                     metrics={"fine_tunes_computed": job.counts["computed"],
                              "fine_tunes_reused": job.counts["reused"], "seconds": seconds},
                     tags={"glp.order": ",".join(map(str, outcome.order))})
-    except BaseException:
-        end_job_run(job.tracking_uri, job.parent_run_id, "FAILED")
+    except BaseException as exc:
+        job.abort(exc)
         raise
     for row in final_rows:
         row.pop("_path", None)

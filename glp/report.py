@@ -270,6 +270,23 @@ def _colors(labels: Sequence[str]) -> dict[str, Any]:
     return colors
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+DODGE = 0.05  # x offset between neighbouring strategies, in removed layers
+
+
+def _markers(labels: Sequence[str]) -> dict[str, str]:
+    """A marker per label, so strategies with identical results stay visible."""
+    others = [x for x in _sorted_labels(labels) if x != REFERENCE]
+    return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(others)}
+
+
+def _dodges(labels: Sequence[str]) -> dict[str, float]:
+    """A small x offset per label, centred on 0: identical lines are drawn side by side."""
+    others = [x for x in _sorted_labels(labels) if x != REFERENCE]
+    middle = (len(others) - 1) / 2
+    return {name: round((i - middle) * DODGE, 6) for i, name in enumerate(others)}
+
+
 def _no_data(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
 
@@ -286,11 +303,14 @@ def plot_metric_vs_removed(
     """Mean metric (± std band) against removed layers, one line per label; a PNG.
 
     The unpruned reference is a dashed horizontal line with its own ± std band at every x,
-    and it is the shared starting point (x = 0) of every strategy's line.
+    and it is the shared starting point (x = 0) of every strategy's line. Each strategy
+    has its own marker and is shifted a little along x, so strategies that chose the same
+    layers (greedy and exhaustive often do) do not hide each other.
     """
     figure = Figure(figsize=(7.5, 4.5))
     ax = figure.add_subplot()
     colors = _colors(summary["label"])
+    markers, dodges = _markers(summary["label"]), _dodges(summary["label"])
     reference = summary[summary["label"] == REFERENCE]
     start = None
     if not reference.empty:
@@ -308,17 +328,18 @@ def plot_metric_vs_removed(
                   for r in rows.itertuples(index=False)]
         if start is not None and all(x != 0 for x, _, _ in points):
             points.insert(0, start)
-        xs = np.array([p[0] for p in points], dtype=float)
+        xs = np.array([p[0] + (dodges[name] if p[0] else 0.0) for p in points], dtype=float)
         ys = np.array([p[1] for p in points], dtype=float)
         ss = np.array([p[2] for p in points], dtype=float)
-        ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, color=colors[name], label=name)
+        ax.plot(xs, ys, marker=markers[name], markersize=5, linewidth=1.5, color=colors[name],
+                label=name)
         ax.fill_between(xs, ys - ss, ys + ss, color=colors[name], alpha=0.15, linewidth=0)
     if summary.empty:
         _no_data(ax, "no final models")
     else:
         top = int(summary["removed_layers"].max())
         ax.set_xticks(range(0, top + 1))
-        ax.set_xlim(-0.2, top + 0.2)
+        ax.set_xlim(-0.3, top + 0.3)
     ax.set_xlabel("removed encoder layers")
     ax.set_ylabel(f"{metric} (mean ± std over seeds)")
     ax.set_title(title)
@@ -336,7 +357,7 @@ def plot_metric_vs_latency(
     """
     figure = Figure(figsize=(7.5, 4.5))
     ax = figure.add_subplot()
-    colors = _colors(summary["label"])
+    colors, markers = _colors(summary["label"]), _markers(summary["label"])
     measured = summary[summary["latency_ms"].notna()] if not summary.empty else summary
     for name in _sorted_labels(measured["label"]):
         rows = measured[measured["label"] == name].sort_values("latency_ms")
@@ -347,7 +368,7 @@ def plot_metric_vs_latency(
             ax.errorbar(xs, ys, yerr=ss, marker="*", markersize=14, color="black",
                         linestyle="none", capsize=3, label=name, zorder=5)
         else:
-            ax.errorbar(xs, ys, yerr=ss, marker="o", markersize=4, color=colors[name],
+            ax.errorbar(xs, ys, yerr=ss, marker=markers[name], markersize=5, color=colors[name],
                         linewidth=1.2, capsize=3, label=name)
     if measured.empty:
         _no_data(ax, "no latency measured")

@@ -2,10 +2,15 @@
 
 A reporter lives in the process that shows the bars; a task running elsewhere (a Dask
 or Ray worker) finds the default no-op reporter and reports nothing.
+
+The same hooks carry a stop request: once a flow is interrupted (SIGTERM, Ctrl-C), the
+fine-tunes running or queued in this process stop at their next training step instead of
+running to the end while the process waits for them.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -44,12 +49,43 @@ def get_reporter() -> Reporter:
     return _reporter
 
 
+class Interrupted(BaseException):
+    """A fine-tune stopped because its process was asked to stop.
+
+    A BaseException, like KeyboardInterrupt, so that Prefect does not retry the task.
+    """
+
+
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask every fine-tune in this process to stop at its next training step."""
+    _stop.set()
+
+
+def clear_stop() -> None:
+    """Forget an earlier stop request (a new flow run starts)."""
+    _stop.clear()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def check_stop() -> None:
+    """Raise ``Interrupted`` if this process was asked to stop."""
+    if _stop.is_set():
+        raise Interrupted("stopped: the run was interrupted")
+
+
 def step_callback(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """A training-step callback for ``glp.train.fine_tune`` and the function that closes it."""
     reporter = get_reporter()
     handle = reporter.begin("steps", label, None)
 
     def on_step(done: int, total: int) -> None:
+        check_stop()
         reporter.update(handle, done, total)
 
     return on_step, lambda: reporter.end(handle)

@@ -111,7 +111,7 @@ def start_job_run(tracking_uri: str, experiment: str, artifact_root: Path, job_i
 @task(name="end-job-run", **_RETRY)
 def end_job_run(tracking_uri: str, run_id: str, status: str, metrics: dict | None = None,
                 tags: dict | None = None) -> None:
-    """Close the parent run as FINISHED or FAILED, with the summary metrics."""
+    """Close the parent run as FINISHED, FAILED or KILLED, with the summary metrics."""
     client = client_for(tracking_uri)
     _log(client, run_id, metrics=metrics, tags=tags)
     client.set_terminated(run_id, status=status)

@@ -106,6 +106,7 @@ def tokenized(data: DataRef, split: str, tokenizer_path: str, max_length: int, h
 def run_fine_tune(request: FineTuneRequest, kind: str) -> Checkpoint:
     """Fresh pre-trained weights, layers removed, fine-tuned, saved atomically."""
     faults.inject("fine-tune")
+    progress.check_stop()  # queued behind an interrupted one: do not start
     removed = ",".join(map(str, request.removed)) or "none"
     label = f"  {kind[:-1]}: layers {removed} removed, seed {request.seed}"
     dataset, tokenizer = tokenized(

@@ -1,6 +1,7 @@
 """Crash and resume with real processes: kill -9 a running ``glp prune`` at several
-points, run the same command again, and get exactly the uninterrupted result; two runs
-with different parameters at once in one home do not corrupt each other."""
+points, run the same command again, and get exactly the uninterrupted result; SIGTERM
+stops a run within a training step and closes it cleanly; two runs with different
+parameters at once in one home do not corrupt each other."""
 
 from __future__ import annotations
 
@@ -125,6 +126,82 @@ def test_kill_9_then_resume_repeats_no_finished_work(point, tiny_bert, tmp_path,
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parent = [r for r in runs if r.data.tags.get("glp.kind") == "job"]
     assert len(parent) == 1 and parent[0].data.tags["glp.attempts"] == "2"
+
+
+@pytest.fixture
+def start():
+    """Start a command in its own process group; the group is killed when the test ends,
+    whether it passed or not (the ephemeral API server included)."""
+    started = []
+
+    def _start(command: list[str]) -> subprocess.Popen:
+        process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        started.append(process)
+        return process
+
+    yield _start
+    for process in started:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.communicate()
+
+
+def _wait_for(condition, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"finished before {what}: {process.communicate()}")
+        assert time.monotonic() < deadline, f"{what} not reached"
+        time.sleep(0.05)
+
+
+def _terminate(process: subprocess.Popen) -> tuple[float, str]:
+    """SIGTERM the command alone, as a scheduler would; seconds until it exited, stderr."""
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    return time.monotonic() - sent, stderr
+
+
+def _job_runs(home: Path) -> list:
+    return [r for r in _runs(home) if r.data.tags.get("glp.kind") == "job"]
+
+
+def test_sigterm_stops_a_long_fine_tune_within_seconds(tiny_bert, tmp_path, start):
+    # 4,000 epochs of 80 examples: each candidate alone would train for minutes.
+    home = tmp_path / "home"
+    command = _command(tiny_bert, home)
+    command[command.index("--epochs") + 1] = "4000"
+    process = start(command)
+    tokens = home / "cache" / "tokens"  # written just before the first fine-tune
+    _wait_for(lambda: tokens.is_dir() and any(tokens.iterdir()), process, "the first fine-tune")
+    time.sleep(3)  # inside its training loop
+    seconds, stderr = _terminate(process)
+    print(f"exited {seconds:.1f} s after SIGTERM")
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert seconds < 30
+    assert "interrupted by SIGTERM" in stderr and "run the same command again" in stderr
+    assert "Crash detected" not in stderr  # one line, not one per stopped task
+    assert _finished(home, "candidates") == 0
+    assert [r.info.status for r in _job_runs(home)] == ["KILLED"]
+    assert not [r for r in _runs(home) if r.info.status == "RUNNING"]
+
+
+def test_sigterm_then_resume_gives_the_uninterrupted_result(tiny_bert, tmp_path, reference,
+                                                            start):
+    home = tmp_path / "home"
+    process = start(_command(tiny_bert, home))
+    _wait_for(lambda: _finished(home, "candidates") >= 4, process, "the second iteration")
+    _, stderr = _terminate(process)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert [r.info.status for r in _job_runs(home)] == ["KILLED"]
+    computed, reused = _counts(_run(tiny_bert, home))
+    assert computed + reused == TOTAL and reused >= 3
+    assert _results(home) == reference
+    assert [r.info.status for r in _job_runs(home)] == ["FINISHED"]
 
 
 def test_concurrent_runs_in_one_home(tiny_bert, tmp_path):

@@ -195,6 +195,26 @@ def test_plots_handle_missing_latency_and_empty(tmp_path, finals):
     assert_png(plot_metric_vs_removed(empty, tmp_path / "rem.png", metric="f1", title="t"))
 
 
+def test_identical_strategies_stay_visible_in_the_plot(tmp_path, finals):
+    # exhaustive found exactly greedy's sets and scores: its line must not hide greedy's.
+    import glp.report as report
+
+    greedy = finals[finals["strategy"] == "greedy"]
+    same = pd.concat([finals[finals["strategy"] != "exhaustive"],
+                      greedy.assign(strategy="exhaustive")], ignore_index=True)
+    summary = summarize(same, NUM_LAYERS)
+    labels = summary["label"]
+    dodges, markers = report._dodges(labels), report._markers(labels)
+    assert len(set(dodges.values())) == len(dodges) and len(set(markers.values())) == len(markers)
+    pixels = mpimg.imread(plot_metric_vs_removed(summary, tmp_path / "r.png", metric="accuracy",
+                                                 title="t"))[..., :3]
+    pixels = pixels[:, : pixels.shape[1] * 3 // 5]  # the axes only: the legend is right of it
+    colors = report._colors(labels)
+    for name in ("greedy", "exhaustive"):
+        distance = np.abs(pixels - np.array(colors[name])[None, None, :]).max(axis=-1)
+        assert (distance < 0.02).sum() > 50, f"{name}'s colour is hidden"
+
+
 def test_write_report(tmp_path, finals):
     plans = {
         label(strategy, variant): [list(s) for s in sets]
