@@ -3,7 +3,8 @@
 # 2-core CPU: 3 seeds, 2 random orders, up to 2 of 6 layers removed, and a per-task
 # number of training examples, epochs, learning rate and batch size (README.md here says why each).
 # Usage: bash docs/results/run.sh [task ...]   (default: all five); 25-40 min per task on CPU.
-# GLP_STRATEGIES=greedy,top runs only those strategies (MRPC, RTE, CoLA were measured so).
+# GLP_STRATEGIES=greedy,top runs only those strategies. MRPC, RTE and CoLA were run so first,
+# then with all seven, which reused those fine-tunes from the cache in .glp-results.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 HOME_DIR="${GLP_RESULTS_HOME:-.glp-results}"
