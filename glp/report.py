@@ -259,14 +259,18 @@ def _save_figure(figure: Figure, path: Path) -> Path:
 # --------------------------------------------------------------------------- plots
 
 
+def _strategies(labels: Iterable[str]) -> list[str]:
+    """The labels other than the unpruned reference, in display order."""
+    return [x for x in _sorted_labels(labels) if x != REFERENCE]
+
+
 def _colors(labels: Sequence[str]) -> dict[str, Any]:
     """A stable colour per label (the reference is black), shared by both plots."""
     from matplotlib import colormaps
 
     palette = colormaps["tab10"].colors
-    others = [x for x in _sorted_labels(labels) if x != REFERENCE]
     colors: dict[str, Any] = {REFERENCE: "black"}
-    colors.update({name: palette[i % len(palette)] for i, name in enumerate(others)})
+    colors.update({name: palette[i % len(palette)] for i, name in enumerate(_strategies(labels))})
     return colors
 
 
@@ -276,13 +280,12 @@ DODGE = 0.05  # x offset between neighbouring strategies, in removed layers
 
 def _markers(labels: Sequence[str]) -> dict[str, str]:
     """A marker per label, so strategies with identical results stay visible."""
-    others = [x for x in _sorted_labels(labels) if x != REFERENCE]
-    return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(others)}
+    return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(_strategies(labels))}
 
 
 def _dodges(labels: Sequence[str]) -> dict[str, float]:
     """A small x offset per label, centred on 0: identical lines are drawn side by side."""
-    others = [x for x in _sorted_labels(labels) if x != REFERENCE]
+    others = _strategies(labels)
     middle = (len(others) - 1) / 2
     return {name: round((i - middle) * DODGE, 6) for i, name in enumerate(others)}
 
@@ -321,7 +324,7 @@ def plot_metric_vs_removed(
         if start[2] > 0:
             ax.axhspan(start[1] - start[2], start[1] + start[2], color="black", alpha=0.06)
         ax.plot([0], [start[1]], marker="*", markersize=12, color="black", linestyle="none")
-    names = [x for x in _sorted_labels(summary["label"]) if x != REFERENCE]
+    names = _strategies(summary["label"])
     for name in names:
         rows = summary[summary["label"] == name].sort_values("removed_layers")
         points = [(int(r.removed_layers), float(r.mean), _zero_nan(float(r.std)))

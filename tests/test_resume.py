@@ -78,6 +78,41 @@ def reference(tiny_bert, tmp_path_factory):
     return _results(home)
 
 
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the command's process group: what it started (the ephemeral API server) too."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def start():
+    """Start a command in its own process group; the group is killed when the test ends,
+    whether it passed or not (the ephemeral API server included)."""
+    started = []
+
+    def _start(command: list[str]) -> subprocess.Popen:
+        process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        started.append(process)
+        return process
+
+    yield _start
+    for process in started:
+        _kill_group(process)
+        process.communicate()
+
+
+def _wait_for(condition, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"finished before {what}: {process.communicate()}")
+        assert time.monotonic() < deadline, f"{what} not reached"
+        time.sleep(0.01)
+
+
 # (what to watch, how many finished, what the kill interrupts)
 KILL_POINTS = {
     "first-candidate": ("candidates", 1),  # inside iteration 1
@@ -88,26 +123,15 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_kill_9_then_resume_repeats_no_finished_work(point, tiny_bert, tmp_path, reference):
+def test_kill_9_then_resume_repeats_no_finished_work(point, tiny_bert, tmp_path, reference,
+                                                     start):
     kind, count = KILL_POINTS[point]
     home = tmp_path / "home"
-    process = subprocess.Popen(_command(tiny_bert, home), cwd=REPO, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while _finished(home, kind) < count:
-            if process.poll() is not None:
-                pytest.fail(f"finished before the kill point: {process.stdout.read()}")
-            assert time.monotonic() < deadline, "kill point not reached"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)  # the process alone, as a crash would
-        process.wait(timeout=30)
-    finally:
-        try:  # what the crash orphaned (the ephemeral API server) goes too
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    process = start(_command(tiny_bert, home))
+    _wait_for(lambda: _finished(home, kind) >= count, process, "the kill point")
+    process.send_signal(signal.SIGKILL)  # the process alone, as a crash would
+    process.wait(timeout=30)
+    _kill_group(process)  # what the crash orphaned (the ephemeral API server) goes too
     done_before = _finished(home, "candidates") + _finished(home, "finals")
     assert process.returncode == -signal.SIGKILL
 
@@ -126,36 +150,6 @@ def test_kill_9_then_resume_repeats_no_finished_work(point, tiny_bert, tmp_path,
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parent = [r for r in runs if r.data.tags.get("glp.kind") == "job"]
     assert len(parent) == 1 and parent[0].data.tags["glp.attempts"] == "2"
-
-
-@pytest.fixture
-def start():
-    """Start a command in its own process group; the group is killed when the test ends,
-    whether it passed or not (the ephemeral API server included)."""
-    started = []
-
-    def _start(command: list[str]) -> subprocess.Popen:
-        process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
-        started.append(process)
-        return process
-
-    yield _start
-    for process in started:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.communicate()
-
-
-def _wait_for(condition, process: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 300
-    while not condition():
-        if process.poll() is not None:
-            pytest.fail(f"finished before {what}: {process.communicate()}")
-        assert time.monotonic() < deadline, f"{what} not reached"
-        time.sleep(0.05)
 
 
 def _terminate(process: subprocess.Popen) -> tuple[float, str]:
