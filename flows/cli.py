@@ -47,7 +47,12 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err = Console(stderr=True)
+# soft_wrap: an error is one line in a log or a pipe, however long.
+err = Console(stderr=True, soft_wrap=True)
+
+# Flow parameter names that the command line spells differently.
+OPTION_NAMES = {"learning_rate": "--lr", "text_columns": "--text-column",
+                "register_models": "--register"}
 
 # The demo: the embedded MiniLM on 2,000 SST-2 examples, 1 epoch, max length 64,
 # lr 1e-4 (2e-5 often stays at the majority class with so little data), 2 of 6 layers.
@@ -162,9 +167,12 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
-        _fail(f"--{field.replace('_', '-')}={first.get('input')!r}: {first['msg']}")
+        option = OPTION_NAMES.get(field, f"--{field.replace('_', '-')}")
+        _fail(f"{option} {first.get('input')!r}: {first['msg'].lower()}")
     try:
         described = preflight(params)
+        # Only now, with every input checked, is anything written.
+        run_home.ensure_writable()
     except GlpError as exc:
         _fail(str(exc))
     console.print(f"[bold]glp[/bold] {described}")
@@ -289,8 +297,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's l
 @app.command()
 def prune(
     model: Annotated[str, typer.Option(help="model directory or hub id")] = "all-MiniLM-L6-v2",
-    task: Annotated[str, typer.Option(help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, qqp, "
-                                      "mnli (case-insensitive)")] = "sst2",
+    task: Annotated[str | None, typer.Option(help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, "
+                                             "qqp, mnli (case-insensitive) [default: sst2]")]
+    = None,
     data_dir: Annotated[str | None, typer.Option(help="folder of GLUE task folders "
                                                  "[default: the shipped data/glue]")] = None,
     train_file: Annotated[str | None, typer.Option(help="your training data (CSV/TSV/JSON/"
@@ -299,8 +308,8 @@ def prune(
     text_column: Annotated[list[str] | None, typer.Option(help="text column (twice for pairs)")]
     = None,
     label_column: Annotated[str, typer.Option(help="label column of your data")] = "label",
-    task_type: Annotated[str, typer.Option(help="classification or regression")]
-    = "classification",
+    task_type: Annotated[str | None, typer.Option(help="your data: classification or regression "
+                                                  "[default: classification]")] = None,
     metric: Annotated[str | None, typer.Option(help="selection metric: accuracy, f1, mcc, "
                                                "pearson, spearman")] = None,
     remove: Annotated[int, typer.Option(help="encoder layers to remove")] = 2,
@@ -320,6 +329,18 @@ def prune(
     max_length: Annotated[int, typer.Option(help="max tokens per example")] = 128,
     lr: Annotated[float, typer.Option("--lr", help="learning rate")] = 2e-5,
     batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
+    max_grad_norm: Annotated[float, typer.Option(help="clip the gradient norm (the HF "
+                                                 "Trainer's 1.0; 0 turns clipping off)")]
+    = 1.0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N")]
+    = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 autocast on a GPU")]
+    = "fp32",
+    keep_candidates: Annotated[bool, typer.Option(help="keep every search candidate's weights "
+                                                  "(by default only final models are kept)")]
+    = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow a model that runs its own code "
+                                                    "(auto_map in its config)")] = False,
     seeds: Annotated[int, typer.Option(help="seeds per final model (40, 41, ...)")] = 5,
     search_seed: Annotated[int, typer.Option(help="seed of the candidate fine-tunes")] = 41,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI "
@@ -352,6 +373,11 @@ def _params(values: dict) -> dict:
                "register": "register_models"}
     params = {renamed.get(k, k): v for k, v in values.items()}
     params["text_columns"] = tuple(params.get("text_columns") or ())
+    # Left out when not given, so that the flow can tell an option the user typed (and
+    # refuse one that would be ignored) from a default.
+    for name in ("task", "task_type", "metric"):
+        if params.get(name) is None:
+            params.pop(name, None)
     return params
 
 

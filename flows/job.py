@@ -19,9 +19,16 @@ from pydantic import BaseModel, Field, field_validator
 
 import glp
 from flows.runners import parse_task_runner
+from glp import GlpError
 from glp.config import FineTuneConfig, stable_hash
-from glp.data import TaskData
-from glp.models import DEFAULT_MODEL, check_supported, model_fingerprint, num_encoder_layers
+from glp.data import TaskData, check_labels, limit_examples
+from glp.models import (
+    DEFAULT_MODEL,
+    check_supported,
+    check_weights,
+    model_fingerprint,
+    num_encoder_layers,
+)
 from glp.models import resolve_model as resolve_model_path
 from glp.search import (
     CandidateScored,
@@ -34,6 +41,7 @@ from glp.search import (
     plan_of,
     removal_order,
 )
+from glp.train import check_precision, resolve_device
 from tasks import progress
 from tasks.analysis import SimilarityRequest, layer_similarity, measure_latencies
 from tasks.data import DataRef, DataSource, load_source, prepare_data
@@ -51,12 +59,11 @@ from tasks.tracking import (
 )
 from tasks.training import (
     Checkpoint,
-    Evaluation,
     FineTuneRequest,
-    evaluate_candidate,
+    Scored,
     evaluate_final,
-    fine_tune_candidate,
     fine_tune_final,
+    score_candidate,
     select_layer,
 )
 
@@ -85,14 +92,20 @@ class PruneParams(BaseModel):
     exhaustive_limit: int = Field(64, ge=1, description="exhaustive: most fine-tunes allowed")
     train_limit: int | None = Field(None, ge=1, description="training examples used")
     eval_limit: int | None = Field(None, ge=1, description="dev examples used")
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, allow_inf_nan=False)
     max_length: int = Field(128, ge=8)
-    learning_rate: float = Field(2e-5, gt=0)
+    learning_rate: float = Field(2e-5, gt=0, allow_inf_nan=False)
     batch_size: int = Field(32, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False,
+                                 description="gradient-norm clipping (0 = off)")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
+    precision: str = Field("fp32", description="fp32, or bf16/fp16 autocast on a GPU")
+    keep_candidates: bool = Field(False, description="keep every search candidate's weights")
+    trust_remote_code: bool = Field(False, description="allow a model with custom code")
     seeds: int = Field(5, ge=1, description="seeds per final model (40, 41, ...)")
     search_seed: int = 41
     split_seed: int = 0
-    selection_fraction: float = Field(0.15, gt=0, lt=1)
+    selection_fraction: float = Field(0.15, gt=0, lt=1, allow_inf_nan=False)
     home: str | None = None
     tracking_uri: str | None = None
     experiment: str = "glp"
@@ -113,6 +126,8 @@ class PruneParams(BaseModel):
             batch_size=self.batch_size,
             max_length=self.max_length,
             epochs=self.epochs,
+            max_grad_norm=self.max_grad_norm or None,
+            precision=self.precision,
         )
 
     def strategy_options(self, **overrides) -> StrategyOptions:
@@ -137,20 +152,52 @@ class PruneParams(BaseModel):
 def check_model(params: PruneParams, strategies: list[Strategy]) -> tuple[str, int]:
     """The local model directory and its layer count, or a GlpError.
 
-    Raises GlpError for an unsupported model, or a budget a strategy cannot search.
+    Raises GlpError for an unsupported model, custom model code without
+    ``trust_remote_code``, damaged weights, or a budget a strategy cannot search.
     """
     model_path = resolve_model_path(params.model)
-    num_layers = num_encoder_layers(check_supported(model_path))
+    config = check_supported(model_path, trust_remote_code=params.trust_remote_code)
+    check_weights(model_path)
+    num_layers = num_encoder_layers(config)
     for strategy in strategies:
         strategy.validate(num_layers, params.remove)
     return model_path, num_layers
 
 
+def check_options(params: PruneParams) -> str:
+    """Options that would be silently ignored, and the device; returns the device.
+
+    Raises GlpError naming the option as the user typed it.
+    """
+    given = params.model_fields_set
+    if params.train_file:
+        if "task" in given and params.task:
+            raise GlpError(f"--task {params.task} and --train-file: choose one (a GLUE task "
+                           "or your own data)")
+    else:
+        if params.dev_file:
+            raise GlpError("--dev-file is for your own data and needs --train-file; a GLUE "
+                           f"--task ({params.task}) brings its own dev set")
+        for name, option in (("task_type", "--task-type"), ("metric", "--metric")):
+            value = getattr(params, name)
+            if name in given and value is not None:
+                raise GlpError(f"{option} {value}: a GLUE task ({params.task}) has its own "
+                               f"{name.replace('_', ' ')}; {option} is for --train-file data")
+    device = resolve_device(params.device)
+    check_precision(params.precision, device)
+    return str(device)
+
+
 def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, TaskData]:
-    """Every check a run needs before it starts: the model, each strategy's budget, and the
-    data (task, files, columns). Returns the layer count and the loaded data."""
+    """Every check a run needs before it starts: the options, the device, the model, each
+    strategy's budget, and the data (task, files, columns, labels of the subset that will
+    be used). Returns the layer count and the loaded data."""
+    check_options(params)
     _, num_layers = check_model(params, strategies)
-    return num_layers, load_source(params.source())
+    data = load_source(params.source())
+    check_labels(limit_examples(data.train, params.train_limit, seed=params.split_seed),
+                 data.dev, data.spec, limited=params.train_limit is not None)
+    return num_layers, data
 
 
 def strategy_for(params: PruneParams, name: str, **options) -> Strategy:
@@ -164,13 +211,6 @@ def model_slug(model: str) -> str:
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-class Scored:
-    """A candidate's checkpoint and evaluation; ``score`` is what the strategy compares."""
-
-    def __init__(self, checkpoint: Checkpoint, evaluation: Evaluation):
-        self.checkpoint, self.evaluation, self.score = checkpoint, evaluation, evaluation.score
 
 
 @dataclass
@@ -205,11 +245,13 @@ class Job:
 
     def __init__(self, params: PruneParams, strategies: list[Strategy]):
         self.params = params
+        # Fail fast on bad input, before anything is written (home, MLflow, Parquet).
+        self.device = check_options(params)
+        self.model_path, self.num_layers = check_model(params, strategies)
         self.home = RunHome.resolve(params.home).create()
+        self.home.remove_stale_temporaries()
         self.tracking_uri = params.tracking_uri or self.home.tracking_uri
         self.reporter = progress.get_reporter()
-        # Fail fast on bad input, before anything is written to MLflow.
-        self.model_path, self.num_layers = check_model(params, strategies)
         self.model_fp = model_fingerprint(self.model_path)
         self.finetune = params.finetune_config()
         self.data: DataRef = prepare_data(params.source(), self.home, params.train_limit,
@@ -221,8 +263,7 @@ class Job:
         self._seen: set[str] = set()
         # Results (the cache) live in this run home, whoever calls the flow.
         stored = {"result_storage": self.home.results}
-        self._fine_tune_candidate = fine_tune_candidate.with_options(**stored)
-        self._evaluate_candidate = evaluate_candidate.with_options(**stored)
+        self._score_candidate = score_candidate.with_options(**stored)
         self._fine_tune_final = fine_tune_final.with_options(**stored)
         self._evaluate_final = evaluate_final.with_options(**stored)
         self._similarity = layer_similarity.with_options(**stored)
@@ -247,8 +288,10 @@ class Job:
         self.parent_run_id = start_job_run(
             self.tracking_uri, self.params.experiment, self.home.mlflow_artifacts, job_id,
             run_name,
-            params={**self.params.model_dump(exclude={"home", "tracking_uri", "task_runner"}),
+            params={**self.params.model_dump(exclude={"home", "tracking_uri", "task_runner",
+                                                      "device"}),
                     "model_fingerprint": self.model_fp, "num_layers": self.num_layers,
+                    "device_used": self.device,
                     **{f"data_{k}": v for k, v in self.data.sizes.items()}},
             tags={**self.common_tags, "glp.model_fingerprint": self.model_fp,
                   "glp.data_fingerprint": self.data_fingerprint},
@@ -275,26 +318,27 @@ class Job:
             self.counts["reused" if reused else "computed"] += 1
         return reused
 
-    def request(self, removed: tuple[int, ...], split: str, seed: int) -> FineTuneRequest:
+    def request(self, removed: tuple[int, ...], split: str, seed: int,
+                keep_weights: bool = True) -> FineTuneRequest:
         return FineTuneRequest(model_path=self.model_path, model_fingerprint=self.model_fp,
                                data=self.data, split=split, removed=removed,
-                               config=self.finetune, seed=seed, home=self.home)
+                               config=self.finetune, seed=seed, home=self.home,
+                               device=self.device, keep_weights=keep_weights,
+                               trust_remote_code=self.params.trust_remote_code)
 
     # ------------------------------------------------------------------ search
 
     def score(self, removal_sets) -> list[Scored]:
-        """Fine-tune and evaluate candidates, all submitted together (parallel runners)."""
+        """Fine-tune and score candidates, all submitted together (parallel runners)."""
         handle = self.reporter.begin("candidates", f"{len(removal_sets)} candidates",
                                      len(removal_sets))
-        checkpoints = [self._fine_tune_candidate.submit(
-            self.request(r, "fit", self.params.search_seed)) for r in removal_sets]
-        evaluations = [self._evaluate_candidate.submit(c, self.data, "selection",
-                                                       self.finetune, self.home)
-                       for c in checkpoints]
+        keep = self.params.keep_candidates
+        futures = [self._score_candidate.submit(
+            self.request(r, "fit", self.params.search_seed, keep_weights=keep), "selection")
+            for r in removal_sets]
         results = []
-        for done, (checkpoint, evaluation) in enumerate(zip(checkpoints, evaluations,
-                                                            strict=True)):
-            results.append(Scored(checkpoint.result(), evaluation.result()))
+        for done, future in enumerate(futures):
+            results.append(future.result())
             self.reporter.update(handle, done + 1)
         self.reporter.end(handle)
         return results
@@ -376,19 +420,21 @@ class Job:
             f"candidate-remove-{'-'.join(map(str, record.removed))}",
             params={"iteration": record.iteration, "layer": record.layer,
                     "removed": list(record.removed), "seed": checkpoint.seed},
-            metrics={**evaluation.metrics, "fine_tune_seconds": checkpoint.seconds},
-            tags={**self.common_tags, "glp.iteration": record.iteration},
+            metrics={**_finite(evaluation.metrics), "fine_tune_seconds": checkpoint.seconds},
+            tags={**self.common_tags, "glp.iteration": record.iteration,
+                  "glp.diverged": str(evaluation.diverged).lower()},
         )
         return {
             **base, "run_id": run_id, "parent_run_id": self.parent_run_id,
             "flow_run_id": checkpoint.flow_run_id, "iteration": record.iteration,
             "layer": record.layer, "removed": list(record.removed),
             "depth": self.num_layers - len(record.removed), "metric": evaluation.metric,
-            "value": evaluation.score, "metrics_json": dumps(evaluation.metrics),
+            "value": evaluation.score, "diverged": evaluation.diverged,
+            "metrics_json": dumps(evaluation.metrics),
             "seed": checkpoint.seed, "train_examples": self.data.sizes["fit"],
             "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
-            "eval_seconds": evaluation.seconds, "cache_key": checkpoint.key,
-            "reused": reused, "recorded_at": now(),
+            "eval_seconds": evaluation.seconds, "device": checkpoint.device,
+            "cache_key": checkpoint.key, "reused": reused, "recorded_at": now(),
         }
 
     # ------------------------------------------------------------------ finals
@@ -398,8 +444,10 @@ class Job:
         """The final protocol for (strategy, variant, depth, removed) entries.
 
         Every removed set is fine-tuned on the whole training split with each seed and
-        evaluated on the dev set (never used for selection), once however many strategies
-        chose it. Returns one row per entry and seed (with ``_path`` to the checkpoint).
+        evaluated on the dev set (the report: never used to choose) and on the selection
+        split (which chooses the registered seed and the ``best`` alias), once however
+        many strategies chose it. Returns one row per entry and seed (with ``_path`` to
+        the checkpoint).
         """
         unique = sorted({removed for _, _, _, removed in plans}, key=lambda r: (len(r), r))
         total = len(unique) * len(self.seeds)
@@ -408,24 +456,29 @@ class Job:
         for removed in unique:
             for seed in self.seeds:
                 checkpoint = self._fine_tune_final.submit(self.request(removed, "train", seed))
-                evaluation = self._evaluate_final.submit(checkpoint, self.data, "dev",
-                                                         self.finetune, self.home)
-                jobs[removed, seed] = (checkpoint, evaluation)
+                evaluations = [self._evaluate_final.submit(checkpoint, self.data, split,
+                                                           self.finetune, self.home)
+                               for split in ("dev", "selection")]
+                jobs[removed, seed] = (checkpoint, *evaluations)
         done_jobs: dict[tuple, dict] = {}
-        for done, ((removed, seed), (ckpt_future, eval_future)) in enumerate(jobs.items()):
-            checkpoint, evaluation = ckpt_future.result(), eval_future.result()
+        for done, ((removed, seed), futures) in enumerate(jobs.items()):
+            checkpoint, evaluation, selection = (f.result() for f in futures)
             reused = self._count(checkpoint)
             depth = self.num_layers - len(removed)
             run_id = log_child_run(
                 self.tracking_uri, self.parent_run_id, self.job_id, FINAL, checkpoint.key,
                 f"final-depth{depth}-seed{seed}",
-                params={"depth": depth, "removed": list(removed), "seed": seed},
-                metrics={**evaluation.metrics, "fine_tune_seconds": checkpoint.seconds},
-                tags={**self.common_tags, "glp.depth": depth},
+                params={"depth": depth, "removed": list(removed), "seed": seed,
+                        "device": checkpoint.device},
+                metrics={**_finite(evaluation.metrics),
+                         **{f"selection_{k}": v for k, v in _finite(selection.metrics).items()},
+                         "fine_tune_seconds": checkpoint.seconds},
+                tags={**self.common_tags, "glp.depth": depth,
+                      "glp.diverged": str(evaluation.diverged).lower()},
             )
             done_jobs[removed, seed] = {
                 "run_id": run_id, "checkpoint": checkpoint, "evaluation": evaluation,
-                "reused": reused}
+                "selection": selection, "reused": reused}
             self.reporter.update(handle, done + 1)
         self.reporter.end(handle)
 
@@ -434,7 +487,7 @@ class Job:
         if measure_latency:
             first = [done_jobs[removed, self.seeds[0]]["checkpoint"] for removed in unique]
             measured = self._latency(first, self.data, "dev", self.finetune.max_length,
-                                     self.home)
+                                     self.home, self.device)
             batch = measured.batch_size
             latency = {removed: measured.median_ms[c.key]
                        for removed, c in zip(unique, first, strict=True)}
@@ -451,6 +504,8 @@ class Job:
                     "variant": variant, "model": self.params.model, "task": self.data.task,
                     "depth": depth, "removed": list(removed), "seed": seed,
                     "metric": evaluation.metric, "value": evaluation.score,
+                    "selection_value": job["selection"].score,
+                    "diverged": evaluation.diverged,
                     "metrics_json": dumps(evaluation.metrics),
                     "parameters": parameters[removed],
                     "train_examples": self.data.sizes["train"],
@@ -458,6 +513,7 @@ class Job:
                     "fine_tune_seconds": checkpoint.seconds,
                     "eval_seconds": evaluation.seconds,
                     "latency_ms": latency.get(removed), "latency_batch": batch,
+                    "device": checkpoint.device,
                     "cache_key": checkpoint.key, "reused": job["reused"],
                     "recorded_at": now(), "_path": checkpoint.path,
                 })
@@ -481,35 +537,58 @@ def final_plans(outcomes: list[SearchOutcome]) -> list[tuple[str, str, int, tupl
     return entries
 
 
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """The finite metrics (MLflow would store a diverged model's NaN as a number)."""
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,
                     outcome: SearchOutcome) -> dict[str, str]:
-    """Register the best seed's model of every pruned depth; alias ``best`` and ``depth-N``."""
+    """Register one model per pruned depth; alias ``best`` and ``depth-N``.
+
+    The rule, so that the dev set is never used to choose: a depth's registered seed is
+    the one with the best selection-split score, and ``best`` points at the depth with
+    the best selection-split mean. A diverged model (non-finite loss or metric) is never
+    registered; a depth whose every seed diverged gets no version. Dev scores are the
+    honest estimate, recorded in the tags (``glp.metric_value``, ``glp.metric_mean``).
+    """
     data = job.data
     order = outcome.order or [layer for _, removed in outcome.plan[-1:] for layer in removed]
     by_depth: dict[int, list[dict]] = {}
     for row in final_rows:
-        if row["strategy"] != REFERENCE:  # the unpruned model is the reference, not a result
+        if row["strategy"] != REFERENCE and not row["diverged"]:
             by_depth.setdefault(row["depth"], []).append(row)
     aliases, means = {}, {}
     for depth, rows in sorted(by_depth.items(), reverse=True):
-        best = max(rows, key=lambda r: r["value"])
-        mean = sum(r["value"] for r in rows) / len(rows)
+        chosen = max(rows, key=lambda r: (r["selection_value"], -r["seed"]))
+        selection_mean = _mean([r["selection_value"] for r in rows])
+        mean = _mean([r["value"] for r in rows])
         version = register_model(
-            job.tracking_uri, best["run_id"], best["_path"], name, job.job_id, depth,
-            tags={**job.common_tags, "glp.removed_layers": ",".join(map(str, best["removed"])),
-                  "glp.depth": depth, "glp.seed": best["seed"],
-                  "glp.metric_value": f"{best['value']:.6f}", "glp.metric_mean": f"{mean:.6f}",
+            job.tracking_uri, chosen["run_id"], chosen["_path"], name, job.job_id, depth,
+            tags={**job.common_tags,
+                  "glp.removed_layers": ",".join(map(str, chosen["removed"])),
+                  "glp.depth": depth, "glp.seed": chosen["seed"],
+                  "glp.metric_value": f"{chosen['value']:.6f}", "glp.metric_mean": f"{mean:.6f}",
+                  "glp.selection_value": f"{chosen['selection_value']:.6f}",
+                  "glp.selection_mean": f"{selection_mean:.6f}",
+                  "glp.seeds_registered_from": len(rows), "glp.device": chosen["device"],
                   "glp.base_model_fingerprint": job.model_fp, "glp.version": glp.__version__,
                   "glp.data_fingerprint": stable_hash(data.fingerprints),
                   "glp.order": ",".join(map(str, order))},
-            description=(f"{params.model} with layers {best['removed']} removed "
+            description=(f"{params.model} with layers {chosen['removed']} removed "
                          f"({depth} layers left), fine-tuned on {data.task}; dev "
-                         f"{data.metric} {best['value']:.4f}"),
+                         f"{data.metric} {chosen['value']:.4f} (seed {chosen['seed']}, chosen "
+                         "by the selection split)"),
         )
-        for row in rows:
-            row["registered_model"], row["model_version"] = name, version
+        for row in final_rows:
+            if row["depth"] == depth and row["strategy"] != REFERENCE:
+                row["registered_model"], row["model_version"] = name, version
         aliases[f"depth-{depth}"] = version
-        means[version] = mean
+        means[version] = selection_mean
     if aliases:
         aliases["best"] = max(means, key=means.get)
         aliases = update_aliases(job.tracking_uri, name, aliases)

@@ -24,13 +24,28 @@ class FineTuneConfig:
     epochs: float = 3.0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0  # the paper uses no warm-up
-    eval_batch_size: int = 128
+    eval_batch_size: int = 128  # speed only: not part of a result's cache key
     # Batches are built from examples of similar length (within shuffled chunks):
     # ~1.3x faster on CPU through less padding, with no measured accuracy change.
     length_grouping: bool = True
+    # Gradient-norm clipping at 1.0, as the reference's HF Trainer does (max_grad_norm);
+    # None turns it off.
+    max_grad_norm: float | None = 1.0
+    # "fp32", or autocast to "bf16" / "fp16" on a GPU (fp16 with a gradient scaler).
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def result_dict(self) -> dict:
+        """The settings that can change a fine-tune's weights or scores (for cache keys)."""
+        return {k: v for k, v in self.to_dict().items() if k not in SPEED_ONLY}
+
+
+SPEED_ONLY = ("eval_batch_size",)
+"""FineTuneConfig fields that change only how fast a result is computed, not the result."""
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)

@@ -212,15 +212,63 @@ def _to_dataset(
 
 def _float_labels(values: Sequence[Any], column: str, source: str) -> list[float]:
     out = []
-    for v in values:
+    for row, v in enumerate(values, start=1):
         try:
-            out.append(float(v))
+            value = float(v)
         except (TypeError, ValueError):
             raise GlpError(
                 f"label {v!r} in column {column!r} of {source} is not a number; "
                 "a regression task needs numeric labels"
             ) from None
+        if not math.isfinite(value):
+            # A NaN or inf target turns every weight NaN at the first step.
+            raise GlpError(
+                f"label {v!r} in column {column!r} of {source} (data row {row}) is not a "
+                "finite number; a regression task needs finite labels (drop or fix that row)"
+            )
+        out.append(value)
     return out
+
+
+def check_labels(train: datasets.Dataset, dev: datasets.Dataset | None, spec: TaskSpec,
+                 limited: bool = False) -> None:
+    """Refuse classification data a model cannot learn or be judged on honestly.
+
+    The training rows must hold at least two classes, and every class of the dev rows
+    must occur in the training rows: a head output that never trained would be scored
+    (and registered) as if it had.
+
+    Args:
+        train: the training rows that will be used (after any ``--train-limit``).
+        dev: the dev rows, or None.
+        spec: the task (regression tasks are not checked).
+        limited: whether ``train`` is a ``--train-limit`` subset (said in the message).
+
+    Raises:
+        GlpError: fewer than two training classes, or dev classes missing from training.
+    """
+    if spec.is_regression or spec.label_names is None:
+        return
+    names = spec.label_names
+    subset = " (the --train-limit subset)" if limited else ""
+    where = spec.train_file if spec.folder is None else f"{spec.folder}/{spec.train_file}"
+    seen = set(train["label"])
+    if len(seen) < 2:
+        only = ", ".join(repr(names[i]) for i in sorted(seen)) or "none"
+        raise GlpError(
+            f"the training data {where}{subset} holds one class ({only}); a classifier needs "
+            "at least two"
+        )
+    if dev is not None:
+        missing = sorted(set(dev["label"]) - seen)
+        if missing:
+            dev_where = spec.dev_file if spec.folder is None else f"{spec.folder}/{spec.dev_file}"
+            count = sum(1 for label in dev["label"] if label in set(missing))
+            raise GlpError(
+                f"dev label(s) {', '.join(repr(names[i]) for i in missing)} in {dev_where} "
+                f"({count} row(s)) never occur in the training data {where}{subset}; the model "
+                "could never predict them: remove those rows or add training examples"
+            )
 
 
 # --------------------------------------------------------------------------- GLUE

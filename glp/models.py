@@ -298,6 +298,24 @@ def check_supported(
     reason = unsupported_reason(config)
     if reason is not None:
         raise GlpError(reason)
+    auto_map = getattr(config, "auto_map", None)
+    if auto_map and not trust_remote_code:
+        raise GlpError(
+            f"model '{path_or_config}' asks to run its own code (auto_map in config.json: "
+            f"{', '.join(sorted(auto_map))}); glp runs no code from model files unless you "
+            "pass --trust-remote-code"
+        )
+    if getattr(config, "model_type", None) == "deberta-v2" and (
+        getattr(config, "conv_kernel_size", 0) or 0
+    ) > 0:
+        # DeBERTa-v2 applies its convolution after encoder layer 0 only: removing layer 0
+        # would silently move it onto the next layer, and no plan could say so.
+        raise GlpError(
+            f"model '{path_or_config}' is a DeBERTa-v2 with a convolution layer "
+            f"(conv_kernel_size={config.conv_kernel_size}), which runs after encoder layer 0 "
+            "only; removing layers would move it: glp supports DeBERTa-v2 with "
+            "conv_kernel_size=0"
+        )
     return config
 
 
@@ -437,6 +455,46 @@ def load_classifier(
             f"loading '{path}' as a classifier: " + "; ".join(issues), UserWarning, stacklevel=2
         )
     return model
+
+
+def strip_remote_code(config: PretrainedConfig) -> None:
+    """Remove ``auto_map`` from a config: glp's outputs never ask to run custom code."""
+    if hasattr(config, "auto_map"):
+        delattr(config, "auto_map")
+
+
+def check_weights(path: str | os.PathLike[str]) -> None:
+    """Check that every safetensors file of a model directory is complete and readable.
+
+    Reads only the headers: a file shorter than its header says (a truncated download or
+    copy) or with a header that does not parse is named, before any run starts.
+
+    Raises:
+        GlpError: a weights file is unreadable or truncated, or there are no weights.
+    """
+    import json
+    import struct
+
+    directory = Path(path)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files and not any(directory.glob("*.bin")):
+        raise GlpError(f"model '{path}' has no weights (no *.safetensors or *.bin file)")
+    for file in files:
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > size - 8:
+                    raise ValueError(f"the header says {length:,} bytes")
+                header = json.loads(handle.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise GlpError(f"cannot read the weights file {file}: {exc}; it is damaged or "
+                           "not safetensors (download or copy it again)") from None
+        if 8 + length + end > size:
+            raise GlpError(f"the weights file {file} is truncated: {size:,} bytes, its "
+                           f"header needs {8 + length + end:,} (download or copy it again)")
 
 
 def load_tokenizer(

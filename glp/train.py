@@ -1,12 +1,16 @@
 """Fine-tune and evaluate a sequence classifier: a plain, seeded torch loop.
 
-AdamW with linear decay (optional warm-up), dynamic padding, and batches grouped by
-length to cut padding on CPU. For a fixed seed the loop is deterministic on CPU:
-the same model, data and config give the same weights and scores.
+AdamW with linear decay (optional warm-up), gradient-norm clipping at 1.0 (as the HF
+Trainer), dynamic padding, and batches grouped by length to cut padding on CPU. The
+model and every batch go to one device (``resolve_device``: ``auto`` picks CUDA when
+there is one), optionally under bf16/fp16 autocast on a GPU. For a fixed seed the loop
+is deterministic on CPU: the same model, data and config give the same weights and
+scores. A loss that stops being finite ends the fine-tune early, marked ``diverged``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glp.config import FineTuneConfig
-from glp.metrics import compute_metrics
+from glp import GlpError
+from glp.config import PRECISIONS, FineTuneConfig
+from glp.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, compute_metrics
 
 StepCallback = Callable[[int, int], None]
 """Called after every optimisation step with (steps done, total steps)."""
@@ -26,12 +31,69 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 @dataclass(frozen=True)
 class TrainStats:
-    """What a fine-tune did: steps, examples seen, wall time and the last loss."""
+    """What a fine-tune did: steps, examples seen, wall time and the last loss.
+
+    ``diverged`` is True when a loss was not finite (NaN or inf): training stopped at
+    that step, and the model must not be used (its weights may be NaN).
+    """
 
     steps: int
     examples: int
     seconds: float
     final_loss: float
+    diverged: bool = False
+    device: str = "cpu"
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        GlpError: an unknown spec, or a CUDA device this machine does not have.
+    """
+    if isinstance(spec, torch.device):
+        return spec
+    text = (spec or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        index = text.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise GlpError(f"--device {spec!r}: a CUDA device looks like cuda or cuda:N "
+                           "(N = 0, 1, ...)")
+        if not torch.cuda.is_available():
+            raise GlpError(f"--device {spec!r}: this torch build sees no CUDA device "
+                           f"(torch {torch.__version__}); use --device cpu, or install a "
+                           "CUDA build of torch (see README, GPU)")
+        if int(index) >= torch.cuda.device_count():
+            raise GlpError(f"--device {spec!r}: there are {torch.cuda.device_count()} CUDA "
+                           f"device(s); choose cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return torch.device(f"cuda:{int(index)}")
+    raise GlpError(f"--device {spec!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot autocast to."""
+    if precision not in PRECISIONS:
+        raise GlpError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        raise GlpError(f"--precision {precision}: mixed precision is for a CUDA device; "
+                       f"the device is {device} (use --precision fp32)")
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _columns(dataset) -> dict[str, list]:
@@ -117,6 +179,7 @@ def fine_tune(
     *,
     seed: int,
     on_step: StepCallback | None = None,
+    device: str | torch.device | None = "cpu",
 ) -> TrainStats:
     """Fine-tune ``model`` in place on a tokenised dataset.
 
@@ -124,43 +187,75 @@ def fine_tune(
         model: a sequence-classification model (its head decides the loss).
         dataset: a tokenised ``datasets.Dataset`` with ``input_ids``, ``attention_mask``,
             optionally ``token_type_ids``, and ``labels``.
-        config: learning rate, batch size, epochs, schedule.
+        config: learning rate, batch size, epochs, schedule, clipping, precision.
         seed: seeds dropout and the batch order.
         on_step: progress callback, called with (steps done, total steps).
+        device: where the model and batches go (see :func:`resolve_device`); the model
+            stays there afterwards.
 
     Returns:
-        The number of steps and examples, the wall time and the last batch's loss.
+        The number of steps and examples, the wall time, the last batch's loss, the
+        device, and whether the loss diverged (then training stopped at that step).
     """
     if len(dataset) == 0:
         raise ValueError("cannot fine-tune on an empty dataset")
+    target = resolve_device(device)
+    check_precision(config.precision, target)
     torch.manual_seed(seed)
+    model.to(target)
     columns = _columns(dataset)
     lengths = [len(ids) for ids in columns["input_ids"]]
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     steps = total_steps(len(lengths), config)
     optimizer = _optimizer(model, config)
     scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * steps), steps)
+    scaler = torch.amp.GradScaler(target.type) if config.precision == "fp16" else None
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    start, seen, loss_value = time.perf_counter(), 0, float("nan")
+    start, seen, loss_value, diverged = time.perf_counter(), 0, float("nan"), False
     batches = _batches_forever(lengths, config, seed)
     for step in range(steps):
         indices = next(batches)
-        outputs = model(**_collate(columns, indices, pad_id))
-        outputs.loss.backward()
-        optimizer.step()
+        with _autocast(config.precision, target):
+            outputs = model(**_to(_collate(columns, indices, pad_id), target))
+        loss = outputs.loss
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            diverged = True  # NaN/inf: every later step would only spread it
+            break
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seen += len(indices)
-        loss_value = float(outputs.loss.detach())
         if on_step is not None:
             on_step(step + 1, steps)
     model.eval()
-    return TrainStats(steps, seen, time.perf_counter() - start, loss_value)
+    done = step + (0 if diverged else 1)
+    return TrainStats(done, seen, time.perf_counter() - start, loss_value, diverged,
+                      str(target))
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, dataset, *, batch_size: int = 128) -> np.ndarray:
-    """Logits (or regression scores) for every row, in the dataset's order."""
+def predict(model: torch.nn.Module, dataset, *, batch_size: int = 128,
+            device: str | torch.device | None = None) -> np.ndarray:
+    """Logits (or regression scores) for every row, in the dataset's order.
+
+    ``device`` moves the model there first; None keeps it where it is.
+    """
+    if device is not None:
+        model.to(resolve_device(device))
+    target = next(model.parameters()).device
     columns = _columns(dataset)
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     # Sorting by length makes batches tight; the output is put back in input order.
@@ -171,13 +266,21 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 128) -> np.nda
         indices = order[start : start + batch_size]
         batch = _collate(columns, indices, pad_id)
         batch.pop("labels", None)
-        outputs[indices] = model(**batch).logits.float().numpy()
+        outputs[indices] = model(**_to(batch, target)).logits.float().cpu().numpy()
     return outputs
 
 
 def evaluate(
-    model: torch.nn.Module, dataset, *, is_regression: bool, batch_size: int = 128
+    model: torch.nn.Module, dataset, *, is_regression: bool, batch_size: int = 128,
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
-    """Every metric of the task family (accuracy/F1/MCC or Pearson/Spearman) on ``dataset``."""
-    logits = predict(model, dataset, batch_size=batch_size)
+    """Every metric of the task family (accuracy/F1/MCC or Pearson/Spearman) on ``dataset``.
+
+    A model whose outputs are not all finite (a diverged one) gets NaN for every metric,
+    never a number that looks like a score: NaN never wins a selection.
+    """
+    logits = predict(model, dataset, batch_size=batch_size, device=device)
+    if not np.isfinite(logits).all():
+        names = REGRESSION_METRICS if is_regression else CLASSIFICATION_METRICS
+        return dict.fromkeys(names, float("nan"))
     return compute_metrics(logits, np.asarray(dataset["labels"]), is_regression=is_regression)

@@ -14,10 +14,10 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-import glp
 from glp.bench import latency_batch, measure_latency
 from glp.config import stable_hash
 from glp.models import load_classifier
+from glp.provenance import code_fingerprint
 from glp.surgery import remove_layers
 from glp.zeroshot import LayerSimilarity, hidden_state_similarity
 from tasks.data import DataRef
@@ -41,7 +41,8 @@ class SimilarityRequest(BaseModel, frozen=True):
 
     @property
     def key(self) -> str:
-        return stable_hash("similarity", glp.__version__, self.model_fingerprint,
+        return stable_hash("similarity", code_fingerprint("tasks.analysis"),
+                           self.model_fingerprint,
                            self.data.fingerprints[self.split], sorted(self.removed),
                            self.max_length, SIMILARITY_EXAMPLES)
 
@@ -78,28 +79,29 @@ class Latencies(BaseModel, frozen=True):
     batch_size: int
     threads: int
     machine: str
+    device: str = "cpu"
 
 
 def _latency_key(context, parameters) -> str:
     keys = sorted(c.key for c in parameters["checkpoints"])
     return stable_hash("latency", keys, parameters["data"].fingerprints[parameters["split"]],
+                       code_fingerprint("tasks.analysis"), parameters.get("device", "cpu"),
                        platform.node(), platform.machine(), torch.get_num_threads())
 
 
 @task(name="measure-latency",
       cache_policy=TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_latency_key), **CACHED)
 def measure_latencies(checkpoints: list[Checkpoint], data: DataRef, split: str,
-                      max_length: int, home: RunHome) -> Latencies:
-    """CPU latency of a batch of ``split`` rows for every checkpoint, interleaved so that a
-    stall of the machine hits every model alike."""
-    first = checkpoints[0].path
-    dataset, tokenizer = tokenized(data, split, first, max_length, home)
+                      max_length: int, home: RunHome, device: str = "cpu") -> Latencies:
+    """Latency on ``device`` of a batch of ``split`` rows for every checkpoint, interleaved
+    so that a stall of the machine hits every model alike."""
+    dataset, tokenizer = tokenized(data, split, checkpoints[0].base_path, max_length, home)
     batch = latency_batch(dataset, LATENCY_BATCH, pad_id=tokenizer.pad_token_id or 0)
     models = {c.key: load_classifier(c.path, num_labels=data.num_labels,
-                                     is_regression=data.is_regression)
+                                     is_regression=data.is_regression).to(device)
               for c in checkpoints}
     stats = measure_latency(models, batch)
     return Latencies(median_ms={k: s.median_ms for k, s in stats.items()},
                      p90_ms={k: s.p90_ms for k, s in stats.items()},
                      batch_size=LATENCY_BATCH, threads=torch.get_num_threads(),
-                     machine=f"{platform.node()} {platform.machine()}")
+                     machine=f"{platform.node()} {platform.machine()}", device=device)

@@ -60,7 +60,12 @@ class DataRef(BaseModel, frozen=True):
         """A split as an in-memory dataset."""
         if split not in self.paths:
             raise GlpError(f"unknown split '{split}'; choose one of: {', '.join(self.paths)}")
-        return datasets.Dataset(pq.read_table(self.paths[split]))
+        return read_split(self.paths[split])
+
+
+def read_split(path: str) -> datasets.Dataset:
+    """A prepared split (a Parquet file in the run home) as an in-memory dataset."""
+    return datasets.Dataset(pq.read_table(path))
 
 
 def load_source(source: DataSource) -> TaskData:

@@ -7,6 +7,7 @@ before Prefect reads its settings.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +74,54 @@ class RunHome:
             path.mkdir(parents=True, exist_ok=True)
         return self
 
+    def ensure_writable(self) -> RunHome:
+        """Create the home's folders, or raise one clear GlpError naming the home."""
+        from glp import GlpError
+
+        try:
+            self.create()
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise GlpError(f"--home {self.root}: cannot write there ({reason}); choose a "
+                           "folder you can write (--home or GLP_HOME)") from None
+        return self
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete half-written checkpoints (``*.tmp-<pid>``) of processes that are gone.
+
+        A temporary folder of a live process (a concurrent run in this home) is kept.
+        """
+        removed = []
+        for tmp in self.artifacts.glob("*/*.tmp-*"):
+            pid = tmp.name.rpartition(".tmp-")[2]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 def configure_environment(home: RunHome) -> None:
     """Quiet, offline-friendly settings for Prefect, MLflow and Hugging Face.
 
     Values the user already set win (``setdefault``). Must run before Prefect is imported.
+    Creates nothing: the home is created once the inputs have been checked.
     """
-    home.create()
     defaults = {
         "PREFECT_HOME": str(home.prefect),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -24,10 +24,12 @@ _LAYERS = pa.list_(pa.int64())
 # Column groups the tables share (each table lists them in the same place).
 _WHO = [("strategy", pa.string()), ("variant", pa.string()), ("model", pa.string()),
         ("task", pa.string())]
-_SCORED = [("metric", pa.string()), ("value", pa.float64()), ("metrics_json", pa.string())]
+# value is NaN and diverged true for a fine-tune whose loss or metric was not finite.
+_SCORED = [("metric", pa.string()), ("value", pa.float64()), ("diverged", pa.bool_()),
+           ("metrics_json", pa.string())]
 _COST = [("train_examples", pa.int64()), ("eval_examples", pa.int64()),
          ("fine_tune_seconds", pa.float64()), ("eval_seconds", pa.float64())]
-_CACHE = [("cache_key", pa.string()), ("reused", pa.bool_())]
+_CACHE = [("device", pa.string()), ("cache_key", pa.string()), ("reused", pa.bool_())]
 _RECORDED = ("recorded_at", pa.timestamp("us", tz="UTC"))
 
 CANDIDATES = pa.schema([
@@ -71,6 +73,7 @@ FINALS = pa.schema([
     ("removed", _LAYERS),
     ("seed", pa.int64()),
     *_SCORED,
+    ("selection_value", pa.float64()),  # chooses the registered seed and `best`
     ("parameters", pa.int64()),
     *_COST,
     ("latency_ms", pa.float64()),

@@ -192,7 +192,8 @@ def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: s
 @task(name="update-aliases", **_RETRY)
 def update_aliases(tracking_uri: str, name: str, proposals: dict[str, str]) -> dict[str, str]:
     """Point each alias (``best``, ``depth-4``, ...) at its proposed version, unless the
-    version it points at now scored better on the same metric (``glp.metric_mean``).
+    version it points at now scored better on the same metric, by the selection-split mean
+    (``glp.selection_mean``; the dev set only reports, it never chooses).
 
     So ``best`` moves when a newer run registers a better model and stays when it does
     not. Returns where every alias points afterwards.
@@ -216,10 +217,12 @@ def update_aliases(tracking_uri: str, name: str, proposals: dict[str, str]) -> d
 
 
 def _scored_better(current: dict, new: dict) -> bool:
-    """Whether the current version's mean is at least the new one's, on the same metric."""
-    if current.get("glp.metric") != new.get("glp.metric") or "glp.metric_mean" not in current:
+    """Whether the current version's selection-split mean is at least the new one's, on
+    the same metric."""
+    key = "glp.selection_mean"
+    if current.get("glp.metric") != new.get("glp.metric") or key not in current:
         return False  # not comparable: the newer registration wins
-    return float(current["glp.metric_mean"]) >= float(new.get("glp.metric_mean", "-inf"))
+    return float(current[key]) >= float(new.get(key, "-inf"))
 
 
 def dumps(metrics: dict) -> str:

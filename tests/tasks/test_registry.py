@@ -16,10 +16,14 @@ def registry(tmp_path):
     source = tmp_path / "model"
     source.mkdir()
 
-    def add(mean: float, metric: str = "accuracy") -> str:
+    def add(mean: float, metric: str = "accuracy", dev: float | None = None) -> str:
+        # The selection-split mean decides; the dev mean only reports (1 - mean by
+        # default, so that a test would fail if the dev mean decided).
+        dev = 1 - mean if dev is None else dev
         version = client.create_model_version(
             "m", source=str(source),
-            tags={"glp.metric": metric, "glp.metric_mean": f"{mean:.6f}"})
+            tags={"glp.metric": metric, "glp.selection_mean": f"{mean:.6f}",
+                  "glp.metric_mean": f"{dev:.6f}"})
         return str(version.version)
 
     return uri, client, add
@@ -43,6 +47,15 @@ def test_best_moves_only_to_a_better_model(registry):
     assert _alias(client, "best") == better and _alias(client, "depth-4") == worse
     tie = add(0.83)
     assert update_aliases.fn(uri, "m", {"best": tie})["best"] == better  # ties keep the old
+
+
+def test_the_dev_mean_never_moves_best(registry):
+    uri, client, add = registry
+    first = add(0.80, dev=0.70)
+    update_aliases.fn(uri, "m", {"best": first})
+    # A far better dev mean with a worse selection mean: best stays.
+    dev_winner = add(0.79, dev=0.99)
+    assert update_aliases.fn(uri, "m", {"best": dev_winner})["best"] == first
 
 
 def test_a_different_metric_is_not_comparable(registry):
