@@ -74,11 +74,17 @@ def score_of(result: Any) -> float:
     return value
 
 
+TIE_DECIMALS = 3
+"""Scores are compared rounded to this many decimals, as the reference code does."""
+
+
 def select_layer(candidates: Sequence[tuple[int, float]]) -> int:
     """Pick the layer whose removal scored best.
 
-    Ties go to the highest layer index, as in the reference implementation; a NaN
-    score (a diverged fine-tune) never wins over a real one.
+    As in the reference implementation, scores are rounded to 3 decimals before they are
+    compared, and ties go to the highest layer index: with a few hundred selection
+    examples a difference in the 4th decimal is noise, and the reference's own choice is
+    then reproduced. A NaN score (a diverged fine-tune) never wins over a real one.
 
     Args:
         candidates: (layer, score) pairs, higher score is better.
@@ -90,7 +96,7 @@ def select_layer(candidates: Sequence[tuple[int, float]]) -> int:
         layer, score = item
         # A real score (even -inf) ranks above every NaN; among NaNs only the layer counts.
         is_real = not math.isnan(score)
-        return (is_real, score if is_real else 0.0, layer)
+        return (is_real, round(score, TIE_DECIMALS) if is_real else 0.0, layer)
 
     return max(candidates, key=key)[0]
 
@@ -117,7 +123,6 @@ class Strategy:
 
     name: ClassVar[str]
     description: ClassVar[str]
-    needs_scores: ClassVar[bool] = True  # fine-tunes candidates
     needs_similarity: ClassVar[bool] = False  # reads hidden states of the pre-trained model
 
     @property
@@ -242,7 +247,6 @@ class GreedyLayerPruning(Strategy):
 class _FixedOrder(Strategy):
     """A rule-based nested order: no search cost."""
 
-    needs_scores = False
 
     def order(self, num_layers: int, remove: int) -> list[int]:
         raise NotImplementedError
@@ -350,7 +354,6 @@ class BlockInfluence(Strategy):
 
     name = "block-influence"
     description = "zero-shot: remove layers with the lowest block influence (ShortGPT)"
-    needs_scores = False
     needs_similarity = True
 
     def search(self, num_layers, remove, score, select=select_layer, similarity=None):
@@ -372,7 +375,6 @@ class AngularDistance(Strategy):
 
     name = "angular"
     description = "zero-shot: remove the n consecutive layers with the smallest angular distance"
-    needs_scores = False
     needs_similarity = True
 
     def search(self, num_layers, remove, score, select=select_layer, similarity=None):

@@ -4,6 +4,8 @@ the report and its plots, and the MLflow run that carries them."""
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -98,7 +100,7 @@ def test_report_and_plots(compared):
                  "angular", "unpruned"):
         assert name in text
     assert "±" in text and "accuracy" in text and "glp compare" in text
-    assert "Greedy against top-layer pruning" in text or "greedy" in text.lower()
+    _assert_verdict_section(text, _rows(home, "finals"))
     for key in ("metric_vs_removed", "metric_vs_latency"):
         png = Path(first.report[key])
         assert png.read_bytes()[:4] == b"\x89PNG" and png.name in text
@@ -106,6 +108,44 @@ def test_report_and_plots(compared):
     artifacts = {a.path for a in client.list_artifacts(first.parent_run_id, "report")}
     assert {"report/report.md", "report/metric_vs_removed.png",
             "report/metric_vs_latency.png"} <= artifacts
+
+
+_VERDICT = re.compile(
+    r"- (\d+) removed: greedy (\d\.\d{4}) ± (\d\.\d{4}) vs top (\d\.\d{4}) ± (\d\.\d{4}) — "
+    r"greedy (wins|loses|ties with top) "
+)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return sum(values) / len(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _assert_verdict_section(text: str, finals: list[dict]) -> None:
+    """The greedy-vs-top section states, per removed count, the finals' mean ± std of
+    both strategies and the outcome the seed-spread rule gives, with a matching tally."""
+    head = "\n## Greedy against top-layer pruning\n"
+    assert head in text
+    section = text.split(head, 1)[1].split("\n## ", 1)[0]
+    bullets = [line for line in section.splitlines() if line.startswith("- ")]
+    found = [_VERDICT.match(line) for line in bullets]
+    assert all(found), bullets
+    assert [int(m[1]) for m in found] == [1, 2]  # remove=2 on a 3-layer model
+    outcomes = []
+    for m in found:
+        depth = 3 - int(m[1])
+        greedy = _mean_std([r["value"] for r in finals
+                            if r["strategy"] == "greedy" and r["depth"] == depth])
+        top = _mean_std([r["value"] for r in finals
+                         if r["strategy"] == "top" and r["depth"] == depth])
+        shown = [float(m[i]) for i in (2, 3, 4, 5)]
+        assert shown == pytest.approx([*greedy, *top], abs=6e-5), m[0]
+        diff, spread = greedy[0] - top[0], max(greedy[1], top[1])
+        expected = "ties with top" if abs(diff) <= spread else ("wins" if diff > 0 else "loses")
+        assert m[6] == expected, m[0]
+        outcomes.append(expected.split()[0])
+    tally = {o: outcomes.count(o) for o in ("wins", "ties", "loses")}
+    assert (f"Over 2 depth(s), greedy wins {tally['wins']}, ties {tally['ties']} and "
+            f"loses {tally['loses']}.") in section
 
 
 def test_second_run_is_served_from_cache_without_duplicates(compared):

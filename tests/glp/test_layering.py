@@ -29,16 +29,50 @@ def library_files() -> list[Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
 
-def test_the_library_has_modules() -> None:
-    names = {p.name for p in library_files()}
-    assert {"__init__.py", "search.py", "train.py", "surgery.py"} <= names
+def violations(path: Path) -> list[str]:
+    """The forbidden imports of one module, as "line N: package"."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [f"line {line}: {root}" for line, root in imported_roots(tree) if root in FORBIDDEN]
 
 
 @pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_orchestration_imports(path: Path) -> None:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    bad = [f"line {line}: {root}" for line, root in imported_roots(tree) if root in FORBIDDEN]
+    bad = violations(path)
     assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {', '.join(bad)}"
+
+
+def test_the_check_flags_a_module_that_imports_orchestration(tmp_path: Path) -> None:
+    module = tmp_path / "leaky.py"
+    module.write_text(
+        "import numpy\n"
+        "import prefect\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "if False:\n"
+        "    import tasks.records\n"
+        "def run():\n"
+        "    from flows.prune import prune\n"
+        "from .tasks import helper\n"  # relative: a glp submodule, not the tasks package
+        "import prefectlike, glp.train\n",  # only the exact top-level names are forbidden
+        encoding="utf-8",
+    )
+    assert violations(module) == [
+        "line 2: prefect",
+        "line 3: mlflow",
+        "line 5: tasks",
+        "line 7: flows",
+    ]
+    clean = tmp_path / "clean.py"
+    clean.write_text("import numpy\nfrom glp.train import fine_tune\n", encoding="utf-8")
+    assert violations(clean) == []
+
+
+def test_every_imported_library_module_is_scanned() -> None:
+    # The subprocess check below imports MODULES; each of them is also a scanned file (a
+    # wrong PACKAGE path would otherwise leave the parametrised check with nothing to run).
+    scanned = {".".join(("glp", *p.relative_to(PACKAGE).with_suffix("").parts))
+               for p in library_files()}
+    scanned = {name.removesuffix(".__init__") for name in scanned}
+    assert set(MODULES.split(", ")) <= scanned
 
 
 def test_the_checker_sees_nested_imports() -> None:

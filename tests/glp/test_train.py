@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import datasets
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from glp.config import FineTuneConfig
-from glp.train import TrainStats, evaluate, fine_tune, predict, total_steps
+from glp.train import TrainStats, _epoch_batches, evaluate, fine_tune, predict, total_steps
 
 VOCAB = 100
 SIGNAL = 5  # the label is whether this token occurs
@@ -196,3 +197,74 @@ def test_evaluate_metric_keys(data, init) -> None:
     assert set(metrics) == {"accuracy", "f1", "mcc"}
     assert all(type(v) is float for v in metrics.values())
     assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+# --- batch order --------------------------------------------------------------------------
+
+# Sizes below, at and above a batch multiple, and above the 50-batch sorting chunk.
+SIZES = [1, 5, 8, 9, 23, 64, 401, 1003]
+
+
+def distinct_lengths(n: int, seed: int = 0) -> list[int]:
+    """Row lengths that are all different (a shuffled range), so sorted runs are unique."""
+    return (np.random.default_rng(seed).permutation(n) + 3).tolist()
+
+
+def padding(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["shuffled", "grouped"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("n", SIZES)
+def test_an_epoch_yields_every_row_once(n, batch_size, group) -> None:
+    lengths = distinct_lengths(n)
+    rng = np.random.default_rng(0)
+    for _ in range(2):  # a later epoch from the same generator too
+        batches = _epoch_batches(lengths, batch_size, rng, group)
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert all(isinstance(i, int) for b in batches for i in b)
+        assert len(batches) == math.ceil(n / batch_size)
+        assert all(1 <= len(b) <= batch_size for b in batches)
+        # Only the rows that do not fill a batch make a short one: at most one per epoch.
+        assert sum(len(b) < batch_size for b in batches) == (1 if n % batch_size else 0)
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(9, 3), (64, 8), (397, 8), (23, 1)])
+def test_grouped_batches_are_consecutive_runs_of_the_sorted_lengths(n, batch_size) -> None:
+    # Up to 50 batches form one sorting chunk: the batches tile the length-sorted rows.
+    assert n <= 50 * batch_size
+    lengths = distinct_lengths(n, seed=n)
+    batches = _epoch_batches(lengths, batch_size, np.random.default_rng(1), True)
+    for b in batches:
+        assert [lengths[i] for i in b] == sorted(lengths[i] for i in b)
+    tiled = [i for b in sorted(batches, key=lambda b: lengths[b[0]]) for i in b]
+    assert tiled == sorted(range(n), key=lambda i: lengths[i])
+
+
+def test_grouping_across_chunks_sorts_within_each_chunk() -> None:
+    n, batch_size = 1003, 8  # three chunks of up to 400 rows
+    lengths = distinct_lengths(n)
+    grouped = _epoch_batches(lengths, batch_size, np.random.default_rng(2), True)
+    shuffled = _epoch_batches(lengths, batch_size, np.random.default_rng(2), False)
+    for b in grouped:
+        assert [lengths[i] for i in b] == sorted(lengths[i] for i in b)
+    # Each batch is a run of neighbouring lengths within a 400-row sample, so it spans a
+    # few dozen lengths, not a random batch's hundreds: far less padding.
+    assert padding(grouped, lengths) < padding(shuffled, lengths) / 10
+    # Sorting per chunk, not over the whole epoch: a second epoch groups other rows.
+    rng = np.random.default_rng(2)
+    first, second = (_epoch_batches(lengths, batch_size, rng, True) for _ in range(2))
+    assert {frozenset(b) for b in first} != {frozenset(b) for b in second}
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["shuffled", "grouped"])
+@pytest.mark.parametrize("n", [40, 1003])
+def test_epochs_from_one_generator_differ_and_a_seed_repeats_them(n, group) -> None:
+    lengths = distinct_lengths(n)
+    rng = np.random.default_rng(3)
+    first, second = (_epoch_batches(lengths, 8, rng, group) for _ in range(2))
+    assert first != second
+    assert [i for b in first for i in b] != [i for b in second for i in b]
+    again = np.random.default_rng(3)
+    assert [_epoch_batches(lengths, 8, again, group) for _ in range(2)] == [first, second]
