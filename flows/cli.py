@@ -6,6 +6,7 @@ home's environment first and imports the flows only inside the commands.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -126,6 +127,33 @@ def _interrupted(signum: int, run_home: RunHome) -> typer.Exit:
     return typer.Exit(code=128 + signum)
 
 
+def detach_ephemeral_server() -> None:
+    """Start Prefect's temporary API server in a session of its own.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group. Without
+    this, the temporary server, a child process of this one, dies with it while the flow
+    still needs it: glp then spent minutes printing connection errors, exited 1 and could
+    leave the MLflow run RUNNING. Outside the group only glp gets the signal, stops its
+    fine-tunes, closes its runs and stops the server itself (Prefect's exit handler).
+    """
+    from prefect.server.api import server
+
+    run = server.SubprocessASGIServer._run_uvicorn_command
+    if getattr(run, "glp_detached", False):
+        return
+
+    def detached(self):
+        popen = server.subprocess.Popen
+        server.subprocess.Popen = functools.partial(popen, start_new_session=True)
+        try:
+            return run(self)
+        finally:
+            server.subprocess.Popen = popen
+
+    detached.glp_detached = True
+    server.SubprocessASGIServer._run_uvicorn_command = detached
+
+
 def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> None:
     """Validate, run the ``prune`` or ``compare`` flow with progress bars, print the summary.
 
@@ -181,6 +209,7 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console)
     progress.set_reporter(RichReporter(bars))
+    detach_ephemeral_server()
     try:
         with bars:
             summary = flow(params)
@@ -230,6 +259,13 @@ def print_comparison(summary) -> None:
                   "column)")
 
 
+def _score_cell(row: dict) -> str:
+    """A score, or "diverged" for a fine-tune whose loss or metric was not finite."""
+    if row.get("diverged") or row["value"] != row["value"]:
+        return "diverged"
+    return f"{row['value']:.4f}"
+
+
 def print_summary(summary) -> None:
     """The pruning order, every candidate's score, the final models, and where to look."""
     console.print()
@@ -250,7 +286,7 @@ def print_summary(summary) -> None:
                     cells.append("")
                     continue
                 mark = "*" if summary.order[it] == layer else ""
-                cells.append(f"{rows[layer]['value']:.4f}{mark}")
+                cells.append(_score_cell(rows[layer]) + mark)
             table.add_row(str(it + 1), *cells)
         console.print(table)
     finals = Table(title=f"Final models: dev {summary.metric}")
@@ -262,15 +298,19 @@ def print_summary(summary) -> None:
     best = summary.versions.get("best")
     for depth in depths:
         rows = [r for r in summary.finals if r["depth"] == depth]
-        values = [r["value"] for r in rows]
+        values = [r["value"] for r in rows if not r.get("diverged")]
         spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        score = f"{statistics.mean(values):.4f}{spread}" if values else ""
+        if len(values) < len(rows):  # said in words, never shown as a score of 0.0
+            score += f"{' ' if score else ''}[red]{len(rows) - len(values)} of {len(rows)} " \
+                     "diverged[/red]"
         version = rows[0].get("model_version")
         registry = ""
         if version:
             registry = f"v{version} @{inverse.get(version, '')}"
             registry += " @best" if version == best else ""
         finals.add_row(str(depth), ",".join(map(str, rows[0]["removed"])) or "none (reference)",
-                       str(len(rows)), f"{statistics.mean(values):.4f}{spread}",
+                       str(len(rows)), score,
                        f"{rows[0]['parameters']:,}" if rows[0]["parameters"] else "",
                        registry)
     console.print(finals)
@@ -430,6 +470,37 @@ def demo(home: HomeOption = None, verbose: Verbose = False) -> None:
     2,000 training examples, 1 epoch, max length 64, lr 1e-4, 2 of 6 layers, 1 seed.
     """
     run_command("prune", dict(DEMO), home, verbose)
+
+
+@app.command()
+def gc(
+    home: HomeOption = None,
+    finals: Annotated[bool, typer.Option(help="also remove the final models' checkpoints and "
+                                         "the cached task results (re-runs recompute)")]
+    = False,
+    dry_run: Annotated[bool, typer.Option(help="list what would be removed")] = False,
+) -> None:
+    """Free the disk space a run home holds that no run needs.
+
+    Removes search candidates' weights, half-written checkpoints of stopped processes and
+    the tokenisation cache. Never touches the MLflow store, the registered models or the
+    Parquet tables.
+    """
+    from tasks.home import collect_garbage, folder_size
+
+    run_home = RunHome.resolve(home)
+    if not run_home.root.is_dir():
+        _fail(f"--home {run_home.root}: no such folder (nothing to clean)")
+    if not (run_home.artifacts.is_dir() or run_home.mlflow_db.exists()):
+        _fail(f"--home {run_home.root}: not a glp run home (no artifacts/ or mlflow.db)")
+    before = folder_size(run_home.root)
+    found = collect_garbage(run_home, finals=finals, dry_run=dry_run)
+    for path, size in found:
+        console.print(f"{'would remove' if dry_run else 'removed'} {path} ({size / 1e6:,.1f} MB)")
+    freed = sum(size for _, size in found)
+    after = before - freed if dry_run else folder_size(run_home.root)
+    console.print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:,.1f} MB; the home "
+                  f"{'would hold' if dry_run else 'holds'} {after / 1e6:,.1f} MB")
 
 
 @app.command()

@@ -180,6 +180,8 @@ def _meta(params: CompareParams, job: Job, seconds: float) -> dict:
             "dev examples": f"{job.data.sizes['dev']:,}",
             "epochs": params.epochs, "learning rate": params.learning_rate,
             "batch size": params.batch_size, "max length": params.max_length,
+            "gradient clipping (max norm)": params.max_grad_norm or "off",
+            "device (training, evaluation and latency)": f"{job.device} ({params.precision})",
             "final seeds": ", ".join(map(str, job.seeds)), "search seed": params.search_seed,
             "random orders": params.random_orders,
             "greedy pre-filter": params.prefilter_keep or "off",

@@ -393,15 +393,15 @@ def _looks_like_file(source: str) -> bool:
     return path.exists() or bool(re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,7}", path.suffix))
 
 
-def _read_file(path: Path) -> pd.DataFrame:
+def _read_file(path: Path, option: str = "data file") -> pd.DataFrame:
     ext = path.suffix.lower()
     if ext not in SUPPORTED_EXTENSIONS:
         raise GlpError(
-            f"unsupported file type {ext or '(none)'!r} for {str(path)!r}; "
-            f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"
+            f"{option} {str(path)!r}: unsupported file type {ext or '(none)'!r}; "
+            f"supported: {', '.join(SUPPORTED_EXTENSIONS)}, or a datasets id"
         )
     if not path.is_file():
-        raise GlpError(f"data file not found: {str(path)!r}; expected a {ext} file")
+        raise GlpError(f"{option} {str(path)!r}: no such file")
     try:
         if ext == ".csv":
             return pd.read_csv(path, keep_default_na=False, na_values=[""])
@@ -456,7 +456,8 @@ def _user_frame(
 ) -> _Frame:
     if not _is_hub_id(source):
         path = Path(source).expanduser()
-        return _read_file(path), None, path.name
+        option = "--train-file" if split == "train" else "--dev-file"
+        return _read_file(path, option), None, path.name
     text = str(source)
     if text not in hub:
         hub[text] = _load_hub(text, config)
@@ -549,13 +550,14 @@ def load_user_data(
     """
     if task_type not in ("classification", "regression"):
         raise GlpError(
-            f"unknown task_type {task_type!r}; choose one of: classification, regression"
+            f"--task-type {task_type!r}: choose one of: classification, regression"
         )
     is_regression = task_type == "regression"
     valid = REGRESSION_METRICS if is_regression else CLASSIFICATION_METRICS
     metric = metric or ("spearman" if is_regression else "accuracy")
     if metric not in valid:
-        raise GlpError(f"unknown {task_type} metric {metric!r}; choose one of: {', '.join(valid)}")
+        raise GlpError(f"--metric {metric!r} is not a {task_type} metric; choose one of: "
+                       f"{', '.join(valid)}")
     cols = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
     if len(cols) not in (1, 2):
         raise GlpError(f"text_columns must name 1 or 2 columns, got {len(cols)}: {', '.join(cols)}")

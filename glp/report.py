@@ -47,8 +47,8 @@ FINALS_COLUMNS: tuple[str, ...] = (
     "latency_ms",
 )
 SUMMARY_COLUMNS: tuple[str, ...] = (
-    "label", "removed_layers", "depth", "n", "mean", "std", "min", "max", "parameters",
-    "latency_ms", "layers",
+    "label", "removed_layers", "depth", "n", "diverged", "mean", "std", "min", "max",
+    "parameters", "latency_ms", "layers",
 )
 COST_KEYS: tuple[str, ...] = ("fine_tunes", "seconds", "zero_shot_passes")
 
@@ -124,6 +124,7 @@ def _format_set(layers: Sequence[int]) -> str:
 def _empty_summary() -> pd.DataFrame:
     frame = pd.DataFrame({column: [] for column in SUMMARY_COLUMNS})
     return frame.astype({"label": object, "removed_layers": int, "depth": int, "n": int,
+                         "diverged": int,
                          "layers": object})
 
 
@@ -131,7 +132,8 @@ def summarize(finals: pd.DataFrame, num_layers: int) -> pd.DataFrame:
     """Mean, spread and cost of every display label at every number of removed layers.
 
     One row per (label, removed count) with columns :data:`SUMMARY_COLUMNS`: ``n`` rows
-    pooled, ``mean``, ``std`` (sample std, 0 when n == 1), ``min``, ``max`` of ``value``;
+    pooled, ``diverged`` of them (NaN ``value``: left out of the statistics), ``mean``,
+    ``std`` (sample std, 0 when n == 1), ``min``, ``max`` of ``value``;
     ``parameters`` (mean), ``latency_ms`` (median over measured rows, NaN if none);
     ``layers``: the distinct removed sets, each like ``"2,5"``, joined with ``" | "``
     (empty for the reference). Sorted by removed layers, then mean descending, then label.
@@ -173,6 +175,8 @@ def summarize(finals: pd.DataFrame, num_layers: int) -> pd.DataFrame:
             "removed_layers": int(removed_layers),
             "depth": int(num_layers - removed_layers),
             "n": len(group),
+            # A diverged fine-tune's value is NaN: counted here, left out of the mean.
+            "diverged": int(values.isna().sum()),
             "mean": float(values.mean()),
             "std": 0.0 if math.isnan(std) else std,
             "min": float(values.min()),
@@ -478,8 +482,12 @@ def _mean_table(summary: pd.DataFrame) -> list[str]:
     cells: dict[tuple[str, int], str] = {}
     for row in summary.itertuples(index=False):
         text = f"{_fmt(row.mean)} ± {_fmt(_zero_nan(float(row.std)))}"
-        if row.label != REFERENCE and best.get(int(row.removed_layers)) == float(row.mean):
+        if row.diverged == row.n:
+            text = f"diverged ({row.n} of {row.n})"
+        elif row.label != REFERENCE and best.get(int(row.removed_layers)) == float(row.mean):
             text = f"**{text}**"
+        if 0 < row.diverged < row.n:
+            text += f" ({row.diverged} of {row.n} diverged)"
         cells[(row.label, int(row.removed_layers))] = text
     rows = [[name] + [cells.get((name, c), _MISSING) for c in counts]
             for name in _sorted_labels(summary["label"])]
@@ -580,8 +588,9 @@ def _size_section(summary: pd.DataFrame) -> list[str]:
                      share, _fmt(latency, 1), speedup])
     return [
         "## Parameters and latency", "",
-        "Parameters of the final models and the median CPU forward latency of one batch "
-        "(over every final model with that many layers removed).", "",
+        "Parameters of the final models and the median forward latency of one batch on the "
+        "device named in the settings (over every final model with that many layers "
+        "removed).", "",
     ] + _table(["removed layers", "depth", "parameters", "of unpruned", "median latency (ms)",
                 "speed-up"], rows)
 

@@ -94,14 +94,45 @@ class RunHome:
 
         A temporary folder of a live process (a concurrent run in this home) is kept.
         """
-        removed = []
-        for tmp in self.artifacts.glob("*/*.tmp-*"):
-            pid = tmp.name.rpartition(".tmp-")[2]
-            if pid.isdigit() and _alive(int(pid)):
-                continue
+        removed = [tmp for tmp in self.artifacts.glob("*/*.tmp-*") if not _owner_alive(tmp)]
+        for tmp in removed:
             shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
         return removed
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def collect_garbage(home: RunHome, finals: bool = False, dry_run: bool = False
+                    ) -> list[tuple[Path, int]]:
+    """Remove what no run of this home needs: search candidates' weights (kept only with
+    ``--keep-candidates``, or by glp versions that kept them all), half-written checkpoints
+    of dead processes, and the tokenisation cache (rebuilt on demand).
+
+    With ``finals``, also the final models' checkpoints and Prefect's cached results (a
+    re-run then recomputes its fine-tunes). The MLflow store, the registered models and
+    the Parquet tables are never touched. Returns (path, bytes) for what was (or, with
+    ``dry_run``, would be) removed.
+    """
+    targets = [home.artifacts / "candidates", home.token_cache]
+    targets += [t for t in home.artifacts.glob("*/*.tmp-*") if not _owner_alive(t)]
+    if finals:
+        targets += [home.artifacts / "finals", home.results]
+    found = [(t, folder_size(t)) for t in targets if t.exists()]
+    if not dry_run:
+        for target, _ in found:
+            shutil.rmtree(target, ignore_errors=True)
+    return found
+
+
+def _owner_alive(tmp: Path) -> bool:
+    """Whether the process named in a ``*.tmp-<pid>`` folder is still running."""
+    pid = tmp.name.rpartition(".tmp-")[2]
+    return pid.isdigit() and _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:

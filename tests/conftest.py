@@ -38,3 +38,14 @@ def tiny_bert(tmp_path_factory) -> Path:
         if (source / name).exists():
             shutil.copy(source / name, path / name)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _environment_per_test():
+    """What a test's in-process CLI run puts in ``os.environ`` (the run home's
+    PREFECT_HOME, MLflow's registry URI, ...) ends with the test: a later test's
+    subprocess must not inherit the folders of a home that was never created."""
+    saved = os.environ.copy()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

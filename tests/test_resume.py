@@ -78,12 +78,36 @@ def reference(tiny_bert, tmp_path_factory):
     return _results(home)
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the command's process group: what it started (the ephemeral API server) too."""
+def _servers(home: Path) -> list[int]:
+    """Process ids of the temporary Prefect API servers started for runs in ``home``
+    (they run in a session of their own, found by their PREFECT_HOME)."""
+    wanted = f"PREFECT_HOME={home / 'prefect'}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if wanted in environ and b"uvicorn" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def _kill_group(process: subprocess.Popen, home: Path | None = None) -> None:
+    """SIGKILL the command's process group and, with ``home``, the temporary API servers
+    that a crash of the command orphaned."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in _servers(home) if home is not None else []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture
@@ -95,12 +119,12 @@ def start():
     def _start(command: list[str]) -> subprocess.Popen:
         process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
-        started.append(process)
+        started.append((process, Path(command[command.index("--home") + 1])))
         return process
 
     yield _start
-    for process in started:
-        _kill_group(process)
+    for process, home in started:
+        _kill_group(process, home)
         process.communicate()
 
 
@@ -127,15 +151,16 @@ def test_kill_9_then_resume_repeats_no_finished_work(point, tiny_bert, tmp_path,
                                                      start):
     kind, count = KILL_POINTS[point]
     home = tmp_path / "home"
-    process = start(_command(tiny_bert, home))
+    # Candidates' weights are kept here only to see from outside how far the run got.
+    process = start(_command(tiny_bert, home, "--keep-candidates"))
     _wait_for(lambda: _finished(home, kind) >= count, process, "the kill point")
     process.send_signal(signal.SIGKILL)  # the process alone, as a crash would
     process.wait(timeout=30)
-    _kill_group(process)  # what the crash orphaned (the ephemeral API server) goes too
+    _kill_group(process, home)  # what the crash orphaned (the API server) goes too
     done_before = _finished(home, "candidates") + _finished(home, "finals")
     assert process.returncode == -signal.SIGKILL
 
-    computed, reused = _counts(_run(tiny_bert, home))
+    computed, reused = _counts(_run(tiny_bert, home, "--keep-candidates"))
     print(f"{point}: {done_before} fine-tunes finished before the kill; "
           f"resume computed {computed}, reused {reused}")
     assert computed + reused == TOTAL
@@ -187,15 +212,42 @@ def test_sigterm_stops_a_long_fine_tune_within_seconds(tiny_bert, tmp_path, star
 def test_sigterm_then_resume_gives_the_uninterrupted_result(tiny_bert, tmp_path, reference,
                                                             start):
     home = tmp_path / "home"
-    process = start(_command(tiny_bert, home))
+    process = start(_command(tiny_bert, home, "--keep-candidates"))
     _wait_for(lambda: _finished(home, "candidates") >= 4, process, "the second iteration")
     _, stderr = _terminate(process)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert [r.info.status for r in _job_runs(home)] == ["KILLED"]
-    computed, reused = _counts(_run(tiny_bert, home))
+    computed, reused = _counts(_run(tiny_bert, home, "--keep-candidates"))
     assert computed + reused == TOTAL and reused >= 3
     assert _results(home) == reference
     assert [r.info.status for r in _job_runs(home)] == ["FINISHED"]
+
+
+def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes(tiny_bert, tmp_path, reference,
+                                                        start):
+    """Ctrl-C in a terminal: SIGINT to the whole foreground process group."""
+    home = tmp_path / "home"
+    process = start(_command(tiny_bert, home, "--keep-candidates"))
+    _wait_for(lambda: _finished(home, "candidates") >= 4, process, "the second iteration")
+    assert _servers(home), "the temporary API server is running"
+    sent = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)  # the group: glp and all it started in it
+    _, stderr = process.communicate(timeout=120)
+    seconds = time.monotonic() - sent
+    print(f"exited {seconds:.1f} s after SIGINT to the group")
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert seconds < 30
+    assert "interrupted by SIGINT" in stderr and "run the same command again" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr  # one line, no connection errors
+    assert [r.info.status for r in _job_runs(home)] == ["KILLED"]
+    assert not [r for r in _runs(home) if r.info.status == "RUNNING"]
+    deadline = time.monotonic() + 15
+    while _servers(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _servers(home), "glp stopped its API server on the way out"
+    computed, reused = _counts(_run(tiny_bert, home, "--keep-candidates"))
+    assert computed + reused == TOTAL and reused >= 3
+    assert _results(home) == reference
 
 
 def test_concurrent_runs_in_one_home(tiny_bert, tmp_path):
