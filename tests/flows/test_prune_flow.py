@@ -38,10 +38,11 @@ def test_greedy_search_shape_and_tables(two_runs):
     assert all(first.order[0] in r["removed"] for r in second_iteration)
     selections = sorted(_rows(home, "selections"), key=lambda r: r["iteration"])
     assert [r["layer"] for r in selections] == first.order
-    # The chosen layer has the best score of its iteration (ties: highest index).
+    # The chosen layer has the best score of its iteration (scores rounded to 3
+    # decimals as the reference does; ties: highest index).
     for selection in selections:
         rows = [r for r in candidates if r["iteration"] == selection["iteration"]]
-        best = max(rows, key=lambda r: (r["value"], r["layer"]))
+        best = max(rows, key=lambda r: (round(r["value"], 3), r["layer"]))
         assert best["layer"] == selection["layer"]
     finals = _rows(home, "finals")
     assert sorted(r["depth"] for r in finals) == [1, 2, 3]
@@ -82,8 +83,18 @@ def test_mlflow_runs_and_registry(two_runs):
     assert best.tags["glp.task"] == "sst2" and best.tags["glp.strategy"] == "greedy"
     assert best.tags["glp.removed_layers"]
     for tag in ("glp.model", "glp.metric", "glp.data_fingerprint", "glp.version",
-                "glp.base_model_fingerprint", "glp.order", "glp.metric_mean"):
+                "glp.base_model_fingerprint", "glp.order", "glp.metric_mean",
+                "glp.selection_mean", "glp.device"):
         assert best.tags[tag], tag
+    # The registered seed and `best` are chosen by the selection split, never by dev.
+    finals = _rows(home, "finals")
+    by_version = {}
+    for row in finals:
+        if row["model_version"]:
+            by_version.setdefault(row["model_version"], []).append(row)
+    selection_means = {v: sum(r["selection_value"] for r in rows) / len(rows)
+                       for v, rows in by_version.items()}
+    assert selection_means[str(best.version)] == max(selection_means.values())
     depth_1 = client.get_model_version_by_alias(name, "depth-1")
     assert depth_1.tags["glp.removed_layers"] == ",".join(map(str, sorted(first.order)))
 
@@ -96,3 +107,95 @@ def test_changed_config_does_not_reuse(harness, tiny_bert, two_runs):
     # depend on the search, so it is reused.
     assert third.computed >= 3
     assert third.reused >= 1
+
+
+def test_a_finished_run_keeps_only_the_final_models_weights(two_runs):
+    home, first, _ = two_runs
+    weights = sorted(p.parent.parent.name for p in (home / "artifacts").rglob("model.safetensors"))
+    assert weights == ["finals"] * 3  # 3 depths x 1 seed; no candidate was kept
+    assert not list((home / "artifacts").glob("*/*.tmp-*"))
+    assert {r["device"] for r in _rows(home, "candidates") + _rows(home, "finals")} == {"cpu"}
+    assert not any(r["diverged"] for r in _rows(home, "candidates") + _rows(home, "finals"))
+
+
+def test_keep_candidates_keeps_their_weights(harness, tiny_bert, tmp_path):
+    summary = prune(_params(tiny_bert, tmp_path, remove=1, register_models=False,
+                            keep_candidates=True))
+    kept = list((tmp_path / "artifacts" / "candidates").glob("*/model.safetensors"))
+    assert len(kept) == 3 and len(summary.candidates) == 3
+
+
+def test_a_changed_learning_rate_recomputes_everything(harness, tiny_bert, two_runs):
+    home, first, _ = two_runs
+    changed = prune(_params(tiny_bert, home, learning_rate=2e-3, register_models=False))
+    assert (changed.computed, changed.reused) == (8, 0)
+
+
+def test_a_changed_library_source_recomputes_everything(harness, tiny_bert, two_runs,
+                                                         monkeypatch):
+    """An edit of glp/train.py (or any module a fine-tune runs) changes the code
+    fingerprint in every cache key; simulated here through the fingerprint's input, the
+    source of the modules (tests/glp/test_provenance.py edits real files)."""
+    import glp.provenance
+
+    home, first, _ = two_runs
+    real = glp.provenance.source_closure
+
+    def edited(*modules):
+        closure = real(*modules)
+        edited_train = home / "edited_train.py"
+        edited_train.write_text(closure["glp.train"].read_text() + "\n# an edit\n")
+        return {**closure, "glp.train": edited_train}
+
+    monkeypatch.setattr(glp.provenance, "source_closure", edited)
+    glp.provenance.clear_cache()
+    try:
+        changed = prune(_params(tiny_bert, home, register_models=False))
+    finally:
+        glp.provenance.clear_cache()
+    assert (changed.computed, changed.reused) == (8, 0)
+    assert changed.job_id == first.job_id  # the same job, recomputed with the new code
+
+
+def test_every_candidate_starts_from_the_pre_trained_weights(harness, tiny_bert, tmp_path,
+                                                            monkeypatch):
+    """Not from an earlier candidate's fine-tune: when a candidate's training starts, every
+    remaining layer holds the pre-trained weights of the original layer it came from."""
+    import torch
+    from transformers import AutoModel
+
+    import tasks.training
+    from glp.surgery import encoder_layers, kept_layers
+
+    pretrained = AutoModel.from_pretrained(tiny_bert)
+    original = [layer.state_dict() for layer in encoder_layers(pretrained)]
+    real = tasks.training.fine_tune
+    checked = []
+
+    def spy(model, *args, **kwargs):
+        for index, layer in zip(kept_layers(model), encoder_layers(model), strict=True):
+            for name, tensor in layer.state_dict().items():
+                assert torch.equal(tensor, original[index][name]), (index, name)
+        checked.append(tuple(kept_layers(model)))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.training, "fine_tune", spy)
+    prune(_params(tiny_bert, tmp_path, register_models=False))
+    assert len(checked) == 8  # 3 + 2 candidates (the second iteration's too), 3 finals
+
+
+@pytest.mark.parametrize(("task", "metric"), [("mrpc", "f1"), ("stsb", "spearman")])
+def test_a_pair_task_and_a_regression_task_run_end_to_end(harness, tiny_bert, tmp_path, task,
+                                                          metric):
+    summary = prune(_params(tiny_bert, tmp_path, task=task, remove=1, train_limit=60,
+                            eval_limit=30, max_length=32))
+    assert summary.metric == metric and len(summary.order) == 1
+    assert len(summary.candidates) == 3 and len(summary.finals) == 2
+    assert all(c["metric"] == metric for c in summary.candidates)
+    assert summary.versions.get("depth-2") and summary.versions.get("best")
+    if task == "stsb":  # one regression output, a real-valued score
+        from glp.models import load_classifier
+
+        path = next((tmp_path / "artifacts" / "finals").glob("*/config.json")).parent
+        model = load_classifier(path, num_labels=1, is_regression=True)
+        assert model.config.num_labels == 1 and model.config.problem_type == "regression"

@@ -499,3 +499,33 @@ def test_tokenize_derives_a_key(tiny_tokenizer: BertTokenizerFast, tmp_path: Pat
     (name,) = os.listdir(tmp_path / "c")
     assert name.startswith(fingerprint(_pairs()) + "-") and name.endswith("-8.arrow")
     assert "--" not in name
+
+
+def _user(tmp_path, name, frame):
+    path = tmp_path / f"{name}.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_a_non_finite_regression_label_is_refused(tmp_path: Path) -> None:
+    for bad in ("NaN", "inf", "-inf"):
+        path = _user(tmp_path, "t", pd.DataFrame({"t": ["x", "y", "z"], "l": ["1.5", bad, "2"]}))
+        with pytest.raises(GlpError, match=rf"label '?{bad}'? .* \(data row 2\) is not a finite"):
+            load_user_data(path, text_columns="t", label_column="l", task_type="regression")
+
+
+def test_check_labels_refuses_one_class_and_unseen_dev_labels(tmp_path: Path) -> None:
+    from glp.data import check_labels
+
+    train = _user(tmp_path, "train", pd.DataFrame({"t": list("abcd"), "l": ["x", "y"] * 2}))
+    dev = _user(tmp_path, "dev", pd.DataFrame({"t": list("abc"), "l": ["x", "z", "z"]}))
+    data = load_user_data(train, dev, text_columns="t", label_column="l")
+    with pytest.raises(GlpError, match=r"dev label\(s\) 'z' in dev.csv \(2 row\(s\)\) never "
+                                       r"occur in the training data train.csv"):
+        check_labels(data.train, data.dev, data.spec)
+    only_x = data.train.filter(lambda row: row["label"] == 0)
+    with pytest.raises(GlpError, match=r"train.csv \(the --train-limit subset\) holds one "
+                                       r"class \('x'\)"):
+        check_labels(only_x, None, data.spec, limited=True)
+    same = load_user_data(train, train, text_columns="t", label_column="l")
+    check_labels(same.train, same.dev, same.spec)  # fine: nothing raised

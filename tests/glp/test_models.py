@@ -335,3 +335,57 @@ def test_embedded_minilm_is_a_six_layer_bert():
     fingerprint = model_fingerprint(path)
     assert model_fingerprint(path) == fingerprint
     assert len(fingerprint) == 16
+
+
+# --- refusals that keep results honest ---------------------------------------------------
+
+
+def test_deberta_v2_with_a_convolution_is_refused_and_without_one_accepted():
+    from transformers import DebertaV2Config
+
+    small = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=37)
+    with pytest.raises(GlpError, match=r"convolution layer \(conv_kernel_size=3\), which runs "
+                                       r"after encoder layer 0 only"):
+        check_supported(DebertaV2Config(**small, conv_kernel_size=3))
+    assert check_supported(DebertaV2Config(**small, conv_kernel_size=0)).model_type == (
+        "deberta-v2")
+
+
+def _saved_bert(tmp_path):
+    path = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=37)).save_pretrained(path)
+    return path
+
+
+def test_custom_model_code_needs_an_explicit_trust(tmp_path):
+    from glp.models import strip_remote_code
+
+    path = _saved_bert(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_x.X"}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GlpError, match="asks to run its own code .*--trust-remote-code"):
+        check_supported(path)
+    loaded = check_supported(path, trust_remote_code=True)
+    strip_remote_code(loaded)
+    assert "auto_map" not in loaded.to_dict()  # glp's outputs never carry it
+
+
+def test_weights_are_checked_before_a_run(tmp_path):
+    from glp.models import check_weights
+
+    path = _saved_bert(tmp_path)
+    check_weights(path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-10])
+    with pytest.raises(GlpError, match=r"model.safetensors is truncated: .* bytes, its header"):
+        check_weights(path)
+    weights.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
+    with pytest.raises(GlpError, match="cannot read the weights file .*damaged"):
+        check_weights(path)
+    weights.unlink()
+    with pytest.raises(GlpError, match="has no weights"):
+        check_weights(path)

@@ -416,3 +416,10 @@ def test_greedy_prefilter_larger_than_the_candidates_is_plain_greedy() -> None:
 def test_plan_of_nested_strategies_matches_depth_plan() -> None:
     records = run(6, 3, PenaltyScorer())
     assert plan_of(records, 6) == depth_plan(removal_order(records), 6)
+
+
+def test_scores_are_compared_at_3_decimals_as_the_reference_does() -> None:
+    # 0.8504 and 0.8501 both round to 0.850: a tie, which the highest layer wins.
+    assert select_layer([(2, 0.8504), (4, 0.8501)]) == 4
+    assert select_layer([(2, 0.852), (4, 0.851)]) == 2  # a real difference still decides
+    assert select_layer([(2, float("nan")), (1, -1.0)]) == 1

@@ -268,3 +268,106 @@ def test_epochs_from_one_generator_differ_and_a_seed_repeats_them(n, group) -> N
     assert [i for b in first for i in b] != [i for b in second for i in b]
     again = np.random.default_rng(3)
     assert [_epoch_batches(lengths, 8, again, group) for _ in range(2)] == [first, second]
+
+
+# --- clipping, divergence, devices -------------------------------------------------------
+
+
+def test_gradients_are_clipped_at_1_by_default(data, init, monkeypatch) -> None:
+    assert FineTuneConfig().max_grad_norm == 1.0  # the HF Trainer's default
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = real(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        calls.append((max_norm, float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    config = FineTuneConfig(learning_rate=1e-3, batch_size=16, epochs=1.0)
+    fine_tune(copy.deepcopy(init), data, config, seed=1)
+    assert [c[0] for c in calls] == [1.0] * total_steps(len(data), config)
+    calls.clear()
+    tight = FineTuneConfig(learning_rate=1e-3, batch_size=16, epochs=1.0, max_grad_norm=0.01)
+    fine_tune(copy.deepcopy(init), data, tight, seed=1)
+    assert all(before > 0.01 and after <= 0.01 * (1 + 1e-4) for _, before, after in calls)
+    calls.clear()
+    fine_tune(copy.deepcopy(init), data, FineTuneConfig(batch_size=16, epochs=1.0,
+                                                        max_grad_norm=None), seed=1)
+    assert calls == []  # off means off
+
+
+def test_a_non_finite_loss_stops_the_fine_tune_as_diverged(data, init) -> None:
+    model = copy.deepcopy(init)
+    config = FineTuneConfig(learning_rate=1e30, batch_size=16, epochs=3.0, max_grad_norm=None)
+    stats = fine_tune(model, data, config, seed=1)
+    assert stats.diverged and not math.isfinite(stats.final_loss)
+    assert stats.steps < total_steps(len(data), config)  # stopped early
+    metrics = evaluate(model, data, is_regression=False)
+    assert all(math.isnan(v) for v in metrics.values())  # never a score such as 0.0
+
+
+def test_a_nan_regression_target_diverges() -> None:
+    rows = toy_dataset(32, regression=True).to_dict()
+    rows["labels"][3] = float("nan")
+    data = datasets.Dataset.from_dict(rows)
+    model = tiny_model(num_labels=1, problem_type="regression")
+    stats = fine_tune(model, data, FineTuneConfig(batch_size=32, epochs=1.0), seed=0)
+    assert stats.diverged
+
+
+def test_a_finite_fine_tune_is_not_diverged_and_records_its_device(data, init) -> None:
+    stats = fine_tune(copy.deepcopy(init), data, FineTuneConfig(batch_size=16, epochs=1.0),
+                      seed=1)
+    assert not stats.diverged and stats.device == "cpu"
+
+
+def test_device_specs() -> None:
+    from glp import GlpError
+    from glp.train import check_precision, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == torch.device(expected)
+    assert resolve_device(" AUTO ") == torch.device(expected)
+    with pytest.raises(GlpError, match="--device 'tpu': choose auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    with pytest.raises(GlpError, match="cuda or cuda:N"):
+        resolve_device("cuda:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(GlpError, match="sees no CUDA device"):
+            resolve_device("cuda:0")
+    check_precision("fp32", torch.device("cpu"))
+    with pytest.raises(GlpError, match="mixed precision is for a CUDA device"):
+        check_precision("bf16", torch.device("cpu"))
+    with pytest.raises(GlpError, match="choose one of fp32, bf16, fp16"):
+        check_precision("fp64", torch.device("cpu"))
+
+
+def test_the_cpu_path_keeps_the_model_and_batches_on_the_cpu(data, init, monkeypatch) -> None:
+    seen = set()
+    model = copy.deepcopy(init)
+    real = model.forward
+
+    def forward(**batch):
+        seen.update(t.device.type for t in batch.values())
+        return real(**batch)
+
+    monkeypatch.setattr(model, "forward", forward)
+    fine_tune(model, data, FineTuneConfig(batch_size=16, epochs=1.0), seed=1, device="auto"
+              if not torch.cuda.is_available() else "cpu")
+    predict(model, data, device="cpu")
+    assert seen == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_fine_tune_on_a_gpu(data, init, precision) -> None:
+    model = copy.deepcopy(init)
+    stats = fine_tune(model, data, FineTuneConfig(batch_size=16, epochs=1.0,
+                                                  precision=precision), seed=1, device="cuda")
+    assert stats.device == "cuda:0" and not stats.diverged
+    assert next(model.parameters()).device.type == "cuda"
+    assert np.isfinite(predict(model, data)).all()
