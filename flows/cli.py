@@ -376,6 +376,8 @@ def prune(
     = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 autocast on a GPU")]
     = "fp32",
+    length_grouping: Annotated[bool, typer.Option(help="batch examples of similar length "
+                                                  "(about 1.3x faster on a CPU)")] = True,
     keep_candidates: Annotated[bool, typer.Option(help="keep every search candidate's weights "
                                                   "(by default only final models are kept)")]
     = False,

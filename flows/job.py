@@ -100,6 +100,7 @@ class PruneParams(BaseModel):
                                  description="gradient-norm clipping (0 = off)")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     precision: str = Field("fp32", description="fp32, or bf16/fp16 autocast on a GPU")
+    length_grouping: bool = Field(True, description="batches of similar length (faster on CPU)")
     keep_candidates: bool = Field(False, description="keep every search candidate's weights")
     trust_remote_code: bool = Field(False, description="allow a model with custom code")
     seeds: int = Field(5, ge=1, description="seeds per final model (40, 41, ...)")
@@ -128,6 +129,7 @@ class PruneParams(BaseModel):
             epochs=self.epochs,
             max_grad_norm=self.max_grad_norm or None,
             precision=self.precision,
+            length_grouping=self.length_grouping,
         )
 
     def strategy_options(self, **overrides) -> StrategyOptions:

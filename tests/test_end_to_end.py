@@ -40,6 +40,12 @@ def test_tables_and_summary(runs):
     assert len(selections) == 1 and sorted(r["depth"] for r in finals) == [5, 6]
     assert "Pruning order" in first and "8 computed, 0 reused" in first
     assert "glp ui --home" in first and str(home / "parquet") in first
+    # Only the final models keep weights, and none of them asks to run custom code.
+    weights = sorted(p.parent.parent.name for p in home.glob("artifacts/*/*/model.safetensors"))
+    assert weights == ["finals", "finals"]
+    for config in home.glob("artifacts/finals/*/config.json"):
+        assert "auto_map" not in config.read_text()
+    assert {r["device"] for r in candidates + finals} == {"cpu"}
 
 
 def test_rerun_reuses_everything(runs):
