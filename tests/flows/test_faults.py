@@ -77,3 +77,35 @@ def test_fault_rules(monkeypatch):
         inject("evaluate")
     monkeypatch.delenv("GLP_FAULTS")
     inject("evaluate")
+
+
+def test_a_full_disk_fails_at_once_with_one_clear_error(harness, tiny_bert, tmp_path,
+                                                        monkeypatch):
+    """No retries (a full disk does not clear itself), no temporary folder left, the
+    parent run FAILED, and what finished (the search) kept."""
+    import errno
+
+    from transformers import PreTrainedModel
+
+    from tasks.training import NoSpace
+
+    calls = []
+
+    def full(self, path, *args, **kwargs):
+        calls.append(path)
+        (path / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (path / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    home = tmp_path / "home"
+    with pytest.raises(NoSpace, match=r"no space left on the device of .*artifacts/finals: "
+                                      r"a checkpoint needs about \d+ MB"):
+        prune(_params(tiny_bert, home))
+    assert len(calls) == 1  # the first final model's save, tried once
+    assert not list((home / "artifacts").rglob("*.tmp-*"))
+    assert len(_rows(home, "selections")) == 2  # the search (no weights written) finished
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs(client.search_experiments()[0].experiment_id.split(),
+                              filter_string="tags.`glp.kind` = 'job'")
+    assert [r.info.status for r in runs] == ["FAILED"]
