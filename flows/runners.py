@@ -27,9 +27,13 @@ each starting a temporary server of its own.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -130,7 +134,8 @@ def make_task_runner(spec: str = SEQUENTIAL):
             "n_workers": parsed.workers, "threads_per_worker": 1, "processes": True,
             "env": local_worker_env(parsed.workers),
         })
-    runner_class = _import("prefect_ray", "RayTaskRunner", "prefect-ray", parsed)
+    _import("prefect_ray", "RayTaskRunner", "prefect-ray", parsed)
+    runner_class = _ray_task_runner_class()
     if parsed.address:
         return runner_class(address=parsed.address)
     env = {k: v for k, v in local_worker_env(None).items() if k == "PREFECT_API_URL"}
@@ -144,6 +149,108 @@ def _import(module: str, name: str, package: str, parsed: RunnerSpec):
         raise GlpError(f"the task runner '{parsed.spec}' needs {package}, which is not "
                        f"installed: pip install {package}") from exc
     return getattr(imported, name)
+
+
+# SIGTERM on a Ray run. ``ray.init`` puts its own SIGTERM handler in place of this process's,
+# in Python and in Ray's C++ core, whose handler aborts the process (seen here with Ray
+# 2.60: on SIGTERM the CLI printed "*** SIGTERM received" and died of SIGABRT, at once or
+# a minute later, never with its own message and exit code 143). Giving the old handler
+# back is not enough: a wait on a Ray future (``ray.get``) stops only for a
+# KeyboardInterrupt: any other handler's exception (Prefect's TerminationSignal, the CLI's
+# Terminated) waits with it until the awaited fine-tune ends, then is lost or comes out
+# as a SystemError (both seen).
+# So while a Ray runner of ours is entered, SIGTERM in such a wait raises a
+# KeyboardInterrupt, and the wait hands the signal to the old handler once out of Ray.
+_ray_waits = 0  # how many waits on Ray the main thread is in
+_sigterm_in_wait: tuple[int, Any] | None = None  # (signal, old handler), set in a wait
+
+
+def _pass_on(handler: Any, signum: int, frame: Any) -> None:
+    """What ``handler`` (a handler ``signal.getsignal`` returned) does with the signal."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _on_sigterm(previous: Any, signum: int, frame: Any) -> None:
+    global _sigterm_in_wait
+    if previous == signal.SIG_IGN:
+        return
+    if _ray_waits:
+        _sigterm_in_wait = (signum, previous)
+        raise KeyboardInterrupt  # the one exception that stops ray.get
+    _pass_on(previous, signum, frame)
+
+
+@contextlib.contextmanager
+def _stoppable_ray_wait():
+    """A wait on Ray in which SIGTERM acts (see above); other threads get no signals."""
+    global _ray_waits, _sigterm_in_wait
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _ray_waits += 1
+    try:
+        yield
+    except KeyboardInterrupt:
+        caught, _sigterm_in_wait = _sigterm_in_wait, None
+        if caught is None:  # Ctrl-C
+            raise
+        signum, previous = caught
+        _pass_on(previous, signum, None)  # raises the old handler's exception
+        raise
+    finally:
+        _ray_waits -= 1
+
+
+@functools.cache
+def _ray_task_runner_class():
+    """prefect-ray's RayTaskRunner, with SIGTERM stopping a run (exit 143, resumable) as on
+    every other runner, and the Ray instance it started shut down on the way out."""
+    import ray
+    from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
+
+    class StoppableRayFuture(PrefectRayFuture):
+        def wait(self, timeout=None):
+            with _stoppable_ray_wait():
+                return super().wait(timeout)
+
+        def result(self, timeout=None, raise_on_failure=True):
+            with _stoppable_ray_wait():
+                return super().result(timeout, raise_on_failure)
+
+    class StoppableRayTaskRunner(RayTaskRunner):
+        future_class = StoppableRayFuture
+
+        def __enter__(self):
+            main = threading.current_thread() is threading.main_thread()
+            self._glp_sigterm = signal.getsignal(signal.SIGTERM) if main else None
+            try:
+                return super().__enter__()
+            finally:
+                previous = self._glp_sigterm
+                if previous is not None:  # None: not the main thread, or not set from Python
+                    driver = ray.is_initialized() and \
+                        ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE
+                    # In a Ray worker (which enters the flow's runner too), leave it.
+                    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, previous)
+                                  if driver else previous)
+
+        def __exit__(self, *exc_info):
+            try:
+                super().__exit__(*exc_info)
+            finally:
+                if self._glp_sigterm is not None:
+                    signal.signal(signal.SIGTERM, self._glp_sigterm)
+
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            return self.future_class(task_run_id=future.task_run_id,
+                                     wrapped_future=future.wrapped_future)
+
+    return StoppableRayTaskRunner
 
 
 def flow_api_url() -> str | None:

@@ -12,19 +12,17 @@ import json
 import os
 import sys
 import time
-import types
 from types import SimpleNamespace
 
 import dask
 import pytest
-import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.testing.utilities import prefect_test_harness
 
 import tasks.training
-from flows.prune import PruneParams, prune
+from flows.prune import prune
 from flows.runners import (
     FORMS,
     local_worker_env,
@@ -90,18 +88,6 @@ def test_ray_is_imported_lazily_with_a_clear_error(monkeypatch):
     parse_task_runner("ray:ray://head:10001")  # parsing needs no package
 
 
-def test_ray_specs_with_a_stand_in_package(monkeypatch):
-    class RayTaskRunner:
-        def __init__(self, address=None, init_kwargs=None):
-            self.address, self.init_kwargs = address, init_kwargs
-
-    monkeypatch.setitem(sys.modules, "prefect_ray",
-                        types.SimpleNamespace(RayTaskRunner=RayTaskRunner))
-    assert make_task_runner("ray:ray://head:10001").address == "ray://head:10001"
-    local = make_task_runner("ray")
-    assert local.address is None and local.init_kwargs is None  # no flow run, no API URL
-
-
 def test_sequential_runs_the_body_in_place():
     calls = []
     assert run_on_task_runner(lambda p: calls.append(p) or 42,
@@ -141,15 +127,8 @@ async def dask_setup(worker):
 '''
 
 
-def _params(model, home, **overrides) -> PruneParams:
-    values = dict(model=str(model), task="sst2", remove=2, train_limit=80, eval_limit=40,
-                  epochs=1.0, max_length=16, learning_rate=1e-3, batch_size=16, seeds=1,
-                  register_models=False, home=str(home))
-    return PruneParams(**{**values, **overrides})
-
-
 @pytest.fixture(scope="module")
-def both_runs(tiny_bert, tmp_path_factory):
+def both_runs(tiny_bert, tmp_path_factory, search_params):
     """The same search sequentially and on ``dask:2``, in separate homes (no shared cache)."""
     tmp = tmp_path_factory.mktemp("dask")
     log = tmp / "tasks.jsonl"
@@ -165,12 +144,12 @@ def both_runs(tiny_bert, tmp_path_factory):
     with prefect_test_harness(server_startup_timeout=90), pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks.training, "fine_tune", counting)  # only this process's module
         started = time.perf_counter()
-        sequential = prune(_params(tiny_bert, tmp / "sequential"))
+        sequential = prune(search_params(tiny_bert, tmp / "sequential"))
         seconds = {"sequential": time.perf_counter() - started}
         in_process_sequential = len(here)
         started = time.perf_counter()
         with dask.config.set({"distributed.worker.preload": [str(preload)]}):
-            on_dask = prune(_params(tiny_bert, tmp / "dask", task_runner="dask:2"))
+            on_dask = prune(search_params(tiny_bert, tmp / "dask", task_runner="dask:2"))
         seconds["dask:2"] = time.perf_counter() - started
         in_process_dask = len(here) - in_process_sequential
         with get_client(sync_client=True) as client:
@@ -183,35 +162,13 @@ def both_runs(tiny_bert, tmp_path_factory):
                            in_process_dask=in_process_dask, subflows=subflows)
 
 
-def test_dask_finds_the_same_order_and_scores(both_runs):
-    sequential, on_dask = both_runs.sequential, both_runs.dask
-    assert on_dask.order == sequential.order and len(on_dask.order) == 2
-    assert on_dask.job_id == sequential.job_id  # the runner does not change the job
-    assert ([(c["iteration"], c["layer"], c["value"]) for c in on_dask.candidates]
-            == [(c["iteration"], c["layer"], c["value"]) for c in sequential.candidates])
-    assert ([(f["depth"], f["value"]) for f in on_dask.finals]
-            == [(f["depth"], f["value"]) for f in sequential.finals])
-    assert (on_dask.computed, on_dask.reused) == (sequential.computed, sequential.reused) == (8, 0)
+def test_dask_finds_the_same_order_and_scores(both_runs, same_search):
+    same_search(both_runs.sequential, both_runs.dask)
 
 
-def test_dask_fine_tunes_give_the_same_weights(both_runs):
-    """The scores of so tiny a model tie often, so compare the checkpoints themselves.
-
-    Not bit for bit: a worker process runs torch with 1 thread (2 cores, 2 workers), this
-    process with 2, and the summation order differs (seen: at most ~1e-7 apart).
-    """
-    from safetensors.torch import load_file
-
-    keys = [c["cache_key"] for c in both_runs.sequential.candidates]
-    keys += [f["cache_key"] for f in both_runs.sequential.finals]
-    assert len(set(keys)) == 8
-    for key in set(keys):
-        folders = [both_runs.tmp / run / "artifacts" for run in ("sequential", "dask")]
-        found = [next(f.glob(f"*/{key}/model.safetensors")) for f in folders]
-        here, there = (load_file(path) for path in found)
-        assert here.keys() == there.keys()
-        for name, tensor in here.items():
-            assert torch.allclose(tensor, there[name], rtol=1e-4, atol=1e-6), (key, name)
+def test_dask_fine_tunes_give_the_same_weights(both_runs, same_checkpoints):
+    """The scores tie often: the checkpoints themselves, within float tolerance."""
+    same_checkpoints(both_runs.sequential, both_runs.tmp / "sequential", both_runs.tmp / "dask")
 
 
 def test_dask_run_is_a_subflow_that_computed_the_candidates(both_runs):
@@ -227,8 +184,8 @@ def test_dask_fine_tunes_ran_in_two_worker_processes(both_runs):
     runs = {}
     for record in both_runs.tasks:
         runs.setdefault(record["key"].rsplit("-", 1)[0], []).append(record["pid"])
-    assert len(runs["fine_tune_candidate"]) == 5 and len(runs["fine_tune_final"]) == 3
-    assert len(runs["evaluate_candidate"]) == 5 and len(runs["evaluate_final"]) == 3
+    assert len(runs["score_candidate"]) == 5 and len(runs["fine_tune_final"]) == 3
+    assert len(runs["evaluate_final"]) == 6  # each final on the dev and the selection split
     pids = {pid for pids in runs.values() for pid in pids}
     assert os.getpid() not in pids
-    assert len(set(runs["fine_tune_candidate"])) == 2  # the candidates ran side by side
+    assert len(set(runs["score_candidate"])) == 2  # the candidates ran side by side
