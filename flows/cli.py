@@ -113,11 +113,16 @@ def _quiet(verbose: bool) -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM reached the command (a scheduler or ``kill`` asking it to stop)."""
+    """SIGTERM (a scheduler or ``kill`` asking the command to stop) or SIGHUP (its terminal
+    closed) reached the command."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _interrupted(signum: int, run_home: RunHome) -> typer.Exit:
@@ -157,22 +162,24 @@ def detach_ephemeral_server() -> None:
 def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> None:
     """Validate, run the ``prune`` or ``compare`` flow with progress bars, print the summary.
 
-    SIGTERM and Ctrl-C stop the run within a training step: the running fine-tune is
-    dropped, the parent MLflow run is closed as KILLED, and the command exits with
-    128 + the signal's number (143, 130); the same command resumes.
+    SIGTERM, SIGHUP (the terminal closed) and Ctrl-C stop the run within a training step:
+    the running fine-tune is dropped, the parent MLflow run is closed as KILLED, the
+    temporary API server is stopped, and the command exits with 128 + the signal's number
+    (143, 129, 130); the same command resumes.
     """
     run_home = RunHome.resolve(home)
     # Prefect swaps in its own SIGTERM handler while the flow runs and hands the signal
     # back to this one when the flow has been torn down.
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _run_command(kind, values, run_home, verbose)
-    except Terminated:
-        raise _interrupted(signal.SIGTERM, run_home) from None
+    except Terminated as stop:
+        raise _interrupted(stop.signum, run_home) from None
     except KeyboardInterrupt:
         raise _interrupted(signal.SIGINT, run_home) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> None:

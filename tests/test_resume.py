@@ -209,6 +209,29 @@ def test_sigterm_stops_a_long_fine_tune_within_seconds(tiny_bert, tmp_path, star
     assert not [r for r in _runs(home) if r.info.status == "RUNNING"]
 
 
+def test_sighup_a_closed_terminal_stops_cleanly_and_stops_the_api_server(tiny_bert, tmp_path,
+                                                                         start):
+    """The temporary API server runs in a session of its own (for Ctrl-C), so a closed
+    terminal's SIGHUP does not reach it: glp must stop it on the way out."""
+    home = tmp_path / "home"
+    command = _command(tiny_bert, home)
+    command[command.index("--epochs") + 1] = "4000"
+    process = start(command)
+    tokens = home / "cache" / "tokens"
+    _wait_for(lambda: tokens.is_dir() and any(tokens.iterdir()), process, "the first fine-tune")
+    time.sleep(3)
+    assert _servers(home)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGHUP, stderr
+    assert "interrupted by SIGHUP" in stderr
+    assert [r.info.status for r in _job_runs(home)] == ["KILLED"]
+    deadline = time.monotonic() + 15
+    while _servers(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _servers(home)
+
+
 def test_sigterm_then_resume_gives_the_uninterrupted_result(tiny_bert, tmp_path, reference,
                                                             start):
     home = tmp_path / "home"
