@@ -30,6 +30,7 @@ from glp.models import (
     num_encoder_layers,
 )
 from glp.models import resolve_model as resolve_model_path
+from glp.provenance import code_fingerprint
 from glp.search import (
     CandidateScored,
     LayerScored,
@@ -58,6 +59,7 @@ from tasks.tracking import (
     update_aliases,
 )
 from tasks.training import (
+    CODE,
     Checkpoint,
     FineTuneRequest,
     Scored,
@@ -176,7 +178,15 @@ def check_options(params: PruneParams) -> str:
         if "task" in given and params.task:
             raise GlpError(f"--task {params.task} and --train-file: choose one (a GLUE task "
                            "or your own data)")
+        if params.data_dir:
+            raise GlpError("--data-dir is the folder of GLUE tasks; with --train-file it "
+                           "would be ignored")
     else:
+        if params.text_columns or ("label_column" in given
+                                   and params.label_column != "label"):
+            option = "--text-column" if params.text_columns else "--label-column"
+            raise GlpError(f"{option}: a GLUE task ({params.task}) has its own columns; "
+                           f"{option} is for --train-file data")
         if params.dev_file:
             raise GlpError("--dev-file is for your own data and needs --train-file; a GLUE "
                            f"--task ({params.task}) brings its own dev set")
@@ -185,6 +195,10 @@ def check_options(params: PruneParams) -> str:
             if name in given and value is not None:
                 raise GlpError(f"{option} {value}: a GLUE task ({params.task}) has its own "
                                f"{name.replace('_', ' ')}; {option} is for --train-file data")
+    if params.prefilter_keep and getattr(params, "strategy", "greedy") != "greedy" and (
+            "strategies" not in type(params).model_fields):
+        raise GlpError(f"--prefilter-keep {params.prefilter_keep}: only the greedy strategy "
+                       f"pre-filters (--strategy is {params.strategy})")
     device = resolve_device(params.device)
     check_precision(params.precision, device)
     return str(device)
@@ -277,10 +291,13 @@ class Job:
     # ------------------------------------------------------------------ identity and runs
 
     def identity(self, kind: str, *parts: object) -> str:
-        """The job id: a hash of everything that decides the results."""
+        """The job id: a hash of everything that decides the results, the code that
+        computes them and the kind of device included (so a code change is a new job,
+        with its own MLflow run and registered versions, not a rewrite of the old one)."""
         return stable_hash(kind, self.model_fp, self.data.fingerprints, self.data.metric,
-                           self.params.remove, self.finetune, self.params.search_seed,
-                           self.seeds, *parts)
+                           self.params.remove, self.finetune.result_dict(),
+                           self.params.search_seed, self.seeds, code_fingerprint(CODE),
+                           self.device.partition(":")[0], *parts)
 
     def start(self, job_id: str, run_name: str, tags: dict[str, str]) -> str:
         progress.clear_stop()
@@ -421,7 +438,8 @@ class Job:
             self.tracking_uri, self.parent_run_id, self.job_id, CANDIDATE, checkpoint.key,
             f"candidate-remove-{'-'.join(map(str, record.removed))}",
             params={"iteration": record.iteration, "layer": record.layer,
-                    "removed": list(record.removed), "seed": checkpoint.seed},
+                    "removed": list(record.removed), "seed": checkpoint.seed,
+                    "device": checkpoint.device},
             metrics={**_finite(evaluation.metrics), "fine_tune_seconds": checkpoint.seconds},
             tags={**self.common_tags, "glp.iteration": record.iteration,
                   "glp.diverged": str(evaluation.diverged).lower()},
@@ -459,7 +477,8 @@ class Job:
             for seed in self.seeds:
                 checkpoint = self._fine_tune_final.submit(self.request(removed, "train", seed))
                 evaluations = [self._evaluate_final.submit(checkpoint, self.data, split,
-                                                           self.finetune, self.home)
+                                                           self.finetune, self.home,
+                                                           self.device)
                                for split in ("dev", "selection")]
                 jobs[removed, seed] = (checkpoint, *evaluations)
         done_jobs: dict[tuple, dict] = {}
@@ -507,7 +526,7 @@ class Job:
                     "depth": depth, "removed": list(removed), "seed": seed,
                     "metric": evaluation.metric, "value": evaluation.score,
                     "selection_value": job["selection"].score,
-                    "diverged": evaluation.diverged,
+                    "diverged": evaluation.diverged or job["selection"].diverged,
                     "metrics_json": dumps(evaluation.metrics),
                     "parameters": parameters[removed],
                     "train_examples": self.data.sizes["train"],

@@ -560,7 +560,8 @@ def load_user_data(
                        f"{', '.join(valid)}")
     cols = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
     if len(cols) not in (1, 2):
-        raise GlpError(f"text_columns must name 1 or 2 columns, got {len(cols)}: {', '.join(cols)}")
+        raise GlpError(f"--text-column must be given once (one text) or twice (a pair), got "
+                       f"{len(cols)}: {', '.join(cols)}")
 
     hub: dict[str, datasets.DatasetDict] = {}  # each hub dataset is loaded once
     frames: dict[str, _Frame] = {"train": _user_frame(train, "train", hub, dataset_config)}

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from glp import GlpError
 from glp.data import (
     TaskData,
+    check_labels,
     fingerprint,
     get_task,
     limit_examples,
@@ -115,6 +116,8 @@ def prepare_data(
     """
     data = load_source(source)
     train = limit_examples(data.train, train_limit, seed=split_seed)
+    # Also here, not only in the CLI: a deployment or a direct flow call gets the check.
+    check_labels(train, data.dev, data.spec, limited=train_limit is not None)
     fit, selection = split_for_selection(train, selection_fraction, seed=split_seed)
     dev = limit_examples(data.dev, eval_limit, seed=split_seed)
     splits = {"train": train, "fit": fit, "selection": selection, "dev": dev}

@@ -19,6 +19,7 @@ import errno
 import functools
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class FineTuneRequest(BaseModel, frozen=True):
     seed: int
     home: RunHome
     device: str = "cpu"  # a resolved device ("cpu", "cuda:0"); its type is in the key
-    keep_weights: bool = True
+    keep_weights: bool = True  # not in the key: it changes what is kept, not the result
     trust_remote_code: bool = False  # the user's explicit --trust-remote-code
 
     @property
@@ -76,7 +77,6 @@ class FineTuneRequest(BaseModel, frozen=True):
             self.config.result_dict(),
             self.seed,
             self.device.partition(":")[0],
-            self.keep_weights,
         )
 
 
@@ -141,14 +141,18 @@ def _tokenized(split_path: str, split_fingerprint: str, tokenizer_path: str, max
                     cache_dir=Path(cache_dir))
 
 
+_TOKENIZING = threading.Lock()  # one fast tokenizer is not safe to share across threads
+
+
 def tokenized(data: DataRef, split: str, tokenizer_path: str, max_length: int, home: RunHome):
     """The split tokenised, once per process and job: later candidates and evaluations of
     the job reuse the same in-memory rows (keyed by the split's content fingerprint)."""
     if split not in data.paths:
         raise GlpError(f"unknown split '{split}'; choose one of: {', '.join(data.paths)}")
-    tokens = _tokenized(data.paths[split], data.fingerprints[split], str(tokenizer_path),
-                        max_length, str(home.token_cache))
-    return tokens, _tokenizer(str(tokenizer_path))
+    with _TOKENIZING:
+        tokens = _tokenized(data.paths[split], data.fingerprints[split], str(tokenizer_path),
+                            max_length, str(home.token_cache))
+        return tokens, _tokenizer(str(tokenizer_path))
 
 
 def _train(request: FineTuneRequest, kind: str):
@@ -268,15 +272,16 @@ def run_candidate(request: FineTuneRequest, split: str) -> Scored:
 
 
 def run_evaluation(checkpoint: Checkpoint, data: DataRef, split: str, config: FineTuneConfig,
-                   home: RunHome) -> Evaluation:
-    """Score a saved checkpoint on a split with every metric of the task."""
+                   home: RunHome, device: str | None = None) -> Evaluation:
+    """Score a saved checkpoint on a split with every metric of the task, on ``device``
+    (the run's; by default the one it was trained on)."""
     faults.inject("evaluate")
     if checkpoint.path is None or not Path(checkpoint.path).is_dir():
         raise GlpError(f"checkpoint {checkpoint.path} is missing; delete the run home's "
                        "prefect/results to recompute, or restore the artifacts folder")
     model = load_classifier(checkpoint.path, num_labels=data.num_labels,
                             is_regression=data.is_regression)
-    return _score(model, checkpoint, data, split, config, home, checkpoint.device)
+    return _score(model, checkpoint, data, split, config, home, device or checkpoint.device)
 
 
 def _request_key(context, parameters) -> str:
@@ -326,10 +331,11 @@ def fine_tune_final(request: FineTuneRequest) -> Checkpoint:
 
 @task(name="evaluate-final", cache_policy=EVALUATION_CACHE, **CACHED)
 def evaluate_final(checkpoint: Checkpoint, data: DataRef, split: str,
-                   config: FineTuneConfig, home: RunHome) -> Evaluation:
+                   config: FineTuneConfig, home: RunHome, device: str | None = None
+                   ) -> Evaluation:
     """Score a final model on a split: the dev set (the report) or the selection split
     (which chooses the registered seed and the ``best`` alias)."""
-    return run_evaluation(checkpoint, data, split, config, home)
+    return run_evaluation(checkpoint, data, split, config, home, device)
 
 
 @task(name="select-layer", cache_policy=NO_CACHE)

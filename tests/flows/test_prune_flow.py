@@ -154,7 +154,8 @@ def test_a_changed_library_source_recomputes_everything(harness, tiny_bert, two_
     finally:
         glp.provenance.clear_cache()
     assert (changed.computed, changed.reused) == (8, 0)
-    assert changed.job_id == first.job_id  # the same job, recomputed with the new code
+    # A new job: its own MLflow run and registered versions, not a rewrite of the old.
+    assert changed.job_id != first.job_id
 
 
 def test_every_candidate_starts_from_the_pre_trained_weights(harness, tiny_bert, tmp_path,

@@ -311,7 +311,7 @@ def test_user_data_bad_options(tmp_path: Path) -> None:
         load_user_data(path, text_columns="t", label_column="l", metric="spearman")
     with pytest.raises(GlpError, match="'ranking'.*classification, regression"):
         load_user_data(path, text_columns="t", label_column="l", task_type="ranking")
-    with pytest.raises(GlpError, match="1 or 2"):
+    with pytest.raises(GlpError, match=r"once \(one text\) or twice \(a pair\), got 3"):
         load_user_data(path, text_columns=["t", "t", "t"], label_column="l")
 
 
