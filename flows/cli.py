@@ -225,6 +225,12 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
     except TerminationSignal:  # Prefect kept the signal (a cancel from its runner)
         raise Terminated() from None
     except Exception as exc:  # a task failed after its retries: say so, keep what finished
+        from tasks.faults import is_full_disk
+
+        if is_full_disk(exc):  # not retried: one line, what to do
+            _fail(f"no space left on the device of {exc.filename or run_home.root}: free some "
+                  f"space (glp gc --home {run_home.root} removes what no run needs) and run "
+                  "the same command again")
         err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: {exc}",
                   highlight=False)
         err.print(f"Finished fine-tunes are cached in {run_home.results}; run the same "

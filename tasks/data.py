@@ -24,6 +24,7 @@ from glp.data import (
     load_user_data,
     split_for_selection,
 )
+from tasks import faults
 from tasks.home import RunHome
 
 SPLITS = ("train", "fit", "selection", "dev")
@@ -101,7 +102,8 @@ def _read_source(source: DataSource) -> TaskData:
     return load_glue_task(source.task, source.data_dir)
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE, retries=1)
+@task(name="prepare-data", cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=faults.retry_unless_hopeless)
 def prepare_data(
     source: DataSource,
     home: RunHome,

@@ -13,6 +13,7 @@ and the cost is one environment lookup per call.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -55,3 +56,19 @@ def inject(point: str) -> None:
         fails = call <= int(how)
     if fails:
         raise InjectedFault(f"injected fault at {point} (call {call}, GLP_FAULTS={spec})")
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_full_disk(exc: BaseException) -> bool:
+    """A write failed because the disk (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in FULL_DISK
+
+
+def retry_unless_hopeless(task, task_run, state) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failed task unless retrying cannot help.
+    Bad input (a GlpError) and a full disk do not clear themselves."""
+    from glp import GlpError
+
+    return not (isinstance(state.data, GlpError) or is_full_disk(state.data))

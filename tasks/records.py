@@ -115,7 +115,8 @@ def write_part(root: Path, table: str, job_id: str, part: str, rows: list[dict])
     return path
 
 
-@task(name="record-rows", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(name="record-rows", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=faults.retry_unless_hopeless)
 def record_rows(root: Path, table: str, job_id: str, part: str, rows: list[dict]) -> str:
     """Write one part of an audit table (idempotent: a retry replaces the same file)."""
     faults.inject("record")

@@ -24,7 +24,8 @@ import glp
 from tasks import faults
 
 JOB, CANDIDATE, FINAL = "job", "candidate", "final"
-_RETRY = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 2}
+_RETRY = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 2,
+          "retry_condition_fn": faults.retry_unless_hopeless}
 
 
 _READY: set[str] = set()

@@ -15,7 +15,6 @@ is its metrics; ``keep_weights`` keeps them). Final models are saved as checkpoi
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import shutil
@@ -197,7 +196,7 @@ def save_atomically(model, tokenizer, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        if faults.is_full_disk(exc):
             need = sum(p.numel() * p.element_size() for p in model.parameters())
             raise NoSpace(f"no space left on the device of {target.parent}: a checkpoint "
                           f"needs about {need / 1e6:.0f} MB; free some space (glp gc "
@@ -302,18 +301,12 @@ def _evaluation_key(context, parameters) -> str:
                        code_fingerprint(CODE))
 
 
-def retry_unless_hopeless(task, task_run, state) -> bool:
-    """Retry a failed task unless retrying cannot help: bad input (GlpError, which
-    includes a full disk) is final."""
-    return not isinstance(state.data, GlpError)
-
-
 # TASK_SOURCE joins the key: a change to the task's code invalidates its cached results.
 REQUEST_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_request_key)
 CANDIDATE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_candidate_key)
 EVALUATION_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_evaluation_key)
 CACHED = {"persist_result": True, "result_serializer": "json", "retries": 2,
-          "retry_delay_seconds": 1, "retry_condition_fn": retry_unless_hopeless}
+          "retry_delay_seconds": 1, "retry_condition_fn": faults.retry_unless_hopeless}
 
 
 @task(name="score-candidate", cache_policy=CANDIDATE_CACHE, **CACHED)

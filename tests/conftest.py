@@ -49,3 +49,13 @@ def _environment_per_test():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_left_over():
+    """A flow that failed asks this process's fine-tunes to stop (tasks/progress.py); the
+    request must not reach a later test's fine-tunes."""
+    yield
+    from tasks import progress
+
+    progress.clear_stop()

@@ -109,3 +109,21 @@ def test_a_full_disk_fails_at_once_with_one_clear_error(harness, tiny_bert, tmp_
     runs = client.search_runs(client.search_experiments()[0].experiment_id.split(),
                               filter_string="tags.`glp.kind` = 'job'")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_a_full_disk_while_writing_parquet_is_not_retried(harness, tiny_bert, tmp_path,
+                                                          monkeypatch):
+    import errno
+
+    import tasks.records
+
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(args)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "home"))
+
+    monkeypatch.setattr(tasks.records.pq, "write_table", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        prune(_params(tiny_bert, tmp_path / "home"))
+    assert len(calls) == 1  # the first Parquet file (a prepared split), tried once

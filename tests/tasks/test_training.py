@@ -11,8 +11,9 @@ import pytest
 import tasks.training
 from glp.config import FineTuneConfig
 from tasks.data import DataRef
+from tasks.faults import retry_unless_hopeless
 from tasks.home import RunHome
-from tasks.training import FineTuneRequest, NoSpace, retry_unless_hopeless, save_atomically
+from tasks.training import FineTuneRequest, NoSpace, save_atomically
 
 
 def _request(tmp_path: Path, **overrides) -> FineTuneRequest:
@@ -86,4 +87,6 @@ def test_a_full_disk_and_bad_input_are_not_retried():
         return SimpleNamespace(data=exc)
 
     assert retry_unless_hopeless(None, None, state(NoSpace("full"))) is False
+    assert retry_unless_hopeless(None, None, state(OSError(errno.ENOSPC, "full"))) is False
+    assert retry_unless_hopeless(None, None, state(OSError(errno.EIO, "io"))) is True
     assert retry_unless_hopeless(None, None, state(RuntimeError("flaky"))) is True
