@@ -51,9 +51,9 @@ console = Console()
 # soft_wrap: an error is one line in a log or a pipe, however long.
 err = Console(stderr=True, soft_wrap=True)
 
-# Flow parameter names that the command line spells differently.
-OPTION_NAMES = {"learning_rate": "--lr", "text_columns": "--text-column",
-                "register_models": "--register"}
+# Options whose flow parameter is spelt differently, and the way back for error lines.
+RENAMED = {"text_column": "text_columns", "lr": "learning_rate", "register": "register_models"}
+OPTION_NAMES = {param: f"--{option.replace('_', '-')}" for option, param in RENAMED.items()}
 
 # The demo: the embedded MiniLM on 2,000 SST-2 examples, 1 epoch, max length 64,
 # lr 1e-4 (2e-5 often stays at the majority class with so little data), 2 of 6 layers.
@@ -424,9 +424,7 @@ def prune(
 
 def _params(values: dict) -> dict:
     """CLI option values as flow parameters."""
-    renamed = {"text_column": "text_columns", "lr": "learning_rate",
-               "register": "register_models"}
-    params = {renamed.get(k, k): v for k, v in values.items()}
+    params = {RENAMED.get(k, k): v for k, v in values.items()}
     params["text_columns"] = tuple(params.get("text_columns") or ())
     # Left out when not given, so that the flow can tell an option the user typed (and
     # refuse one that would be ignored) from a default.
@@ -513,7 +511,7 @@ def gc(
     for path, size in found:
         console.print(f"{'would remove' if dry_run else 'removed'} {path} ({size / 1e6:,.1f} MB)")
     freed = sum(size for _, size in found)
-    after = before - freed if dry_run else folder_size(run_home.root)
+    after = before - freed
     console.print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:,.1f} MB; the home "
                   f"{'would hold' if dry_run else 'holds'} {after / 1e6:,.1f} MB")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import glp
 from flows.runners import parse_task_runner
 from glp import GlpError
 from glp.config import FineTuneConfig, stable_hash
-from glp.data import TaskData, check_labels, limit_examples
+from glp.data import TaskData
 from glp.models import (
     DEFAULT_MODEL,
     check_supported,
@@ -45,7 +46,7 @@ from glp.search import (
 from glp.train import check_precision, resolve_device
 from tasks import progress
 from tasks.analysis import SimilarityRequest, layer_similarity, measure_latencies
-from tasks.data import DataRef, DataSource, load_source, prepare_data
+from tasks.data import DataRef, DataSource, checked_train, load_source, prepare_data
 from tasks.home import RunHome
 from tasks.records import record_rows
 from tasks.tracking import (
@@ -211,8 +212,7 @@ def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, 
     check_options(params)
     _, num_layers = check_model(params, strategies)
     data = load_source(params.source())
-    check_labels(limit_examples(data.train, params.train_limit, seed=params.split_seed),
-                 data.dev, data.spec, limited=params.train_limit is not None)
+    checked_train(data, params.train_limit, params.split_seed)
     return num_layers, data
 
 
@@ -484,6 +484,7 @@ class Job:
         done_jobs: dict[tuple, dict] = {}
         for done, ((removed, seed), futures) in enumerate(jobs.items()):
             checkpoint, evaluation, selection = (f.result() for f in futures)
+            diverged = evaluation.diverged or selection.diverged
             reused = self._count(checkpoint)
             depth = self.num_layers - len(removed)
             run_id = log_child_run(
@@ -495,11 +496,11 @@ class Job:
                          **{f"selection_{k}": v for k, v in _finite(selection.metrics).items()},
                          "fine_tune_seconds": checkpoint.seconds},
                 tags={**self.common_tags, "glp.depth": depth,
-                      "glp.diverged": str(evaluation.diverged).lower()},
+                      "glp.diverged": str(diverged).lower()},
             )
             done_jobs[removed, seed] = {
                 "run_id": run_id, "checkpoint": checkpoint, "evaluation": evaluation,
-                "selection": selection, "reused": reused}
+                "selection": selection, "diverged": diverged, "reused": reused}
             self.reporter.update(handle, done + 1)
         self.reporter.end(handle)
 
@@ -526,7 +527,7 @@ class Job:
                     "depth": depth, "removed": list(removed), "seed": seed,
                     "metric": evaluation.metric, "value": evaluation.score,
                     "selection_value": job["selection"].score,
-                    "diverged": evaluation.diverged or job["selection"].diverged,
+                    "diverged": job["diverged"],
                     "metrics_json": dumps(evaluation.metrics),
                     "parameters": parameters[removed],
                     "train_examples": self.data.sizes["train"],
@@ -563,10 +564,6 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,
                     outcome: SearchOutcome) -> dict[str, str]:
     """Register one model per pruned depth; alias ``best`` and ``depth-N``.
@@ -586,8 +583,8 @@ def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name:
     aliases, means = {}, {}
     for depth, rows in sorted(by_depth.items(), reverse=True):
         chosen = max(rows, key=lambda r: (r["selection_value"], -r["seed"]))
-        selection_mean = _mean([r["selection_value"] for r in rows])
-        mean = _mean([r["value"] for r in rows])
+        selection_mean = statistics.mean(r["selection_value"] for r in rows)
+        mean = statistics.mean(r["value"] for r in rows)
         version = register_model(
             job.tracking_uri, chosen["run_id"], chosen["_path"], name, job.job_id, depth,
             tags={**job.common_tags,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from glp import GlpError
-from glp.train import _collate, _columns
+from glp.train import _collate, _columns, model_device
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,6 @@ def latency_batch(dataset: Any, batch_size: int = 32, pad_id: int = 0) -> dict[s
     return batch
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def measure_latency(
     models: Mapping[str, torch.nn.Module],
     batch: Mapping[str, torch.Tensor],
@@ -114,12 +109,13 @@ def measure_latency(
     if "input_ids" not in batch:
         raise GlpError(f"the batch has no input_ids (it has: {', '.join(batch) or 'nothing'})")
     names = list(models)
-    inputs = {name: {k: v.to(_device(models[name])) for k, v in batch.items()} for name in names}
+    inputs = {name: {k: v.to(model_device(models[name])) for k, v in batch.items()}
+              for name in names}
     modes = {name: models[name].training for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
 
     def run(name: str) -> float:
-        sync = _device(models[name]).type == "cuda"
+        sync = model_device(models[name]).type == "cuda"
         start = time.perf_counter()
         models[name](**inputs[name])
         if sync:

@@ -90,6 +90,12 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters are (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     if device.type == "cpu":
         return batch
@@ -209,7 +215,8 @@ def fine_tune(
     steps = total_steps(len(lengths), config)
     optimizer = _optimizer(model, config)
     scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * steps), steps)
-    scaler = torch.amp.GradScaler(target.type) if config.precision == "fp16" else None
+    # Loss scaling for fp16 only; disabled, the scaler passes everything straight through.
+    scaler = torch.amp.GradScaler(target.type, enabled=config.precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     start, seen, loss_value, diverged = time.perf_counter(), 0, float("nan"), False
@@ -223,18 +230,12 @@ def fine_tune(
         if not math.isfinite(loss_value):
             diverged = True  # NaN/inf: every later step would only spread it
             break
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seen += len(indices)
@@ -255,7 +256,7 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 128,
     """
     if device is not None:
         model.to(resolve_device(device))
-    target = next(model.parameters()).device
+    target = model_device(model)
     columns = _columns(dataset)
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     # Sorting by length makes batches tight; the output is put back in input order.

@@ -102,6 +102,16 @@ def _read_source(source: DataSource) -> TaskData:
     return load_glue_task(source.task, source.data_dir)
 
 
+def checked_train(data: TaskData, train_limit: int | None, split_seed: int
+                  ) -> datasets.Dataset:
+    """The training rows a run uses (``train_limit`` of them, deterministically), after
+    checking that a model can learn them and be judged on the dev rows (glp.data's
+    ``check_labels``)."""
+    train = limit_examples(data.train, train_limit, seed=split_seed)
+    check_labels(train, data.dev, data.spec, limited=train_limit is not None)
+    return train
+
+
 @task(name="prepare-data", cache_policy=NO_CACHE, retries=1,
       retry_condition_fn=faults.retry_unless_hopeless)
 def prepare_data(
@@ -117,9 +127,8 @@ def prepare_data(
     Cheap and deterministic, so not cached; ``prepare_data.fn`` runs it without Prefect.
     """
     data = load_source(source)
-    train = limit_examples(data.train, train_limit, seed=split_seed)
-    # Also here, not only in the CLI: a deployment or a direct flow call gets the check.
-    check_labels(train, data.dev, data.spec, limited=train_limit is not None)
+    # Checked here too, not only in the CLI: a deployment or a direct flow call gets it.
+    train = checked_train(data, train_limit, split_seed)
     fit, selection = split_for_selection(train, selection_fraction, seed=split_seed)
     dev = limit_examples(data.dev, eval_limit, seed=split_seed)
     splits = {"train": train, "fit": fit, "selection": selection, "dev": dev}

@@ -89,12 +89,14 @@ class RunHome:
                            "folder you can write (--home or GLP_HOME)") from None
         return self
 
-    def remove_stale_temporaries(self) -> list[Path]:
-        """Delete half-written checkpoints (``*.tmp-<pid>``) of processes that are gone.
+    def stale_temporaries(self) -> list[Path]:
+        """Half-written checkpoints (``*.tmp-<pid>``) of processes that are gone; those of
+        a live process (a concurrent run in this home) are not stale."""
+        return [tmp for tmp in self.artifacts.glob("*/*.tmp-*") if not _owner_alive(tmp)]
 
-        A temporary folder of a live process (a concurrent run in this home) is kept.
-        """
-        removed = [tmp for tmp in self.artifacts.glob("*/*.tmp-*") if not _owner_alive(tmp)]
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the :meth:`stale_temporaries`; returns what was deleted."""
+        removed = self.stale_temporaries()
         for tmp in removed:
             shutil.rmtree(tmp, ignore_errors=True)
         return removed
@@ -119,7 +121,7 @@ def collect_garbage(home: RunHome, finals: bool = False, dry_run: bool = False
     ``dry_run``, would be) removed.
     """
     targets = [home.artifacts / "candidates", home.token_cache]
-    targets += [t for t in home.artifacts.glob("*/*.tmp-*") if not _owner_alive(t)]
+    targets += home.stale_temporaries()
     if finals:
         targets += [home.artifacts / "finals", home.results]
     found = [(t, folder_size(t)) for t in targets if t.exists()]

@@ -77,3 +77,16 @@ def same_checkpoints():
                 assert torch.allclose(tensor, there[name], rtol=1e-4, atol=1e-6), (key, name)
 
     return check
+
+
+@pytest.fixture(scope="session")
+def computed_in_one_subflow():
+    """``check(subflows, summary)``: a parallel runner's job ran as its only subflow, to
+    completion, and that subflow computed every candidate."""
+
+    def check(subflows, summary) -> None:
+        (subflow,) = subflows  # only the parallel run needed one
+        assert subflow.parent_task_run_id is not None and subflow.state.is_completed()
+        assert {c["flow_run_id"] for c in summary.candidates} == {str(subflow.id)}
+
+    return check

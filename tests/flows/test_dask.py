@@ -171,10 +171,9 @@ def test_dask_fine_tunes_give_the_same_weights(both_runs, same_checkpoints):
     same_checkpoints(both_runs.sequential, both_runs.tmp / "sequential", both_runs.tmp / "dask")
 
 
-def test_dask_run_is_a_subflow_that_computed_the_candidates(both_runs):
-    (subflow,) = both_runs.subflows  # only the Dask run needed one
-    assert subflow.parent_task_run_id is not None and subflow.state.is_completed()
-    assert {c["flow_run_id"] for c in both_runs.dask.candidates} == {str(subflow.id)}
+def test_dask_run_is_a_subflow_that_computed_the_candidates(both_runs,
+                                                             computed_in_one_subflow):
+    computed_in_one_subflow(both_runs.subflows, both_runs.dask)
 
 
 def test_dask_fine_tunes_ran_in_two_worker_processes(both_runs):

@@ -153,10 +153,9 @@ def test_ray_fine_tunes_give_the_same_weights(both_runs, same_checkpoints):
     same_checkpoints(both_runs.sequential, both_runs.tmp / "sequential", both_runs.tmp / "ray")
 
 
-def test_ray_run_is_a_subflow_that_computed_the_candidates(both_runs):
-    (subflow,) = both_runs.subflows  # only the Ray run needed one
-    assert subflow.parent_task_run_id is not None and subflow.state.is_completed()
-    assert {c["flow_run_id"] for c in both_runs.ray.candidates} == {str(subflow.id)}
+def test_ray_run_is_a_subflow_that_computed_the_candidates(both_runs,
+                                                             computed_in_one_subflow):
+    computed_in_one_subflow(both_runs.subflows, both_runs.ray)
 
 
 def test_the_runner_started_a_local_instance_for_the_flow_api_and_shut_it_down(both_runs):
