@@ -11,7 +11,8 @@ unknown config keys through save and load, so the record travels with the checkp
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from glp import GlpError
@@ -229,3 +230,228 @@ def _update_config(
     setattr(config, "n_layers" if distilbert else "num_hidden_layers", len(keep_positions))
     setattr(config, KEPT_KEY, list(new_kept))
     setattr(config, REMOVED_KEY, list(new_removed))
+
+
+# --- width: heads, FFN neurons and weight blocks ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Where a family keeps a layer's attention and FFN matrices (paths from the layer)."""
+
+    attention: str  # the module holding the head count and the projections
+    projections: tuple[str, ...]  # on ``attention``: sliced by rows, per head
+    output: str  # the attention output matrix: sliced by columns
+    ffn_in: str  # rows = FFN neurons
+    ffn_out: str  # columns = FFN neurons
+    head_count: str = "num_attention_heads"
+
+
+_BERT_LIKE = _Family("attention.self", ("query", "key", "value"), "attention.output.dense",
+                     "intermediate.dense", "output.dense")
+FAMILIES: dict[str, _Family] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "distilbert": _Family("attention", ("q_lin", "k_lin", "v_lin"), "attention.out_lin",
+                          "ffn.lin1", "ffn.lin2", head_count="n_heads"),
+    "mpnet": _Family("attention.attn", ("q", "k", "v"), "attention.attn.o",
+                     "intermediate.dense", "output.dense"),
+    # pos_key_proj / pos_query_proj project the shared relative embeddings per head.
+    "deberta-v2": _Family("attention.self",
+                          ("query_proj", "key_proj", "value_proj", "pos_key_proj",
+                           "pos_query_proj"),
+                          "attention.output.dense", "intermediate.dense", "output.dense"),
+}
+
+PLAN_ATTR = "glp_plan"
+"""The attribute under which a model remembers the plan applied to it."""
+
+
+def _family(model: nn.Module) -> _Family:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise GlpError(f"model type '{model_type}' has no width surgery; supported: "
+                       f"{', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def prune_linear(linear: nn.Linear, index: Sequence[int], dim: int = 0) -> nn.Linear:
+    """A new ``nn.Linear`` keeping only ``index`` along ``dim`` (0: outputs, 1: inputs).
+
+    The one slicing primitive every width method rests on: weights are copied (and keep
+    their ``requires_grad``), the bias follows the outputs, the device and dtype stay.
+    """
+    import torch
+    from torch import nn
+
+    keep = torch.as_tensor(list(index), dtype=torch.long, device=linear.weight.device)
+    weight = linear.weight.index_select(dim, keep).detach().clone()
+    bias = linear.bias
+    if bias is not None:
+        bias = (bias.index_select(0, keep) if dim == 0 else bias).detach().clone()
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(module, parent) if parent else module, name, value)
+
+
+def role_module(model: nn.Module, layer: nn.Module, role: str) -> nn.Linear:
+    """The ``nn.Linear`` of a layer for a role (query, key, value, output, ffn_in, ffn_out)."""
+    family = _family(model)
+    if role in ("query", "key", "value"):
+        name = family.projections[("query", "key", "value").index(role)]
+        return getattr(_get(layer, family.attention), name)
+    return _get(layer, {"output": family.output, "ffn_in": family.ffn_in,
+                        "ffn_out": family.ffn_out}[role])
+
+
+def head_size(model: nn.Module) -> int:
+    """The per-head width of a model's attention (the same in every layer)."""
+    layer = encoder_layers(model)[0]
+    return int(_get(layer, _family(model).attention).attention_head_size)
+
+
+def num_heads(model: nn.Module) -> int:
+    config = model.config
+    return int(getattr(config, "n_heads", None) or config.num_attention_heads)
+
+
+def _slice_heads(model: nn.Module, layer: nn.Module, heads: Sequence[int]) -> None:
+    import torch
+
+    family = _family(model)
+    attention = _get(layer, family.attention)
+    size = int(attention.attention_head_size)
+    rows = [h * size + i for h in heads for i in range(size)]
+    for name in family.projections:
+        if isinstance(getattr(attention, name, None), torch.nn.Linear):
+            setattr(attention, name, prune_linear(getattr(attention, name), rows, dim=0))
+    _set(layer, family.output, prune_linear(_get(layer, family.output), rows, dim=1))
+    setattr(attention, family.head_count, len(heads))
+    if hasattr(attention, "all_head_size"):
+        attention.all_head_size = len(heads) * size
+    if getattr(model.config, "model_type", None) == "mpnet":
+        # MPNet adds one relative position bias, computed for every head by the encoder,
+        # to each layer's scores: each layer takes the rows of the heads it kept.
+        kept = torch.tensor(list(heads), dtype=torch.long)
+
+        def take_kept_heads(module, args, kwargs):
+            if len(args) > 2 and args[2] is not None:
+                args = (*args[:2], args[2].index_select(1, kept.to(args[2].device)), *args[3:])
+            elif kwargs.get("position_bias") is not None:
+                bias = kwargs["position_bias"]
+                kwargs = {**kwargs, "position_bias": bias.index_select(1, kept.to(bias.device))}
+            return args, kwargs
+
+        attention.register_forward_pre_hook(take_kept_heads, with_kwargs=True)
+
+
+def _slice_neurons(model: nn.Module, layer: nn.Module, neurons: Sequence[int]) -> None:
+    family = _family(model)
+    _set(layer, family.ffn_in, prune_linear(_get(layer, family.ffn_in), neurons, dim=0))
+    _set(layer, family.ffn_out, prune_linear(_get(layer, family.ffn_out), neurons, dim=1))
+
+
+def block_grid(shape: Sequence[int], size: int) -> tuple[int, int]:
+    """Blocks per column and per row of a matrix (edge blocks may be partial)."""
+    return -(-int(shape[0]) // size), -(-int(shape[1]) // size)
+
+
+def block_element_mask(mask, shape: Sequence[int]):
+    """A 0/1 float tensor of ``shape`` from a :class:`glp.plan.BlockMask`."""
+    import torch
+
+    rows, cols = block_grid(shape, mask.size)
+    if (rows, cols) != (mask.rows, mask.cols):
+        raise GlpError(f"a block mask of {mask.rows}x{mask.cols} blocks of {mask.size} does "
+                       f"not fit a {shape[0]}x{shape[1]} matrix ({rows}x{cols} blocks)")
+    grid = torch.tensor(mask.kept(), dtype=torch.float32).view(rows, cols)
+    full = grid.repeat_interleave(mask.size, 0).repeat_interleave(mask.size, 1)
+    return full[: shape[0], : shape[1]]
+
+
+def zeroed_weights(mask, shape: Sequence[int]) -> int:
+    """How many weights of a ``shape`` matrix a block mask zeroes."""
+    return int(shape[0]) * int(shape[1]) - int(block_element_mask(mask, shape).sum())
+
+
+def apply_plan(model: PreTrainedModel, plan) -> PreTrainedModel:
+    """Cut a model to a :class:`glp.plan.Plan`, in place: slice heads and FFN neurons,
+    zero pruned weight blocks, then remove layers (physically, see :func:`remove_layers`).
+
+    The model must be the plan's base architecture (it may already miss some of the
+    plan's removed layers, not others). The plan is remembered on the model
+    (``model.glp_plan``) so that saving writes it.
+
+    Raises:
+        GlpError: unsupported family, a plan for another depth, indices out of range, or
+            a model that was already cut in width.
+    """
+    import torch
+
+    if getattr(model, PLAN_ATTR, None) is not None and not getattr(model, PLAN_ATTR).is_layers_only:
+        raise GlpError("this model was already cut in width; apply plans to the base model "
+                       "(compose plans with Plan.compose)")
+    base_layers = len(kept_layers(model)) + len(removed_layers(model))
+    if base_layers != plan.num_layers:
+        raise GlpError(f"the plan is for a {plan.num_layers}-layer model; this one has "
+                       f"{base_layers} encoder layers")
+    missing = set(removed_layers(model)) - set(plan.removed)
+    if missing:
+        raise GlpError(f"the model already lacks layers {sorted(missing)}, which the plan keeps")
+    if plan.heads or plan.neurons or plan.blocks:
+        layers = encoder_layers(model)
+        heads = num_heads(model)
+        position = {original: p for p, original in enumerate(kept_layers(model))}
+        for original, kept in plan.heads.items():
+            if original in position:
+                if max(kept) >= heads:
+                    raise GlpError(f"layer {original}: head {max(kept)} does not exist "
+                                   f"({heads} heads)")
+                _slice_heads(model, layers[position[original]], kept)
+        for original, kept in plan.neurons.items():
+            if original in position:
+                width = role_module(model, layers[position[original]], "ffn_in").out_features
+                if max(kept) >= width:
+                    raise GlpError(f"layer {original}: FFN neuron {max(kept)} does not "
+                                   f"exist ({width} neurons)")
+                _slice_neurons(model, layers[position[original]], kept)
+        for key, mask in plan.blocks.items():
+            layer, _, role = key.partition(".")
+            if int(layer) in position:
+                linear = role_module(model, layers[position[int(layer)]], role)
+                if linear.weight.device.type != "meta":
+                    with torch.no_grad():
+                        element = block_element_mask(mask, linear.weight.shape)
+                        linear.weight.mul_(element.to(linear.weight))
+    remove_layers(model, [p for p, original in enumerate(kept_layers(model))
+                          if original in set(plan.removed)])
+    setattr(model, PLAN_ATTR, plan)
+    return model
+
+
+def plan_of_model(model: nn.Module):
+    """The plan a model was cut to (a layers-only plan from its config record if none)."""
+    from glp.plan import Plan
+
+    plan = getattr(model, PLAN_ATTR, None)
+    if plan is not None:
+        return plan
+    return Plan.layers(len(kept_layers(model)) + len(removed_layers(model)),
+                       removed_layers(model))

@@ -1,0 +1,111 @@
+"""Saving a compressed model with its plan, and rebuilding it from config + plan.
+
+Transformers 5 has no way to describe uneven widths in a config (``prune_heads`` and
+``config.pruned_heads`` are gone), so a width-pruned checkpoint is the usual
+``save_pretrained`` directory (config, safetensors weights, tokenizer) plus
+``glp_plan.json``. :func:`load_pretrained` builds the base architecture from the config,
+cuts it to the plan, and only then loads the weights, strictly: every tensor must
+match in name and shape. A layers-only directory also loads with plain
+``AutoModelForSequenceClassification.from_pretrained``, as before.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from glp import GlpError
+from glp.plan import PLAN_FILE, Plan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def save_pretrained(model: PreTrainedModel, directory: str | os.PathLike[str],
+                    tokenizer=None) -> Path:
+    """Write a model (safetensors), its plan and optionally its tokenizer to ``directory``.
+
+    Returns:
+        The directory.
+    """
+    from glp.models import _quiet_loading
+    from glp.surgery import plan_of_model
+
+    target = Path(directory)
+    with _quiet_loading():  # no "Writing model shards" bar for one small file
+        model.save_pretrained(target)  # safetensors
+    (target / PLAN_FILE).write_text(plan_of_model(model).to_json() + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+    return target
+
+
+def read_plan(directory: str | os.PathLike[str]) -> Plan | None:
+    """The plan saved in a model directory, or ``None`` when it has none."""
+    path = Path(directory) / PLAN_FILE
+    if not path.is_file():
+        return None
+    return Plan.from_json(path.read_text())
+
+
+def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: bool = False,
+                    device: str = "cpu") -> PreTrainedModel:
+    """Load a sequence classifier saved by glp, whatever its plan (layers, heads, neurons,
+    blocks), for every supported family.
+
+    Args:
+        directory: a model directory written by :func:`save_pretrained` (or any
+            ``save_pretrained`` directory of a supported family: no plan means unpruned
+            or layers-only).
+        trust_remote_code: passed to transformers for the config.
+        device: where the model goes.
+
+    Returns:
+        The model in eval mode; it takes the directory's tokenizer outputs and returns
+        logits.
+
+    Raises:
+        GlpError: not a model directory, an unsupported family, or weights that do not
+            match the plan (names or shapes).
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from glp.models import _quiet_loading, check_supported
+    from glp.surgery import apply_plan
+
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise GlpError(f"'{directory}' is not a model directory (no config.json)")
+    config = check_supported(path, trust_remote_code=trust_remote_code)
+    plan = read_plan(path)
+    if plan is None or plan.is_layers_only:
+        with _quiet_loading():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
+        if plan is not None:
+            model.glp_plan = plan
+        return model.to(device).eval()
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise GlpError(f"'{directory}' has a width plan but no safetensors weights")
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    apply_plan(model, plan)
+    state = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()
+        raise GlpError(f"the weights in '{directory}' do not match its plan: "
+                       f"{' '.join(first[1:3]) or first[0]}") from None
+    # Non-persistent buffers are absent from the file by design; anything else is not.
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [k for k in result.missing_keys if k not in buffers]
+    if missing or result.unexpected_keys:
+        raise GlpError(f"the weights in '{directory}' do not match its plan: missing "
+                       f"{missing[:4]}, unexpected {result.unexpected_keys[:4]}")
+    return model.to(device).eval()

@@ -1,0 +1,255 @@
+"""Compression plans: one small, JSON-serialisable description of a compressed encoder.
+
+A plan says what remains of a base architecture: the encoder layers removed, and per
+remaining layer the attention heads and FFN neurons kept, and the zeroed weight blocks
+of its matrices (block-sparse pruning). Every index is an index of the *base* model
+(original layer numbers, original head and neuron numbers), so a plan means the same
+thing wherever it is stored, and plans compose: removing layers, then width, is the
+union of the two plans. Layer removal is the plan with only ``removed`` set.
+
+``glp.surgery.apply_plan`` slices a model to a plan; ``glp.checkpoint`` saves a model with
+its plan and rebuilds it from config + plan; this module only describes and counts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from glp import GlpError
+from glp.config import stable_hash
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+PLAN_FILE = "glp_plan.json"
+"""The file beside ``config.json`` that holds a saved model's plan."""
+
+FORMAT = 1
+
+ROLES = ("query", "key", "value", "output", "ffn_in", "ffn_out")
+"""The matrices of a layer that block masks can name."""
+
+
+def _indices(values: Iterable[int], what: str) -> tuple[int, ...]:
+    out = tuple(sorted({int(v) for v in values}))
+    if any(v < 0 for v in out):
+        raise GlpError(f"{what}: indices must be >= 0, got {list(out)}")
+    return out
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """The kept blocks of one weight matrix: ``size``x``size`` blocks, row-major bits.
+
+    ``bits`` is a hex string of ``rows * cols`` bits (1 = block kept), where ``rows`` and
+    ``cols`` count blocks. The matrix shape is the one after heads and neurons are sliced.
+    """
+
+    size: int
+    rows: int
+    cols: int
+    bits: str
+
+    def kept(self) -> list[bool]:
+        value = int(self.bits, 16) if self.bits else 0
+        n = self.rows * self.cols
+        return [bool(value >> (n - 1 - i) & 1) for i in range(n)]
+
+    @classmethod
+    def from_kept(cls, size: int, rows: int, cols: int, kept: Iterable[bool]) -> BlockMask:
+        flags = list(kept)
+        if len(flags) != rows * cols:
+            raise GlpError(f"a block mask of {rows}x{cols} blocks needs {rows * cols} flags, "
+                           f"got {len(flags)}")
+        value = 0
+        for flag in flags:
+            value = value << 1 | int(bool(flag))
+        width = (rows * cols + 3) // 4
+        return cls(size, rows, cols, format(value, f"0{width}x") if width else "")
+
+    @property
+    def density(self) -> float:
+        flags = self.kept()
+        return sum(flags) / len(flags) if flags else 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What remains of a base encoder (see the module docstring).
+
+    Attributes:
+        num_layers: encoder layers of the base model.
+        removed: original indices of the removed layers.
+        heads: per original layer index, the attention heads kept (absent: all).
+        neurons: per original layer index, the FFN intermediate neurons kept (absent: all).
+        blocks: per ``"<layer>.<role>"`` (role in :data:`ROLES`), the kept weight blocks.
+    """
+
+    num_layers: int
+    removed: tuple[int, ...] = ()
+    heads: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    neurons: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    blocks: Mapping[str, BlockMask] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "removed", _indices(self.removed, "removed layers"))
+        for name in ("heads", "neurons"):
+            value = {int(k): _indices(v, f"{name} of layer {k}")
+                     for k, v in dict(getattr(self, name)).items()}
+            for layer, kept in value.items():
+                if not kept:
+                    raise GlpError(f"layer {layer} keeps no {name}: a plan keeps at least one "
+                                   "per remaining layer (remove the layer instead)")
+            object.__setattr__(self, name, dict(sorted(value.items())))
+        object.__setattr__(self, "blocks", dict(sorted(dict(self.blocks).items())))
+        for layer in (*self.removed, *self.heads, *self.neurons):
+            if not 0 <= layer < self.num_layers:
+                raise GlpError(f"plan names layer {layer}, but the model has {self.num_layers} "
+                               f"encoder layers (0..{self.num_layers - 1})")
+        if len(self.removed) >= self.num_layers:
+            raise GlpError(f"a plan must keep at least one of the {self.num_layers} layers")
+        for key in self.blocks:
+            layer, _, role = key.partition(".")
+            if not layer.isdigit() or role not in ROLES:
+                raise GlpError(f"block mask '{key}': name it '<layer>.<role>' with a role in "
+                               f"{', '.join(ROLES)}")
+
+    # --- construction and composition ------------------------------------------------
+
+    @classmethod
+    def layers(cls, num_layers: int, removed: Iterable[int] = ()) -> Plan:
+        """The plan that removes whole layers only (what layer pruning produces)."""
+        return cls(num_layers=num_layers, removed=tuple(removed))
+
+    def compose(self, other: Plan) -> Plan:
+        """This plan, then ``other`` (both in the base model's indices): layers removed by
+        either, heads/neurons kept by both, ``other``'s block masks."""
+        if other.num_layers != self.num_layers:
+            raise GlpError(f"cannot compose plans of {self.num_layers} and "
+                           f"{other.num_layers} layers")
+
+        def meet(a: Mapping, b: Mapping) -> dict:
+            out = dict(a)
+            for k, v in b.items():
+                out[k] = tuple(sorted(set(out[k]) & set(v))) if k in out else v
+            return out
+
+        removed = set(self.removed) | set(other.removed)
+        keep = lambda d: {k: v for k, v in d.items() if k not in removed}  # noqa: E731
+        return Plan(self.num_layers, tuple(removed), keep(meet(self.heads, other.heads)),
+                    keep(meet(self.neurons, other.neurons)), {**self.blocks, **other.blocks})
+
+    # --- facts ----------------------------------------------------------------------
+
+    @property
+    def kept_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in set(self.removed))
+
+    @property
+    def depth(self) -> int:
+        return len(self.kept_layers)
+
+    @property
+    def is_layers_only(self) -> bool:
+        """True when a plain transformers config can describe the result."""
+        return not (self.heads or self.neurons or self.blocks)
+
+    @property
+    def kind(self) -> str:
+        parts = [name for name, on in (("layers", self.removed), ("heads", self.heads),
+                                       ("neurons", self.neurons), ("blocks", self.blocks)) if on]
+        return "+".join(parts) or "none"
+
+    # --- serialisation ----------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "num_layers": self.num_layers,
+            "removed": list(self.removed),
+            "heads": {str(k): list(v) for k, v in self.heads.items()},
+            "neurons": {str(k): list(v) for k, v in self.neurons.items()},
+            "blocks": {k: {"size": b.size, "rows": b.rows, "cols": b.cols, "bits": b.bits}
+                       for k, b in self.blocks.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Plan:
+        if int(data.get("format", FORMAT)) > FORMAT:
+            raise GlpError(f"plan format {data['format']} is newer than this glp understands "
+                           f"({FORMAT}); upgrade glp")
+        try:
+            return cls(
+                num_layers=int(data["num_layers"]),
+                removed=tuple(data.get("removed", ())),
+                heads={int(k): tuple(v) for k, v in data.get("heads", {}).items()},
+                neurons={int(k): tuple(v) for k, v in data.get("neurons", {}).items()},
+                blocks={k: BlockMask(int(b["size"]), int(b["rows"]), int(b["cols"]),
+                                     str(b["bits"])) for k, b in data.get("blocks", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, GlpError):
+                raise
+            raise GlpError(f"not a glp plan ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GlpError(f"a plan must be JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @property
+    def key(self) -> str:
+        """A stable 16-hex hash (for cache keys)."""
+        return stable_hash("plan", self.to_dict())
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    # --- sizes ------------------------------------------------------------------------
+
+    def parameter_counts(self, config: PretrainedConfig) -> dict[str, int]:
+        """Exact parameter counts of a sequence classifier of ``config`` cut to this plan.
+
+        Built on the meta device (no memory, no weights), so it takes milliseconds.
+
+        Returns:
+            ``parameters`` (the whole model, dense), ``encoder`` (the encoder layers'
+            parameters), ``encoder_base`` (the same for the unpruned model), and
+            ``zeroed`` (weights inside pruned blocks, stored as zeros).
+        """
+        return _counts(config, self)
+
+    def encoder_density(self, config: PretrainedConfig) -> float:
+        """The fraction of the base encoder layers' weights this plan keeps (non-zero)."""
+        counts = self.parameter_counts(config)
+        return (counts["encoder"] - counts["zeroed"]) / counts["encoder_base"]
+
+
+def _counts(config, plan: Plan) -> dict[str, int]:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from glp.surgery import apply_plan, encoder_layers
+
+    def encoder_params(model) -> int:
+        return sum(p.numel() for p in encoder_layers(model).parameters())
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    base = encoder_params(model)
+    apply_plan(model, plan)
+    zeroed = 0
+    for mask in plan.blocks.values():
+        flags = mask.kept()
+        zeroed += (len(flags) - sum(flags)) * mask.size * mask.size
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "encoder": encoder_params(model), "encoder_base": base, "zeroed": zeroed}
