@@ -1,0 +1,119 @@
+"""Exporting a (compressed) model to ONNX, optionally int8: deployment as one file.
+
+The graph takes ``input_ids`` and ``attention_mask`` (and ``token_type_ids`` where the
+family uses them), with dynamic batch and sequence axes, and returns ``logits``. It runs
+under onnxruntime with neither glp, transformers nor torch installed; the tokenizer is
+the ``tokenizer.json`` saved beside the model (the ``tokenizers`` package reads it).
+``--int8`` applies onnxruntime's dynamic quantisation (int8 weights of the matrix
+multiplies, activations quantised at run time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from glp import GlpError
+
+OPSET = 17
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(model) -> list[str]:
+    """The inputs a model's graph takes (token_type_ids only where the family has them)."""
+    import inspect
+
+    accepted = inspect.signature(model.forward).parameters
+    names = [name for name in INPUTS if name in accepted]
+    if "token_type_ids" in names and not getattr(model.config, "type_vocab_size", 0):
+        names.remove("token_type_ids")  # RoBERTa-likes accept it but have one type
+    if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "mpnet"):
+        names = [n for n in names if n != "token_type_ids"]
+    return names
+
+
+def export_onnx(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                int8: bool = False, opset: int = OPSET) -> Path:
+    """Write ``model_dir``'s model as an ONNX graph to ``out`` (atomically).
+
+    Args:
+        model_dir: a directory written by glp (or any supported ``save_pretrained`` one).
+        out: the ``.onnx`` file to write.
+        int8: dynamic int8 quantisation with onnxruntime.
+        opset: the ONNX opset.
+
+    Returns:
+        The written file.
+
+    Raises:
+        GlpError: the model cannot be loaded, or onnx/onnxruntime is missing.
+    """
+    import torch
+
+    from glp.checkpoint import load_pretrained
+
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError:
+        raise GlpError("ONNX export needs the onnx package: pip install onnx onnxruntime"
+                       ) from None
+    target = Path(out)
+    if target.is_dir():
+        raise GlpError(f"--out '{out}' is a directory; give the .onnx file to write")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = load_pretrained(model_dir)
+    names = model_inputs(model)
+    example = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]] * 2),
+               "attention_mask": torch.ones(2, 8, dtype=torch.long),
+               "token_type_ids": torch.zeros(2, 8, dtype=torch.long)}
+
+    class Logits(torch.nn.Module):  # positional inputs, one named output
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(**dict(zip(names, args, strict=True))).logits
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow
+        torch.onnx.export(Logits(model).eval(), tuple(example[n] for n in names), str(tmp),
+                          input_names=names, output_names=["logits"],
+                          dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    if int8:
+        try:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+        except ImportError:
+            tmp.unlink(missing_ok=True)
+            raise GlpError("--int8 needs onnxruntime: pip install onnxruntime") from None
+        quantized = tmp.with_name(tmp.name + ".int8")
+        logging.disable(logging.WARNING)  # "consider pre-processing": advice, not a problem
+        try:
+            quantize_dynamic(str(tmp), str(quantized), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        tmp.unlink()
+        tmp = quantized
+    os.replace(tmp, target)
+    return target
+
+
+def onnx_logits(path: str | os.PathLike[str], inputs: dict, threads: int | None = None):
+    """Run an exported graph with onnxruntime on numpy inputs; returns the logits."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    feed = {k: np.asarray(v, dtype=np.int64) for k, v in inputs.items() if k in wanted}
+    if "token_type_ids" in wanted and "token_type_ids" not in feed:  # single sentences
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    return session.run(["logits"], feed)[0]
