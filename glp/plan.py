@@ -238,7 +238,7 @@ def _counts(config, plan: Plan) -> dict[str, int]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from glp.surgery import apply_plan, encoder_layers
+    from glp.surgery import apply_plan, encoder_layers, kept_layers, role_module, zeroed_weights
 
     def encoder_params(model) -> int:
         return sum(p.numel() for p in encoder_layers(model).parameters())
@@ -248,8 +248,11 @@ def _counts(config, plan: Plan) -> dict[str, int]:
     base = encoder_params(model)
     apply_plan(model, plan)
     zeroed = 0
-    for mask in plan.blocks.values():
-        flags = mask.kept()
-        zeroed += (len(flags) - sum(flags)) * mask.size * mask.size
+    position = {original: p for p, original in enumerate(kept_layers(model))}
+    for key, mask in plan.blocks.items():
+        layer, _, role = key.partition(".")
+        if int(layer) in position:
+            linear = role_module(model, encoder_layers(model)[position[int(layer)]], role)
+            zeroed += zeroed_weights(mask, linear.weight.shape)
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "encoder": encoder_params(model), "encoder_base": base, "zeroed": zeroed}

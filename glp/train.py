@@ -178,6 +178,23 @@ def total_steps(num_examples: int, config: FineTuneConfig) -> int:
     return max(1, math.ceil(config.epochs * math.ceil(num_examples / config.batch_size)))
 
 
+class Objective:
+    """What a training run minimises, beyond the plain task loss (the default).
+
+    A method that trains something besides the model's weights (mask scores, thresholds)
+    or with another loss (distillation, a regulariser) subclasses this; the loop stays one.
+    """
+
+    def param_groups(self) -> list[dict]:
+        """Extra optimiser groups (``{"params": [...], "lr": ...}``); not clipped."""
+        return []
+
+    def loss(self, model: torch.nn.Module, outputs, batch: dict, step: int,
+             steps: int) -> torch.Tensor:
+        """The loss of one batch (``outputs`` is the model's output on ``batch``)."""
+        return outputs.loss
+
+
 def fine_tune(
     model: torch.nn.Module,
     dataset,
@@ -186,6 +203,7 @@ def fine_tune(
     seed: int,
     on_step: StepCallback | None = None,
     device: str | torch.device | None = "cpu",
+    objective: Objective | None = None,
 ) -> TrainStats:
     """Fine-tune ``model`` in place on a tokenised dataset.
 
@@ -198,6 +216,7 @@ def fine_tune(
         on_step: progress callback, called with (steps done, total steps).
         device: where the model and batches go (see :func:`resolve_device`); the model
             stays there afterwards.
+        objective: the loss and extra trainable parameters (default: the task loss).
 
     Returns:
         The number of steps and examples, the wall time, the last batch's loss, the
@@ -213,7 +232,10 @@ def fine_tune(
     lengths = [len(ids) for ids in columns["input_ids"]]
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     steps = total_steps(len(lengths), config)
+    objective = objective or Objective()
     optimizer = _optimizer(model, config)
+    for group in objective.param_groups():
+        optimizer.add_param_group({"weight_decay": 0.0, **group})
     scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * steps), steps)
     # Loss scaling for fp16 only; disabled, the scaler passes everything straight through.
     scaler = torch.amp.GradScaler(target.type, enabled=config.precision == "fp16")
@@ -223,9 +245,10 @@ def fine_tune(
     batches = _batches_forever(lengths, config, seed)
     for step in range(steps):
         indices = next(batches)
+        batch = _to(_collate(columns, indices, pad_id), target)
         with _autocast(config.precision, target):
-            outputs = model(**_to(_collate(columns, indices, pad_id), target))
-        loss = outputs.loss
+            outputs = model(**batch)
+            loss = objective.loss(model, outputs, batch, step, steps)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             diverged = True  # NaN/inf: every later step would only spread it

@@ -1,0 +1,455 @@
+"""MLPruning (Yao et al., 2021): heads, FFN neurons, then weight blocks, with learnable Top-k.
+
+Each prunable structure (an attention head, an FFN intermediate neuron, a weight block)
+has a learnable importance score, and each group of them (a layer's heads, a layer's
+neurons, a matrix's blocks) a learnable threshold ``t``: the top ``ceil(sigmoid(t) * n)``
+scores survive. The binariser passes gradients straight through to the scores, and the
+sum of the masked gradients to the threshold (the reference's ``TopKBinarizer``). An
+adaptive regulariser pushes the remaining fraction of weights towards the target: the
+squared excess, weighted by ``max(final_lambda * excess^2 / (1 - target)^2, 50)``, or 10
+once the excess is tiny; zero below target. Training distils from the fine-tuned teacher
+(temperature 2, 0.9 distillation + 0.1 hard labels).
+
+Levels 1 and 2 (heads, neurons) are masked during training exactly as slicing would cut
+them (a head's value rows, a neuron's FFN-output column), so the sliced model computes
+what the masked one did. Level 3 zeroes blocks of the remaining matrices: it saves storage
+only with a sparse format and time only with a block-sparse kernel.
+
+Deviation from the reference (which also learns row masks of the attention-output and
+FFN-output matrices): their rows are hidden dimensions on the residual path, which no
+slicing can remove, so glp prunes only structures that make the model smaller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from glp import GlpError
+from glp.config import FineTuneConfig
+from glp.plan import BlockMask, Plan
+from glp.surgery import (
+    apply_plan,
+    block_grid,
+    encoder_layers,
+    head_size,
+    kept_layers,
+    num_heads,
+    removed_layers,
+    role_module,
+)
+from glp.train import Objective, StepCallback, TrainStats, fine_tune, total_steps
+
+BLOCK_ROLES = ("query", "key", "value", "output", "ffn_in", "ffn_out")
+
+
+@dataclass(frozen=True)
+class MLPruningConfig:
+    """MLPruning's settings: the reference's, except where a CPU budget needs others.
+
+    The reference trains 20 epochs with a mask learning rate of 1e-2 and thresholds
+    starting at 10 (sigmoid ~1: keep everything). A CPU budget has far fewer steps, in
+    which 1e-2 would barely move the thresholds, so by default (``mask_lr=None``) the
+    mask learning rate is scaled to the run: ``2 * (10 - logit(target)) / steps``, and
+    never below the reference's 1e-2. Whatever the thresholds reached, the final
+    plan meets the budget: one common shift of every threshold (up or down) puts the
+    kept fraction at the largest value not above ``density`` (see ``shift_to_target``).
+    """
+
+    density: float = 0.5  # the fraction of encoder weights to keep (heads + neurons)
+    temperature: float = 2.0
+    alpha_distil: float = 0.9
+    alpha_ce: float = 0.1
+    final_lambda: float = 20000.0
+    mask_lr: float | None = None  # None: scaled to the run's steps (see above)
+    threshold_init: float = 10.0
+    pruning_epochs: float = 2.0  # masked training with distillation
+    final_epochs: float = 1.0  # distillation fine-tune of the sliced model
+    block_size: int = 0  # level 3: 0 = off, else e.g. 16 or 32
+    block_density: float = 0.5  # level 3: the fraction of blocks kept
+    block_epochs: float = 1.0
+
+    def __post_init__(self):
+        for name in ("density", "block_density"):
+            value = getattr(self, name)
+            if not 0 < value <= 1 or not math.isfinite(value):
+                raise GlpError(f"--{name.replace('_', '-')} {value}: choose a fraction in "
+                               "(0, 1], e.g. 0.5, 0.3 or 0.2")
+        if self.block_size < 0:
+            raise GlpError(f"--block-size {self.block_size}: 0 (off) or a block width such "
+                           "as 16 or 32")
+
+
+class TopK(torch.autograd.Function):
+    """Keep the top ``ceil(sigmoid(threshold) * n)`` scores (at least one)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        keep = max(1, math.ceil(torch.sigmoid(threshold).item() * scores.numel()))
+        mask = torch.zeros_like(scores)
+        mask.view(-1)[scores.view(-1).topk(keep).indices] = 1.0
+        ctx.save_for_backward(mask)
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad, (grad * mask).sum().view(1)
+
+
+def adaptive_regulariser(remaining: torch.Tensor, target: float,
+                         final_lambda: float) -> torch.Tensor:
+    """The reference's regulariser: lambda * (remaining - target)^2 above the target."""
+    excess = remaining - target
+    if excess.item() <= 0:
+        return remaining * 0.0
+    penalty = excess.square()
+    weight = max(final_lambda * penalty.item() / (1 - target) ** 2, 50.0)
+    if penalty.item() < 3e-4:  # close enough: push gently
+        weight = 10.0
+    return weight * penalty
+
+
+def shift_to_target(density: Callable[[float], float], target: float) -> float:
+    """The largest common threshold shift whose ``density(shift)`` is at most ``target``
+    (bisection on the logit scale; ``density`` grows with the shift).
+
+    The learned thresholds decide how the budget is shared between groups, the common
+    shift puts the total at the budget: up when training overshot below it, down when
+    it stopped above it.
+    """
+    low, high = MIN_SHIFT, -MIN_SHIFT  # every group at its minimum / keeps everything
+    if density(high) <= target:
+        return high
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if density(middle) <= target else (low, middle)
+    return low
+
+
+MIN_SHIFT = -40.0
+
+
+@dataclass
+class _Group:
+    """One layer's heads or neurons: their scores, threshold and weight accounting."""
+
+    layer: int  # original index
+    kind: str  # "heads" or "neurons"
+    scores: nn.Parameter
+    threshold: nn.Parameter
+    weights_each: int  # parameters one structure carries (weights and biases)
+
+    @property
+    def count(self) -> int:
+        return self.scores.numel()
+
+    def mask(self) -> torch.Tensor:
+        return TopK.apply(self.scores, self.threshold)
+
+    def kept(self, shift: float = 0.0) -> tuple[int, ...]:
+        keep = max(1, math.ceil(torch.sigmoid(self.threshold.detach() + shift).item()
+                                * self.count))
+        return tuple(sorted(self.scores.detach().topk(keep).indices.tolist()))
+
+
+class WidthMasks(nn.Module):
+    """Learnable head and neuron masks on a model, applied by forward hooks.
+
+    A head's mask multiplies its rows of the value projection's output (so its context,
+    and its share of the attention output, is zero); a neuron's mask multiplies its
+    input column of the FFN-output matrix. Both equal slicing the structure away.
+    """
+
+    def __init__(self, model: nn.Module, threshold_init: float = 10.0):
+        super().__init__()
+        if removed_layers(model):
+            raise GlpError("MLPruning starts from the unpruned model; remove layers with a "
+                           "plan afterwards")
+        self.model_ref = [model]  # not a submodule: the masks' parameters are their own
+        self.groups: list[_Group] = []
+        self._hooks = []
+        size, heads = head_size(model), num_heads(model)
+        params = nn.ParameterList()
+        for original, layer in zip(kept_layers(model), encoder_layers(model), strict=True):
+            per_head = 0
+            for role in ("query", "key", "value"):
+                linear = role_module(model, layer, role)
+                per_head += (linear.in_features + 1) * size
+            per_head += role_module(model, layer, "output").out_features * size
+            ffn_in, ffn_out = role_module(model, layer, "ffn_in"), role_module(model, layer,
+                                                                              "ffn_out")
+            per_neuron = ffn_in.in_features + 1 + ffn_out.out_features
+            head_group = _Group(original, "heads", nn.Parameter(torch.zeros(heads)),
+                                nn.Parameter(torch.full((1,), threshold_init)), per_head)
+            neuron_group = _Group(original, "neurons",
+                                  nn.Parameter(torch.zeros(ffn_in.out_features)),
+                                  nn.Parameter(torch.full((1,), threshold_init)), per_neuron)
+            # Ties at the start (all scores 0) are broken by index, the same on every run.
+            for group in (head_group, neuron_group):
+                with torch.no_grad():
+                    group.scores.add_(torch.linspace(1e-6, 0, group.count))
+                params.extend([group.scores, group.threshold])
+                self.groups.append(group)
+            value = role_module(model, layer, "value")
+            self._hooks.append(value.register_forward_hook(self._head_hook(head_group, size)))
+            self._hooks.append(ffn_out.register_forward_pre_hook(self._neuron_hook(neuron_group)))
+        self.params = params
+        self.base_parameters = sum(p.numel() for p in encoder_layers(model).parameters())
+        variable = sum(g.weights_each * g.count for g in self.groups)
+        self.fixed_parameters = self.base_parameters - variable
+
+    @staticmethod
+    def _head_hook(group: _Group, size: int):
+        def hook(module, args, output):
+            mask = group.mask().to(output.dtype).repeat_interleave(size)
+            return output * mask
+        return hook
+
+    @staticmethod
+    def _neuron_hook(group: _Group):
+        def hook(module, args):
+            return (args[0] * group.mask().to(args[0].dtype), *args[1:])
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def remaining(self) -> torch.Tensor:
+        """The differentiable fraction of encoder weights the thresholds keep."""
+        total = torch.tensor(float(self.fixed_parameters))
+        for group in self.groups:
+            ratio = torch.sigmoid(group.threshold).clamp(min=1.0 / group.count)
+            total = total + ratio.sum() * group.weights_each * group.count
+        return total / self.base_parameters
+
+    def density(self, shift: float = 0.0) -> float:
+        """The exact fraction of encoder weights the current masks keep."""
+        kept = self.fixed_parameters + sum(len(g.kept(shift)) * g.weights_each
+                                           for g in self.groups)
+        return kept / self.base_parameters
+
+    def plan(self, num_layers: int, target: float | None = None) -> tuple[Plan, float]:
+        """The plan of the current masks and the threshold shift used to meet ``target``
+        (see :func:`shift_to_target`)."""
+        shift = 0.0 if target is None else shift_to_target(self.density, target)
+        self.shift = shift
+        heads = {g.layer: g.kept(shift) for g in self.groups if g.kind == "heads"}
+        neurons = {g.layer: g.kept(shift) for g in self.groups if g.kind == "neurons"}
+        # A group that keeps everything is left out: the plan names only what it cuts.
+        counts = {(g.kind, g.layer): g.count for g in self.groups}
+        heads = {k: v for k, v in heads.items() if len(v) < counts["heads", k]}
+        neurons = {k: v for k, v in neurons.items() if len(v) < counts["neurons", k]}
+        return Plan(num_layers=num_layers, heads=heads, neurons=neurons), shift
+
+
+class BlockMasks(nn.Module):
+    """Learnable block masks (level 3) on every matrix of the encoder layers, applied by
+    multiplying each weight with its expanded block mask (a parametrisation)."""
+
+    def __init__(self, model: nn.Module, size: int, threshold_init: float = 10.0):
+        super().__init__()
+        from torch.nn.utils import parametrize
+
+        self.size = size
+        self.entries: list[tuple[str, nn.Linear, nn.Parameter, nn.Parameter]] = []
+        params = nn.ParameterList()
+        for original, layer in zip(kept_layers(model), encoder_layers(model), strict=True):
+            for role in BLOCK_ROLES:
+                linear = role_module(model, layer, role)
+                rows, cols = block_grid(linear.weight.shape, size)
+                # Scores start at each block's mean |weight| (a magnitude prior: a short
+                # CPU run cannot learn an order from equal scores as 20 epochs can).
+                magnitude = _block_means(linear.weight.detach().abs(), size, rows, cols)
+                scores = nn.Parameter(magnitude / magnitude.max().clamp(min=1e-12))
+                threshold = nn.Parameter(torch.full((1,), threshold_init))
+                params.extend([scores, threshold])
+                parametrize.register_parametrization(
+                    linear, "weight", _BlockMasking(scores, threshold, size))
+                self.entries.append((f"{original}.{role}", linear, scores, threshold))
+        self.params = params
+        self.total = sum(linear.weight.numel() for _, linear, _, _ in self.entries)
+
+    def remaining(self) -> torch.Tensor:
+        kept = sum(torch.sigmoid(t).sum() * linear.weight.numel()
+                   for _, linear, _, t in self.entries)
+        return kept / self.total
+
+    def _kept(self, scores, threshold, shift: float = 0.0) -> torch.Tensor:
+        keep = max(1, math.ceil(torch.sigmoid(threshold.detach() + shift).item()
+                                * scores.numel()))
+        mask = torch.zeros(scores.numel(), dtype=torch.bool)
+        mask[scores.detach().view(-1).topk(keep).indices] = True
+        return mask
+
+    def density(self, shift: float = 0.0) -> float:
+        """The fraction of the matrices' weights in kept blocks (edge blocks counted
+        whole: close enough to choose a shift)."""
+        kept = sum(self._kept(s, t, shift).float().mean().item() * linear.weight.numel()
+                   for _, linear, s, t in self.entries)
+        return kept / self.total
+
+    def finish(self, target: float) -> dict[str, BlockMask]:
+        """Bake the masks into the weights (zeros), drop the parametrisations, and return
+        the masks for the plan; the thresholds are shifted down to meet ``target``."""
+        from torch.nn.utils import parametrize
+
+        shift = shift_to_target(self.density, target)
+        masks = {}
+        for key, linear, scores, threshold in self.entries:
+            kept = self._kept(scores, threshold, shift)
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+            with torch.no_grad():
+                element = kept.float().view(scores.shape).repeat_interleave(self.size, 0)
+                element = element.repeat_interleave(self.size, 1)
+                linear.weight.mul_(element[: linear.weight.shape[0], : linear.weight.shape[1]])
+            kept = kept.tolist()
+            masks[key] = BlockMask.from_kept(self.size, *scores.shape, kept)
+        return masks
+
+
+def _block_means(weight: torch.Tensor, size: int, rows: int, cols: int) -> torch.Tensor:
+    padded = torch.zeros(rows * size, cols * size, dtype=weight.dtype)
+    padded[: weight.shape[0], : weight.shape[1]] = weight
+    return padded.view(rows, size, cols, size).mean(dim=(1, 3))
+
+
+class _BlockMasking(nn.Module):
+    def __init__(self, scores: nn.Parameter, threshold: nn.Parameter, size: int):
+        super().__init__()
+        self.scores_ref, self.threshold_ref, self.size = [scores], [threshold], size
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = TopK.apply(self.scores_ref[0], self.threshold_ref[0])
+        full = mask.repeat_interleave(self.size, 0).repeat_interleave(self.size, 1)
+        return weight * full[: weight.shape[0], : weight.shape[1]].to(weight.dtype)
+
+
+class Distillation(Objective):
+    """0.9 x distillation (KL at temperature T, times T^2) + 0.1 x the task loss, plus the
+    adaptive regulariser of the masks when there are masks."""
+
+    def __init__(self, teacher: nn.Module | None, config: MLPruningConfig,
+                 masks: WidthMasks | BlockMasks | None = None, target: float = 1.0,
+                 mask_lr: float = 1e-2):
+        self.teacher, self.config, self.masks, self.target = teacher, config, masks, target
+        self.mask_lr = mask_lr
+        self.last: dict[str, float] = {}
+
+    def param_groups(self) -> list[dict]:
+        if self.masks is None:
+            return []
+        return [{"params": list(self.masks.params), "lr": self.mask_lr}]
+
+    def loss(self, model, outputs, batch, step, steps):
+        c = self.config
+        loss = outputs.loss
+        if self.teacher is not None:
+            with torch.no_grad():
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                teacher_logits = self.teacher(**inputs).logits
+            if outputs.logits.shape[-1] == 1:  # regression: match the teacher's scores
+                distil = nn.functional.mse_loss(outputs.logits, teacher_logits)
+            else:
+                distil = nn.functional.kl_div(
+                    nn.functional.log_softmax(outputs.logits / c.temperature, dim=-1),
+                    nn.functional.softmax(teacher_logits / c.temperature, dim=-1),
+                    reduction="batchmean") * c.temperature**2
+            loss = c.alpha_distil * distil + c.alpha_ce * loss
+        if self.masks is not None:
+            remaining = self.masks.remaining()
+            loss = loss + adaptive_regulariser(remaining, self.target, c.final_lambda)
+            self.last = {"remaining": remaining.item()}
+        return loss
+
+
+def mask_lr_for(config: MLPruningConfig, target: float, examples: int,
+                phase: FineTuneConfig) -> float:
+    """The mask learning rate: the configured one, or one scaled so that the thresholds
+    can travel from their start to the target's logit within the run."""
+    if config.mask_lr is not None:
+        return config.mask_lr
+    target = min(target, 1 - 1e-6)
+    distance = max(0.0, config.threshold_init - math.log(target / (1 - target)))
+    return max(1e-2, 2 * distance / total_steps(examples, phase))
+
+
+@dataclass
+class MLPruningResult:
+    """What a run produced: the plan, the threshold shift that met the budget, and the
+    training statistics of each phase."""
+
+    plan: Plan
+    shift: float
+    stats: dict[str, TrainStats] = field(default_factory=dict)
+    remaining_after_training: float = 1.0
+
+    def records(self) -> Iterator[dict]:
+        for phase, stats in self.stats.items():
+            yield {"phase": phase, "steps": stats.steps, "seconds": stats.seconds,
+                   "final_loss": stats.final_loss, "diverged": stats.diverged}
+
+
+def prune_width(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
+                config: MLPruningConfig, *, seed: int, device: str = "cpu",
+                on_step: Callable[[str], StepCallback | None] = lambda phase: None
+                ) -> MLPruningResult:
+    """Run MLPruning on ``model`` (a copy of the fine-tuned teacher), in place.
+
+    Phases: masked training of heads and neurons with distillation and the regulariser;
+    slicing to the plan; a distillation fine-tune of the sliced model; optionally block
+    masks (level 3) with a further masked distillation run.
+
+    Returns:
+        The plan (heads and neurons, plus blocks with level 3) and the phases' statistics.
+    """
+    teacher.eval().to(device)
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    num_layers = len(kept_layers(model))
+    masks = WidthMasks(model, config.threshold_init)
+    smallest = masks.density(MIN_SHIFT)
+    if smallest > config.density:
+        masks.remove()
+        raise GlpError(f"--density {config.density}: this model keeps at least "
+                       f"{smallest:.3f} of its encoder weights with one head and one FFN "
+                       f"neuron per layer; choose a density in [{smallest:.2f}, 1] (or "
+                       "remove layers first)")
+    stats: dict[str, TrainStats] = {}
+    phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.pruning_epochs})
+    objective = Distillation(teacher, config, masks, config.density,
+                             mask_lr_for(config, config.density, len(dataset), phase))
+    stats["heads+neurons"] = fine_tune(model, dataset, phase, seed=seed, device=device,
+                                       objective=objective, on_step=on_step("heads+neurons"))
+    masks.remove()
+    plan, shift = masks.plan(num_layers, config.density)
+    result = MLPruningResult(plan=plan, shift=shift, stats=stats,
+                             remaining_after_training=masks.density())
+    if stats["heads+neurons"].diverged:
+        return result
+    apply_plan(model, plan)
+    if config.final_epochs:
+        phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.final_epochs})
+        stats["fine-tune"] = fine_tune(model, dataset, phase, seed=seed + 1, device=device,
+                                       objective=Distillation(teacher, config),
+                                       on_step=on_step("fine-tune"))
+    if config.block_size and not any(s.diverged for s in stats.values()):
+        blocks = BlockMasks(model, config.block_size, config.threshold_init)
+        phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.block_epochs})
+        stats["blocks"] = fine_tune(
+            model, dataset, phase, seed=seed + 2, device=device,
+            objective=Distillation(teacher, config, blocks, config.block_density,
+                                   mask_lr_for(config, config.block_density, len(dataset),
+                                               phase)),
+            on_step=on_step("blocks"))
+        masks_of_blocks = blocks.finish(config.block_density)
+        plan = Plan(plan.num_layers, plan.removed, plan.heads, plan.neurons, masks_of_blocks)
+        model.glp_plan = plan
+        result.plan = plan
+    return result
