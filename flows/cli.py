@@ -192,6 +192,10 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
         from flows.compare import CompareParams as Params
         from flows.compare import compare as flow
         from flows.compare import preflight
+    elif kind == "compress":
+        from flows.compress import CompressParams as Params
+        from flows.compress import compress as flow
+        from flows.compress import preflight
     else:
         from flows.prune import PruneParams as Params
         from flows.prune import preflight
@@ -238,7 +242,8 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
         raise typer.Exit(code=1) from None
     finally:
         progress.set_reporter(None)
-    (print_comparison if kind == "compare" else print_summary)(summary)
+    {"compare": print_comparison, "compress": print_compression}.get(kind, print_summary)(
+        summary)
 
 
 def print_comparison(summary) -> None:
@@ -270,6 +275,52 @@ def print_comparison(summary) -> None:
     console.print(f"                {summary.report['metric_vs_latency']}")
     console.print(f"Parquet tables: {Path(summary.home) / 'parquet'} (finals/ has a strategy "
                   "column)")
+
+
+def print_compression(summary) -> None:
+    """Per density: the encoder density reached, parameters, dev score over seeds, latency
+    and the registered ONNX version; then where to look."""
+    table = Table(title=f"{summary.method}: dev {summary.metric} (mean ± std over seeds)")
+    for column in ("model", "encoder density", "parameters", "layers", "seeds",
+                   f"dev {summary.metric}", "latency ms", "registry"):
+        table.add_column(column, justify="left" if column in ("model", "registry") else "right")
+    groups: dict[str, list[dict]] = {}
+    for row in summary.finals:
+        groups.setdefault(row["variant"] or row["strategy"], []).append(row)
+    inverse = {v: k for k, v in summary.versions.items() if k != "best"}
+    for label, rows in groups.items():
+        values = [r["value"] for r in rows if not r.get("diverged")]
+        spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        score = f"{statistics.mean(values):.4f}{spread}" if values else ""
+        if len(values) < len(rows):
+            score += f"{' ' if score else ''}[red]{len(rows) - len(values)} of {len(rows)} " \
+                     "diverged[/red]"
+        first = rows[0]
+        version = first.get("model_version")
+        registry = f"v{version} @{inverse.get(version, '')}" if version else ""
+        if version and version == summary.versions.get("best"):
+            registry += " @best"
+        latency = first.get("latency_ms")
+        table.add_row(label, f"{first['encoder_density']:.3f}", f"{first['parameters']:,}",
+                      str(first["depth"]), str(len(rows)), score,
+                      f"{latency:.1f}" if latency else "", registry)
+    console.print(table)
+    total = summary.computed + summary.reused
+    console.print(f"fine-tunes: [bold]{summary.computed}[/bold] computed, "
+                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
+                  f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
+    home = Path(summary.home)
+    dirs = [r["model_dir"] for r in summary.finals if r["method"] != "unpruned"
+            and r.get("model_dir")]
+    if dirs:
+        console.print(f"a model:        glp.load_pretrained(\"{dirs[0]}\")")
+        console.print(f"                glp export {dirs[0]} --onnx --out model.onnx")
+    if summary.registered_model:
+        console.print(f"registered ONNX: [cyan]{summary.registered_model}[/cyan] "
+                      f"(mlflow.pyfunc.load_model(\"models:/{summary.registered_model}@best\"))")
+    console.print(f"MLflow UI:      glp ui --home {home}")
+    console.print(f"Parquet tables: {home / 'parquet'} (finals/: method, plan, parameters, "
+                  "encoder_density, model_dir)")
 
 
 def _score_cell(row: dict) -> str:
@@ -474,6 +525,85 @@ def _compare_signature() -> inspect.Signature:
 
 compare.__signature__ = _compare_signature()
 app.command(name="compare")(compare)
+
+
+SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "random_seed", "exhaustive_limit",
+               "remove", "search_seed", "keep_candidates", "seeds")
+"""``prune`` options that mean nothing to a width method (compress has its own --seeds)."""
+
+
+def compress(method: str, density: list[float], **options) -> None:
+    """Compress the width of a model (heads, FFN neurons, blocks) to a density of its
+    encoder weights, and keep a fine-tuned model per density.
+
+    Takes `glp prune`'s model, data and budget options. The teacher is the fine-tuned
+    unpruned model; each density's model is saved with its plan (glp.load_pretrained
+    reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
+    """
+    home, verbose = options.pop("home"), options.pop("verbose")
+    options["register"] = options.pop("register_compress")
+    values = {**_params(options), "method": method, "densities": tuple(density)}
+    run_command("compress", values, home, verbose)
+
+
+def _compress_signature() -> inspect.Signature:
+    shared = [p for name, p in inspect.signature(prune, eval_str=True).parameters.items()
+              if name not in SEARCH_ONLY]
+    def option(name, annotation, default, help_text, *flags):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                 annotation=Annotated[annotation, typer.Option(*flags,
+                                                                               help=help_text)])
+    extra = [
+        option("method", str, "mlpruning", "the width method: mlpruning"),
+        option("density", list[float], [0.5], "fraction of encoder weights to keep (repeat "
+               "for several: --density 0.5 --density 0.3)"),
+        option("seeds", int, 1, "seeds per compressed model (40, 41, ...)"),
+        option("pruning_epochs", float, 2.0, "epochs of masked training (heads, neurons)"),
+        option("final_epochs", float, 1.0, "epochs of the distillation fine-tune after "
+               "slicing (0: none)"),
+        option("block_size", int, 0, "level 3: block width of block-sparse pruning, e.g. 16 or "
+               "32 (0: off)"),
+        option("block_density", float, 0.5, "level 3: fraction of blocks kept"),
+        option("block_epochs", float, 1.0, "level 3: epochs of block-mask training"),
+        option("mask_lr", float | None, None, "learning rate of mask scores and thresholds "
+               "[default: scaled to the run's steps]"),
+        option("register_compress", bool, True, "register each density's model (ONNX)",
+               "--register/--no-register"),
+    ]
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared]
+    return inspect.Signature(extra + keyword)
+
+
+compress.__signature__ = _compress_signature()
+app.command(name="compress")(compress)
+
+
+@app.command()
+def export(
+    model_dir: Annotated[str, typer.Argument(help="a model directory saved by glp")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="write an ONNX graph (the only format)")]
+    = False,
+    out: Annotated[str | None, typer.Option(help="the file to write [default: "
+                                            "MODEL_DIR/model.onnx]")] = None,
+    int8: Annotated[bool, typer.Option(help="dynamic int8 quantisation (onnxruntime)")] = False,
+    check: Annotated[bool, typer.Option(help="compare the graph's logits with PyTorch's")]
+    = True,
+) -> None:
+    """Export a saved (compressed) model to ONNX, to run under onnxruntime without glp."""
+    from glp.export import compare_with_torch, export_onnx
+
+    if not onnx:
+        _fail("glp export needs a format: --onnx")
+    target = out or str(Path(model_dir) / ("model.int8.onnx" if int8 else "model.onnx"))
+    try:
+        path = export_onnx(model_dir, target, int8=int8)
+        message = f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)"
+        if check:
+            difference = compare_with_torch(model_dir, path)
+            message += f"; max |logit difference| vs PyTorch {difference:.2e}"
+    except GlpError as exc:
+        _fail(str(exc))
+    console.print(message)
 
 
 @app.command()

@@ -131,6 +131,7 @@ def _compare(params: CompareParams) -> CompareSummary:
         job.write_finals(rows)
         for row in rows:
             row.pop("_path", None)
+            row.pop("_checkpoint", None)
         plans: dict[str, list[list[int]]] = {}
         costs: dict[str, dict] = {}
         for outcome in outcomes:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, field_validator
 import glp
 from flows.runners import parse_task_runner
 from glp import GlpError
+from glp.checkpoint import saved_parameters
 from glp.config import FineTuneConfig, stable_hash
 from glp.data import TaskData
 from glp.models import (
@@ -31,6 +32,7 @@ from glp.models import (
     num_encoder_layers,
 )
 from glp.models import resolve_model as resolve_model_path
+from glp.plan import Plan
 from glp.provenance import code_fingerprint
 from glp.search import (
     CandidateScored,
@@ -244,18 +246,6 @@ class SearchOutcome:
     zero_shot_passes: int = 0
 
 
-def parameter_count(checkpoint_path: str) -> int:
-    """Parameters of a saved model, read from the safetensors headers (no weights loaded)."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in Path(checkpoint_path).glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                total += math.prod(handle.get_slice(name).get_shape())
-    return total
-
-
 class Job:
     """One job inside a running flow: inputs checked, data prepared, tasks bound to the home."""
 
@@ -284,6 +274,13 @@ class Job:
         self._evaluate_final = evaluate_final.with_options(**stored)
         self._similarity = layer_similarity.with_options(**stored)
         self._latency = measure_latencies.with_options(**stored)
+        from transformers import AutoConfig
+
+        # The base architecture, for plan arithmetic (parameters, encoder density).
+        self.base_config = AutoConfig.from_pretrained(
+            self.model_path, num_labels=self.data.num_labels,
+            trust_remote_code=params.trust_remote_code)
+        self.flow_run_id = str(prefect.runtime.flow_run.id)
         self.job_id = ""
         self.parent_run_id = ""
         self.common_tags: dict[str, str] = {}
@@ -513,8 +510,11 @@ class Job:
             batch = measured.batch_size
             latency = {removed: measured.median_ms[c.key]
                        for removed, c in zip(unique, first, strict=True)}
-        parameters = {removed: parameter_count(done_jobs[removed, self.seeds[0]]["checkpoint"]
-                                               .path) for removed in unique}
+        parameters = {removed: saved_parameters(done_jobs[removed, self.seeds[0]]["checkpoint"]
+                                                .path) for removed in unique}
+        plans = {removed: Plan.layers(self.num_layers, removed) for removed in unique}
+        density = {removed: plan.encoder_density(self.base_config)
+                   for removed, plan in plans.items()}
         rows = []
         for strategy, variant, depth, removed in plans:
             for seed in self.seeds:
@@ -524,12 +524,14 @@ class Job:
                     "job_id": self.job_id, "run_id": job["run_id"],
                     "parent_run_id": self.parent_run_id, "strategy": strategy,
                     "variant": variant, "model": self.params.model, "task": self.data.task,
+                    "method": REFERENCE if strategy == REFERENCE else "layers",
                     "depth": depth, "removed": list(removed), "seed": seed,
                     "metric": evaluation.metric, "value": evaluation.score,
                     "selection_value": job["selection"].score,
                     "diverged": job["diverged"],
                     "metrics_json": dumps(evaluation.metrics),
-                    "parameters": parameters[removed],
+                    "parameters": parameters[removed], "plan": plans[removed].to_json(),
+                    "encoder_density": density[removed], "model_dir": checkpoint.path,
                     "train_examples": self.data.sizes["train"],
                     "eval_examples": evaluation.examples,
                     "fine_tune_seconds": checkpoint.seconds,
@@ -537,7 +539,7 @@ class Job:
                     "latency_ms": latency.get(removed), "latency_batch": batch,
                     "device": checkpoint.device,
                     "cache_key": checkpoint.key, "reused": job["reused"],
-                    "recorded_at": now(), "_path": checkpoint.path,
+                    "recorded_at": now(), "_path": checkpoint.path, "_checkpoint": checkpoint,
                 })
         return rows
 

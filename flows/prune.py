@@ -101,6 +101,7 @@ def _prune(params: PruneParams) -> PruneSummary:
         raise
     for row in final_rows:
         row.pop("_path", None)
+        row.pop("_checkpoint", None)
     return PruneSummary(
         job_id=job_id, parent_run_id=job.parent_run_id, strategy=strategy.label,
         task=data.task, metric=data.metric, num_layers=job.num_layers, order=outcome.order,

@@ -41,6 +41,20 @@ def save_pretrained(model: PreTrainedModel, directory: str | os.PathLike[str],
     return target
 
 
+def saved_parameters(directory: str | os.PathLike[str]) -> int:
+    """Parameters of a saved model, read from its safetensors headers (no weights loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(directory).glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
 def read_plan(directory: str | os.PathLike[str]) -> Plan | None:
     """The plan saved in a model directory, or ``None`` when it has none."""
     path = Path(directory) / PLAN_FILE

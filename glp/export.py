@@ -117,3 +117,27 @@ def onnx_logits(path: str | os.PathLike[str], inputs: dict, threads: int | None 
     if "token_type_ids" in wanted and "token_type_ids" not in feed:  # single sentences
         feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
     return session.run(["logits"], feed)[0]
+
+
+SAMPLE_TEXTS = ("a gripping, beautifully acted film", "the plot never comes together",
+                "it is what it is", "an hour and a half of my life I will not get back")
+
+
+def compare_with_torch(model_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str],
+                       texts: tuple[str, ...] = SAMPLE_TEXTS) -> float:
+    """The largest absolute difference between the graph's and PyTorch's logits on a few
+    sentences, tokenised with the directory's tokenizer (padded batch)."""
+    import numpy as np
+    import torch
+
+    from glp.checkpoint import load_pretrained
+    from glp.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    model = load_pretrained(model_dir)
+    names = model_inputs(model)
+    with torch.inference_mode():
+        expected = model(**{k: v for k, v in batch.items() if k in names}).logits.numpy()
+    actual = onnx_logits(onnx_path, {k: v.numpy() for k, v in batch.items()})
+    return float(np.abs(actual - expected).max())

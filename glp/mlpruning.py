@@ -396,60 +396,101 @@ class MLPruningResult:
                    "final_loss": stats.final_loss, "diverged": stats.diverged}
 
 
-def prune_width(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
-                config: MLPruningConfig, *, seed: int, device: str = "cpu",
-                on_step: Callable[[str], StepCallback | None] = lambda phase: None
-                ) -> MLPruningResult:
-    """Run MLPruning on ``model`` (a copy of the fine-tuned teacher), in place.
+def _phase(finetune: FineTuneConfig, epochs: float) -> FineTuneConfig:
+    return finetune.__class__(**{**finetune.to_dict(), "epochs": epochs})
 
-    Phases: masked training of heads and neurons with distillation and the regulariser;
-    slicing to the plan; a distillation fine-tune of the sliced model; optionally block
-    masks (level 3) with a further masked distillation run.
 
-    Returns:
-        The plan (heads and neurons, plus blocks with level 3) and the phases' statistics.
-    """
+def _freeze(teacher: nn.Module, device: str) -> nn.Module:
     teacher.eval().to(device)
     for param in teacher.parameters():
         param.requires_grad_(False)
+    return teacher
+
+
+def check_density(model: nn.Module, density: float) -> None:
+    """Refuse a density below what one head and one neuron per layer keep."""
+    masks = WidthMasks(model)
+    smallest = masks.density(MIN_SHIFT)
+    masks.remove()
+    if smallest > density:
+        raise GlpError(f"--density {density}: this model keeps at least {smallest:.3f} of "
+                       "its encoder weights with one head and one FFN neuron per layer; "
+                       f"choose a density in [{math.ceil(smallest * 100) / 100:.2f}, 1]")
+
+
+def train_width_masks(model: nn.Module, teacher: nn.Module, dataset,
+                      finetune: FineTuneConfig, config: MLPruningConfig, *, seed: int,
+                      device: str = "cpu", on_step: StepCallback | None = None
+                      ) -> MLPruningResult:
+    """Levels 1-2: masked distillation training of ``model`` (a copy of the teacher), then
+    slicing to the plan that meets ``config.density``. ``model`` is cut in place."""
+    check_density(model, config.density)
+    _freeze(teacher, device)
     num_layers = len(kept_layers(model))
     masks = WidthMasks(model, config.threshold_init)
-    smallest = masks.density(MIN_SHIFT)
-    if smallest > config.density:
-        masks.remove()
-        raise GlpError(f"--density {config.density}: this model keeps at least "
-                       f"{smallest:.3f} of its encoder weights with one head and one FFN "
-                       f"neuron per layer; choose a density in [{smallest:.2f}, 1] (or "
-                       "remove layers first)")
-    stats: dict[str, TrainStats] = {}
-    phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.pruning_epochs})
+    phase = _phase(finetune, config.pruning_epochs)
     objective = Distillation(teacher, config, masks, config.density,
                              mask_lr_for(config, config.density, len(dataset), phase))
-    stats["heads+neurons"] = fine_tune(model, dataset, phase, seed=seed, device=device,
-                                       objective=objective, on_step=on_step("heads+neurons"))
+    stats = fine_tune(model, dataset, phase, seed=seed, device=device, objective=objective,
+                      on_step=on_step)
     masks.remove()
     plan, shift = masks.plan(num_layers, config.density)
-    result = MLPruningResult(plan=plan, shift=shift, stats=stats,
+    result = MLPruningResult(plan=plan, shift=shift, stats={"heads+neurons": stats},
                              remaining_after_training=masks.density())
-    if stats["heads+neurons"].diverged:
-        return result
-    apply_plan(model, plan)
-    if config.final_epochs:
-        phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.final_epochs})
-        stats["fine-tune"] = fine_tune(model, dataset, phase, seed=seed + 1, device=device,
-                                       objective=Distillation(teacher, config),
-                                       on_step=on_step("fine-tune"))
-    if config.block_size and not any(s.diverged for s in stats.values()):
-        blocks = BlockMasks(model, config.block_size, config.threshold_init)
-        phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.block_epochs})
-        stats["blocks"] = fine_tune(
-            model, dataset, phase, seed=seed + 2, device=device,
-            objective=Distillation(teacher, config, blocks, config.block_density,
-                                   mask_lr_for(config, config.block_density, len(dataset),
-                                               phase)),
-            on_step=on_step("blocks"))
-        masks_of_blocks = blocks.finish(config.block_density)
-        plan = Plan(plan.num_layers, plan.removed, plan.heads, plan.neurons, masks_of_blocks)
-        model.glp_plan = plan
-        result.plan = plan
+    if not stats.diverged:
+        apply_plan(model, plan)
     return result
+
+
+def distil(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
+           config: MLPruningConfig, *, seed: int, device: str = "cpu",
+           on_step: StepCallback | None = None) -> TrainStats:
+    """The brief distillation fine-tune of a sliced model (``config.final_epochs``)."""
+    _freeze(teacher, device)
+    return fine_tune(model, dataset, _phase(finetune, config.final_epochs), seed=seed,
+                     device=device, objective=Distillation(teacher, config), on_step=on_step)
+
+
+def train_block_masks(model: nn.Module, teacher: nn.Module, dataset,
+                      finetune: FineTuneConfig, config: MLPruningConfig, *, seed: int,
+                      device: str = "cpu", on_step: StepCallback | None = None
+                      ) -> tuple[dict[str, BlockMask], TrainStats]:
+    """Level 3: learnable block masks of ``config.block_size`` on every remaining matrix,
+    trained with distillation towards ``config.block_density``; the pruned blocks are
+    zeroed in place. Returns the masks (for the plan) and the training statistics."""
+    _freeze(teacher, device)
+    blocks = BlockMasks(model, config.block_size, config.threshold_init)
+    phase = _phase(finetune, config.block_epochs)
+    objective = Distillation(teacher, config, blocks, config.block_density,
+                             mask_lr_for(config, config.block_density, len(dataset), phase))
+    stats = fine_tune(model, dataset, phase, seed=seed, device=device, objective=objective,
+                      on_step=on_step)
+    return blocks.finish(config.block_density), stats
+
+
+def prune_width(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
+                config: MLPruningConfig, *, seed: int, device: str = "cpu") -> MLPruningResult:
+    """MLPruning of ``model`` (a copy of the fine-tuned teacher), in place, all phases:
+    masked training of heads and neurons, slicing, a distillation fine-tune, and with
+    ``config.block_size`` the block masks (level 3).
+
+    Returns:
+        The plan (with blocks for level 3) and every phase's statistics.
+    """
+    result = train_width_masks(model, teacher, dataset, finetune, config, seed=seed,
+                               device=device)
+    if result.stats["heads+neurons"].diverged:
+        return result
+    if config.final_epochs:
+        result.stats["fine-tune"] = distil(model, teacher, dataset, finetune, config,
+                                           seed=seed + 1, device=device)
+    if config.block_size and not any(s.diverged for s in result.stats.values()):
+        masks, result.stats["blocks"] = train_block_masks(
+            model, teacher, dataset, finetune, config, seed=seed + 2, device=device)
+        result.plan = with_blocks(result.plan, masks)
+        model.glp_plan = result.plan
+    return result
+
+
+def with_blocks(plan: Plan, blocks: dict[str, BlockMask]) -> Plan:
+    return Plan(plan.num_layers, plan.removed, plan.heads, plan.neurons, blocks)

@@ -22,7 +22,7 @@ from glp.surgery import remove_layers
 from glp.zeroshot import LayerSimilarity, hidden_state_similarity
 from tasks.data import DataRef
 from tasks.home import RunHome
-from tasks.training import CACHED, REQUEST_CACHE, Checkpoint, tokenized
+from tasks.training import CACHED, REQUEST_CACHE, Checkpoint, load_trained, tokenized
 
 SIMILARITY_EXAMPLES = 512  # selection-split rows whose tokens are averaged
 LATENCY_BATCH = 32
@@ -97,9 +97,7 @@ def measure_latencies(checkpoints: list[Checkpoint], data: DataRef, split: str,
     so that a stall of the machine hits every model alike."""
     dataset, tokenizer = tokenized(data, split, checkpoints[0].base_path, max_length, home)
     batch = latency_batch(dataset, LATENCY_BATCH, pad_id=tokenizer.pad_token_id or 0)
-    models = {c.key: load_classifier(c.path, num_labels=data.num_labels,
-                                     is_regression=data.is_regression).to(device)
-              for c in checkpoints}
+    models = {c.key: load_trained(c.path, data).to(device) for c in checkpoints}
     stats = measure_latency(models, batch)
     return Latencies(median_ms={k: s.median_ms for k, s in stats.items()},
                      p90_ms={k: s.p90_ms for k, s in stats.items()},

@@ -74,7 +74,12 @@ FINALS = pa.schema([
     ("seed", pa.int64()),
     *_SCORED,
     ("selection_value", pa.float64()),  # chooses the registered seed and `best`
-    ("parameters", pa.int64()),
+    ("method", pa.string()),  # layers, mlpruning, ... (unpruned for the reference)
+    ("plan", pa.string()),  # the compression plan as JSON (glp.plan.Plan)
+    ("parameters", pa.int64()),  # non-zero parameters of the whole model
+    ("encoder_density", pa.float64()),  # fraction of the base encoder's weights kept
+    ("target_density", pa.float64()),  # the density asked for (width methods)
+    ("model_dir", pa.string()),  # the saved model: glp.load_pretrained(model_dir)
     *_COST,
     ("latency_ms", pa.float64()),
     ("latency_batch", pa.int64()),

@@ -190,6 +190,65 @@ def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: s
     return str(version.version)
 
 
+def _find_version(client: MlflowClient, name: str, job_id: str, key: str, value: str):
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:  # the registered model does not exist yet
+        return None, []
+    for version in versions:
+        if version.tags.get("glp.job_id") == job_id and version.tags.get(key) == value:
+            return str(version.version), versions
+    return None, versions
+
+
+@task(name="register-onnx", **_RETRY)
+def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job_id: str,
+                  budget: str, tags: dict, description: str) -> str:
+    """Export a model directory to ONNX, log it in its run (``mlflow.onnx``, with the
+    tokenizer and the plan as extra files) and register a version tagged with the budget
+    (``glp.budget``, e.g. ``density-0.30``).
+
+    Any MLflow pyfunc server serves it; it needs onnxruntime, not glp or transformers.
+    Idempotent: the version of this job and budget is returned if it exists.
+    """
+    faults.inject("register")
+    import tempfile
+
+    import mlflow
+    import onnx
+    import onnxruntime
+
+    from glp.export import export_onnx
+
+    client = client_for(tracking_uri)
+    found, versions = _find_version(client, name, job_id, "glp.budget", budget)
+    if found is not None:
+        return found
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    extra = [str(p) for p in Path(model_dir).iterdir()
+             if p.name.startswith(("tokenizer", "vocab", "special_tokens", "glp_plan"))
+             or p.name in ("config.json", "merges.txt")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model_dir, Path(tmp) / "model.onnx")
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(
+                onnx_model=onnx.load(str(path)), name="onnx", extra_files=extra,
+                pip_requirements=[f"onnxruntime=={onnxruntime.__version__}",
+                                  f"onnx=={onnx.__version__}"])
+    if not versions:
+        try:
+            client.create_registered_model(name, description=description)
+        except Exception:  # created meanwhile by another run
+            pass
+    version = client.create_model_version(
+        name, source=info.model_uri, run_id=run_id,
+        tags={"glp.job_id": job_id, "glp.budget": budget, "glp.flavor": "onnx", **tags},
+        description=description)
+    return str(version.version)
+
+
 @task(name="update-aliases", **_RETRY)
 def update_aliases(tracking_uri: str, name: str, proposals: dict[str, str]) -> dict[str, str]:
     """Point each alias (``best``, ``depth-4``, ...) at its proposed version, unless the

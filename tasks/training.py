@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 import glp.search
 from glp import GlpError
+from glp.checkpoint import load_pretrained, read_plan, save_pretrained
 from glp.config import FineTuneConfig, stable_hash
 from glp.data import tokenize
 from glp.metrics import selection_score
@@ -192,8 +193,7 @@ def save_atomically(model, tokenizer, target: Path) -> None:
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
+        save_pretrained(model, tmp, tokenizer)  # safetensors + the plan (glp_plan.json)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if faults.is_full_disk(exc):
@@ -270,6 +270,14 @@ def run_candidate(request: FineTuneRequest, split: str) -> Scored:
     return Scored(checkpoint=checkpoint, evaluation=evaluation)
 
 
+def load_trained(path: str, data: DataRef):
+    """A saved fine-tuned model: rebuilt from its plan when it was cut in width."""
+    plan = read_plan(path)
+    if plan is not None and not plan.is_layers_only:
+        return load_pretrained(path)
+    return load_classifier(path, num_labels=data.num_labels, is_regression=data.is_regression)
+
+
 def run_evaluation(checkpoint: Checkpoint, data: DataRef, split: str, config: FineTuneConfig,
                    home: RunHome, device: str | None = None) -> Evaluation:
     """Score a saved checkpoint on a split with every metric of the task, on ``device``
@@ -278,8 +286,7 @@ def run_evaluation(checkpoint: Checkpoint, data: DataRef, split: str, config: Fi
     if checkpoint.path is None or not Path(checkpoint.path).is_dir():
         raise GlpError(f"checkpoint {checkpoint.path} is missing; delete the run home's "
                        "prefect/results to recompute, or restore the artifacts folder")
-    model = load_classifier(checkpoint.path, num_labels=data.num_labels,
-                            is_regression=data.is_regression)
+    model = load_trained(checkpoint.path, data)
     return _score(model, checkpoint, data, split, config, home, device or checkpoint.device)
 
 

@@ -1,0 +1,266 @@
+"""The ``compress`` flow: width compression (MLPruning) of one model on one task, at one or
+more densities, with the same final protocol, MLflow runs, registry and Parquet as ``prune``.
+
+Tasks: the teacher is the unpruned final model (``fine-tune-final``, shared with ``glp
+prune``'s reference row), then per density and seed ``prune-width`` (masked distillation
+training and slicing), ``fine-tune-compressed`` (a short distillation fine-tune, and level 3
+block masks if asked) and ``evaluate-final`` on the dev set (the report) and the selection
+split (which chooses the registered seed and ``best``). Every model is saved with its plan
+and registered as ONNX, so ``models:/NAME@density-0.30`` serves without glp.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+import glp
+from flows.job import REFERENCE, Job, PruneParams, _finite, check_inputs, now
+from flows.runners import run_on_task_runner
+from glp import GlpError
+from glp.config import stable_hash
+from glp.mlpruning import MLPruningConfig, check_density
+from tasks.analysis import measure_latencies
+from tasks.compression import Compressed, CompressRequest, fine_tune_compressed, prune_width
+from tasks.tracking import FINAL, dumps, end_job_run, log_child_run, register_onnx, update_aliases
+
+METHODS = {"mlpruning": "MLPruning (Yao et al. 2021): heads, FFN neurons, blocks; learnable "
+                        "Top-k thresholds, adaptive regulariser, distillation"}
+"""The width-compression methods ``glp compress --method`` offers."""
+
+
+class CompressParams(PruneParams):
+    """``prune``'s model, data and budget options, plus the method and its budget."""
+
+    method: str = Field("mlpruning", description=", ".join(METHODS))
+    densities: tuple[float, ...] = Field((0.5,), min_length=1, description=(
+        "fractions of encoder weights to keep, e.g. 0.5 0.3 0.2"))
+    pruning_epochs: float = Field(2.0, gt=0, allow_inf_nan=False)
+    final_epochs: float = Field(1.0, ge=0, allow_inf_nan=False)
+    block_size: int = Field(0, ge=0, description="level 3 block width (0 = off)")
+    block_density: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)
+    block_epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
+    mask_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    seeds: int = Field(1, ge=1, description="seeds per compressed model (40, 41, ...)")
+
+    def method_config(self, density: float) -> MLPruningConfig:
+        return MLPruningConfig(density=density, pruning_epochs=self.pruning_epochs,
+                               final_epochs=self.final_epochs, block_size=self.block_size,
+                               block_density=self.block_density,
+                               block_epochs=self.block_epochs, mask_lr=self.mask_lr)
+
+
+class CompressSummary(BaseModel):
+    job_id: str
+    parent_run_id: str
+    method: str
+    task: str
+    metric: str
+    num_layers: int
+    finals: list[dict]
+    registered_model: str | None
+    versions: dict[str, str]
+    computed: int
+    reused: int
+    seconds: float
+    home: str
+    tracking_uri: str
+
+
+def density_label(density: float) -> str:
+    return f"density-{density:.2f}"
+
+
+def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfig]:
+    """The method's settings per density, or a GlpError naming the option."""
+    if params.method not in METHODS:
+        raise GlpError(f"--method {params.method!r}: choose one of {', '.join(METHODS)}")
+    configs = [params.method_config(d) for d in params.densities]
+    duplicates = sorted({d for d in params.densities if params.densities.count(d) > 1})
+    if duplicates:
+        raise GlpError(f"--density {duplicates[0]} is given twice; give each density once")
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_path)
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    for method_config in configs:
+        check_density(model, method_config.density)
+    return configs
+
+
+def preflight(params: CompressParams) -> str:
+    """Check every input before anything runs; a one-line description of the job."""
+    num_layers, data = check_inputs(params, [])
+    from glp.models import resolve_model
+
+    check_method(params, resolve_model(params.model))
+    densities = ", ".join(f"{d:g}" for d in params.densities)
+    return (f"{params.method}: keep {densities} of the encoder weights of {params.model} "
+            f"({num_layers} layers) on {data.spec.name} ({len(data.train):,} train / "
+            f"{len(data.dev):,} dev rows, selection by {data.spec.metric})")
+
+
+@flow(name="glp-compress", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def compress(params: CompressParams) -> CompressSummary:
+    """Width compression of one model on one task, end to end (see the module docstring)."""
+    return run_on_task_runner(_compress, params, "glp-compress")
+
+
+def _compress(params: CompressParams) -> CompressSummary:
+    started = time.perf_counter()
+    job = Job(params, [])
+    configs = check_method(params, job.model_path)
+    data = job.data
+    job_id = job.identity("compress", params.method, [c.__dict__ for c in configs])
+    name = params.registered_model or f"glp-{job.slug}-{data.task}-{params.method}"
+    job.start(job_id, f"{params.method}-{job.slug}-{data.task}",
+              tags={"glp.method": params.method, "glp.strategy": params.method})
+    try:
+        reference = job.finals([(REFERENCE, "", job.num_layers, ())])
+        teacher = job._fine_tune_final.submit(job.request((), "train", job.seeds[0])).result()
+        rows = _compressed(job, params, configs, teacher)
+        _latencies(job, reference, rows)
+        versions = _register(job, name, rows) if params.register_models else {}
+        job.write_finals(reference + rows)
+        seconds = round(time.perf_counter() - started, 1)
+        end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
+                    metrics={"fine_tunes_computed": job.counts["computed"],
+                             "fine_tunes_reused": job.counts["reused"], "seconds": seconds})
+    except BaseException as exc:
+        job.abort(exc)
+        raise
+    finals = [{k: v for k, v in r.items() if not k.startswith("_")} for r in reference + rows]
+    return CompressSummary(
+        job_id=job_id, parent_run_id=job.parent_run_id, method=params.method, task=data.task,
+        metric=data.metric, num_layers=job.num_layers, finals=finals,
+        registered_model=name if versions else None, versions=versions,
+        computed=job.counts["computed"], reused=job.counts["reused"], seconds=seconds,
+        home=str(job.home.root), tracking_uri=job.tracking_uri)
+
+
+def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig],
+                teacher) -> list[dict]:
+    """Every (density, seed): pruned, fine-tuned, evaluated, logged; one row each."""
+    stored = {"result_storage": job.home.results}
+    prune_task = prune_width.with_options(**stored)
+    finish_task = fine_tune_compressed.with_options(**stored)
+    handle = job.reporter.begin("finals", "compressed models", len(configs) * len(job.seeds))
+    futures = {}
+    for config in configs:
+        for seed in job.seeds:
+            request = CompressRequest(teacher=teacher, data=job.data, split="train",
+                                      config=job.finetune, method=params.method,
+                                      method_config=dict(config.__dict__), seed=seed,
+                                      home=job.home, device=job.device)
+            pruned = prune_task.submit(request)
+            done = finish_task.submit(request, pruned)
+            futures[config.density, seed] = (done, pruned)
+    rows = []
+    for count, ((density, seed), (done_future, pruned_future)) in enumerate(futures.items()):
+        compressed: Compressed = done_future.result()
+        job._count(pruned_future.result().checkpoint)
+        checkpoint = compressed.checkpoint
+        job._count(checkpoint)
+        evaluation, selection = (
+            job._evaluate_final.submit(checkpoint, job.data, split, job.finetune, job.home,
+                                       job.device).result()
+            for split in ("dev", "selection"))
+        diverged = checkpoint.diverged or evaluation.diverged or selection.diverged
+        plan = compressed.plan_object
+        counts = plan.parameter_counts(job.base_config)
+        encoder_density = plan.encoder_density(job.base_config)
+        run_id = log_child_run(
+            job.tracking_uri, job.parent_run_id, job.job_id, FINAL, checkpoint.key,
+            f"{params.method}-{density_label(density)}-seed{seed}",
+            params={"density": density, "seed": seed, "device": checkpoint.device,
+                    "plan_kind": plan.kind, "threshold_shift": compressed.threshold_shift},
+            metrics={**_finite(evaluation.metrics),
+                     **{f"selection_{k}": v for k, v in _finite(selection.metrics).items()},
+                     "parameters": counts["parameters"], "encoder_density": encoder_density,
+                     "fine_tune_seconds": checkpoint.seconds},
+            tags={**job.common_tags, "glp.density": f"{density:g}",
+                  "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key})
+        rows.append({
+            "job_id": job.job_id, "run_id": run_id, "parent_run_id": job.parent_run_id,
+            "method": params.method, "strategy": params.method, "variant": density_label(density),
+            "model": params.model, "task": job.data.task, "depth": plan.depth,
+            "removed": list(plan.removed), "seed": seed, "metric": evaluation.metric,
+            "value": evaluation.score, "selection_value": selection.score,
+            "diverged": diverged, "metrics_json": dumps(evaluation.metrics),
+            "plan": plan.to_json(), "parameters": counts["parameters"] - counts["zeroed"],
+            "encoder_density": encoder_density, "target_density": density,
+            "model_dir": checkpoint.path, "train_examples": job.data.sizes["train"],
+            "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
+            "eval_seconds": evaluation.seconds, "device": checkpoint.device,
+            "cache_key": checkpoint.key, "reused": checkpoint.flow_run_id != job.flow_run_id,
+            "recorded_at": now(), "_checkpoint": checkpoint,
+        })
+        job.reporter.update(handle, count + 1)
+    job.reporter.end(handle)
+    return rows
+
+
+def _latencies(job: Job, reference: list[dict], rows: list[dict]) -> None:
+    """Latency of the teacher and of each density's first seed, measured interleaved."""
+    first = {}
+    for row in rows:
+        if row["seed"] == job.seeds[0] and not row["diverged"]:
+            first[row["target_density"]] = row["_checkpoint"]
+    teacher_row = next(r for r in reference if r["seed"] == job.seeds[0])
+    checkpoints = [teacher_row["_checkpoint"], *first.values()]
+    measured = measure_latencies.with_options(result_storage=job.home.results)(
+        checkpoints, job.data, "dev", job.finetune.max_length, job.home, job.device)
+    for row in reference:
+        row["latency_ms"] = measured.median_ms[teacher_row["_checkpoint"].key]
+        row["latency_batch"] = measured.batch_size
+    for row in rows:
+        checkpoint = first.get(row["target_density"])
+        if checkpoint is not None:
+            row["latency_ms"] = measured.median_ms[checkpoint.key]
+            row["latency_batch"] = measured.batch_size
+
+
+def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:
+    """One ONNX version per density: its best seed on the selection split; ``best`` is
+    the density with the best selection-split mean (never a diverged model)."""
+    aliases, means = {}, {}
+    by_density: dict[float, list[dict]] = {}
+    for row in rows:
+        if not row["diverged"]:
+            by_density.setdefault(row["target_density"], []).append(row)
+    for density, candidates in sorted(by_density.items(), reverse=True):
+        chosen = max(candidates, key=lambda r: (r["selection_value"], -r["seed"]))
+        selection_mean = statistics.mean(r["selection_value"] for r in candidates)
+        label = density_label(density)
+        version = register_onnx(
+            job.tracking_uri, chosen["run_id"], chosen["model_dir"], name, job.job_id, label,
+            tags={**job.common_tags, "glp.method": chosen["method"], "glp.density": f"{density:g}",
+                  "glp.encoder_density": f"{chosen['encoder_density']:.4f}",
+                  "glp.parameters": chosen["parameters"], "glp.seed": chosen["seed"],
+                  "glp.metric_value": f"{chosen['value']:.6f}",
+                  "glp.metric_mean": f"{statistics.mean(r['value'] for r in candidates):.6f}",
+                  "glp.selection_value": f"{chosen['selection_value']:.6f}",
+                  "glp.selection_mean": f"{selection_mean:.6f}",
+                  "glp.plan_key": stable_hash("plan", chosen["plan"]),
+                  "glp.base_model_fingerprint": job.model_fp, "glp.version": glp.__version__,
+                  "glp.data_fingerprint": job.data_fingerprint},
+            description=(f"{job.params.model} compressed by {chosen['method']} to "
+                         f"{chosen['encoder_density']:.3f} of its encoder weights, fine-tuned "
+                         f"on {job.data.task}; dev {job.data.metric} {chosen['value']:.4f} "
+                         f"(seed {chosen['seed']}, chosen by the selection split); ONNX"))
+        for row in rows:
+            if row["target_density"] == density:
+                row["registered_model"], row["model_version"] = name, version
+        aliases[label] = version
+        means[version] = selection_mean
+    if aliases:
+        aliases["best"] = max(means, key=means.get)
+        aliases = update_aliases(job.tracking_uri, name, aliases)
+    return aliases
