@@ -6,7 +6,7 @@ prune``'s reference row), then per density and seed ``prune-width`` (masked dist
 training and slicing), ``fine-tune-compressed`` (a short distillation fine-tune, and level 3
 block masks if asked) and ``evaluate-final`` on the dev set (the report) and the selection
 split (which chooses the registered seed and ``best``). Every model is saved with its plan
-and registered as ONNX, so ``models:/NAME@density-0.30`` serves without glp.
+and registered as ONNX, so ``models:/NAME@density-30`` serves without glp.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ class CompressSummary(BaseModel):
 
 
 def density_label(density: float) -> str:
-    return f"density-{density:.2f}"
+    """The budget's registry alias: ``density-30`` keeps 30% of the encoder weights
+    (MLflow aliases may not contain a dot)."""
+    return f"density-{round(density * 100):02d}"
 
 
 def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfig]:
@@ -80,9 +82,12 @@ def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfi
     if params.method not in METHODS:
         raise GlpError(f"--method {params.method!r}: choose one of {', '.join(METHODS)}")
     configs = [params.method_config(d) for d in params.densities]
-    duplicates = sorted({d for d in params.densities if params.densities.count(d) > 1})
+    labels = [density_label(d) for d in params.densities]
+    duplicates = sorted({d for d, label in zip(params.densities, labels, strict=True)
+                         if labels.count(label) > 1})
     if duplicates:
-        raise GlpError(f"--density {duplicates[0]} is given twice; give each density once")
+        raise GlpError(f"--density {duplicates[0]}: the densities must differ by at least "
+                       "0.01 (each gets its own registry alias)")
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_path)

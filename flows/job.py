@@ -512,9 +512,9 @@ class Job:
                        for removed, c in zip(unique, first, strict=True)}
         parameters = {removed: saved_parameters(done_jobs[removed, self.seeds[0]]["checkpoint"]
                                                 .path) for removed in unique}
-        plans = {removed: Plan.layers(self.num_layers, removed) for removed in unique}
+        layer_plans = {removed: Plan.layers(self.num_layers, removed) for removed in unique}
         density = {removed: plan.encoder_density(self.base_config)
-                   for removed, plan in plans.items()}
+                   for removed, plan in layer_plans.items()}
         rows = []
         for strategy, variant, depth, removed in plans:
             for seed in self.seeds:
@@ -530,7 +530,7 @@ class Job:
                     "selection_value": job["selection"].score,
                     "diverged": job["diverged"],
                     "metrics_json": dumps(evaluation.metrics),
-                    "parameters": parameters[removed], "plan": plans[removed].to_json(),
+                    "parameters": parameters[removed], "plan": layer_plans[removed].to_json(),
                     "encoder_density": density[removed], "model_dir": checkpoint.path,
                     "train_examples": self.data.sizes["train"],
                     "eval_examples": evaluation.examples,

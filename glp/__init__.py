@@ -14,3 +14,13 @@ class GlpError(ValueError):
 
     The CLI prints these as one red line and exits non-zero, without a traceback.
     """
+
+
+def load_pretrained(directory, **kwargs):
+    """Load a model saved by glp (any plan: layers, heads, neurons, blocks).
+
+    See :func:`glp.checkpoint.load_pretrained`; imported lazily (torch takes seconds).
+    """
+    from glp.checkpoint import load_pretrained as load
+
+    return load(directory, **kwargs)
