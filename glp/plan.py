@@ -235,6 +235,8 @@ class Plan:
 
 
 def _counts(config, plan: Plan) -> dict[str, int]:
+    import copy
+
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -243,8 +245,9 @@ def _counts(config, plan: Plan) -> dict[str, int]:
     def encoder_params(model) -> int:
         return sum(p.numel() for p in encoder_layers(model).parameters())
 
+    # A copy: the model shares its config, and cutting layers rewrites the config.
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
     base = encoder_params(model)
     apply_plan(model, plan)
     zeroed = 0

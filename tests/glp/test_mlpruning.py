@@ -1,0 +1,155 @@
+"""MLPruning on tiny random models: the Top-k binariser, the adaptive regulariser, masks that
+equal slicing, and a whole run meeting its budget."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from glp import GlpError
+from glp.checkpoint import load_pretrained, save_pretrained
+from glp.config import FineTuneConfig
+from glp.mlpruning import (
+    MLPruningConfig,
+    TopK,
+    WidthMasks,
+    adaptive_regulariser,
+    check_density,
+    mask_lr_for,
+    prune_width,
+    shift_to_target,
+)
+from glp.surgery import apply_plan, encoder_layers, role_module
+from tests.glp.test_surgery import FAMILIES, batch, tiny_model
+
+
+def toy_dataset(rows: int = 96, length: int = 10) -> Dataset:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (rows, length), generator=generator)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * rows,
+                              "labels": (ids[:, 0] % 3).tolist()})
+
+
+def test_topk_keeps_the_top_fraction_and_passes_gradients_straight_through():
+    scores = torch.tensor([0.3, -1.0, 2.0, 0.1, 0.5], requires_grad=True)
+    threshold = torch.tensor([math.log(0.5 / 0.5)], requires_grad=True)  # keep 50%: 3 of 5
+    mask = TopK.apply(scores, threshold)
+    assert mask.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    (mask * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])).sum().backward()
+    assert scores.grad.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]  # straight through
+    assert threshold.grad.item() == 1.0 + 3.0 + 5.0  # the kept structures' gradients
+    assert TopK.apply(scores, torch.tensor([-50.0])).sum() == 1  # never empty
+
+
+def test_regulariser_is_zero_below_target_and_adaptive_above():
+    below = adaptive_regulariser(torch.tensor(0.29), 0.3, 20000)
+    assert below.item() == 0.0
+    far = adaptive_regulariser(torch.tensor(0.8), 0.3, 20000)
+    assert far.item() == pytest.approx(20000 * 0.25 / 0.49 * 0.25)
+    near = adaptive_regulariser(torch.tensor(0.31), 0.3, 20000)
+    assert near.item() == pytest.approx(10 * 0.01**2, rel=1e-4)  # tiny excess: weight 10
+
+
+def test_regulariser_moves_the_density_to_the_target():
+    """Only the regulariser (a stand-in for the task loss) drives the thresholds."""
+    model = tiny_model("bert")
+    masks = WidthMasks(model, threshold_init=10.0)
+    optimiser = torch.optim.Adam(masks.params, lr=0.05)
+    trace = [masks.remaining().item()]
+    for _ in range(500):
+        optimiser.zero_grad()
+        adaptive_regulariser(masks.remaining(), 0.4, 20000).backward()
+        optimiser.step()
+        trace.append(masks.remaining().item())
+    assert trace[0] > 0.99
+    assert all(b <= a + 1e-6 for a, b in zip(trace, trace[1:], strict=False))  # only down
+    # It stops at the target: below it the regulariser is zero and pushes no further.
+    assert trace[-1] == pytest.approx(0.4, abs=0.02)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_model_equals_the_sliced_model(family):
+    model = tiny_model(family)
+    masks = WidthMasks(model)
+    with torch.no_grad():  # thresholds: keep about half; scores: a random order
+        for group in masks.groups:
+            group.threshold.fill_(0.0)
+            group.scores.copy_(torch.randn(group.count))
+        masked = model(**batch()).logits
+    plan, _ = masks.plan(4)
+    masks.remove()
+    assert plan.heads and plan.neurons
+    apply_plan(model, plan)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch()).logits, masked, atol=1e-5)
+
+
+def test_the_common_shift_meets_the_budget_from_either_side():
+    model = tiny_model("bert")
+    masks = WidthMasks(model)
+    assert masks.density() == 1.0
+    shift = shift_to_target(masks.density, 0.5)
+    assert shift < 0 and 0.45 <= masks.density(shift) <= 0.5
+    with torch.no_grad():
+        for group in masks.groups:
+            group.threshold.fill_(-5.0)  # training overshot: far below the target
+    shift = shift_to_target(masks.density, 0.5)
+    assert shift > 0 and 0.45 <= masks.density(shift) <= 0.5
+
+
+def test_a_density_below_one_head_and_neuron_per_layer_is_refused():
+    with pytest.raises(GlpError, match=r"--density 0.01: .* choose a density in \[0\.\d\d, 1\]"):
+        check_density(tiny_model("bert"), 0.01)
+    with pytest.raises(GlpError, match="--density 1.5"):
+        MLPruningConfig(density=1.5)
+
+
+def test_mask_lr_scales_to_the_run():
+    phase = FineTuneConfig(batch_size=32, epochs=1)
+    short = mask_lr_for(MLPruningConfig(density=0.3), 0.3, 320, phase)  # 10 steps
+    assert short == pytest.approx(2 * (10 - math.log(0.3 / 0.7)) / 10)
+    assert mask_lr_for(MLPruningConfig(density=0.3), 0.3, 10**7, phase) == 1e-2
+    assert mask_lr_for(MLPruningConfig(density=0.3, mask_lr=0.05), 0.3, 320, phase) == 0.05
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "deberta-v2"])
+def test_a_run_meets_its_budget_and_reloads(family, tmp_path):
+    teacher = tiny_model(family)
+    model = copy.deepcopy(teacher)
+    density = 0.6
+    result = prune_width(model, teacher, toy_dataset(),
+                         FineTuneConfig(learning_rate=1e-3, batch_size=16, epochs=1),
+                         MLPruningConfig(density=density, pruning_epochs=2, final_epochs=1),
+                         seed=0)
+    reached = result.plan.encoder_density(teacher.config)
+    assert reached <= density + 1e-9
+    assert reached > density - 0.25  # coarse: 2-4 heads per layer in these tiny models
+    assert set(result.stats) == {"heads+neurons", "fine-tune"}
+    save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path)(**batch()).logits,
+                           model.eval()(**batch()).logits)
+
+
+def test_level_three_zeroes_blocks_of_the_remaining_matrices(tmp_path):
+    teacher = tiny_model("bert")
+    model = copy.deepcopy(teacher)
+    result = prune_width(model, teacher, toy_dataset(),
+                         FineTuneConfig(learning_rate=1e-3, batch_size=16, epochs=1),
+                         MLPruningConfig(density=0.7, pruning_epochs=1, final_epochs=0,
+                                         block_size=8, block_density=0.5, block_epochs=1),
+                         seed=0)
+    assert result.plan.blocks and set(result.stats) == {"heads+neurons", "blocks"}
+    densities = [mask.density for mask in result.plan.blocks.values()]
+    assert sum(densities) / len(densities) <= 0.5 + 1e-9
+    query = role_module(model, encoder_layers(model)[0], "query")
+    first = result.plan.blocks["0.query"].kept()[0]
+    assert bool(torch.count_nonzero(query.weight[:8, :8])) == first
+    save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path)(**batch()).logits,
+                           model.eval()(**batch()).logits)
