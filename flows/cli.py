@@ -33,12 +33,11 @@ from rich.progress import (
 from rich.table import Table
 
 from glp import GlpError
+from glp.names import STRATEGY_NAMES, WIDTH_METHODS
 from tasks import progress
 from tasks.home import RunHome, configure_environment
 
-# The strategies' registry names, kept here so that --help needs no torch import.
-ALL_STRATEGY_NAMES = ("greedy", "top", "bottom", "random", "exhaustive", "block-influence",
-                      "angular")
+ALL_STRATEGY_NAMES = STRATEGY_NAMES
 
 app = typer.Typer(
     name="glp",
@@ -417,8 +416,7 @@ def prune(
     metric: Annotated[str | None, typer.Option(help="selection metric: accuracy, f1, mcc, "
                                                "pearson, spearman")] = None,
     remove: Annotated[int, typer.Option(help="encoder layers to remove")] = 2,
-    strategy: Annotated[str, typer.Option(help="greedy, top, bottom, random, exhaustive, "
-                                          "block-influence or angular")] = "greedy",
+    strategy: Annotated[str, typer.Option(help=", ".join(STRATEGY_NAMES))] = "greedy",
     prefilter_keep: Annotated[int, typer.Option(help="greedy: fine-tune only the m candidates "
                                                 "with the lowest block influence [0: all]")]
     = 0,
@@ -507,8 +505,7 @@ def _compare_signature() -> inspect.Signature:
               if name not in ("strategy", "register")]
     extra = [
         inspect.Parameter("strategies", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-            str, typer.Option(help="comma-separated: greedy, top, bottom, random, exhaustive, "
-                                   "block-influence, angular")],
+            str, typer.Option(help="comma-separated: " + ", ".join(STRATEGY_NAMES))],
             default=",".join(ALL_STRATEGY_NAMES)),
         inspect.Parameter("random_orders", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             int, typer.Option(help="random: how many random orders (seeds 0, 1, ...)")],
@@ -533,13 +530,10 @@ SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "random_seed", "exhaust
 
 
 def compress(method: str, density: list[float], **options) -> None:
-    """Compress the width of a model (heads, FFN neurons, blocks) to a density of its
-    encoder weights, and keep a fine-tuned model per density.
+    """Cut heads, FFN neurons and blocks to a density of the encoder weights (MLPruning).
 
-    Takes `glp prune`'s model, data and budget options. The teacher is the fine-tuned
-    unpruned model; each density's model is saved with its plan (glp.load_pretrained
-    reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
-    """
+    Takes `glp prune`'s model, data and budget options. The teacher is the fine-tuned unpruned model; each density's model is saved with its plan (glp.load_pretrained reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
+    """  # noqa: E501 - one line, so that --help wraps it to the terminal
     home, verbose = options.pop("home"), options.pop("verbose")
     options["register"] = options.pop("register_compress")
     values = {**_params(options), "method": method, "densities": tuple(density)}
@@ -554,7 +548,7 @@ def _compress_signature() -> inspect.Signature:
                                  annotation=Annotated[annotation, typer.Option(*flags,
                                                                                help=help_text)])
     extra = [
-        option("method", str, "mlpruning", "the width method: mlpruning"),
+        option("method", str, "mlpruning", "the width method: " + ", ".join(WIDTH_METHODS)),
         option("density", list[float], [0.5], "fraction of encoder weights to keep (repeat "
                "for several: --density 0.5 --density 0.3)"),
         option("seeds", int, 1, "seeds per compressed model (40, 41, ...)"),

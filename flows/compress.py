@@ -11,26 +11,24 @@ and registered as ONNX, so ``models:/NAME@density-30`` serves without glp.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-import glp
-from flows.job import REFERENCE, Job, PruneParams, _finite, check_inputs, now
+from flows.job import Job, PruneParams, _finite, check_inputs, now
 from flows.runners import run_on_task_runner
 from glp import GlpError
 from glp.config import stable_hash
 from glp.mlpruning import MLPruningConfig, check_density
+from glp.names import REFERENCE, WIDTH_METHODS
 from tasks.analysis import measure_latencies
 from tasks.compression import Compressed, CompressRequest, fine_tune_compressed, prune_width
-from tasks.tracking import FINAL, dumps, end_job_run, log_child_run, register_onnx, update_aliases
+from tasks.registry import Registration, register_all, registrations
+from tasks.tracking import FINAL, dumps, end_job_run, log_child_run, register_onnx
 
-METHODS = {"mlpruning": "MLPruning (Yao et al. 2021): heads, FFN neurons, blocks; learnable "
-                        "Top-k thresholds, adaptive regulariser, distillation"}
-"""The width-compression methods ``glp compress --method`` offers."""
+METHODS = WIDTH_METHODS
 
 
 class CompressParams(PruneParams):
@@ -233,39 +231,26 @@ def _latencies(job: Job, reference: list[dict], rows: list[dict]) -> None:
 
 
 def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:
-    """One ONNX version per density: its best seed on the selection split; ``best`` is
-    the density with the best selection-split mean (never a diverged model)."""
-    aliases, means = {}, {}
-    by_density: dict[float, list[dict]] = {}
-    for row in rows:
-        if not row["diverged"]:
-            by_density.setdefault(row["target_density"], []).append(row)
-    for density, candidates in sorted(by_density.items(), reverse=True):
-        chosen = max(candidates, key=lambda r: (r["selection_value"], -r["seed"]))
-        selection_mean = statistics.mean(r["selection_value"] for r in candidates)
-        label = density_label(density)
-        version = register_onnx(
-            job.tracking_uri, chosen["run_id"], chosen["model_dir"], name, job.job_id, label,
-            tags={**job.common_tags, "glp.method": chosen["method"], "glp.density": f"{density:g}",
+    """One ONNX version per density (aliases ``density-NN`` and ``best``), by the rule of
+    :mod:`tasks.registry`: chosen by the selection split, never diverged."""
+
+    def density_of(row: dict) -> float | None:
+        return row.get("target_density")
+
+    def register(registration: Registration) -> str:
+        chosen, density = registration.chosen, registration.group
+        return register_onnx(
+            job.tracking_uri, chosen["run_id"], chosen["model_dir"], name, job.job_id,
+            registration.alias,
+            tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
+                  "glp.method": chosen["method"], "glp.density": f"{density:g}",
                   "glp.encoder_density": f"{chosen['encoder_density']:.4f}",
-                  "glp.parameters": chosen["parameters"], "glp.seed": chosen["seed"],
-                  "glp.metric_value": f"{chosen['value']:.6f}",
-                  "glp.metric_mean": f"{statistics.mean(r['value'] for r in candidates):.6f}",
-                  "glp.selection_value": f"{chosen['selection_value']:.6f}",
-                  "glp.selection_mean": f"{selection_mean:.6f}",
-                  "glp.plan_key": stable_hash("plan", chosen["plan"]),
-                  "glp.base_model_fingerprint": job.model_fp, "glp.version": glp.__version__,
-                  "glp.data_fingerprint": job.data_fingerprint},
+                  "glp.parameters": str(chosen["parameters"]),
+                  "glp.plan_key": stable_hash("plan", chosen["plan"])},
             description=(f"{job.params.model} compressed by {chosen['method']} to "
                          f"{chosen['encoder_density']:.3f} of its encoder weights, fine-tuned "
                          f"on {job.data.task}; dev {job.data.metric} {chosen['value']:.4f} "
                          f"(seed {chosen['seed']}, chosen by the selection split); ONNX"))
-        for row in rows:
-            if row["target_density"] == density:
-                row["registered_model"], row["model_version"] = name, version
-        aliases[label] = version
-        means[version] = selection_mean
-    if aliases:
-        aliases["best"] = max(means, key=means.get)
-        aliases = update_aliases(job.tracking_uri, name, aliases)
-    return aliases
+
+    plan = registrations(rows, density_of, density_label)
+    return register_all(job.tracking_uri, name, plan, register, rows, density_of)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from glp.models import (
     num_encoder_layers,
 )
 from glp.models import resolve_model as resolve_model_path
+from glp.names import LAYER_METHOD, REFERENCE
 from glp.plan import Plan
 from glp.provenance import code_fingerprint
 from glp.search import (
@@ -51,6 +51,7 @@ from tasks.analysis import SimilarityRequest, layer_similarity, measure_latencie
 from tasks.data import DataRef, DataSource, checked_train, load_source, prepare_data
 from tasks.home import RunHome
 from tasks.records import record_rows
+from tasks.registry import Registration, register_all, registrations
 from tasks.tracking import (
     CANDIDATE,
     FINAL,
@@ -59,7 +60,6 @@ from tasks.tracking import (
     log_child_run,
     register_model,
     start_job_run,
-    update_aliases,
 )
 from tasks.training import (
     CODE,
@@ -74,7 +74,6 @@ from tasks.training import (
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "glue"
 FINAL_SEED_BASE = 40  # the paper's final seeds are 40..44
-REFERENCE = "unpruned"  # the strategy name of the reference row (no layer removed)
 
 
 class PruneParams(BaseModel):
@@ -322,6 +321,11 @@ class Job:
         end_job_run(self.tracking_uri, self.parent_run_id,
                     "FAILED" if isinstance(exc, Exception) else "KILLED")
 
+    def version_tags(self) -> dict[str, str]:
+        """What every registered version of this job records about its inputs."""
+        return {"glp.base_model_fingerprint": self.model_fp, "glp.version": glp.__version__,
+                "glp.data_fingerprint": self.data_fingerprint}
+
     @property
     def data_fingerprint(self) -> str:
         return stable_hash(self.data.fingerprints)
@@ -524,7 +528,7 @@ class Job:
                     "job_id": self.job_id, "run_id": job["run_id"],
                     "parent_run_id": self.parent_run_id, "strategy": strategy,
                     "variant": variant, "model": self.params.model, "task": self.data.task,
-                    "method": REFERENCE if strategy == REFERENCE else "layers",
+                    "method": REFERENCE if strategy == REFERENCE else LAYER_METHOD,
                     "depth": depth, "removed": list(removed), "seed": seed,
                     "metric": evaluation.metric, "value": evaluation.score,
                     "selection_value": job["selection"].score,
@@ -568,48 +572,26 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 
 def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,
                     outcome: SearchOutcome) -> dict[str, str]:
-    """Register one model per pruned depth; alias ``best`` and ``depth-N``.
-
-    The rule, so that the dev set is never used to choose: a depth's registered seed is
-    the one with the best selection-split score, and ``best`` points at the depth with
-    the best selection-split mean. A diverged model (non-finite loss or metric) is never
-    registered; a depth whose every seed diverged gets no version. Dev scores are the
-    honest estimate, recorded in the tags (``glp.metric_value``, ``glp.metric_mean``).
-    """
+    """Register one model per pruned depth (aliases ``depth-N`` and ``best``), by the rule
+    of :mod:`tasks.registry`: chosen by the selection split, never diverged."""
     data = job.data
     order = outcome.order or [layer for _, removed in outcome.plan[-1:] for layer in removed]
-    by_depth: dict[int, list[dict]] = {}
-    for row in final_rows:
-        if row["strategy"] != REFERENCE and not row["diverged"]:
-            by_depth.setdefault(row["depth"], []).append(row)
-    aliases, means = {}, {}
-    for depth, rows in sorted(by_depth.items(), reverse=True):
-        chosen = max(rows, key=lambda r: (r["selection_value"], -r["seed"]))
-        selection_mean = statistics.mean(r["selection_value"] for r in rows)
-        mean = statistics.mean(r["value"] for r in rows)
-        version = register_model(
+
+    def depth_of(row: dict) -> int | None:
+        return None if row["strategy"] == REFERENCE else row["depth"]
+
+    def register(registration: Registration) -> str:
+        chosen, depth = registration.chosen, registration.group
+        return register_model(
             job.tracking_uri, chosen["run_id"], chosen["_path"], name, job.job_id, depth,
-            tags={**job.common_tags,
+            tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
                   "glp.removed_layers": ",".join(map(str, chosen["removed"])),
-                  "glp.depth": depth, "glp.seed": chosen["seed"],
-                  "glp.metric_value": f"{chosen['value']:.6f}", "glp.metric_mean": f"{mean:.6f}",
-                  "glp.selection_value": f"{chosen['selection_value']:.6f}",
-                  "glp.selection_mean": f"{selection_mean:.6f}",
-                  "glp.seeds_registered_from": len(rows), "glp.device": chosen["device"],
-                  "glp.base_model_fingerprint": job.model_fp, "glp.version": glp.__version__,
-                  "glp.data_fingerprint": stable_hash(data.fingerprints),
-                  "glp.order": ",".join(map(str, order))},
+                  "glp.depth": depth, "glp.order": ",".join(map(str, order))},
             description=(f"{params.model} with layers {chosen['removed']} removed "
                          f"({depth} layers left), fine-tuned on {data.task}; dev "
                          f"{data.metric} {chosen['value']:.4f} (seed {chosen['seed']}, chosen "
                          "by the selection split)"),
         )
-        for row in final_rows:
-            if row["depth"] == depth and row["strategy"] != REFERENCE:
-                row["registered_model"], row["model_version"] = name, version
-        aliases[f"depth-{depth}"] = version
-        means[version] = selection_mean
-    if aliases:
-        aliases["best"] = max(means, key=means.get)
-        aliases = update_aliases(job.tracking_uri, name, aliases)
-    return aliases
+
+    plan = registrations(final_rows, depth_of, lambda depth: f"depth-{depth}")
+    return register_all(job.tracking_uri, name, plan, register, final_rows, depth_of)

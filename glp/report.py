@@ -24,6 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from glp import GlpError
+from glp.names import REFERENCE, STRATEGY_NAMES, WIDTH_METHODS
 
 __all__ = [
     "COST_KEYS",
@@ -39,7 +40,6 @@ __all__ = [
     "write_report",
 ]
 
-REFERENCE = "unpruned"
 """The strategy (and display label) of the unpruned reference model."""
 
 FINALS_COLUMNS: tuple[str, ...] = (
@@ -56,9 +56,7 @@ COST_KEYS: tuple[str, ...] = ("fine_tunes", "seconds", "zero_shot_passes")
 # spread over variants, e.g. random orders).
 _POOLED = frozenset({"random", REFERENCE})
 # Display order of strategies in tables and legends; unknown ones follow alphabetically.
-_ORDER: tuple[str, ...] = (
-    REFERENCE, "greedy", "top", "bottom", "random", "exhaustive", "block-influence", "angular",
-)
+_ORDER: tuple[str, ...] = (REFERENCE, *STRATEGY_NAMES, *WIDTH_METHODS)
 _DPI = 120
 _MISSING = "—"
 # Keys of ``meta`` that render_markdown places itself; every other key is a setting.

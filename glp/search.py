@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from glp import GlpError
+from glp.names import STRATEGY_NAMES
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (GreedyLayerPruning, TopLayerPruning, BottomLayerPruning, RandomLayerPruning,
                 ExhaustiveSearch, BlockInfluence, AngularDistance)
 }
+assert tuple(STRATEGIES) == STRATEGY_NAMES, "glp.names.STRATEGY_NAMES lists every strategy"
 
 
 def get_strategy(name: str, options: StrategyOptions | None = None) -> Strategy:

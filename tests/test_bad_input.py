@@ -232,3 +232,29 @@ def test_a_home_that_cannot_be_written_is_one_line(where, files, tiny_bert, tmp_
 def test_gc_on_a_missing_home_is_one_line(tmp_path):
     done = _glp("gc", "--home", str(tmp_path / "nothing"))
     _check_refused(done, "no such folder")
+
+
+COMPRESS = ["--task", "sst2", "--train-limit", "40", "--eval-limit", "20", "--epochs", "1",
+            "--max-length", "16", "--batch-size", "16"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "magic"], "--method 'magic': choose one of mlpruning"),
+    (["--density", "0"], "--density 0.0: choose a fraction in (0, 1]"),
+    (["--density", "1.5"], "--density 1.5: choose a fraction in (0, 1]"),
+    (["--density", "0.01"], "--density 0.01: this model keeps at least"),
+    (["--density", "0.5", "--density", "0.501"], "--density 0.5: the densities must differ"),
+    (["--block-size", "-1"], "--block-size -1: input should be greater than or equal to 0"),
+    (["--pruning-epochs", "nan"], "--pruning-epochs nan: input should be a finite number"),
+    (["--lr", "inf"], "--lr inf: input should be a finite number"),
+])
+def test_compress_refuses_bad_input_up_front(args, expected, tiny_bert, tmp_path):
+    home = tmp_path / "new-home"
+    _check_refused(_glp("compress", "--model", str(tiny_bert), *COMPRESS, *args, "--home",
+                        str(home)), expected)
+    assert not home.exists()
+
+
+def test_export_refuses_what_is_not_a_model(tmp_path):
+    _check_refused(_glp("export", str(tmp_path), "--onnx"), "is not a model directory")
+    _check_refused(_glp("export", str(tmp_path)), "glp export needs a format: --onnx")

@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import flows.job
+import tasks.registry
 from flows.job import REFERENCE, SearchOutcome, register_depths
 
 
@@ -19,15 +20,15 @@ def _register(rows, monkeypatch):
     registered = []
 
     def register_model(uri, run_id, path, name, job_id, depth, tags, description):
-        registered.append((depth, tags["glp.seed"], tags))
+        registered.append((depth, int(tags["glp.seed"]), tags))
         return str(len(registered))
 
     monkeypatch.setattr(flows.job, "register_model", register_model)
-    monkeypatch.setattr(flows.job, "update_aliases", lambda uri, name, proposals: proposals)
+    monkeypatch.setattr(tasks.registry, "update_aliases", lambda uri, name, proposals: proposals)
     job = SimpleNamespace(data=SimpleNamespace(task="sst2", metric="accuracy",
                                                fingerprints={"dev": "x"}),
                           tracking_uri="sqlite://", job_id="job", common_tags={},
-                          model_fp="fp")
+                          model_fp="fp", version_tags=dict)
     params = SimpleNamespace(model="m")
     outcome = SearchOutcome(strategy=None, plan=[(6, ()), (5, (5,)), (4, (4, 5))],
                             order=[5, 4])

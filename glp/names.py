@@ -1,0 +1,20 @@
+"""The names of glp's strategies and methods: one definition for the library, the flows,
+the report and the CLI's help (importing this module costs nothing: no torch)."""
+
+from __future__ import annotations
+
+REFERENCE = "unpruned"
+"""The strategy (and method) name of the reference row: the fine-tuned unpruned model."""
+
+LAYER_METHOD = "layers"
+"""The method name of every layer strategy's rows."""
+
+STRATEGY_NAMES: tuple[str, ...] = ("greedy", "top", "bottom", "random", "exhaustive",
+                                   "block-influence", "angular")
+"""Layer strategies, in display order (``glp.search.STRATEGIES`` has one class for each)."""
+
+WIDTH_METHODS: dict[str, str] = {
+    "mlpruning": "MLPruning (Yao et al. 2021): heads, FFN neurons, blocks; learnable Top-k "
+                 "thresholds, adaptive regulariser, distillation",
+}
+"""Width-compression methods of ``glp compress --method``, with a one-line description."""

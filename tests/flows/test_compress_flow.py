@@ -1,0 +1,99 @@
+"""The compress flow (MLPruning) on a tiny model: tables, models that reload and serve as
+ONNX from the registry, the cache, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import glp
+from flows.compress import CompressParams, compress
+from glp.plan import Plan
+
+
+def _params(model, home, **overrides) -> CompressParams:
+    values = dict(model=str(model), task="sst2", train_limit=80, eval_limit=40, epochs=1.0,
+                  max_length=16, learning_rate=1e-3, batch_size=16, seeds=2,
+                  densities=(0.7, 0.6), pruning_epochs=1.0, final_epochs=1.0, home=str(home))
+    return CompressParams(**{**values, **overrides})
+
+
+def _finals(home):
+    return ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def two_runs(harness, tiny_bert, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    first = compress(_params(tiny_bert, home))
+    second = compress(_params(tiny_bert, home))
+    return home, first, second
+
+
+def test_rows_carry_method_plan_size_and_model_dir(two_runs, tiny_bert):
+    home, first, _ = two_runs
+    rows = _finals(home)
+    compressed = [r for r in rows if r["method"] == "mlpruning"]
+    reference = [r for r in rows if r["method"] == "unpruned"]
+    assert len(compressed) == 4 and len(reference) == 2  # 2 densities x 2 seeds; 2 seeds
+    assert {r["target_density"] for r in compressed} == {0.7, 0.6}
+    for row in compressed:
+        plan = Plan.from_json(row["plan"])
+        assert plan.heads or plan.neurons
+        assert row["encoder_density"] <= row["target_density"] + 1e-9
+        assert row["parameters"] < reference[0]["parameters"]
+        model = glp.load_pretrained(row["model_dir"])  # tokenizer outputs in, logits out
+        tokenizer = glp.models.load_tokenizer(row["model_dir"])
+        with torch.no_grad():
+            logits = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
+        assert logits.shape == (1, 2)
+        assert json.loads(row["plan"]) == plan.to_dict()
+    assert all(r["encoder_density"] == 1.0 and r["model_dir"] for r in reference)
+    assert all(r["latency_ms"] > 0 for r in reference)
+
+
+def test_second_run_is_served_from_cache_without_duplicates(two_runs):
+    home, first, second = two_runs
+    # 2 teachers (unpruned finals) + 2 densities x 2 seeds x (prune, fine-tune)
+    assert (first.computed, first.reused) == (10, 0)
+    assert (second.computed, second.reused) == (0, 10)
+    assert second.job_id == first.job_id
+    assert ([r["value"] for r in second.finals] == [r["value"] for r in first.finals])
+    assert len(_finals(home)) == 6
+
+
+def test_each_density_is_registered_as_onnx_and_serves(two_runs):
+    import mlflow
+
+    _, first, _ = two_runs
+    client = MlflowClient(tracking_uri=first.tracking_uri, registry_uri=first.tracking_uri)
+    name = first.registered_model
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(v.tags["glp.budget"] for v in versions) == ["density-60", "density-70"]
+    assert set(first.versions) == {"density-60", "density-70", "best"}
+    best = client.get_model_version_by_alias(name, "best")
+    assert best.tags["glp.flavor"] == "onnx" and float(best.tags["glp.encoder_density"]) <= 0.7
+    mlflow.set_tracking_uri(first.tracking_uri)
+    mlflow.set_registry_uri(first.tracking_uri)
+    served = mlflow.pyfunc.load_model(f"models:/{name}@density-60")
+    ids = np.array([[101, 1037, 2986, 2143, 102]], dtype=np.int64)
+    out = served.predict({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                          "token_type_ids": np.zeros_like(ids)})
+    row = next(r for r in first.finals if r.get("model_version") == first.versions["density-60"]
+               and r["seed"] == int(client.get_model_version(
+                   name, first.versions["density-60"]).tags["glp.seed"]))
+    model = glp.load_pretrained(row["model_dir"])
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
+
+
+def test_a_changed_density_reuses_the_teacher(harness, tiny_bert, two_runs):
+    home, _, _ = two_runs
+    third = compress(_params(tiny_bert, home, densities=(0.65,), seeds=1, register_models=False))
+    assert (third.computed, third.reused) == (2, 1)  # prune + fine-tune; the teacher reused
