@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from flows.job import Job, PruneParams, _finite, check_inputs, now
+from flows.job import Job, PruneParams, _finite, check_inputs
 from flows.runners import run_on_task_runner
 from glp import GlpError
 from glp.config import stable_hash
@@ -25,8 +25,9 @@ from glp.mlpruning import MLPruningConfig, check_density
 from glp.names import REFERENCE, WIDTH_METHODS
 from tasks.analysis import measure_latencies
 from tasks.compression import Compressed, CompressRequest, fine_tune_compressed, prune_width
+from tasks.records import final_row, written
 from tasks.registry import Registration, register_all, registrations
-from tasks.tracking import FINAL, dumps, end_job_run, log_child_run, register_onnx
+from tasks.tracking import FINAL, end_job_run, log_child_run, register_onnx
 
 METHODS = WIDTH_METHODS
 
@@ -139,7 +140,7 @@ def _compress(params: CompressParams) -> CompressSummary:
     except BaseException as exc:
         job.abort(exc)
         raise
-    finals = [{k: v for k, v in r.items() if not k.startswith("_")} for r in reference + rows]
+    finals = [written(r) for r in reference + rows]
     return CompressSummary(
         job_id=job_id, parent_run_id=job.parent_run_id, method=params.method, task=data.task,
         metric=data.metric, num_layers=job.num_layers, finals=finals,
@@ -190,21 +191,15 @@ def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig]
                      "fine_tune_seconds": checkpoint.seconds},
             tags={**job.common_tags, "glp.density": f"{density:g}",
                   "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key})
-        rows.append({
-            "job_id": job.job_id, "run_id": run_id, "parent_run_id": job.parent_run_id,
-            "method": params.method, "strategy": params.method, "variant": density_label(density),
-            "model": params.model, "task": job.data.task, "depth": plan.depth,
-            "removed": list(plan.removed), "seed": seed, "metric": evaluation.metric,
-            "value": evaluation.score, "selection_value": selection.score,
-            "diverged": diverged, "metrics_json": dumps(evaluation.metrics),
-            "plan": plan.to_json(), "parameters": counts["parameters"] - counts["zeroed"],
-            "encoder_density": encoder_density, "target_density": density,
-            "model_dir": checkpoint.path, "train_examples": job.data.sizes["train"],
-            "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
-            "eval_seconds": evaluation.seconds, "device": checkpoint.device,
-            "cache_key": checkpoint.key, "reused": checkpoint.flow_run_id != job.flow_run_id,
-            "recorded_at": now(), "_checkpoint": checkpoint,
-        })
+        who = {"job_id": job.job_id, "strategy": params.method,
+               "variant": density_label(density), "model": params.model,
+               "task": job.data.task, "method": params.method}
+        rows.append(final_row(
+            who, run_id=run_id, parent_run_id=job.parent_run_id, checkpoint=checkpoint,
+            evaluation=evaluation, selection=selection, diverged=diverged, plan=plan,
+            parameters=counts["parameters"] - counts["zeroed"],
+            encoder_density=encoder_density, train_examples=job.data.sizes["train"],
+            reused=checkpoint.flow_run_id != job.flow_run_id, target_density=density))
         job.reporter.update(handle, count + 1)
     job.reporter.end(handle)
     return rows

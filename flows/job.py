@@ -9,7 +9,6 @@ fine-tune: the tasks are cached by what decides their result, not by who asked.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +49,18 @@ from tasks import progress
 from tasks.analysis import SimilarityRequest, layer_similarity, measure_latencies
 from tasks.data import DataRef, DataSource, checked_train, load_source, prepare_data
 from tasks.home import RunHome
-from tasks.records import record_rows
+from tasks.records import (
+    candidate_row,
+    final_row,
+    record_rows,
+    score_row,
+    selection_row,
+    written,
+)
 from tasks.registry import Registration, register_all, registrations
 from tasks.tracking import (
     CANDIDATE,
     FINAL,
-    dumps,
     end_job_run,
     log_child_run,
     register_model,
@@ -226,10 +231,6 @@ def model_slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).lower()
 
 
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 @dataclass
 class SearchOutcome:
     """What one strategy found and what it cost."""
@@ -396,21 +397,18 @@ class Job:
                 outcome.seconds += (record.result.checkpoint.seconds
                                     + record.result.evaluation.seconds)
             elif isinstance(record, LayerScored):
-                pending["scores"].append({
-                    **base, "iteration": record.iteration, "method": record.method,
-                    "layer": record.layer, "removed_before": list(record.removed),
-                    "value": record.value, "kept": record.kept, "recorded_at": now()})
+                pending["scores"].append(score_row(base, record))
             elif isinstance(record, LayerSelected | SubsetChosen):
                 chosen = (list(record.order) if isinstance(record, LayerSelected)
                           else list(record.removed))
                 iteration = (record.iteration if isinstance(record, LayerSelected)
                              else record.count - 1)
-                row = {**base, "run_id": self.parent_run_id, "iteration": iteration,
-                       "layer": getattr(record, "layer", None), "order": chosen,
-                       "depth": self.num_layers - len(chosen), "metric": data.metric,
-                       "value": record.score, "candidates": len(pending["candidates"]),
-                       "cache_key": stable_hash(self.job_id, label, chosen),
-                       "recorded_at": now()}
+                row = selection_row(
+                    base, run_id=self.parent_run_id, iteration=iteration,
+                    layer=getattr(record, "layer", None), order=chosen,
+                    num_layers=self.num_layers, metric=data.metric, value=record.score,
+                    candidates=len(pending["candidates"]),
+                    cache_key=stable_hash(self.job_id, label, chosen))
                 part = f"{label}-iteration-{iteration:03d}"
                 for table, rows in pending.items():
                     if rows:
@@ -445,18 +443,9 @@ class Job:
             tags={**self.common_tags, "glp.iteration": record.iteration,
                   "glp.diverged": str(evaluation.diverged).lower()},
         )
-        return {
-            **base, "run_id": run_id, "parent_run_id": self.parent_run_id,
-            "flow_run_id": checkpoint.flow_run_id, "iteration": record.iteration,
-            "layer": record.layer, "removed": list(record.removed),
-            "depth": self.num_layers - len(record.removed), "metric": evaluation.metric,
-            "value": evaluation.score, "diverged": evaluation.diverged,
-            "metrics_json": dumps(evaluation.metrics),
-            "seed": checkpoint.seed, "train_examples": self.data.sizes["fit"],
-            "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
-            "eval_seconds": evaluation.seconds, "device": checkpoint.device,
-            "cache_key": checkpoint.key, "reused": reused, "recorded_at": now(),
-        }
+        return candidate_row(base, record, run_id=run_id, parent_run_id=self.parent_run_id,
+                             num_layers=self.num_layers, train_examples=self.data.sizes["fit"],
+                             reused=reused)
 
     # ------------------------------------------------------------------ finals
 
@@ -520,36 +509,25 @@ class Job:
         density = {removed: plan.encoder_density(self.base_config)
                    for removed, plan in layer_plans.items()}
         rows = []
-        for strategy, variant, depth, removed in plans:
+        for strategy, variant, _, removed in plans:
+            who = {"job_id": self.job_id, "strategy": strategy, "variant": variant,
+                   "model": self.params.model, "task": self.data.task,
+                   "method": REFERENCE if strategy == REFERENCE else LAYER_METHOD}
             for seed in self.seeds:
                 job = done_jobs[removed, seed]
-                checkpoint, evaluation = job["checkpoint"], job["evaluation"]
-                rows.append({
-                    "job_id": self.job_id, "run_id": job["run_id"],
-                    "parent_run_id": self.parent_run_id, "strategy": strategy,
-                    "variant": variant, "model": self.params.model, "task": self.data.task,
-                    "method": REFERENCE if strategy == REFERENCE else LAYER_METHOD,
-                    "depth": depth, "removed": list(removed), "seed": seed,
-                    "metric": evaluation.metric, "value": evaluation.score,
-                    "selection_value": job["selection"].score,
-                    "diverged": job["diverged"],
-                    "metrics_json": dumps(evaluation.metrics),
-                    "parameters": parameters[removed], "plan": layer_plans[removed].to_json(),
-                    "encoder_density": density[removed], "model_dir": checkpoint.path,
-                    "train_examples": self.data.sizes["train"],
-                    "eval_examples": evaluation.examples,
-                    "fine_tune_seconds": checkpoint.seconds,
-                    "eval_seconds": evaluation.seconds,
-                    "latency_ms": latency.get(removed), "latency_batch": batch,
-                    "device": checkpoint.device,
-                    "cache_key": checkpoint.key, "reused": job["reused"],
-                    "recorded_at": now(), "_path": checkpoint.path, "_checkpoint": checkpoint,
-                })
+                rows.append(final_row(
+                    who, run_id=job["run_id"], parent_run_id=self.parent_run_id,
+                    checkpoint=job["checkpoint"], evaluation=job["evaluation"],
+                    selection=job["selection"], diverged=job["diverged"],
+                    plan=layer_plans[removed], parameters=parameters[removed],
+                    encoder_density=density[removed], train_examples=self.data.sizes["train"],
+                    reused=job["reused"], latency_ms=latency.get(removed),
+                    latency_batch=batch))
         return rows
 
     def write_finals(self, rows: list[dict]) -> None:
         record_rows(self.home.parquet, "finals", self.job_id, "finals",
-                    [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows])
+                    [written(row) for row in rows])
 
 
 def final_plans(outcomes: list[SearchOutcome]) -> list[tuple[str, str, int, tuple[int, ...]]]:

@@ -10,6 +10,8 @@ replaced, never duplicated, and a reader never sees a half-written file.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 from pathlib import Path
 
@@ -105,6 +107,72 @@ SCORES = pa.schema([
 
 SCHEMAS = {"candidates": CANDIDATES, "selections": SELECTIONS, "finals": FINALS,
            "scores": SCORES}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def final_row(who: dict, *, run_id: str, parent_run_id: str, checkpoint, evaluation,
+              selection, diverged: bool, plan, parameters: int, encoder_density: float,
+              train_examples: int, reused: bool, **extra) -> dict:
+    """One ``finals`` row: a final model (any method) with its dev and selection scores.
+
+    ``who`` holds the job and its subject (job_id, strategy, variant, model, task, method);
+    ``extra`` adds columns such as ``latency_ms`` or ``target_density``. Keys starting with
+    ``_`` (the checkpoint) travel with the row in memory and are never written.
+    """
+    return {
+        **who, "run_id": run_id, "parent_run_id": parent_run_id, "depth": plan.depth,
+        "removed": list(plan.removed), "seed": checkpoint.seed, "metric": evaluation.metric,
+        "value": evaluation.score, "selection_value": selection.score, "diverged": diverged,
+        "metrics_json": json.dumps(evaluation.metrics, sort_keys=True),
+        "plan": plan.to_json(), "parameters": parameters, "encoder_density": encoder_density,
+        "model_dir": checkpoint.path, "train_examples": train_examples,
+        "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
+        "eval_seconds": evaluation.seconds, "device": checkpoint.device,
+        "cache_key": checkpoint.key, "reused": reused, "recorded_at": now(),
+        "_path": checkpoint.path, "_checkpoint": checkpoint, **extra,
+    }
+
+
+def candidate_row(base: dict, record, *, run_id: str, parent_run_id: str, num_layers: int,
+                  train_examples: int, reused: bool) -> dict:
+    """One ``candidates`` row from a strategy's ``CandidateScored`` record."""
+    checkpoint, evaluation = record.result.checkpoint, record.result.evaluation
+    return {
+        **base, "run_id": run_id, "parent_run_id": parent_run_id,
+        "flow_run_id": checkpoint.flow_run_id, "iteration": record.iteration,
+        "layer": record.layer, "removed": list(record.removed),
+        "depth": num_layers - len(record.removed), "metric": evaluation.metric,
+        "value": evaluation.score, "diverged": evaluation.diverged,
+        "metrics_json": json.dumps(evaluation.metrics, sort_keys=True),
+        "seed": checkpoint.seed, "train_examples": train_examples,
+        "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
+        "eval_seconds": evaluation.seconds, "device": checkpoint.device,
+        "cache_key": checkpoint.key, "reused": reused, "recorded_at": now(),
+    }
+
+
+def score_row(base: dict, record) -> dict:
+    """One ``scores`` row from a ``LayerScored`` record (a zero-shot layer score)."""
+    return {**base, "iteration": record.iteration, "method": record.method,
+            "layer": record.layer, "removed_before": list(record.removed),
+            "value": record.value, "kept": record.kept, "recorded_at": now()}
+
+
+def selection_row(base: dict, *, run_id: str, iteration: int, layer: int | None,
+                  order: list[int], num_layers: int, metric: str, value: float | None,
+                  candidates: int, cache_key: str) -> dict:
+    """One ``selections`` row: a layer (or a subset) chosen."""
+    return {**base, "run_id": run_id, "iteration": iteration, "layer": layer, "order": order,
+            "depth": num_layers - len(order), "metric": metric, "value": value,
+            "candidates": candidates, "cache_key": cache_key, "recorded_at": now()}
+
+
+def written(row: dict) -> dict:
+    """A row without its in-memory keys (``_path``, ``_checkpoint``)."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def write_part(root: Path, table: str, job_id: str, part: str, rows: list[dict]) -> Path:
