@@ -141,3 +141,42 @@ def compare_with_torch(model_dir: str | os.PathLike[str], onnx_path: str | os.Pa
         expected = model(**{k: v for k, v in batch.items() if k in names}).logits.numpy()
     actual = onnx_logits(onnx_path, {k: v.numpy() for k, v in batch.items()})
     return float(np.abs(actual - expected).max())
+
+
+class OnnxModel:
+    """An exported graph behind a model's calling convention: ``model(**inputs).logits``.
+
+    For timing side by side with PyTorch models (:func:`glp.bench.measure_latency`): it
+    takes the same tensors and answers ``eval()``/``train()``/``parameters()`` like a module.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.training = False
+
+    def __call__(self, **inputs):
+        from types import SimpleNamespace
+
+        import numpy as np
+
+        feed = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v)
+                for k, v in inputs.items() if k in self.inputs}
+        if "token_type_ids" in self.inputs and "token_type_ids" not in feed:
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        return SimpleNamespace(logits=self.session.run(["logits"], feed)[0])
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def parameters(self):
+        return iter(())

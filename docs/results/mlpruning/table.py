@@ -1,0 +1,79 @@
+"""The MLPruning table: quality over seeds from a run home's finals, latency from the
+benchmark's JSON (benchmarks/compressed_latency.py), as markdown.
+
+Usage: .venv/bin/python docs/results/mlpruning/table.py HOME LATENCY_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+
+from glp.plan import Plan
+
+
+def label_of(row: dict) -> str:
+    if row["method"] == "unpruned":
+        return "unpruned"
+    if row["method"] == "layers":
+        return f"greedy {row['depth']} layers"
+    blocks = bool(Plan.from_json(row["plan"]).blocks)
+    return f"{row['method']} {row['target_density']:g}" + (" + blocks" if blocks else "")
+
+
+def main(home: Path, latency_file: Path) -> None:
+    rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
+    latency = json.loads(latency_file.read_text())
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["method"] == "layers" and row["strategy"] != "greedy":
+            continue
+        groups.setdefault(label_of(row), []).append(row)
+    order = sorted(groups, key=lambda k: (-statistics.mean(
+        r["encoder_density"] for r in groups[k]), k))
+    timing = latency["latency"]
+
+    def ms(label: str, runtime: str, batch: str) -> float | None:
+        entry = timing.get(batch, {}).get(f"{label} | {runtime}")
+        return entry["median_ms"] if entry else None
+
+    base = {b: ms("unpruned", "torch", b) for b in timing}
+    seeds = sorted({r["seed"] for r in rows})
+    print(f"SST-2 dev accuracy (872 rows), mean ± std over seeds {seeds}; "
+          f"latency: median ms on {latency['threads']} CPU threads (torch {latency['torch']}, "
+          f"onnxruntime {latency['onnxruntime']}), SST-2 dev rows padded to the longest, "
+          f"{latency['repeats']} interleaved rounds; speed-up against the unpruned model in "
+          "PyTorch at the same batch size.\n")
+    print("| model | encoder density | parameters | dev accuracy | torch b1 | torch b32 | "
+          "onnx b1 | onnx b32 | onnx int8 b32 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label in order:
+        members = groups[label]
+        values = [r["value"] for r in members if not r["diverged"]]
+        spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        score = f"{statistics.mean(values):.4f}{spread}" if values else "diverged"
+        cells = []
+        for runtime, batch in (("torch", "1"), ("torch", "32"), ("onnx", "1"), ("onnx", "32"),
+                               ("onnx int8", "32")):
+            value = ms(label, runtime, batch)
+            cells.append("" if value is None else
+                         f"{value:.1f} ({base[batch] / value:.2f}×)" if base.get(batch) else
+                         f"{value:.1f}")
+        first = members[0]
+        print(f"| {label} | {statistics.mean(r['encoder_density'] for r in members):.3f} | "
+              f"{first['parameters']:,} | {score} | " + " | ".join(cells) + " |")
+    bsr = {b: ms(label, "torch bsr", b) for label in order for b in timing
+           if ms(label, "torch bsr", b)}
+    if bsr:
+        blocks = next(label for label in order if ms(label, "torch bsr", "32"))
+        print(f"\n{blocks}, matrices as block-sparse (BSR) tensors in PyTorch: "
+              + ", ".join(f"batch {b} {ms(blocks, 'torch bsr', b):.1f} ms (dense "
+                          f"{ms(blocks, 'torch', b):.1f} ms)" for b in timing) + ".")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
