@@ -76,3 +76,58 @@ def test_registered_model_loads_and_predicts(runs):
     assert done.returncode == 0, done.stderr[-3000:]
     label, layers = done.stdout.split()[-2:]
     assert label in {"0", "1"} and layers == "5"
+
+
+COMPRESS = ["compress", "--task", "sst2", "--density", "0.4", "--train-limit", "120",
+            "--eval-limit", "60", "--epochs", "1", "--pruning-epochs", "1", "--final-epochs",
+            "1", "--max-length", "32", "--seeds", "1", "--lr", "1e-4"]
+
+# Runs an exported graph with onnxruntime while glp, transformers and torch cannot be
+# imported: deployment needs neither.
+_ONNX_ONLY = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("glp", "transformers", "torch"):
+            raise ImportError(f"{name} is not available here")
+sys.meta_path.insert(0, Refuse())
+import numpy as np, onnxruntime, tokenizers
+tokenizer = tokenizers.Tokenizer.from_file(sys.argv[2])
+ids = np.array([tokenizer.encode("a warm and funny film").ids], dtype=np.int64)
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids)}
+feed = {i.name: feed[i.name] for i in session.get_inputs()}
+print(" ".join(f"{v:.6f}" for v in session.run(["logits"], feed)[0][0]))
+"""
+
+
+def test_compress_minilm_reloads_and_runs_as_onnx_without_glp(tmp_path):
+    import torch
+
+    import glp
+    from glp.models import load_tokenizer
+    from glp.plan import Plan
+
+    home = tmp_path / "home"
+    done = _glp(home, *COMPRESS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
+    row = next(r for r in rows if r["method"] == "mlpruning")
+    assert row["encoder_density"] <= 0.4 and Plan.from_json(row["plan"]).heads
+    model = glp.load_pretrained(row["model_dir"])
+    tokens = load_tokenizer(row["model_dir"])(["a warm and funny film"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**tokens).logits[0].tolist()
+    out = tmp_path / "model.onnx"
+    exported = subprocess.run([sys.executable, "-m", "flows.cli", "export", row["model_dir"],
+                               "--onnx", "--out", str(out)], capture_output=True, text=True,
+                              timeout=600)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert "max |logit difference| vs PyTorch" in exported.stdout
+    served = subprocess.run([sys.executable, "-c", _ONNX_ONLY, str(out),
+                             f"{row['model_dir']}/tokenizer.json"], capture_output=True,
+                            text=True, timeout=300)
+    assert served.returncode == 0, served.stderr
+    actual = [float(v) for v in served.stdout.split()]
+    assert actual == pytest.approx(expected, abs=1e-4)

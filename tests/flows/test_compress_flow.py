@@ -97,3 +97,31 @@ def test_a_changed_density_reuses_the_teacher(harness, tiny_bert, two_runs):
     home, _, _ = two_runs
     third = compress(_params(tiny_bert, home, densities=(0.65,), seeds=1, register_models=False))
     assert (third.computed, third.reused) == (2, 1)  # prune + fine-tune; the teacher reused
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "electra", "distilbert", "mpnet",
+                                    "deberta-v2"])
+def test_every_family_compresses_end_to_end(family, harness, tiny_bert, tmp_path):
+    """A tiny model of each family (MiniLM's tokenizer, so the vocabulary is 30,522):
+    compressed, its row written, its model reloaded."""
+    import shutil
+
+    from transformers import AutoModel
+
+    from tests.glp.test_surgery import tiny_config
+
+    config = tiny_config(family)
+    config.vocab_size = 30522
+    torch.manual_seed(0)
+    path = tmp_path / family
+    AutoModel.from_config(config).save_pretrained(path)
+    for file in tiny_bert.iterdir():
+        if file.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(file, path / file.name)
+    summary = compress(_params(path, tmp_path / "home", seeds=1, densities=(0.7,),
+                               register_models=False))
+    row = next(r for r in summary.finals if r["method"] == "mlpruning")
+    assert row["encoder_density"] <= 0.7 and not row["diverged"]
+    model = glp.load_pretrained(row["model_dir"])
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[101, 1037, 2986, 102]])).logits.shape == (1, 2)
