@@ -23,11 +23,10 @@ from glp import GlpError
 from glp.config import stable_hash
 from glp.mlpruning import MLPruningConfig, check_density
 from glp.names import REFERENCE, WIDTH_METHODS
-from tasks.analysis import measure_latencies
 from tasks.compression import Compressed, CompressRequest, fine_tune_compressed, prune_width
 from tasks.records import final_row, written
 from tasks.registry import Registration, register_all, registrations
-from tasks.tracking import FINAL, end_job_run, log_child_run, register_onnx
+from tasks.tracking import FINAL, end_job_run, log_child_run, log_run_metrics, register_onnx
 
 METHODS = WIDTH_METHODS
 
@@ -190,7 +189,8 @@ def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig]
                      "parameters": counts["parameters"], "encoder_density": encoder_density,
                      "fine_tune_seconds": checkpoint.seconds},
             tags={**job.common_tags, "glp.density": f"{density:g}",
-                  "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key})
+                  "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key},
+            texts={"plan.json": plan.to_json()})
         who = {"job_id": job.job_id, "strategy": params.method,
                "variant": density_label(density), "model": params.model,
                "task": job.data.task, "method": params.method}
@@ -213,8 +213,8 @@ def _latencies(job: Job, reference: list[dict], rows: list[dict]) -> None:
             first[row["target_density"]] = row["_checkpoint"]
     teacher_row = next(r for r in reference if r["seed"] == job.seeds[0])
     checkpoints = [teacher_row["_checkpoint"], *first.values()]
-    measured = measure_latencies.with_options(result_storage=job.home.results)(
-        checkpoints, job.data, "dev", job.finetune.max_length, job.home, job.device)
+    measured = job._latency(checkpoints, job.data, "dev", job.finetune.max_length, job.home,
+                            job.device)
     for row in reference:
         row["latency_ms"] = measured.median_ms[teacher_row["_checkpoint"].key]
         row["latency_batch"] = measured.batch_size
@@ -223,6 +223,11 @@ def _latencies(job: Job, reference: list[dict], rows: list[dict]) -> None:
         if checkpoint is not None:
             row["latency_ms"] = measured.median_ms[checkpoint.key]
             row["latency_batch"] = measured.batch_size
+    for row in reference + rows:
+        if row.get("latency_ms") is not None and row["seed"] == job.seeds[0]:
+            log_run_metrics(job.tracking_uri, row["run_id"],
+                            {"latency_ms": row["latency_ms"],
+                             "latency_batch": row["latency_batch"]})
 
 
 def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:

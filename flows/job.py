@@ -487,6 +487,7 @@ class Job:
                          "fine_tune_seconds": checkpoint.seconds},
                 tags={**self.common_tags, "glp.depth": depth,
                       "glp.diverged": str(diverged).lower()},
+                texts={"plan.json": Plan.layers(self.num_layers, removed).to_json()},
             )
             done_jobs[removed, seed] = {
                 "run_id": run_id, "checkpoint": checkpoint, "evaluation": evaluation,

@@ -120,8 +120,10 @@ def end_job_run(tracking_uri: str, run_id: str, status: str, metrics: dict | Non
 
 @task(name="log-child-run", **_RETRY)
 def log_child_run(tracking_uri: str, parent_run_id: str, job_id: str, kind: str, key: str,
-                  run_name: str, params: dict, metrics: dict, tags: dict) -> str:
-    """A finished child run for one candidate or final model (found again on a re-run)."""
+                  run_name: str, params: dict, metrics: dict, tags: dict,
+                  texts: dict[str, str] | None = None) -> str:
+    """A finished child run for one candidate or final model (found again on a re-run);
+    ``texts`` are small artifacts (file name -> content), such as the model's plan."""
     faults.inject("log")
     client = client_for(tracking_uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -132,8 +134,16 @@ def log_child_run(tracking_uri: str, parent_run_id: str, job_id: str, kind: str,
                 "glp.key": key, **tags}
     run_id = client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
     _log(client, run_id, params=params, metrics=metrics)
+    for name, text in (texts or {}).items():
+        client.log_text(run_id, text, name)
     client.set_terminated(run_id, status="FINISHED")
     return run_id
+
+
+@task(name="log-run-metrics", **_RETRY)
+def log_run_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Add metrics measured later (latency) to a finished run; a re-run logs the same."""
+    _log(client_for(tracking_uri), run_id, metrics=metrics)
 
 
 def _pipeline_requirements() -> list[str]:

@@ -91,6 +91,12 @@ def test_each_density_is_registered_as_onnx_and_serves(two_runs):
     with torch.no_grad():
         expected = model(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
+    # Each final run has its plan as an artifact, and the first seed's its latency.
+    run = client.get_run(row["run_id"])
+    assert "plan.json" in [a.path for a in client.list_artifacts(row["run_id"])]
+    assert Plan.from_json(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/plan.json"))
+    first_seed = next(r for r in first.finals if r["seed"] == 40 and r["method"] == "mlpruning")
+    assert client.get_run(first_seed["run_id"]).data.metrics["latency_ms"] > 0
 
 
 def test_a_changed_density_reuses_the_teacher(harness, tiny_bert, two_runs):
