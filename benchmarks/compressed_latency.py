@@ -55,7 +55,8 @@ def pick_models(home: Path) -> dict[str, dict]:
 
 
 def block_sparse(model: torch.nn.Module, size: int) -> torch.nn.Module:
-    """The model with every encoder matrix that has zero blocks stored as BSR."""
+    """The model with every encoder matrix whose shape the block size divides stored as
+    BSR (those with partial edge blocks stay dense)."""
     from glp.surgery import encoder_layers
 
     for linear in encoder_layers(model).modules():
@@ -81,7 +82,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     chosen = pick_models(args.home)
     if not chosen:
         raise SystemExit(f"no final models in {args.home / 'parquet' / 'finals'}")

@@ -578,7 +578,8 @@ def export(
     onnx: Annotated[bool, typer.Option("--onnx", help="write an ONNX graph (the only format)")]
     = False,
     out: Annotated[str | None, typer.Option(help="the file to write [default: "
-                                            "MODEL_DIR/model.onnx]")] = None,
+                                            "MODEL_DIR/model.onnx, or model.int8.onnx]")]
+    = None,
     int8: Annotated[bool, typer.Option(help="dynamic int8 quantisation (onnxruntime)")] = False,
     check: Annotated[bool, typer.Option(help="compare the graph's logits with PyTorch's")]
     = True,

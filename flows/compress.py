@@ -20,10 +20,18 @@ from pydantic import BaseModel, Field
 from flows.job import Job, PruneParams, _finite, check_inputs
 from flows.runners import run_on_task_runner
 from glp import GlpError
-from glp.config import stable_hash
 from glp.mlpruning import MLPruningConfig, check_density
 from glp.names import REFERENCE, WIDTH_METHODS
-from tasks.compression import Compressed, CompressRequest, fine_tune_compressed, prune_width
+from glp.plan import Plan, density_of
+from glp.provenance import code_fingerprint
+from tasks.compression import CODE as COMPRESSION_CODE
+from tasks.compression import (
+    Compressed,
+    CompressRequest,
+    fine_tune_compressed,
+    not_evaluated,
+    prune_width,
+)
 from tasks.records import final_row, written
 from tasks.registry import Registration, register_all, registrations
 from tasks.tracking import FINAL, end_job_run, log_child_run, log_run_metrics, register_onnx
@@ -81,11 +89,12 @@ def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfi
         raise GlpError(f"--method {params.method!r}: choose one of {', '.join(METHODS)}")
     configs = [params.method_config(d) for d in params.densities]
     labels = [density_label(d) for d in params.densities]
-    duplicates = sorted({d for d, label in zip(params.densities, labels, strict=True)
-                         if labels.count(label) > 1})
-    if duplicates:
-        raise GlpError(f"--density {duplicates[0]}: the densities must differ by at least "
-                       "0.01 (each gets its own registry alias)")
+    for label in labels:
+        clash = [d for d, other in zip(params.densities, labels, strict=True) if other == label]
+        if len(clash) > 1:
+            raise GlpError(f"--density {' and '.join(f'{d:g}' for d in clash)}: the densities "
+                           f"must differ by at least 0.01 (each gets its own registry alias, "
+                           f"here both {label})")
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(model_path)
@@ -121,7 +130,10 @@ def _compress(params: CompressParams) -> CompressSummary:
     job = Job(params, [])
     configs = check_method(params, job.model_path)
     data = job.data
-    job_id = job.identity("compress", params.method, [c.__dict__ for c in configs])
+    # The method's code is in the job id too (the layer code already is): a changed method
+    # is a new job, with new registered versions, not a rewrite of the old ones.
+    job_id = job.identity("compress", params.method, [c.__dict__ for c in configs],
+                          code_fingerprint(COMPRESSION_CODE))
     name = params.registered_model or f"glp-{job.slug}-{data.task}-{params.method}"
     job.start(job_id, f"{params.method}-{job.slug}-{data.task}",
               tags={"glp.method": params.method, "glp.strategy": params.method})
@@ -171,22 +183,28 @@ def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig]
         job._count(pruned_future.result().checkpoint)
         checkpoint = compressed.checkpoint
         job._count(checkpoint)
-        evaluation, selection = (
-            job._evaluate_final.submit(checkpoint, job.data, split, job.finetune, job.home,
-                                       job.device).result()
-            for split in ("dev", "selection"))
+        if checkpoint.diverged or checkpoint.path is None:  # nothing to evaluate: NaN scores
+            evaluation, selection = (not_evaluated(checkpoint, job.data, split)
+                                     for split in ("dev", "selection"))
+        else:
+            evaluation, selection = (
+                job._evaluate_final.submit(checkpoint, job.data, split, job.finetune,
+                                           job.home, job.device).result()
+                for split in ("dev", "selection"))
         diverged = checkpoint.diverged or evaluation.diverged or selection.diverged
         plan = compressed.plan_object
         counts = plan.parameter_counts(job.base_config)
-        encoder_density = plan.encoder_density(job.base_config)
+        encoder_density = density_of(counts)
+        parameters = counts["parameters"] - counts["zeroed"]  # non-zero, as in Parquet
         run_id = log_child_run(
             job.tracking_uri, job.parent_run_id, job.job_id, FINAL, checkpoint.key,
             f"{params.method}-{density_label(density)}-seed{seed}",
             params={"density": density, "seed": seed, "device": checkpoint.device,
-                    "plan_kind": plan.kind, "threshold_shift": compressed.threshold_shift},
+                    "plan_kind": plan.kind, "threshold_shift": compressed.threshold_shift,
+                    "kept_by_thresholds": round(compressed.remaining_after_training, 4)},
             metrics={**_finite(evaluation.metrics),
                      **{f"selection_{k}": v for k, v in _finite(selection.metrics).items()},
-                     "parameters": counts["parameters"], "encoder_density": encoder_density,
+                     "parameters": parameters, "encoder_density": encoder_density,
                      "fine_tune_seconds": checkpoint.seconds},
             tags={**job.common_tags, "glp.density": f"{density:g}",
                   "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key},
@@ -197,8 +215,8 @@ def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig]
         rows.append(final_row(
             who, run_id=run_id, parent_run_id=job.parent_run_id, checkpoint=checkpoint,
             evaluation=evaluation, selection=selection, diverged=diverged, plan=plan,
-            parameters=counts["parameters"] - counts["zeroed"],
-            encoder_density=encoder_density, train_examples=job.data.sizes["train"],
+            parameters=parameters, encoder_density=encoder_density,
+            train_examples=job.data.sizes["train"],
             reused=checkpoint.flow_run_id != job.flow_run_id, target_density=density))
         job.reporter.update(handle, count + 1)
     job.reporter.end(handle)
@@ -206,11 +224,12 @@ def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig]
 
 
 def _latencies(job: Job, reference: list[dict], rows: list[dict]) -> None:
-    """Latency of the teacher and of each density's first seed, measured interleaved."""
+    """Latency of the teacher and of each density's first model that did not diverge,
+    measured interleaved; every row of a budget gets its model's latency (as in compare)."""
     first = {}
     for row in rows:
-        if row["seed"] == job.seeds[0] and not row["diverged"]:
-            first[row["target_density"]] = row["_checkpoint"]
+        if not row["diverged"]:
+            first.setdefault(row["target_density"], row["_checkpoint"])
     teacher_row = next(r for r in reference if r["seed"] == job.seeds[0])
     checkpoints = [teacher_row["_checkpoint"], *first.values()]
     measured = job._latency(checkpoints, job.data, "dev", job.finetune.max_length, job.home,
@@ -223,8 +242,9 @@ def _latencies(job: Job, reference: list[dict], rows: list[dict]) -> None:
         if checkpoint is not None:
             row["latency_ms"] = measured.median_ms[checkpoint.key]
             row["latency_batch"] = measured.batch_size
+    timed = {teacher_row["_checkpoint"].key, *(c.key for c in first.values())}
     for row in reference + rows:
-        if row.get("latency_ms") is not None and row["seed"] == job.seeds[0]:
+        if row["cache_key"] in timed:  # the runs of the models that were timed
             log_run_metrics(job.tracking_uri, row["run_id"],
                             {"latency_ms": row["latency_ms"],
                              "latency_batch": row["latency_batch"]})
@@ -246,7 +266,7 @@ def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:
                   "glp.method": chosen["method"], "glp.density": f"{density:g}",
                   "glp.encoder_density": f"{chosen['encoder_density']:.4f}",
                   "glp.parameters": str(chosen["parameters"]),
-                  "glp.plan_key": stable_hash("plan", chosen["plan"])},
+                  "glp.plan_key": Plan.from_json(chosen["plan"]).key},
             description=(f"{job.params.model} compressed by {chosen['method']} to "
                          f"{chosen['encoder_density']:.3f} of its encoder weights, fine-tuned "
                          f"on {job.data.task}; dev {job.data.metric} {chosen['value']:.4f} "

@@ -60,7 +60,10 @@ def read_plan(directory: str | os.PathLike[str]) -> Plan | None:
     path = Path(directory) / PLAN_FILE
     if not path.is_file():
         return None
-    return Plan.from_json(path.read_text())
+    try:
+        return Plan.from_json(path.read_text())
+    except GlpError as exc:
+        raise GlpError(f"{path}: {exc}") from None
 
 
 def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: bool = False,

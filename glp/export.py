@@ -78,45 +78,37 @@ def export_onnx(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             return self.inner(**dict(zip(names, args, strict=True))).logits
 
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    quantized = tmp.with_name(tmp.name + ".int8")
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow
-        torch.onnx.export(Logits(model).eval(), tuple(example[n] for n in names), str(tmp),
-                          input_names=names, output_names=["logits"],
-                          dynamic_axes={**axes, "logits": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
-    if int8:
-        try:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-        except ImportError:
-            tmp.unlink(missing_ok=True)
-            raise GlpError("--int8 needs onnxruntime: pip install onnxruntime") from None
-        quantized = tmp.with_name(tmp.name + ".int8")
-        logging.disable(logging.WARNING)  # "consider pre-processing": advice, not a problem
-        try:
-            quantize_dynamic(str(tmp), str(quantized), weight_type=QuantType.QInt8)
-        finally:
-            logging.disable(logging.NOTSET)
-        tmp.unlink()
-        tmp = quantized
-    os.replace(tmp, target)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow
+            torch.onnx.export(Logits(model).eval(), tuple(example[n] for n in names),
+                              str(tmp), input_names=names, output_names=["logits"],
+                              dynamic_axes={**axes, "logits": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
+        if int8:
+            try:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+            except ImportError:
+                raise GlpError("--int8 needs onnxruntime: pip install onnxruntime") from None
+            logging.disable(logging.WARNING)  # "consider pre-processing": advice only
+            try:
+                quantize_dynamic(str(tmp), str(quantized), weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
+            os.replace(quantized, target)
+        else:
+            os.replace(tmp, target)
+    finally:  # nothing half-written is left beside the target
+        tmp.unlink(missing_ok=True)
+        quantized.unlink(missing_ok=True)
     return target
 
 
 def onnx_logits(path: str | os.PathLike[str], inputs: dict, threads: int | None = None):
     """Run an exported graph with onnxruntime on numpy inputs; returns the logits."""
-    import numpy as np
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-    feed = {k: np.asarray(v, dtype=np.int64) for k, v in inputs.items() if k in wanted}
-    if "token_type_ids" in wanted and "token_type_ids" not in feed:  # single sentences
-        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
-    return session.run(["logits"], feed)[0]
+    return OnnxModel(path, threads)(**inputs).logits
 
 
 SAMPLE_TEXTS = ("a gripping, beautifully acted film", "the plot never comes together",
@@ -166,9 +158,9 @@ class OnnxModel:
 
         import numpy as np
 
-        feed = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v)
+        feed = {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.int64)
                 for k, v in inputs.items() if k in self.inputs}
-        if "token_type_ids" in self.inputs and "token_type_ids" not in feed:
+        if "token_type_ids" in self.inputs and "token_type_ids" not in feed:  # one sentence
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         return SimpleNamespace(logits=self.session.run(["logits"], feed)[0])
 

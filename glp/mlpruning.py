@@ -22,8 +22,9 @@ slicing can remove, so glp prunes only structures that make the model smaller.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,20 +32,27 @@ from torch import nn
 
 from glp import GlpError
 from glp.config import FineTuneConfig
-from glp.plan import BlockMask, Plan
+from glp.plan import ROLES, BlockMask, Plan
 from glp.surgery import (
     apply_plan,
     block_grid,
     encoder_layers,
+    head_projections,
     head_size,
     kept_layers,
     num_heads,
     removed_layers,
     role_module,
 )
-from glp.train import Objective, StepCallback, TrainStats, fine_tune, total_steps
-
-BLOCK_ROLES = ("query", "key", "value", "output", "ffn_in", "ffn_out")
+from glp.train import (
+    Objective,
+    StepCallback,
+    TrainStats,
+    fine_tune,
+    model_device,
+    resolve_device,
+    total_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,18 @@ class MLPruningConfig:
     block_size: int = 0  # level 3: 0 = off, else e.g. 16 or 32
     block_density: float = 0.5  # level 3: the fraction of blocks kept
     block_epochs: float = 1.0
+
+    MASK_FIELDS = ("density", "temperature", "alpha_distil", "alpha_ce", "final_lambda",
+                   "mask_lr", "threshold_init", "pruning_epochs")
+    """The settings the first phase (head and neuron masks) depends on; the later phases
+    depend on all of them."""
+
+    def phase_settings(self, phase: str) -> dict:
+        """The settings a phase's result depends on (its cache key)."""
+        values = dataclasses.asdict(self)
+        if phase == "prune-width":
+            return {k: values[k] for k in self.MASK_FIELDS}
+        return values
 
     def __post_init__(self):
         for name in ("density", "block_density"):
@@ -174,25 +194,27 @@ class WidthMasks(nn.Module):
         self.groups: list[_Group] = []
         self._hooks = []
         size, heads = head_size(model), num_heads(model)
+        device = model_device(model)  # the masks live with the model (move it first)
         params = nn.ParameterList()
         for original, layer in zip(kept_layers(model), encoder_layers(model), strict=True):
-            per_head = 0
-            for role in ("query", "key", "value"):
-                linear = role_module(model, layer, role)
-                per_head += (linear.in_features + 1) * size
+            per_head = sum((linear.in_features + int(linear.bias is not None)) * size
+                           for linear in head_projections(model, layer))
             per_head += role_module(model, layer, "output").out_features * size
             ffn_in, ffn_out = role_module(model, layer, "ffn_in"), role_module(model, layer,
                                                                               "ffn_out")
             per_neuron = ffn_in.in_features + 1 + ffn_out.out_features
-            head_group = _Group(original, "heads", nn.Parameter(torch.zeros(heads)),
-                                nn.Parameter(torch.full((1,), threshold_init)), per_head)
+            head_group = _Group(original, "heads",
+                                nn.Parameter(torch.zeros(heads, device=device)),
+                                nn.Parameter(torch.full((1,), threshold_init, device=device)),
+                                per_head)
             neuron_group = _Group(original, "neurons",
-                                  nn.Parameter(torch.zeros(ffn_in.out_features)),
-                                  nn.Parameter(torch.full((1,), threshold_init)), per_neuron)
+                                  nn.Parameter(torch.zeros(ffn_in.out_features, device=device)),
+                                  nn.Parameter(torch.full((1,), threshold_init, device=device)),
+                                  per_neuron)
             # Ties at the start (all scores 0) are broken by index, the same on every run.
             for group in (head_group, neuron_group):
                 with torch.no_grad():
-                    group.scores.add_(torch.linspace(1e-6, 0, group.count))
+                    group.scores.add_(torch.linspace(1e-6, 0, group.count, device=device))
                 params.extend([group.scores, group.threshold])
                 self.groups.append(group)
             value = role_module(model, layer, "value")
@@ -223,7 +245,7 @@ class WidthMasks(nn.Module):
 
     def remaining(self) -> torch.Tensor:
         """The differentiable fraction of encoder weights the thresholds keep."""
-        total = torch.tensor(float(self.fixed_parameters))
+        total = torch.tensor(float(self.fixed_parameters), device=self.groups[0].scores.device)
         for group in self.groups:
             ratio = torch.sigmoid(group.threshold).clamp(min=1.0 / group.count)
             total = total + ratio.sum() * group.weights_each * group.count
@@ -239,7 +261,6 @@ class WidthMasks(nn.Module):
         """The plan of the current masks and the threshold shift used to meet ``target``
         (see :func:`shift_to_target`)."""
         shift = 0.0 if target is None else shift_to_target(self.density, target)
-        self.shift = shift
         heads = {g.layer: g.kept(shift) for g in self.groups if g.kind == "heads"}
         neurons = {g.layer: g.kept(shift) for g in self.groups if g.kind == "neurons"}
         # A group that keeps everything is left out: the plan names only what it cuts.
@@ -261,14 +282,15 @@ class BlockMasks(nn.Module):
         self.entries: list[tuple[str, nn.Linear, nn.Parameter, nn.Parameter]] = []
         params = nn.ParameterList()
         for original, layer in zip(kept_layers(model), encoder_layers(model), strict=True):
-            for role in BLOCK_ROLES:
+            for role in ROLES:
                 linear = role_module(model, layer, role)
                 rows, cols = block_grid(linear.weight.shape, size)
                 # Scores start at each block's mean |weight| (a magnitude prior: a short
                 # CPU run cannot learn an order from equal scores as 20 epochs can).
                 magnitude = _block_means(linear.weight.detach().abs(), size, rows, cols)
                 scores = nn.Parameter(magnitude / magnitude.max().clamp(min=1e-12))
-                threshold = nn.Parameter(torch.full((1,), threshold_init))
+                threshold = nn.Parameter(torch.full((1,), threshold_init,
+                                                    device=linear.weight.device))
                 params.extend([scores, threshold])
                 parametrize.register_parametrization(
                     linear, "weight", _BlockMasking(scores, threshold, size))
@@ -284,7 +306,7 @@ class BlockMasks(nn.Module):
     def _kept(self, scores, threshold, shift: float = 0.0) -> torch.Tensor:
         keep = max(1, math.ceil(torch.sigmoid(threshold.detach() + shift).item()
                                 * scores.numel()))
-        mask = torch.zeros(scores.numel(), dtype=torch.bool)
+        mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
         mask[scores.detach().view(-1).topk(keep).indices] = True
         return mask
 
@@ -309,13 +331,13 @@ class BlockMasks(nn.Module):
                 element = kept.float().view(scores.shape).repeat_interleave(self.size, 0)
                 element = element.repeat_interleave(self.size, 1)
                 linear.weight.mul_(element[: linear.weight.shape[0], : linear.weight.shape[1]])
-            kept = kept.tolist()
+            kept = kept.cpu().tolist()
             masks[key] = BlockMask.from_kept(self.size, *scores.shape, kept)
         return masks
 
 
 def _block_means(weight: torch.Tensor, size: int, rows: int, cols: int) -> torch.Tensor:
-    padded = torch.zeros(rows * size, cols * size, dtype=weight.dtype)
+    padded = torch.zeros(rows * size, cols * size, dtype=weight.dtype, device=weight.device)
     padded[: weight.shape[0], : weight.shape[1]] = weight
     return padded.view(rows, size, cols, size).mean(dim=(1, 3))
 
@@ -340,7 +362,6 @@ class Distillation(Objective):
                  mask_lr: float = 1e-2):
         self.teacher, self.config, self.masks, self.target = teacher, config, masks, target
         self.mask_lr = mask_lr
-        self.last: dict[str, float] = {}
 
     def param_groups(self) -> list[dict]:
         if self.masks is None:
@@ -363,9 +384,8 @@ class Distillation(Objective):
                     reduction="batchmean") * c.temperature**2
             loss = c.alpha_distil * distil + c.alpha_ce * loss
         if self.masks is not None:
-            remaining = self.masks.remaining()
-            loss = loss + adaptive_regulariser(remaining, self.target, c.final_lambda)
-            self.last = {"remaining": remaining.item()}
+            loss = loss + adaptive_regulariser(self.masks.remaining(), self.target,
+                                               c.final_lambda)
         return loss
 
 
@@ -388,12 +408,7 @@ class MLPruningResult:
     plan: Plan
     shift: float
     stats: dict[str, TrainStats] = field(default_factory=dict)
-    remaining_after_training: float = 1.0
-
-    def records(self) -> Iterator[dict]:
-        for phase, stats in self.stats.items():
-            yield {"phase": phase, "steps": stats.steps, "seconds": stats.seconds,
-                   "final_loss": stats.final_loss, "diverged": stats.diverged}
+    remaining_after_training: float = 1.0  # the kept fraction the thresholds reached
 
 
 def _phase(finetune: FineTuneConfig, epochs: float) -> FineTuneConfig:
@@ -401,7 +416,7 @@ def _phase(finetune: FineTuneConfig, epochs: float) -> FineTuneConfig:
 
 
 def _freeze(teacher: nn.Module, device: str) -> nn.Module:
-    teacher.eval().to(device)
+    teacher.eval().to(resolve_device(device))
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
@@ -426,6 +441,7 @@ def train_width_masks(model: nn.Module, teacher: nn.Module, dataset,
     slicing to the plan that meets ``config.density``. ``model`` is cut in place."""
     check_density(model, config.density)
     _freeze(teacher, device)
+    model.to(resolve_device(device))  # the masks are made where the model is
     num_layers = len(kept_layers(model))
     masks = WidthMasks(model, config.threshold_init)
     phase = _phase(finetune, config.pruning_epochs)
@@ -459,6 +475,7 @@ def train_block_masks(model: nn.Module, teacher: nn.Module, dataset,
     trained with distillation towards ``config.block_density``; the pruned blocks are
     zeroed in place. Returns the masks (for the plan) and the training statistics."""
     _freeze(teacher, device)
+    model.to(resolve_device(device))
     blocks = BlockMasks(model, config.block_size, config.threshold_init)
     phase = _phase(finetune, config.block_epochs)
     objective = Distillation(teacher, config, blocks, config.block_density,

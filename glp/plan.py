@@ -70,6 +70,15 @@ class BlockMask:
         width = (rows * cols + 3) // 4
         return cls(size, rows, cols, format(value, f"0{width}x") if width else "")
 
+    def __post_init__(self):
+        if self.size < 1 or self.rows < 1 or self.cols < 1:
+            raise GlpError(f"a block mask needs a positive block size and grid, got size "
+                           f"{self.size}, {self.rows}x{self.cols} blocks")
+        width = (self.rows * self.cols + 3) // 4
+        if len(self.bits) != width or any(c not in "0123456789abcdef" for c in self.bits):
+            raise GlpError(f"a block mask of {self.rows}x{self.cols} blocks needs {width} "
+                           f"lower-case hex digits, got {self.bits!r}")
+
     @property
     def density(self) -> float:
         flags = self.kept()
@@ -116,6 +125,9 @@ class Plan:
             if not layer.isdigit() or role not in ROLES:
                 raise GlpError(f"block mask '{key}': name it '<layer>.<role>' with a role in "
                                f"{', '.join(ROLES)}")
+            if int(layer) >= self.num_layers or int(layer) in self.removed:
+                raise GlpError(f"block mask '{key}' names layer {layer}, which the plan does "
+                               f"not keep (it keeps {list(self.kept_layers)})")
 
     # --- construction and composition ------------------------------------------------
 
@@ -126,21 +138,36 @@ class Plan:
 
     def compose(self, other: Plan) -> Plan:
         """This plan, then ``other`` (both in the base model's indices): layers removed by
-        either, heads/neurons kept by both, ``other``'s block masks."""
+        either, heads and neurons kept by both, the block masks of both on the layers that
+        remain. Blocks fit a matrix's shape, so ``self``'s block masks cannot survive
+        ``other`` narrowing their layer.
+
+        Raises:
+            GlpError: plans of different depths, a layer left with no head or neuron, or
+                block masks of a layer that ``other`` narrows.
+        """
         if other.num_layers != self.num_layers:
             raise GlpError(f"cannot compose plans of {self.num_layers} and "
                            f"{other.num_layers} layers")
-
-        def meet(a: Mapping, b: Mapping) -> dict:
-            out = dict(a)
-            for k, v in b.items():
-                out[k] = tuple(sorted(set(out[k]) & set(v))) if k in out else v
-            return out
-
         removed = set(self.removed) | set(other.removed)
-        keep = lambda d: {k: v for k, v in d.items() if k not in removed}  # noqa: E731
-        return Plan(self.num_layers, tuple(removed), keep(meet(self.heads, other.heads)),
-                    keep(meet(self.neurons, other.neurons)), {**self.blocks, **other.blocks})
+
+        def meet(name: str) -> dict:
+            out = dict(getattr(self, name))
+            for layer, kept in getattr(other, name).items():
+                out[layer] = tuple(sorted(set(out[layer]) & set(kept))) if layer in out else kept
+                if not out[layer] and layer not in removed:
+                    raise GlpError(f"composing plans leaves layer {layer} with no {name}: "
+                                   "the two plans keep disjoint sets")
+            return {k: v for k, v in out.items() if k not in removed}
+
+        narrowed = set(other.heads) | set(other.neurons)
+        for key in self.blocks:
+            if int(key.partition(".")[0]) in narrowed:
+                raise GlpError(f"cannot compose: block mask '{key}' fits its layer's shape, "
+                               "which the second plan narrows; prune blocks last")
+        blocks = {k: v for k, v in {**self.blocks, **other.blocks}.items()
+                  if int(k.partition(".")[0]) not in removed}
+        return Plan(self.num_layers, tuple(removed), meet("heads"), meet("neurons"), blocks)
 
     # --- facts ----------------------------------------------------------------------
 
@@ -181,8 +208,13 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Plan:
-        if int(data.get("format", FORMAT)) > FORMAT:
-            raise GlpError(f"plan format {data['format']} is newer than this glp understands "
+        if not isinstance(data, Mapping):
+            raise GlpError(f"not a glp plan: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format", FORMAT)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise GlpError(f"not a glp plan: format {version!r} is not a number")
+        if version > FORMAT:
+            raise GlpError(f"plan format {version} is newer than this glp understands "
                            f"({FORMAT}); upgrade glp")
         try:
             return cls(
@@ -230,8 +262,12 @@ class Plan:
 
     def encoder_density(self, config: PretrainedConfig) -> float:
         """The fraction of the base encoder layers' weights this plan keeps (non-zero)."""
-        counts = self.parameter_counts(config)
-        return (counts["encoder"] - counts["zeroed"]) / counts["encoder_base"]
+        return density_of(self.parameter_counts(config))
+
+
+def density_of(counts: Mapping[str, int]) -> float:
+    """The encoder density of :meth:`Plan.parameter_counts`' result."""
+    return (counts["encoder"] - counts["zeroed"]) / counts["encoder_base"]
 
 
 def _counts(config, plan: Plan) -> dict[str, int]:

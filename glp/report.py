@@ -40,8 +40,6 @@ __all__ = [
     "write_report",
 ]
 
-"""The strategy (and display label) of the unpruned reference model."""
-
 FINALS_COLUMNS: tuple[str, ...] = (
     "strategy", "variant", "depth", "removed", "seed", "metric", "value", "parameters",
     "latency_ms",

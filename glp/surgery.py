@@ -321,6 +321,16 @@ def role_module(model: nn.Module, layer: nn.Module, role: str) -> nn.Linear:
                         "ffn_out": family.ffn_out}[role])
 
 
+def head_projections(model: nn.Module, layer: nn.Module) -> list[nn.Linear]:
+    """Every per-head projection of a layer's attention (query, key, value, and DeBERTa's
+    relative-position projections where the layer has them): their rows go with a head."""
+    import torch
+
+    attention = _get(layer, _family(model).attention)
+    return [getattr(attention, name) for name in _family(model).projections
+            if isinstance(getattr(attention, name, None), torch.nn.Linear)]
+
+
 def head_size(model: nn.Module) -> int:
     """The per-head width of a model's attention (the same in every layer)."""
     layer = encoder_layers(model)[0]

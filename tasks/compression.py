@@ -3,7 +3,8 @@
 ``prune-width`` trains the head and neuron masks from the fine-tuned teacher with
 distillation and slices the model to its plan; ``fine-tune-compressed`` distils the sliced
 model briefly (and, with level 3, trains its block masks). Each saves a model directory
-(safetensors + ``glp_plan.json`` + tokenizer) under ``artifacts/<phase>/<key>``, and each
+(safetensors + ``glp_plan.json`` + tokenizer) under ``artifacts/pruned/<key>`` or
+``artifacts/compressed/<key>``, and each
 is keyed by everything that decides its result: the teacher's key, the data, the settings,
 the budget, the seed, the device type and the code (:func:`glp.provenance.code_fingerprint`
 of this module's closure), so a re-run or a resumed run repeats no finished phase.
@@ -17,8 +18,10 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
+from glp import GlpError
 from glp.checkpoint import load_pretrained
 from glp.config import FineTuneConfig, stable_hash
+from glp.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from glp.mlpruning import MLPruningConfig, distil, train_block_masks, train_width_masks, with_blocks
 from glp.plan import Plan
 from glp.provenance import code_fingerprint
@@ -29,6 +32,7 @@ from tasks.home import RunHome
 from tasks.training import (
     CACHED,
     Checkpoint,
+    Evaluation,
     NoSpace,
     _current_flow_run,
     save_atomically,
@@ -59,10 +63,12 @@ class CompressRequest(BaseModel, frozen=True):
         return MLPruningConfig(**self.method_config)
 
     def key(self, phase: str) -> str:
+        """The phase's cache key: only the settings it depends on (block settings do not
+        recompute the masks phase)."""
         return stable_hash(phase, code_fingerprint(CODE), self.teacher.key,
                            self.data.fingerprints[self.split], self.method,
-                           self.config.result_dict(), self.method_config, self.seed,
-                           self.device.partition(":")[0])
+                           self.config.result_dict(), self.settings.phase_settings(phase),
+                           self.seed, self.device.partition(":")[0])
 
 
 class Compressed(BaseModel, frozen=True):
@@ -79,10 +85,15 @@ class Compressed(BaseModel, frozen=True):
         return Plan.from_json(self.plan)
 
 
+def _load(path: str | None, what: str):
+    if path is None or not Path(path).is_dir():
+        raise GlpError(f"the {what} checkpoint {path} is missing; delete the run home's "
+                       "prefect/results to recompute, or restore the artifacts folder")
+    return load_pretrained(path)
+
+
 def _load_teacher(request: CompressRequest):
-    if request.teacher.path is None or not Path(request.teacher.path).is_dir():
-        raise FileNotFoundError(f"the teacher's checkpoint {request.teacher.path} is missing")
-    return load_pretrained(request.teacher.path)
+    return _load(request.teacher.path, "teacher's")
 
 
 def _phase_record(name: str, stats) -> dict:
@@ -98,7 +109,8 @@ def _save(model, request: CompressRequest, kind: str, key: str) -> Path:
     return target
 
 
-def _result(request, key, model, path, phases, shift, remaining, diverged) -> Compressed:
+def _result(request, key, model, path, phases, shift, remaining, diverged,
+            plan: Plan | None = None) -> Compressed:
     seconds = sum(p["seconds"] for p in phases)
     checkpoint = Checkpoint(
         key=key, path=str(path) if path else None, base_path=request.teacher.base_path,
@@ -109,7 +121,8 @@ def _result(request, key, model, path, phases, shift, remaining, diverged) -> Co
         flow_run_id=_current_flow_run())
     from glp.surgery import plan_of_model
 
-    return Compressed(checkpoint=checkpoint, plan=plan_of_model(model).to_json(),
+    plan = plan or plan_of_model(model)
+    return Compressed(checkpoint=checkpoint, plan=plan.to_json(),
                       phases=phases, threshold_shift=shift,
                       remaining_after_training=remaining)
 
@@ -132,8 +145,9 @@ def run_prune_width(request: CompressRequest) -> Compressed:
         close()
     stats = result.stats["heads+neurons"]
     path = None if stats.diverged else _save(model, request, "pruned", key)
+    # A diverged run is not sliced; its row still says which plan it was heading for.
     return _result(request, key, model, path, [_phase_record("heads+neurons", stats)],
-                   result.shift, result.remaining_after_training, stats.diverged)
+                   result.shift, result.remaining_after_training, stats.diverged, result.plan)
 
 
 def run_fine_tune_compressed(request: CompressRequest, pruned: Compressed) -> Compressed:
@@ -141,13 +155,14 @@ def run_fine_tune_compressed(request: CompressRequest, pruned: Compressed) -> Co
     progress.check_stop()
     settings = request.settings
     key = request.key("fine-tune-compressed")
-    if pruned.checkpoint.diverged or pruned.checkpoint.path is None:
+    nothing_to_do = not settings.final_epochs and not settings.block_size
+    if pruned.checkpoint.diverged or nothing_to_do:  # the pruned model is the result
         return pruned.model_copy(update={"checkpoint": pruned.checkpoint.model_copy(
             update={"key": key})})
+    model = _load(pruned.checkpoint.path, "pruned model's")
     dataset, _ = tokenized(request.data, request.split, request.teacher.base_path,
                            request.config.max_length, request.home)
     teacher = _load_teacher(request)
-    model = load_pretrained(pruned.checkpoint.path)
     phases = list(pruned.phases)
     label = f"  {request.method} density {settings.density}"
     if settings.final_epochs:
@@ -172,6 +187,15 @@ def run_fine_tune_compressed(request: CompressRequest, pruned: Compressed) -> Co
     path = None if diverged else _save(model, request, "compressed", key)
     return _result(request, key, model, path, phases, pruned.threshold_shift,
                    pruned.remaining_after_training, diverged)
+
+
+def not_evaluated(checkpoint: Checkpoint, data: DataRef, split: str) -> Evaluation:
+    """The scores of a model that diverged before it could be evaluated: NaN, diverged."""
+    names = REGRESSION_METRICS if data.is_regression else CLASSIFICATION_METRICS
+    return Evaluation(key=stable_hash("not-evaluated", checkpoint.key, split),
+                      checkpoint_key=checkpoint.key, split=split, metric=data.metric,
+                      score=float("nan"), metrics=dict.fromkeys(names, float("nan")),
+                      examples=0, seconds=0.0, flow_run_id=_current_flow_run(), diverged=True)
 
 
 def _phase_key(phase: str):

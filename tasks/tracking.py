@@ -10,7 +10,6 @@ versions instead of creating second copies.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import time
 from pathlib import Path
@@ -142,8 +141,11 @@ def log_child_run(tracking_uri: str, parent_run_id: str, job_id: str, kind: str,
 
 @task(name="log-run-metrics", **_RETRY)
 def log_run_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
-    """Add metrics measured later (latency) to a finished run; a re-run logs the same."""
-    _log(client_for(tracking_uri), run_id, metrics=metrics)
+    """Add metrics measured later (latency) to a finished run, once: a metric the run
+    already has is not logged again by a re-run."""
+    client = client_for(tracking_uri)
+    have = client.get_run(run_id).data.metrics
+    _log(client, run_id, metrics={k: v for k, v in metrics.items() if k not in have})
 
 
 def _pipeline_requirements() -> list[str]:
@@ -152,6 +154,17 @@ def _pipeline_requirements() -> list[str]:
 
     torch_version = torch.__version__.split("+")[0]
     return [f"torch=={torch_version}", f"transformers=={transformers.__version__}"]
+
+
+def _find_version(client: MlflowClient, name: str, job_id: str, key: str, value: str):
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:  # the registered model does not exist yet
+        return None, []
+    for version in versions:
+        if version.tags.get("glp.job_id") == job_id and version.tags.get(key) == value:
+            return str(version.version), versions
+    return None, versions
 
 
 @task(name="register-model", **_RETRY)
@@ -167,15 +180,9 @@ def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: s
     import transformers
 
     client = client_for(tracking_uri)
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except Exception:  # the registered model does not exist yet
-        versions = []
-    for version in versions:
-        if version.tags.get("glp.job_id") == job_id and version.tags.get("glp.depth") == str(
-            depth
-        ):
-            return str(version.version)
+    found, versions = _find_version(client, name, job_id, "glp.depth", str(depth))
+    if found is not None:
+        return found
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -200,23 +207,12 @@ def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: s
     return str(version.version)
 
 
-def _find_version(client: MlflowClient, name: str, job_id: str, key: str, value: str):
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except Exception:  # the registered model does not exist yet
-        return None, []
-    for version in versions:
-        if version.tags.get("glp.job_id") == job_id and version.tags.get(key) == value:
-            return str(version.version), versions
-    return None, versions
-
-
 @task(name="register-onnx", **_RETRY)
 def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job_id: str,
                   budget: str, tags: dict, description: str) -> str:
     """Export a model directory to ONNX, log it in its run (``mlflow.onnx``, with the
     tokenizer and the plan as extra files) and register a version tagged with the budget
-    (``glp.budget``, e.g. ``density-0.30``).
+    (``glp.budget``, e.g. ``density-30``).
 
     Any MLflow pyfunc server serves it; it needs onnxruntime, not glp or transformers.
     Idempotent: the version of this job and budget is returned if it exists.
@@ -293,10 +289,6 @@ def _scored_better(current: dict, new: dict) -> bool:
     if current.get("glp.metric") != new.get("glp.metric") or key not in current:
         return False  # not comparable: the newer registration wins
     return float(current[key]) >= float(new.get(key, "-inf"))
-
-
-def dumps(metrics: dict) -> str:
-    return json.dumps(metrics, sort_keys=True)
 
 
 @task(name="log-report", **_RETRY)

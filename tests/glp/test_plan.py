@@ -150,6 +150,30 @@ def test_plan_json_round_trip_and_stable_hash():
     assert plan.kind == "layers+heads+neurons+blocks"
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[1]", "expected a JSON object"), ('{"format": "x", "num_layers": 4}', "not a number"),
+    ('{"format": 9, "num_layers": 4}', "newer than this glp"), ("{", "must be JSON"),
+    ('{"num_layers": 4, "heads": {"0": "x"}}', "not a glp plan"),
+])
+def test_bad_plan_files_are_one_clear_error(text, message):
+    with pytest.raises(GlpError, match=message):
+        Plan.from_json(text)
+
+
+def test_a_block_mask_checks_its_bits():
+    with pytest.raises(GlpError, match="needs 2 lower-case hex digits"):
+        BlockMask(16, 2, 3, "f")
+
+
+def test_composing_refuses_what_cannot_be():
+    with pytest.raises(GlpError, match="disjoint"):
+        Plan(4, heads={0: (0,)}).compose(Plan(4, heads={0: (1,)}))
+    blocks = Plan(4, blocks={"0.query": BlockMask(16, 2, 2, "f")})
+    with pytest.raises(GlpError, match="prune blocks last"):
+        blocks.compose(Plan(4, heads={0: (0,)}))
+    assert blocks.compose(Plan.layers(4, (0,))).blocks == {}  # removed with its layer
+
+
 def test_plans_compose_in_base_indices():
     layers = Plan.layers(4, (1,))
     width = Plan(4, heads={0: (0, 1), 1: (0,)}, neurons={2: (3, 4)})
@@ -163,6 +187,9 @@ def test_plans_compose_in_base_indices():
     (dict(num_layers=4, removed=(4,)), "names layer 4"),
     (dict(num_layers=4, heads={1: ()}), "keeps no heads"),
     (dict(num_layers=4, blocks={"0.fc": BlockMask(2, 1, 1, "1")}), "role"),
+    (dict(num_layers=4, blocks={"9.query": BlockMask(2, 1, 1, "1")}), "does not keep"),
+    (dict(num_layers=4, removed=(1,), blocks={"1.key": BlockMask(2, 1, 1, "1")}),
+     "does not keep"),
 ])
 def test_bad_plans_are_refused(bad, message):
     with pytest.raises(GlpError, match=message):

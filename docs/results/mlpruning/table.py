@@ -28,13 +28,15 @@ def label_of(row: dict) -> str:
 def main(home: Path, latency_file: Path) -> None:
     rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
     latency = json.loads(latency_file.read_text())
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, dict[str, dict]] = {}
     for row in rows:
         if row["method"] == "layers" and row["strategy"] != "greedy":
             continue
-        groups.setdefault(label_of(row), []).append(row)
-    order = sorted(groups, key=lambda k: (-statistics.mean(
-        r["encoder_density"] for r in groups[k]), k))
+        # Every job writes its own copy of the unpruned rows: one model is counted once.
+        groups.setdefault(label_of(row), {})[row["cache_key"]] = row
+    models = {label: list(members.values()) for label, members in groups.items()}
+    order = sorted(models, key=lambda k: (-statistics.mean(
+        r["encoder_density"] for r in models[k]), k))
     timing = latency["latency"]
 
     def ms(label: str, runtime: str, batch: str) -> float | None:
@@ -52,7 +54,7 @@ def main(home: Path, latency_file: Path) -> None:
           "onnx b1 | onnx b32 | onnx int8 b32 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label in order:
-        members = groups[label]
+        members = models[label]
         values = [r["value"] for r in members if not r["diverged"]]
         spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
         score = f"{statistics.mean(values):.4f}{spread}" if values else "diverged"

@@ -48,7 +48,11 @@ def sizes_for(config, density: float) -> tuple[int, int, float]:
 
 
 def main(home: Path, densities: list[float]) -> None:
-    from textpruner import TransformerPruner, TransformerPruningConfig
+    import tempfile
+
+    from textpruner import GeneralConfig, TransformerPruner, TransformerPruningConfig
+
+    scratch = Path(tempfile.mkdtemp())  # TextPruner writes its importance files there
 
     rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
     teacher_row = next(r for r in sorted(rows, key=lambda r: r["recorded_at"])
@@ -71,9 +75,11 @@ def main(home: Path, densities: list[float]) -> None:
     for density in densities:
         base = glp.load_pretrained(teacher_dir)
         heads, neurons, reached = sizes_for(base.config, density)
-        pruner = TransformerPruner(base, transformer_pruning_config=TransformerPruningConfig(
-            target_ffn_size=neurons, target_num_of_heads=heads, pruning_method="iterative",
-            n_iters=4))
+        pruner = TransformerPruner(
+            base, general_config=GeneralConfig(output_dir=str(scratch)),
+            transformer_pruning_config=TransformerPruningConfig(
+                target_ffn_size=neurons, target_num_of_heads=heads,
+                pruning_method="iterative", n_iters=4))
         pruner.prune(dataloader=batches, save_model=False, keep_shape=True)
         head_mask, ffn_mask = pruner.head_mask.bool(), pruner.ffn_mask.bool()
         layers = base.config.num_hidden_layers
