@@ -195,6 +195,8 @@ class WidthMasks(nn.Module):
         self._hooks = []
         size, heads = head_size(model), num_heads(model)
         device = model_device(model)  # the masks live with the model (move it first)
+        if device.type == "meta":  # a shape-only model (budget checks): counting only
+            device = torch.device("cpu")
         params = nn.ParameterList()
         for original, layer in zip(kept_layers(model), encoder_layers(model), strict=True):
             per_head = sum((linear.in_features + int(linear.bias is not None)) * size

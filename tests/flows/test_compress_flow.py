@@ -131,3 +131,25 @@ def test_every_family_compresses_end_to_end(family, harness, tiny_bert, tmp_path
     model = glp.load_pretrained(row["model_dir"])
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[101, 1037, 2986, 102]])).logits.shape == (1, 2)
+
+
+def test_a_diverged_compression_is_a_row_not_a_failed_run(harness, tiny_bert, tmp_path):
+    summary = compress(_params(tiny_bert, tmp_path / "home", learning_rate=1e9, seeds=1,
+                               densities=(0.7,)))
+    rows = [r for r in summary.finals if r["method"] == "mlpruning"]
+    assert len(rows) == 1 and rows[0]["diverged"] and rows[0]["value"] != rows[0]["value"]
+    assert Plan.from_json(rows[0]["plan"]).heads or Plan.from_json(rows[0]["plan"]).neurons
+    assert summary.versions == {}  # nothing diverged is registered
+    assert len(_finals(tmp_path / "home")) == 2
+
+
+def test_block_settings_reuse_the_masks_phase(harness, tiny_bert, two_runs):
+    home, _, _ = two_runs
+    blocks = compress(_params(tiny_bert, home, densities=(0.6,), seeds=1, block_size=8,
+                              block_density=0.5, register_models=False))
+    # the teacher and the head/neuron masks are reused; only the last phase is new
+    assert (blocks.computed, blocks.reused) == (1, 2)
+    row = next(r for r in blocks.finals if r["method"] == "mlpruning")
+    assert Plan.from_json(row["plan"]).blocks and row["parameters"] < next(
+        r["parameters"] for r in two_runs[1].finals if r.get("target_density") == 0.6
+        and r["seed"] == 40)
