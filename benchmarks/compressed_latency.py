@@ -6,7 +6,8 @@ first seed's model of every budget: the unpruned teacher, each MLPruning density
 without level-3 blocks), and each greedy depth. Each is timed as PyTorch eager, as an ONNX
 graph (fp32) and as int8 ONNX; a model with block masks also with its matrices in PyTorch's
 block-sparse (BSR) format. Batches are the first rows of the SST-2 dev set, padded to their
-longest row. Writes a JSON file of medians and 90th percentiles.
+longest row. The ONNX graphs' dev accuracy is measured too (what int8 costs). Writes a
+JSON file of medians and 90th percentiles.
 
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/compressed_latency.py HOME [--out FILE]
 """
@@ -74,6 +75,22 @@ def block_sparse(model: torch.nn.Module, size: int) -> torch.nn.Module:
     return model
 
 
+def onnx_accuracy(model: OnnxModel, dev, batch_size: int = 64) -> float:
+    """Accuracy of an exported graph on the dev rows (what int8 quantisation costs)."""
+    import numpy as np
+
+    from glp.train import _collate, _columns
+
+    columns = _columns(dev)
+    correct = 0
+    for start in range(0, len(dev), batch_size):
+        indices = range(start, min(start + batch_size, len(dev)))
+        batch = _collate(columns, indices, 0)
+        labels = batch.pop("labels").numpy()
+        correct += int((np.argmax(model(**batch).logits, axis=-1) == labels).sum())
+    return correct / len(dev)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("home", type=Path)
@@ -103,6 +120,9 @@ def main() -> None:
             info[label]["int8_mb"] = round(int8.stat().st_size / 1e6, 2)
             models[f"{label} | onnx"] = OnnxModel(onnx, threads=torch.get_num_threads())
             models[f"{label} | onnx int8"] = OnnxModel(int8, threads=torch.get_num_threads())
+            for runtime in ("onnx", "onnx int8"):
+                info[label][f"{runtime} accuracy"] = round(
+                    onnx_accuracy(models[f"{label} | {runtime}"], dev), 4)
             if plan is not None and plan.blocks:
                 size = next(iter(plan.blocks.values())).size
                 models[f"{label} | torch bsr"] = block_sparse(

@@ -46,13 +46,14 @@ def main(home: Path, latency_file: Path) -> None:
     base = {b: ms("unpruned", "torch", b) for b in timing}
     seeds = sorted({r["seed"] for r in rows})
     print(f"SST-2 dev accuracy (872 rows), mean ± std over seeds {seeds}; "
+          f"int8 accuracy: the first seed's model as int8 ONNX; "
           f"latency: median ms on {latency['threads']} CPU threads (torch {latency['torch']}, "
           f"onnxruntime {latency['onnxruntime']}), SST-2 dev rows padded to the longest, "
           f"{latency['repeats']} interleaved rounds; speed-up against the unpruned model in "
           "PyTorch at the same batch size.\n")
-    print("| model | encoder density | parameters | dev accuracy | torch b1 | torch b32 | "
-          "onnx b1 | onnx b32 | onnx int8 b32 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | encoder density | parameters | dev accuracy | int8 accuracy | torch b1 | "
+          "torch b32 | onnx b1 | onnx b32 | onnx int8 b32 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label in order:
         members = models[label]
         values = [r["value"] for r in members if not r["diverged"]]
@@ -66,8 +67,10 @@ def main(home: Path, latency_file: Path) -> None:
                          f"{value:.1f} ({base[batch] / value:.2f}×)" if base.get(batch) else
                          f"{value:.1f}")
         first = members[0]
+        int8 = latency["models"].get(label, {}).get("onnx int8 accuracy")
+        int8_cell = "" if int8 is None else f"{int8:.4f}"
         print(f"| {label} | {statistics.mean(r['encoder_density'] for r in members):.3f} | "
-              f"{first['parameters']:,} | {score} | " + " | ".join(cells) + " |")
+              f"{first['parameters']:,} | {score} | {int8_cell} | " + " | ".join(cells) + " |")
     bsr = {b: ms(label, "torch bsr", b) for label in order for b in timing
            if ms(label, "torch bsr", b)}
     if bsr:
