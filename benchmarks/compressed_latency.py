@@ -75,6 +75,17 @@ def block_sparse(model: torch.nn.Module, size: int) -> torch.nn.Module:
     return model
 
 
+def storage(model_dir: Path) -> dict[str, float]:
+    """The weights file's size, and gzipped (zeroed blocks are stored as zeros, so only a
+    compressed or sparse format saves their space)."""
+    import gzip
+
+    weights = sorted(model_dir.glob("*.safetensors"))
+    raw = sum(f.stat().st_size for f in weights)
+    packed = sum(len(gzip.compress(f.read_bytes(), compresslevel=1)) for f in weights)
+    return {"safetensors_mb": round(raw / 1e6, 2), "gzip_mb": round(packed / 1e6, 2)}
+
+
 def onnx_accuracy(model: OnnxModel, dev, batch_size: int = 64) -> float:
     """Accuracy of an exported graph on the dev rows (what int8 quantisation costs)."""
     import numpy as np
@@ -116,6 +127,7 @@ def main() -> None:
             onnx = export_onnx(row["model_dir"], Path(tmp) / f"{len(models)}.onnx")
             int8 = export_onnx(row["model_dir"], Path(tmp) / f"{len(models)}.int8.onnx",
                                int8=True)
+            info[label].update(storage(Path(row["model_dir"])))
             info[label]["onnx_mb"] = round(onnx.stat().st_size / 1e6, 2)
             info[label]["int8_mb"] = round(int8.stat().st_size / 1e6, 2)
             models[f"{label} | onnx"] = OnnxModel(onnx, threads=torch.get_num_threads())

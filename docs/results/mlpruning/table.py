@@ -71,6 +71,15 @@ def main(home: Path, latency_file: Path) -> None:
         int8_cell = "" if int8 is None else f"{int8:.4f}"
         print(f"| {label} | {statistics.mean(r['encoder_density'] for r in members):.3f} | "
               f"{first['parameters']:,} | {score} | {int8_cell} | " + " | ".join(cells) + " |")
+    print("\nStorage (MB): the safetensors file, gzipped (level 1), the ONNX graph and the "
+          "int8 graph.\n")
+    print("| model | safetensors | gzip | onnx | onnx int8 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label in order:
+        sizes = latency["models"].get(label)
+        if sizes:
+            print(f"| {label} | {sizes['safetensors_mb']:.1f} | {sizes['gzip_mb']:.1f} | "
+                  f"{sizes['onnx_mb']:.1f} | {sizes['int8_mb']:.1f} |")
     bsr = {b: ms(label, "torch bsr", b) for label in order for b in timing
            if ms(label, "torch bsr", b)}
     if bsr:
