@@ -142,12 +142,18 @@ class OnnxModel:
     takes the same tensors and answers ``eval()``/``train()``/``parameters()`` like a module.
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None):
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
+                 spin: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            # onnxruntime's threads spin for a while after each run (its default, fastest
+            # when it has the machine to itself); timed side by side with PyTorch, they
+            # would steal the cores of whatever runs next.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
