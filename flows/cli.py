@@ -386,6 +386,8 @@ def print_summary(summary) -> None:
         console.print(f"registered model: [cyan]{summary.registered_model}[/cyan] "
                       f"(load with mlflow.transformers.load_model("
                       f"\"models:/{summary.registered_model}@best\"))")
+        console.print(f"                  and as ONNX: [cyan]{summary.registered_model}-onnx"
+                      "[/cyan] (mlflow.pyfunc, onnxruntime only)")
     console.print(f"MLflow UI:      glp ui --home {home}")
     console.print(f"Parquet tables: {home / 'parquet'} (candidates/, selections/, finals/)")
 

@@ -64,6 +64,7 @@ from tasks.tracking import (
     end_job_run,
     log_child_run,
     register_model,
+    register_onnx,
     start_job_run,
 )
 from tasks.training import (
@@ -552,7 +553,10 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,
                     outcome: SearchOutcome) -> dict[str, str]:
     """Register one model per pruned depth (aliases ``depth-N`` and ``best``), by the rule
-    of :mod:`tasks.registry`: chosen by the selection split, never diverged."""
+    of :mod:`tasks.registry`: chosen by the selection split, never diverged. Each is
+    registered twice: as a transformers pipeline in ``name``, and as ONNX in
+    ``name-onnx`` (same versions' models, same aliases) for serving without glp or
+    transformers. Returns the pipeline model's aliases."""
     data = job.data
     order = outcome.order or [layer for _, removed in outcome.plan[-1:] for layer in removed]
 
@@ -572,5 +576,19 @@ def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name:
                          "by the selection split)"),
         )
 
+    def register_as_onnx(registration: Registration) -> str:
+        chosen, depth = registration.chosen, registration.group
+        return register_onnx(
+            job.tracking_uri, chosen["run_id"], chosen["_path"], f"{name}-onnx", job.job_id,
+            registration.alias,
+            tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
+                  "glp.removed_layers": ",".join(map(str, chosen["removed"])),
+                  "glp.depth": str(depth), "glp.order": ",".join(map(str, order))},
+            description=f"{params.model} with layers {chosen['removed']} removed, as ONNX")
+
     plan = registrations(final_rows, depth_of, lambda depth: f"depth-{depth}")
-    return register_all(job.tracking_uri, name, plan, register, final_rows, depth_of)
+    aliases = register_all(job.tracking_uri, name, plan, register, final_rows, depth_of)
+    # The ONNX twin: its own registered model, so that each alias names one flavour.
+    register_all(job.tracking_uri, f"{name}-onnx", plan, register_as_onnx,
+                 [dict(row) for row in final_rows], depth_of)
+    return aliases

@@ -97,6 +97,12 @@ def test_mlflow_runs_and_registry(two_runs):
     assert selection_means[str(best.version)] == max(selection_means.values())
     depth_1 = client.get_model_version_by_alias(name, "depth-1")
     assert depth_1.tags["glp.removed_layers"] == ",".join(map(str, sorted(first.order)))
+    # The ONNX twin: the same seeds, the same aliases, served by plain mlflow.pyfunc.
+    twin = client.get_model_version_by_alias(f"{name}-onnx", "depth-1")
+    assert twin.tags["glp.flavor"] == "onnx" and twin.tags["glp.seed"] == depth_1.tags["glp.seed"]
+    assert (client.get_model_version_by_alias(f"{name}-onnx", "best").tags["glp.depth"]
+            == best.tags["glp.depth"])
+    assert len(client.search_model_versions(f"name = '{name}-onnx'")) == 2  # not re-registered
 
 
 def test_changed_config_does_not_reuse(harness, tiny_bert, two_runs):

@@ -24,6 +24,13 @@ def _register(rows, monkeypatch):
         return str(len(registered))
 
     monkeypatch.setattr(flows.job, "register_model", register_model)
+    onnx = []
+
+    def register_onnx(uri, run_id, path, name, job_id, budget, tags, description):
+        onnx.append((name, budget, int(tags["glp.seed"])))
+        return str(len(onnx))
+
+    monkeypatch.setattr(flows.job, "register_onnx", register_onnx)
     monkeypatch.setattr(tasks.registry, "update_aliases", lambda uri, name, proposals: proposals)
     job = SimpleNamespace(data=SimpleNamespace(task="sst2", metric="accuracy",
                                                fingerprints={"dev": "x"}),
@@ -33,6 +40,10 @@ def _register(rows, monkeypatch):
     outcome = SearchOutcome(strategy=None, plan=[(6, ()), (5, (5,)), (4, (4, 5))],
                             order=[5, 4])
     aliases = register_depths(params, job, rows, "name", outcome)
+    # the ONNX twin registers the same seeds, under its own name
+    assert [(b, seed) for _, b, seed in onnx] == [(f"depth-{d}", seed)
+                                                  for d, seed, _ in registered]
+    assert {name for name, _, _ in onnx} <= {"name-onnx"}
     return registered, aliases
 
 
