@@ -162,6 +162,8 @@ def configure_environment(home: RunHome) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # MLflow's per-file "Downloading artifacts" bars while it logs a model: noise.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
         # The ephemeral API can take 15-20 s to start on a small machine.
