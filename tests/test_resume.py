@@ -117,8 +117,11 @@ def start():
     started = []
 
     def _start(command: list[str]) -> subprocess.Popen:
+        # Ctrl-C as in a terminal: a shell that started the tests in the background (nohup,
+        # `&`) passes SIGINT on as ignored, and a process that inherits that ignores Ctrl-C.
         process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                   preexec_fn=_default_sigint)
         started.append((process, Path(command[command.index("--home") + 1])))
         return process
 
@@ -126,6 +129,10 @@ def start():
     for process, home in started:
         _kill_group(process, home)
         process.communicate()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(condition, process: subprocess.Popen, what: str) -> None:

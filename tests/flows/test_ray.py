@@ -203,6 +203,9 @@ def test_sigterm_stops_a_wait_on_ray_and_reaches_the_old_handler():
         raise Stopped(signum)
 
     old = signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C as in a terminal, even when the tests were started in the background with
+    # SIGINT ignored (nohup, `&`).
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(ray, "init", _small(ray.init, []))
@@ -230,5 +233,6 @@ def test_sigterm_stops_a_wait_on_ray_and_reaches_the_old_handler():
             assert not ray.is_initialized()
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
         if ray.is_initialized():
             ray.shutdown()
