@@ -245,6 +245,14 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
         summary)
 
 
+def print_counts(summary) -> None:
+    """How many fine-tunes were computed and reused, the wall time and the job."""
+    total = summary.computed + summary.reused
+    console.print(f"fine-tunes: [bold]{summary.computed}[/bold] computed, "
+                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
+                  f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
+
+
 def print_comparison(summary) -> None:
     """The mean ± std table per strategy and depth, and where the report is."""
     import pandas as pd
@@ -265,10 +273,7 @@ def print_comparison(summary) -> None:
                          f"{match['mean'].iloc[0]:.4f} ± {match['std'].iloc[0]:.4f}")
         shown.add_row(name, *cells)
     console.print(shown)
-    total = summary.computed + summary.reused
-    console.print(f"fine-tunes: [bold]{summary.computed}[/bold] computed, "
-                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
-                  f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
+    print_counts(summary)
     console.print(f"report:         {summary.report['report']}")
     console.print(f"plots:          {summary.report['metric_vs_removed']}")
     console.print(f"                {summary.report['metric_vs_latency']}")
@@ -304,10 +309,7 @@ def print_compression(summary) -> None:
                       str(first["depth"]), str(len(rows)), score,
                       f"{latency:.1f}" if latency else "", registry)
     console.print(table)
-    total = summary.computed + summary.reused
-    console.print(f"fine-tunes: [bold]{summary.computed}[/bold] computed, "
-                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
-                  f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
+    print_counts(summary)
     home = Path(summary.home)
     dirs = [r["model_dir"] for r in summary.finals if r["method"] != "unpruned"
             and r.get("model_dir")]
@@ -377,10 +379,7 @@ def print_summary(summary) -> None:
                        f"{rows[0]['parameters']:,}" if rows[0]["parameters"] else "",
                        registry)
     console.print(finals)
-    total = summary.computed + summary.reused
-    console.print(f"fine-tunes: [bold]{summary.computed}[/bold] computed, "
-                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
-                  f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
+    print_counts(summary)
     home = Path(summary.home)
     if summary.registered_model:
         console.print(f"registered model: [cyan]{summary.registered_model}[/cyan] "

@@ -156,6 +156,20 @@ def _pipeline_requirements() -> list[str]:
     return [f"torch=={torch_version}", f"transformers=={transformers.__version__}"]
 
 
+def _create_version(client: MlflowClient, name: str, versions: list, source: str,
+                    run_id: str, tags: dict, description: str) -> str:
+    """A new version of ``name`` (the registered model is created first when it has no
+    versions yet); returns its number."""
+    if not versions:
+        try:
+            client.create_registered_model(name, description=description)
+        except Exception:  # created meanwhile by another run
+            pass
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags,
+                                          description=description)
+    return str(version.version)
+
+
 def _find_version(client: MlflowClient, name: str, job_id: str, key: str, value: str):
     try:
         versions = client.search_model_versions(f"name = '{name}'")
@@ -195,16 +209,8 @@ def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: s
             task="text-classification",
             pip_requirements=_pipeline_requirements(),
         )
-    version_tags = {"glp.job_id": job_id, "glp.depth": str(depth), **tags}
-    if not versions:
-        try:
-            client.create_registered_model(name, description=description)
-        except Exception:  # created meanwhile by another run
-            pass
-    version = client.create_model_version(
-        name, source=info.model_uri, run_id=run_id, tags=version_tags, description=description
-    )
-    return str(version.version)
+    return _create_version(client, name, versions, info.model_uri, run_id,
+                           {"glp.job_id": job_id, "glp.depth": str(depth), **tags}, description)
 
 
 @task(name="register-onnx", **_RETRY)
@@ -243,16 +249,9 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
                 onnx_model=onnx.load(str(path)), name="onnx", extra_files=extra,
                 pip_requirements=[f"onnxruntime=={onnxruntime.__version__}",
                                   f"onnx=={onnx.__version__}"])
-    if not versions:
-        try:
-            client.create_registered_model(name, description=description)
-        except Exception:  # created meanwhile by another run
-            pass
-    version = client.create_model_version(
-        name, source=info.model_uri, run_id=run_id,
-        tags={"glp.job_id": job_id, "glp.budget": budget, "glp.flavor": "onnx", **tags},
-        description=description)
-    return str(version.version)
+    return _create_version(client, name, versions, info.model_uri, run_id,
+                           {"glp.job_id": job_id, "glp.budget": budget, "glp.flavor": "onnx",
+                            **tags}, description)
 
 
 @task(name="update-aliases", **_RETRY)
