@@ -33,12 +33,52 @@ def save_pretrained(model: PreTrainedModel, directory: str | os.PathLike[str],
     from glp.surgery import plan_of_model
 
     target = Path(directory)
+    plan = plan_of_model(model)
+    state = _unique_state(model)
+    if plan.coded:  # the coded matrices are stored as codes, not as weights
+        from safetensors.torch import save_file
+
+        from glp.autoencoder import CODES_FILE, coded_weight_names
+
+        codes = getattr(model, CODES_ATTR, None) or {}
+        missing = sorted(set(plan.coded) - set(codes))
+        if missing:
+            raise GlpError(f"the plan codes {missing}, but the model carries no codes for them")
+        skip = coded_weight_names(model, list(plan.coded))
+        state = {k: v for k, v in state.items() if k not in skip}
+        target.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for role in plan.coded:
+            tensors.update({k: v.detach().cpu() for k, v in codes[role].tensors().items()})
+        save_file(tensors, str(target / CODES_FILE))
     with _quiet_loading():  # no "Writing model shards" bar for one small file
-        model.save_pretrained(target)  # safetensors
-    (target / PLAN_FILE).write_text(plan_of_model(model).to_json() + "\n")
+        model.save_pretrained(target, state_dict=state)  # safetensors
+    (target / PLAN_FILE).write_text(plan.to_json() + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
     return target
+
+
+CODES_ATTR = "glp_codes"
+"""The attribute under which an autoencoder-compressed model keeps its codes (per role)."""
+
+
+def _unique_state(model) -> dict:
+    """The state dict with each tensor once: a factor shared by several layers is saved
+    under its first name only (``load_pretrained`` re-ties the others)."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen and tensor.numel():
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor
+    return state
+
+
+def stored_bytes(directory: str | os.PathLike[str]) -> int:
+    """Bytes of a saved model's weights on disk (safetensors files, codes included)."""
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
 
 
 def saved_parameters(directory: str | os.PathLike[str]) -> int:
@@ -108,8 +148,11 @@ def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: boo
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise GlpError(f"'{directory}' has a width plan but no safetensors weights")
+    from glp.autoencoder import CODES_FILE
+
+    files = [f for f in files if f.name != CODES_FILE]
     model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    apply_plan(model, plan)
+    apply_plan(model, plan, factor=None)  # the structure; the weights come from the files
     state = {}
     for file in files:
         state.update(load_file(str(file)))
@@ -121,8 +164,26 @@ def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: boo
                        f"{' '.join(first[1:3]) or first[0]}") from None
     # Non-persistent buffers are absent from the file by design; anything else is not.
     buffers = {name for name, _ in model.named_buffers()}
-    missing = [k for k in result.missing_keys if k not in buffers]
+    # A shared factor is stored once; its other names are the same tensor.
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    aliases = {n for names in by_tensor.values() if any(m in state for m in names)
+               for n in names}
+    coded = set()
+    if plan.coded:
+        from glp.autoencoder import coded_weight_names
+
+        coded = coded_weight_names(model, list(plan.coded))
+    missing = [k for k in result.missing_keys
+               if k not in buffers and k not in aliases and k not in coded]
     if missing or result.unexpected_keys:
         raise GlpError(f"the weights in '{directory}' do not match its plan: missing "
                        f"{missing[:4]}, unexpected {result.unexpected_keys[:4]}")
+    if plan.coded:
+        from glp.autoencoder import decode_into
+
+        if not (path / CODES_FILE).is_file():
+            raise GlpError(f"'{directory}' has a coded plan but no {CODES_FILE}")
+        decode_into(model, plan.coded, load_file(str(path / CODES_FILE)))
     return model.to(device).eval()

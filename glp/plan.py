@@ -32,6 +32,25 @@ FORMAT = 1
 ROLES = ("query", "key", "value", "output", "ffn_in", "ffn_out")
 """The matrices of a layer that block masks can name."""
 
+EMBEDDINGS = "embeddings"
+"""The word-embedding matrix, as offline compression names it (next to :data:`ROLES`)."""
+
+OFFLINE_ROLES = (*ROLES, EMBEDDINGS)
+"""The module types offline compression (low rank, autoencoder) can compress."""
+
+
+def _rank_key(key: str, num_layers: int, removed: tuple[int, ...], what: str) -> None:
+    if key == EMBEDDINGS:
+        return
+    layer, _, role = key.partition(".")
+    if not layer.isdigit() or role not in ROLES:
+        raise GlpError(f"{what} '{key}': name it '{EMBEDDINGS}' or '<layer>.<role>' with a "
+                       f"role in {', '.join(ROLES)}")
+    if int(layer) >= num_layers or int(layer) in removed:
+        kept = [i for i in range(num_layers) if i not in removed]
+        raise GlpError(f"{what} '{key}' names layer {layer}, which the plan does not keep "
+                       f"(it keeps {kept})")
+
 
 def _indices(values: Iterable[int], what: str) -> tuple[int, ...]:
     out = tuple(sorted({int(v) for v in values}))
@@ -95,6 +114,13 @@ class Plan:
         heads: per original layer index, the attention heads kept (absent: all).
         neurons: per original layer index, the FFN intermediate neurons kept (absent: all).
         blocks: per ``"<layer>.<role>"`` (role in :data:`ROLES`), the kept weight blocks.
+        ranks: per ``"<layer>.<role>"`` or ``"embeddings"``, the rank of the two thin
+            factors that replace the matrix (low-rank factorisation).
+        shared: roles whose input-side factor is one matrix shared by every kept layer
+            (the linear autoencoder compresses a role's matrices together).
+        coded: per role in :data:`OFFLINE_ROLES`, a non-linear autoencoder's decoder
+            (``{"latent": k, "hidden": [...]}``): the role's matrices are stored as codes
+            and decoded once at load time; the architecture is unchanged.
     """
 
     num_layers: int
@@ -102,6 +128,9 @@ class Plan:
     heads: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     neurons: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     blocks: Mapping[str, BlockMask] = field(default_factory=dict)
+    ranks: Mapping[str, int] = field(default_factory=dict)
+    shared: tuple[str, ...] = ()
+    coded: Mapping[str, Mapping] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "removed", _indices(self.removed, "removed layers"))
@@ -128,6 +157,42 @@ class Plan:
             if int(layer) >= self.num_layers or int(layer) in self.removed:
                 raise GlpError(f"block mask '{key}' names layer {layer}, which the plan does "
                                f"not keep (it keeps {list(self.kept_layers)})")
+        self._check_offline()
+
+    def _check_offline(self) -> None:
+        ranks = {}
+        for key, rank in dict(self.ranks).items():
+            _rank_key(key, self.num_layers, self.removed, "rank")
+            if isinstance(rank, bool) or int(rank) != rank or int(rank) < 1:
+                raise GlpError(f"rank of '{key}' must be a whole number >= 1, got {rank!r}")
+            if key in self.blocks:
+                raise GlpError(f"'{key}' has both a rank and a block mask; a matrix is either "
+                               "factorised or block-pruned")
+            ranks[key] = int(rank)
+        object.__setattr__(self, "ranks", dict(sorted(ranks.items())))
+        shared = tuple(sorted(set(self.shared)))
+        for role in shared:
+            keys = [f"{layer}.{role}" for layer in self.kept_layers]
+            values = {self.ranks.get(k) for k in keys}
+            if role not in ROLES or len(values) != 1 or None in values:
+                raise GlpError(f"shared factor '{role}': a shared role needs one rank in every "
+                               "kept layer")
+        object.__setattr__(self, "shared", shared)
+        coded = {}
+        for role, spec in dict(self.coded).items():
+            if role not in OFFLINE_ROLES:
+                raise GlpError(f"coded '{role}': choose a role in {', '.join(OFFLINE_ROLES)}")
+            try:
+                latent, hidden = int(spec["latent"]), [int(h) for h in spec.get("hidden", [])]
+            except (KeyError, TypeError, ValueError):
+                raise GlpError(f"coded '{role}': needs {{'latent': k, 'hidden': [...]}}, got "
+                               f"{spec!r}") from None
+            if latent < 1 or any(h < 1 for h in hidden):
+                raise GlpError(f"coded '{role}': sizes must be >= 1, got {spec!r}")
+            if any(k == role or k.endswith(f".{role}") for k in self.ranks):
+                raise GlpError(f"'{role}' is both factorised and coded; choose one")
+            coded[role] = {"latent": latent, "hidden": hidden}
+        object.__setattr__(self, "coded", dict(sorted(coded.items())))
 
     # --- construction and composition ------------------------------------------------
 
@@ -167,7 +232,13 @@ class Plan:
                                "which the second plan narrows; prune blocks last")
         blocks = {k: v for k, v in {**self.blocks, **other.blocks}.items()
                   if int(k.partition(".")[0]) not in removed}
-        return Plan(self.num_layers, tuple(removed), meet("heads"), meet("neurons"), blocks)
+        if self.ranks or self.coded:
+            raise GlpError("cannot compose after a factorised or coded plan: offline "
+                           "compression comes last")
+        ranks = {k: v for k, v in other.ranks.items()
+                 if k == EMBEDDINGS or int(k.partition(".")[0]) not in removed}
+        return Plan(self.num_layers, tuple(removed), meet("heads"), meet("neurons"), blocks,
+                    ranks, other.shared, other.coded)
 
     # --- facts ----------------------------------------------------------------------
 
@@ -182,13 +253,27 @@ class Plan:
     @property
     def is_layers_only(self) -> bool:
         """True when a plain transformers config can describe the result."""
-        return not (self.heads or self.neurons or self.blocks)
+        return not (self.heads or self.neurons or self.blocks or self.ranks or self.coded)
 
     @property
     def kind(self) -> str:
         parts = [name for name, on in (("layers", self.removed), ("heads", self.heads),
-                                       ("neurons", self.neurons), ("blocks", self.blocks)) if on]
+                                       ("neurons", self.neurons), ("blocks", self.blocks),
+                                       ("ranks", self.ranks), ("coded", self.coded)) if on]
         return "+".join(parts) or "none"
+
+    def width_part(self) -> Plan:
+        """This plan without its offline part (ranks, shared factors, codes)."""
+        return Plan(self.num_layers, self.removed, self.heads, self.neurons, self.blocks)
+
+    def offline(self, ranks: Mapping[str, int] | None = None, shared: Iterable[str] = (),
+                coded: Mapping[str, Mapping] | None = None) -> Plan:
+        """This plan with offline compression added (ranks, shared factors, codes)."""
+        if self.ranks or self.coded:
+            raise GlpError("this model is already compressed offline; compress the model "
+                           "it came from")
+        return Plan(self.num_layers, self.removed, self.heads, self.neurons, self.blocks,
+                    dict(ranks or {}), tuple(shared), dict(coded or {}))
 
     # --- serialisation ----------------------------------------------------------------
 
@@ -201,6 +286,9 @@ class Plan:
             "neurons": {str(k): list(v) for k, v in self.neurons.items()},
             "blocks": {k: {"size": b.size, "rows": b.rows, "cols": b.cols, "bits": b.bits}
                        for k, b in self.blocks.items()},
+            **({"ranks": dict(self.ranks)} if self.ranks else {}),
+            **({"shared": list(self.shared)} if self.shared else {}),
+            **({"coded": {k: dict(v) for k, v in self.coded.items()}} if self.coded else {}),
         }
 
     def to_json(self) -> str:
@@ -224,6 +312,9 @@ class Plan:
                 neurons={int(k): tuple(v) for k, v in data.get("neurons", {}).items()},
                 blocks={k: BlockMask(int(b["size"]), int(b["rows"]), int(b["cols"]),
                                      str(b["bits"])) for k, b in data.get("blocks", {}).items()},
+                ranks=dict(data.get("ranks", {})),
+                shared=tuple(data.get("shared", ())),
+                coded=dict(data.get("coded", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, GlpError):

@@ -401,9 +401,14 @@ def zeroed_weights(mask, shape: Sequence[int]) -> int:
     return int(shape[0]) * int(shape[1]) - int(block_element_mask(mask, shape).sum())
 
 
-def apply_plan(model: PreTrainedModel, plan) -> PreTrainedModel:
+def apply_plan(model: PreTrainedModel, plan, factor="svd") -> PreTrainedModel:
     """Cut a model to a :class:`glp.plan.Plan`, in place: slice heads and FFN neurons,
-    zero pruned weight blocks, then remove layers (physically, see :func:`remove_layers`).
+    zero pruned weight blocks, remove layers (physically, see :func:`remove_layers`), then
+    factorise the matrices the plan gives a rank.
+
+    ``factor`` chooses the factors' values: ``"svd"`` (truncated SVD of the weights), a
+    :data:`glp.lowrank.FactorFn`, or None (structure only: the weights are loaded next).
+    A model already cut to the plan's width (a width-pruned model) only gets the ranks.
 
     The model must be the plan's base architecture (it may already miss some of the
     plan's removed layers, not others). The plan is remembered on the model
@@ -415,9 +420,14 @@ def apply_plan(model: PreTrainedModel, plan) -> PreTrainedModel:
     """
     import torch
 
-    if getattr(model, PLAN_ATTR, None) is not None and not getattr(model, PLAN_ATTR).is_layers_only:
-        raise GlpError("this model was already cut in width; apply plans to the base model "
-                       "(compose plans with Plan.compose)")
+    current = getattr(model, PLAN_ATTR, None)
+    if current is not None and not current.is_layers_only:
+        if current.ranks or current.coded or current != plan.width_part():
+            raise GlpError("this model was already cut in width; apply plans to the base "
+                           "model (compose plans with Plan.compose)")
+        _apply_offline(model, plan, factor)  # its width cut is the plan's: add the ranks
+        setattr(model, PLAN_ATTR, plan)
+        return model
     base_layers = len(kept_layers(model)) + len(removed_layers(model))
     if base_layers != plan.num_layers:
         raise GlpError(f"the plan is for a {plan.num_layers}-layer model; this one has "
@@ -452,8 +462,17 @@ def apply_plan(model: PreTrainedModel, plan) -> PreTrainedModel:
                         linear.weight.mul_(element.to(linear.weight))
     remove_layers(model, [p for p, original in enumerate(kept_layers(model))
                           if original in set(plan.removed)])
+    _apply_offline(model, plan, factor)
     setattr(model, PLAN_ATTR, plan)
     return model
+
+
+def _apply_offline(model: PreTrainedModel, plan, factor) -> None:
+    if not plan.ranks:
+        return
+    from glp.lowrank import apply_ranks, plain_factors
+
+    apply_ranks(model, plan.ranks, plan.shared, plain_factors if factor == "svd" else factor)
 
 
 def plan_of_model(model: nn.Module):

@@ -1,0 +1,353 @@
+"""Autoencoder compression of weight matrices (Banaei et al., Findings of EACL 2023).
+
+Following the reference code (MohammadrezaBanaei/auto-encoder-based-transformer-compression):
+the rows of one module type's matrices, from every layer, are stacked ("concatenated"
+mode: the layers are compressed together) and a small autoencoder is trained on them. Each
+row is stored as its latent code; the decoder turns codes back into rows, and each decoded
+row is rescaled to the original row's norm (``enforce_norm``; the norms are stored too).
+The loss is ``0.9091 x cosine distance + 0.0909 x RMSE``, Adam at 1e-3 with the learning
+rate times 0.8 every 10 epochs, batches of 16 rows. The latent size is the largest whose
+storage (codes + decoder + norms) is at most ``1/ratio`` of the matrices.
+
+Two decoders:
+
+- ``nonlinear`` (the reference's default): latent ``x -> 2x -> 4x -> m`` with LeakyReLU and
+  a final tanh, encoder ``m -> 8x -> 4x -> x``. The model keeps its dense matrices: the
+  checkpoint stores the codes, norms and decoder (``glp_codes.safetensors``) instead of
+  the matrices, and ``glp.load_pretrained`` decodes them once. It saves storage, not time.
+- ``linear``: a linear decoder ``W_rows = diag(a) (C D^T + 1 b^T)`` factorises exactly: the
+  layer computes ``x -> [D^T; b^T] x`` (one ``(x+1) x m`` matrix shared by all layers of the
+  type) then ``-> diag(a) [C_l, 1]``, so the model is smaller and faster, like low rank,
+  but with the input-side factor shared across layers.
+
+Deviation: the reference stops early on masked-LM perplexity on WikiText-103 (not
+available offline); glp keeps the epoch whose decoded weights score best on the task's
+selection split (``evaluate``), or, without one, the lowest reconstruction loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glp import GlpError
+from glp.lowrank import LowRankEmbedding, LowRankLinear, matrices
+from glp.plan import EMBEDDINGS, ROLES
+
+DECODERS = ("nonlinear", "linear")
+CODES_FILE = "glp_codes.safetensors"
+"""The file beside the weights that holds a coded model's codes, norms and decoders."""
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """The reference's settings (configs/config.yaml), by default."""
+
+    ratio: float = 10.0
+    decoder: str = "nonlinear"
+    encoder_sizes: tuple[int, ...] = (8, 4)  # relative to the latent size
+    decoder_sizes: tuple[int, ...] = (2, 4)
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    step_size: int = 10
+    gamma: float = 0.8
+    cosine_weight: float = 0.9091
+    l2_weight: float = 0.0909
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.decoder not in DECODERS:
+            raise GlpError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
+        if not self.ratio > 1:
+            raise GlpError(f"--ratio {self.ratio:g}: a compression ratio must be > 1")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise GlpError("the autoencoder needs at least 1 epoch and a batch of 1 row")
+
+
+def _mlp(sizes: Sequence[int], final: nn.Module | None) -> nn.Sequential:
+    parts: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        parts.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            parts.append(nn.LeakyReLU())
+    if final is not None:
+        parts.append(final)
+    return nn.Sequential(*parts)
+
+
+def decoder_for(latent: int, hidden: Sequence[int], width: int) -> nn.Sequential:
+    """The decoder of a plan's ``coded`` entry (``hidden`` empty: linear)."""
+    if not hidden:
+        return _mlp([latent, width], None)
+    return _mlp([latent, *hidden, width], nn.Tanh())
+
+
+def _storage(rows: int, width: int, latent: int, hidden: Sequence[int]) -> int:
+    decoder = decoder_for(latent, hidden, width) if latent else None
+    params = sum(p.numel() for p in decoder.parameters()) if decoder is not None else 0
+    return rows * latent + params + rows  # codes, decoder, row norms
+
+
+def latent_size(rows: int, width: int, config: AutoencoderConfig) -> tuple[int, list[int]]:
+    """The largest latent size (and hidden sizes) whose storage is at most ``1/ratio`` of
+    a ``rows x width`` matrix.
+
+    Raises:
+        GlpError: not even a latent size of 1 fits.
+    """
+    budget = rows * width / config.ratio
+
+    def hidden(x: int) -> list[int]:
+        return [] if config.decoder == "linear" else [s * x for s in config.decoder_sizes]
+
+    best = 0
+    low, high = 1, max(1, width)
+    while low <= high:  # storage grows with the latent size
+        mid = (low + high) // 2
+        if _storage(rows, width, mid, hidden(mid)) <= budget:
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    if best < 1:
+        raise GlpError(f"--ratio {config.ratio:g}: a {config.decoder} autoencoder of a "
+                       f"{rows}x{width} matrix needs more than 1/{config.ratio:g} of it even "
+                       "at latent size 1; use a smaller ratio")
+    return best, hidden(best)
+
+
+@dataclass
+class Coded:
+    """One module type, coded: the keys of its matrices (in row order), codes, norms, the
+    trained decoder, and what training did."""
+
+    role: str
+    keys: list[str]
+    rows_per_key: list[int]
+    codes: torch.Tensor
+    norms: torch.Tensor
+    decoder: nn.Sequential
+    latent: int
+    hidden: list[int]
+    epochs: int
+    best_epoch: int
+    losses: list[float]
+    scores: list[float]
+    seconds: float
+
+    def decode(self) -> torch.Tensor:
+        with torch.no_grad():
+            return _rescale(self.decoder(self.codes), self.norms)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"{self.role}.codes": self.codes.contiguous(),
+               f"{self.role}.norms": self.norms.contiguous()}
+        for name, value in self.decoder.state_dict().items():
+            out[f"{self.role}.decoder.{name}"] = value.contiguous()
+        return out
+
+    @property
+    def stored(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+
+def _rescale(rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    return rows * (norms / rows.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
+
+
+def _loss(output: torch.Tensor, target: torch.Tensor, config: AutoencoderConfig):
+    cosine = 1.0 - nn.functional.cosine_similarity(output, target, dim=-1, eps=1e-6)
+    rmse = (output - target).pow(2).mean().sqrt()
+    return config.cosine_weight * cosine.mean() + config.l2_weight * rmse
+
+
+def rows_of(model: nn.Module, role: str) -> tuple[list[str], list[int], torch.Tensor]:
+    """The stacked rows of one module type's matrices (weights as ``out x in``; the word
+    embeddings as ``tokens x hidden``), with their keys."""
+    found = matrices(model, [role])
+    if not found:
+        raise GlpError(f"the model has no '{role}' matrices")
+    weights = [m.weight.detach() for m in found.values()]
+    return list(found), [w.shape[0] for w in weights], torch.cat(weights)
+
+
+def train_autoencoder(model: nn.Module, role: str, config: AutoencoderConfig,
+                      evaluate: Callable[[], float] | None = None,
+                      on_epoch: Callable[[int, int, float, float | None], None] | None = None
+                      ) -> Coded:
+    """Train an autoencoder on one module type's matrices (concatenated over layers).
+
+    After each epoch the decoded weights are put into ``model`` and ``evaluate()`` (the
+    task metric on the selection split, higher is better) is called; the best epoch wins.
+    Without ``evaluate`` the lowest loss wins. ``model`` ends with the winner's decoded
+    weights (dense); the result says how to store them.
+    """
+    import time
+
+    started = time.perf_counter()
+    keys, counts, target = rows_of(model, role)
+    target = target.to(torch.float32).cpu()
+    rows, width = target.shape
+    latent, hidden = latent_size(rows, width, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        sizes = [s * latent for s in config.encoder_sizes]
+        encoder = (_mlp([width, *sizes, latent], nn.LeakyReLU()) if hidden
+                   else _mlp([width, latent], None))
+        decoder = decoder_for(latent, hidden, width)
+    norms = target.norm(dim=-1)
+    parameters = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    originals = {k: m.weight.detach().clone() for k, m in matrices(model, [role]).items()}
+    best = (-math.inf, None)
+    losses: list[float] = []
+    scores: list[float] = []
+    best_epoch = 0
+    for epoch in range(config.epochs):
+        encoder.train()
+        decoder.train()
+        order = torch.randperm(rows, generator=generator)
+        total = 0.0
+        for start in range(0, rows, config.batch_size):
+            batch = target[order[start:start + config.batch_size]]
+            optimizer.zero_grad()
+            out = _rescale(decoder(encoder(batch)), norms[order[start:start + config.batch_size]])
+            loss = _loss(out, batch, config)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        schedule.step()
+        with torch.no_grad():
+            codes = encoder(target)
+            decoded = _rescale(decoder(codes), norms)
+            losses.append(float(_loss(decoded, target, config)))
+        if not all(math.isfinite(v) for v in (losses[-1], total)):
+            raise GlpError(f"the {role} autoencoder diverged (loss {losses[-1]}) at epoch "
+                           f"{epoch + 1}")
+        score = None
+        if evaluate is not None:
+            _assign(model, role, keys, counts, decoded)
+            score = float(evaluate())
+            scores.append(score)
+        candidate = score if score is not None else -losses[-1]
+        if candidate > best[0] or best[1] is None:
+            best = (candidate, (codes.clone(), {k: v.clone() for k, v in
+                                                decoder.state_dict().items()}))
+            best_epoch = epoch + 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1, config.epochs, losses[-1], score)
+    codes, state = best[1]
+    decoder.load_state_dict(state)
+    decoder.eval()
+    coded = Coded(role=role, keys=keys, rows_per_key=counts, codes=codes, norms=norms,
+                  decoder=decoder, latent=latent, hidden=hidden, epochs=config.epochs,
+                  best_epoch=best_epoch, losses=losses, scores=scores,
+                  seconds=time.perf_counter() - started)
+    if coded.decode().isfinite().all():
+        _assign(model, role, keys, counts, coded.decode())
+    else:  # pragma: no cover - guarded by the divergence check above
+        for key, weight in originals.items():
+            _assign(model, role, [key], [weight.shape[0]], weight)
+    return coded
+
+
+def _assign(model: nn.Module, role: str, keys: Sequence[str], counts: Sequence[int],
+            decoded: torch.Tensor) -> None:
+    found = matrices(model, [role])
+    with torch.no_grad():
+        for key, part in zip(keys, torch.split(decoded, list(counts)), strict=True):
+            weight = found[key].weight
+            weight.copy_(part.to(weight))
+
+
+def fold_linear(model: nn.Module, coded: Coded) -> dict[str, int]:
+    """Replace a linearly coded role's matrices by thin factors (exact): every layer gets
+    ``first`` = ``[D^T; b^T]`` (shared) and ``second`` = ``diag(a) [C_l, 1]``.
+
+    Returns the plan's ranks for the role.
+    """
+    from glp.lowrank import _role_path
+    from glp.surgery import _set, encoder_layers, kept_layers
+
+    if coded.hidden:
+        raise GlpError("only a linear decoder factorises")
+    linear = coded.decoder[0]
+    with torch.no_grad():
+        raw = linear(coded.codes)
+        scale = coded.norms / raw.norm(dim=-1).clamp_min(1e-12)
+        first = torch.cat([linear.weight.T, linear.bias.unsqueeze(0)])  # (x+1) x m
+        second = torch.cat([coded.codes, torch.ones(len(coded.codes), 1)], 1) * scale[:, None]
+    rank = first.shape[0]
+    ranks = {}
+    if coded.role == EMBEDDINGS:
+        embedding = matrices(model, [EMBEDDINGS])[EMBEDDINGS]
+        module = LowRankEmbedding(embedding.num_embeddings, embedding.embedding_dim, rank,
+                                  padding_idx=embedding.padding_idx,
+                                  device=embedding.weight.device, dtype=embedding.weight.dtype)
+        with torch.no_grad():
+            module.codes.weight.copy_(second)
+            module.project.weight.copy_(first.T)
+        model.base_model.embeddings.word_embeddings = module
+        return {EMBEDDINGS: rank}
+    found = matrices(model, [coded.role])
+    weight = next(iter(found.values())).weight
+    shared = nn.Linear(first.shape[1], rank, bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        shared.weight.copy_(first)
+    position = {original: p for p, original in enumerate(kept_layers(model))}
+    for key, part in zip(coded.keys, torch.split(second, coded.rows_per_key), strict=True):
+        old = found[key]
+        module = LowRankLinear(old.in_features, old.out_features, rank,
+                               bias=old.bias is not None, first=shared,
+                               device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            module.second.weight.copy_(part)
+            if old.bias is not None:
+                module.second.bias.copy_(old.bias)
+        layer = encoder_layers(model)[position[int(key.partition(".")[0])]]
+        _set(layer, _role_path(model, coded.role), module)
+        ranks[key] = rank
+    return ranks
+
+
+def decode_into(model: nn.Module, coded_spec: Mapping[str, Mapping],
+                tensors: Mapping[str, torch.Tensor]) -> None:
+    """Decode a saved model's coded roles into its dense weights (load time)."""
+    for role, spec in coded_spec.items():
+        try:
+            codes, norms = tensors[f"{role}.codes"], tensors[f"{role}.norms"]
+        except KeyError:
+            raise GlpError(f"the codes of '{role}' are missing from {CODES_FILE}") from None
+        keys, counts, current = rows_of(model, role)
+        if len(codes) != current.shape[0]:
+            raise GlpError(f"{CODES_FILE}: '{role}' has {len(codes)} codes for "
+                           f"{current.shape[0]} rows")
+        decoder = decoder_for(int(spec["latent"]), list(spec.get("hidden", [])),
+                              current.shape[1])
+        prefix = f"{role}.decoder."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            decoder.load_state_dict(state)
+        except RuntimeError as exc:
+            raise GlpError(f"{CODES_FILE}: the decoder of '{role}' does not match its plan "
+                           f"({str(exc).splitlines()[0]})") from None
+        with torch.no_grad():
+            decoded = _rescale(decoder(codes.float()), norms.float())
+        _assign(model, role, keys, counts, decoded)
+
+
+def coded_weight_names(model: nn.Module, roles: Sequence[str]) -> set[str]:
+    """The state-dict names of the dense weights that coded roles replace on disk."""
+    ids = {id(m.weight) for m in matrices(model, list(roles)).values()}
+    return {name for name, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in ids}
+
+
+__all__ = ["CODES_FILE", "DECODERS", "AutoencoderConfig", "Coded", "decode_into",
+           "fold_linear", "latent_size", "train_autoencoder", "ROLES"]

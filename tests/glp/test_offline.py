@@ -1,0 +1,175 @@
+"""Offline compression on tiny random models of every family: low-rank factors are exact,
+Fisher weighting is what it claims, the autoencoder learns, and every compressed model
+round-trips through save, ``glp.load_pretrained`` and ONNX."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from glp import GlpError
+from glp.autoencoder import (
+    CODES_FILE,
+    AutoencoderConfig,
+    fold_linear,
+    latent_size,
+    train_autoencoder,
+)
+from glp.checkpoint import (
+    CODES_ATTR,
+    load_pretrained,
+    read_plan,
+    save_pretrained,
+    saved_parameters,
+    stored_bytes,
+)
+from glp.export import export_onnx, onnx_logits
+from glp.lowrank import (
+    LowRankLinear,
+    fisher_column_weights,
+    matrices,
+    rank_for_ratio,
+    ranks_for_ratio,
+    svd_factors,
+)
+from glp.plan import OFFLINE_ROLES, ROLES, Plan
+from glp.surgery import apply_plan
+from tests.glp.test_surgery import FAMILIES, batch, n_params, tiny_model
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(**batch()).logits
+
+
+def test_thin_factors_reproduce_the_rank_r_product_exactly():
+    torch.manual_seed(0)
+    weight = torch.randn(12, 7, dtype=torch.float64)
+    second, first = svd_factors(weight, 3)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    assert torch.allclose(second @ first, u[:, :3] @ torch.diag(s[:3]) @ vh[:3])
+    linear = torch.nn.Linear(7, 12).double()
+    module = LowRankLinear(7, 12, 3).double()
+    with torch.no_grad():
+        module.first.weight.copy_(first)
+        module.second.weight.copy_(second)
+        module.second.bias.copy_(linear.bias)
+    x = torch.randn(5, 7, dtype=torch.float64)
+    assert torch.allclose(module(x), x @ (second @ first).T + linear.bias)
+
+
+def test_fisher_weighting_minimises_the_weighted_error():
+    torch.manual_seed(0)
+    weight = torch.randn(10, 8, dtype=torch.float64)
+    fisher = torch.rand(10, 8, dtype=torch.float64) ** 4
+    scale = fisher_column_weights(fisher)
+    second, first = svd_factors(weight, 3)
+    plain = second @ first
+    second, first = svd_factors(weight, 3, scale)
+    weighted = second @ first
+
+    def error(approx):
+        return float(((weight - approx) * scale).norm())
+
+    assert error(weighted) < error(plain)
+    assert float((weight - plain).norm()) <= float((weight - weighted).norm())
+
+
+def test_rank_for_ratio_follows_the_reference_rule_and_refuses_too_much():
+    assert rank_for_ratio((384, 384), 10) == 19
+    assert rank_for_ratio((1536, 384), 10) == 30
+    with pytest.raises(GlpError, match="--ratio 400"):
+        rank_for_ratio((32, 32), 400)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_rank_equals_the_original_and_low_rank_round_trips(family, tmp_path):
+    model = tiny_model(family)
+    expected = logits(model)
+    full = {k: min(m.weight.shape) for k, m in matrices(model, OFFLINE_ROLES).items()}
+    apply_plan(copy_ := copy.deepcopy(model), Plan(4).offline(full))
+    assert torch.allclose(logits(copy_), expected, atol=1e-5)
+    # layers removed, then every matrix at ratio 2 (the composition of the two plans)
+    apply_plan(model, Plan(4, removed=(1,)))
+    plan = Plan(4, removed=(1,)).offline(ranks_for_ratio(model, OFFLINE_ROLES, 2))
+    before = n_params(model)
+    apply_plan(model, plan)
+    assert n_params(model) < before
+    assert plan.parameter_counts(model.config)["parameters"] == n_params(model)
+    save_pretrained(model, tmp_path / "m")
+    assert read_plan(tmp_path / "m") == plan
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.equal(logits(loaded), logits(model))
+    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    actual = onnx_logits(path, {k: v.numpy() for k, v in batch().items()})
+    np.testing.assert_allclose(actual, logits(loaded).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_coded_model_stores_codes_and_decodes_at_load(family, tmp_path):
+    model = tiny_model(family)
+    coded = train_autoencoder(model, "ffn_in", AutoencoderConfig(ratio=2, epochs=4))
+    assert coded.losses[-1] < coded.losses[0]  # the reconstruction loss falls
+    setattr(model, CODES_ATTR, {"ffn_in": coded})
+    model.glp_plan = Plan(4).offline(coded={"ffn_in": {"latent": coded.latent,
+                                                         "hidden": coded.hidden}})
+    save_pretrained(model, tmp_path / "m")
+    assert (tmp_path / "m" / CODES_FILE).is_file()
+    assert saved_parameters(tmp_path / "m") < n_params(model)  # the matrices are not stored
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.allclose(logits(loaded), logits(model), atol=1e-6)
+    assert n_params(loaded) == n_params(model)  # decoded: the architecture is unchanged
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "deberta-v2"])
+def test_linear_decoder_folds_exactly_into_shared_thin_layers(family, tmp_path):
+    model = tiny_model(family)
+    coded = train_autoencoder(model, "query", AutoencoderConfig(ratio=2, epochs=2,
+                                                                decoder="linear"))
+    dense = logits(model)
+    ranks = fold_linear(model, coded)
+    model.glp_plan = Plan(4).offline(ranks=ranks, shared=["query"])
+    assert torch.allclose(logits(model), dense, atol=1e-5)
+    firsts = {id(m.first) for k, m in matrices(model, ["query"]).items()}
+    assert len(firsts) == 1  # one input-side factor for every layer
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.equal(logits(loaded), logits(model))
+    assert n_params(loaded) == n_params(model)
+    assert len({id(m.first) for m in matrices(loaded, ["query"]).values()}) == 1
+    assert stored_bytes(tmp_path / "m") > 0
+
+
+def test_latent_size_meets_the_ratio():
+    for decoder in ("nonlinear", "linear"):
+        config = AutoencoderConfig(ratio=10, decoder=decoder)
+        latent, hidden = latent_size(2304, 384, config)
+        from glp.autoencoder import _storage
+
+        assert _storage(2304, 384, latent, hidden) <= 2304 * 384 / 10
+        assert _storage(2304, 384, latent + 1, [s * (latent + 1) for s in
+                        (config.decoder_sizes if hidden else ())]) > 2304 * 384 / 10
+
+
+def test_bad_offline_plans_are_refused():
+    with pytest.raises(GlpError, match="rank of '0.query'"):
+        Plan(2, ranks={"0.query": 0})
+    with pytest.raises(GlpError, match="names layer 1"):
+        Plan(2, removed=(1,), ranks={"1.key": 3})
+    with pytest.raises(GlpError, match="shared factor"):
+        Plan(2, ranks={"0.query": 3, "1.query": 4}, shared=("query",))
+    with pytest.raises(GlpError, match="both factorised and coded"):
+        Plan(2, ranks={"0.query": 3}, coded={"query": {"latent": 2}})
+    with pytest.raises(GlpError, match="choose a role"):
+        Plan(2, coded={"pooler": {"latent": 2}})
+    plan = Plan(2, ranks={"embeddings": 4, "0.ffn_in": 3}, coded={"key": {"latent": 2,
+                                                                         "hidden": [4]}})
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.kind == "ranks+coded"
+    assert Plan(2).key == Plan.from_json(Plan(2).to_json()).key
+    with pytest.raises(GlpError, match="already compressed offline"):
+        plan.offline({"1.query": 2})
+    assert set(ROLES) < set(OFFLINE_ROLES)
