@@ -33,7 +33,7 @@ from rich.progress import (
 from rich.table import Table
 
 from glp import GlpError
-from glp.names import STRATEGY_NAMES, WIDTH_METHODS
+from glp.names import OFFLINE_METHODS, STRATEGY_NAMES, WIDTH_METHODS
 from tasks import progress
 from tasks.home import RunHome, configure_environment
 
@@ -285,7 +285,7 @@ def print_compression(summary) -> None:
     """Per density: the encoder density reached, parameters, dev score over seeds, latency
     and the registered ONNX version; then where to look."""
     table = Table(title=f"{summary.method}: dev {summary.metric} (mean ± std over seeds)")
-    for column in ("model", "encoder density", "parameters", "layers", "seeds",
+    for column in ("model", "encoder density", "parameters", "stored MB", "layers", "seeds",
                    f"dev {summary.metric}", "latency ms", "registry"):
         table.add_column(column, justify="left" if column in ("model", "registry") else "right")
     groups: dict[str, list[dict]] = {}
@@ -304,14 +304,14 @@ def print_compression(summary) -> None:
         registry = f"v{version} @{inverse.get(version, '')}" if version else ""
         if version and version == summary.versions.get("best"):
             registry += " @best"
-        latency = first.get("latency_ms")
+        latency, stored = first.get("latency_ms"), first.get("stored_bytes")
         table.add_row(label, f"{first['encoder_density']:.3f}", f"{first['parameters']:,}",
-                      str(first["depth"]), str(len(rows)), score,
+                      f"{stored / 1e6:.1f}" if stored else "", str(first["depth"]), str(len(rows)), score,
                       f"{latency:.1f}" if latency else "", registry)
     console.print(table)
     print_counts(summary)
     home = Path(summary.home)
-    dirs = [r["model_dir"] for r in summary.finals if r["method"] != "unpruned"
+    dirs = [r["model_dir"] for r in summary.finals if r["method"] not in ("unpruned", "input")
             and r.get("model_dir")]
     if dirs:
         console.print(f"a model:        glp.load_pretrained(\"{dirs[0]}\")")
@@ -530,14 +530,16 @@ SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "random_seed", "exhaust
 """``prune`` options that mean nothing to a width method (compress has its own --seeds)."""
 
 
-def compress(method: str, density: list[float], **options) -> None:
-    """Cut heads, FFN neurons and blocks to a density of the encoder weights (MLPruning).
+def compress(method: str, density: list[float], ratio: list[float], modules: list[str],
+             **options) -> None:
+    """Compress a model: in width (MLPruning, to a --density) or offline (lowrank, autoencoder, to a --ratio, no fine-tuning).
 
-    Takes `glp prune`'s model, data and budget options. The teacher is the fine-tuned unpruned model; each density's model is saved with its plan (glp.load_pretrained reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
+    Takes `glp prune`'s model, data and budget options. Width methods start from the fine-tuned unpruned model (the teacher). Offline methods compress --model as it is: a fine-tuned model directory or models:/NAME@alias (a pre-trained model is fine-tuned first; --prune-layers K prunes K layers greedily first). Each model is saved with its plan (glp.load_pretrained reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
     """  # noqa: E501 - one line, so that --help wraps it to the terminal
     home, verbose = options.pop("home"), options.pop("verbose")
     options["register"] = options.pop("register_compress")
-    values = {**_params(options), "method": method, "densities": tuple(density)}
+    values = {**_params(options), "method": method, "densities": tuple(density),
+              "ratios": tuple(ratio), "modules": tuple(modules)}
     run_command("compress", values, home, verbose)
 
 
@@ -549,7 +551,8 @@ def _compress_signature() -> inspect.Signature:
                                  annotation=Annotated[annotation, typer.Option(*flags,
                                                                                help=help_text)])
     extra = [
-        option("method", str, "mlpruning", "the width method: " + ", ".join(WIDTH_METHODS)),
+        option("method", str, "mlpruning", "the method: " + ", ".join(
+            [*WIDTH_METHODS, *OFFLINE_METHODS])),
         option("density", list[float], [0.5], "fraction of encoder weights to keep (repeat "
                "for several: --density 0.5 --density 0.3)"),
         option("seeds", int, 1, "seeds per compressed model (40, 41, ...)"),
@@ -562,6 +565,20 @@ def _compress_signature() -> inspect.Signature:
         option("block_epochs", float, 1.0, "level 3: epochs of block-mask training"),
         option("mask_lr", float | None, None, "learning rate of mask scores and thresholds "
                "[default: scaled to the run's steps]"),
+        option("ratio", list[float], [10.0], "offline: compression ratio of each compressed "
+               "module type (repeat for several: --ratio 4 --ratio 10)"),
+        option("modules", list[str], ["query,key,value,output,ffn_in,ffn_out"], "offline: "
+               "module types to compress, comma-separated, from query, key, value, output, "
+               "ffn_in, ffn_out, embeddings, or all"),
+        option("fisher", bool, False, "lowrank: Fisher-weighted SVD (Fisher information of "
+               "the task loss on the selection split)"),
+        option("decoder", str, "nonlinear", "autoencoder: nonlinear (the reference; saves "
+               "storage) or linear (thin layers; also saves time)"),
+        option("ae_epochs", int, 20, "autoencoder: training epochs (the best by the "
+               "selection split is kept)"),
+        option("ae_batch_size", int, 16, "autoencoder: rows per batch"),
+        option("prune_layers", int, 0, "offline: remove this many layers by greedy layer "
+               "pruning first, then compress the pruned model"),
         option("register_compress", bool, True, "register each density's model (ONNX)",
                "--register/--no-register"),
     ]

@@ -18,10 +18,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from flows.job import Job, PruneParams, _finite, check_inputs
+from flows.offline import run_offline
 from flows.runners import run_on_task_runner
 from glp import GlpError
 from glp.mlpruning import MLPruningConfig, check_density
-from glp.names import REFERENCE, WIDTH_METHODS
+from glp.names import OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
 from glp.plan import Plan, density_of
 from glp.provenance import code_fingerprint
 from tasks.compression import CODE as COMPRESSION_CODE
@@ -36,7 +37,7 @@ from tasks.records import final_row, written
 from tasks.registry import Registration, register_all, registrations
 from tasks.tracking import FINAL, end_job_run, log_child_run, log_run_metrics, register_onnx
 
-METHODS = WIDTH_METHODS
+METHODS = {**WIDTH_METHODS, **OFFLINE_METHODS}
 
 
 class CompressParams(PruneParams):
@@ -52,6 +53,18 @@ class CompressParams(PruneParams):
     block_epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
     mask_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     seeds: int = Field(1, ge=1, description="seeds per compressed model (40, 41, ...)")
+    # offline methods (lowrank, autoencoder)
+    ratios: tuple[float, ...] = Field((10.0,), min_length=1, description=(
+        "compression ratios of the compressed module types, e.g. 4 10 20"))
+    modules: tuple[str, ...] = Field(("query", "key", "value", "output", "ffn_in", "ffn_out"),
+                                     description="module types to compress")
+    fisher: bool = Field(False, description="lowrank: Fisher-weighted SVD")
+    decoder: str = Field("nonlinear", description="autoencoder: nonlinear or linear")
+    ae_epochs: int = Field(20, ge=1)
+    ae_batch_size: int = Field(16, ge=1)
+    prune_layers: int = Field(0, ge=0, description=(
+        "offline methods: remove this many layers by greedy layer pruning first"))
+    source_model: str | None = None  # what --model named (a registry URI), when resolved
 
     def method_config(self, density: float) -> MLPruningConfig:
         return MLPruningConfig(density=density, pruning_epochs=self.pruning_epochs,
@@ -87,6 +100,8 @@ def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfi
     """The method's settings per density, or a GlpError naming the option."""
     if params.method not in METHODS:
         raise GlpError(f"--method {params.method!r}: choose one of {', '.join(METHODS)}")
+    if params.method in OFFLINE_METHODS:
+        return []
     configs = [params.method_config(d) for d in params.densities]
     labels = [density_label(d) for d in params.densities]
     for label in labels:
@@ -107,8 +122,31 @@ def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfi
     return configs
 
 
+def preflight_offline(params: CompressParams) -> str:
+    from flows.offline import check_offline, check_sizes
+
+    configs = check_offline(params)
+    uri = params.model and params.model.startswith("models:/")
+    if uri:  # checked when the flow downloads it (the registry is in the run home)
+        what = params.model
+        num_layers, data = check_inputs(params.model_copy(update={"model": None}), [])
+    else:
+        num_layers, data = check_inputs(params, [])
+        from glp.models import resolve_model
+
+        what = params.model or "the embedded default"
+        check_sizes(resolve_model(params.model), params, configs)
+    ratios = ", ".join(f"{r:g}" for r in params.ratios)
+    first = f", after greedy pruning of {params.prune_layers} layers" if params.prune_layers else ""
+    return (f"{params.method}: compress {', '.join(configs[0]['modules'])} of {what}{first} "
+            f"at ratio {ratios}, no fine-tuning, on {data.spec.name} ({len(data.train):,} "
+            f"train / {len(data.dev):,} dev rows, selection by {data.spec.metric})")
+
+
 def preflight(params: CompressParams) -> str:
     """Check every input before anything runs; a one-line description of the job."""
+    if params.method in OFFLINE_METHODS:
+        return preflight_offline(params)
     num_layers, data = check_inputs(params, [])
     from glp.models import resolve_model
 
@@ -127,6 +165,8 @@ def compress(params: CompressParams) -> CompressSummary:
 
 def _compress(params: CompressParams) -> CompressSummary:
     started = time.perf_counter()
+    if params.method in OFFLINE_METHODS:
+        return run_offline(params, started, CompressSummary)
     job = Job(params, [])
     configs = check_method(params, job.model_path)
     data = job.data

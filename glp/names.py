@@ -18,3 +18,12 @@ WIDTH_METHODS: dict[str, str] = {
                  "thresholds, adaptive regulariser, distillation",
 }
 """Width-compression methods of ``glp compress --method``, with a one-line description."""
+
+OFFLINE_METHODS: dict[str, str] = {
+    "lowrank": "truncated SVD of each matrix into two thin layers (--fisher: Fisher-weighted "
+               "SVD, Hsu et al. 2022); smaller and faster, no fine-tuning",
+    "autoencoder": "the reference autoencoder of a module type's matrices across layers "
+                   "(Banaei et al. 2023); --decoder nonlinear saves storage, linear also time",
+}
+"""Offline methods of ``glp compress --method``: they compress a fine-tuned model's weights
+with no further fine-tuning."""

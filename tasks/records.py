@@ -81,6 +81,8 @@ FINALS = pa.schema([
     ("parameters", pa.int64()),  # non-zero parameters of the whole model
     ("encoder_density", pa.float64()),  # fraction of the base encoder's weights kept
     ("target_density", pa.float64()),  # the density asked for (width methods)
+    ("target_ratio", pa.float64()),  # the compression ratio asked for (offline methods)
+    ("stored_bytes", pa.int64()),  # the weights on disk (safetensors, codes included)
     ("model_dir", pa.string()),  # the saved model: glp.load_pretrained(model_dir)
     *_COST,
     ("latency_ms", pa.float64()),
