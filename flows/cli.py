@@ -306,8 +306,8 @@ def print_compression(summary) -> None:
             registry += " @best"
         latency, stored = first.get("latency_ms"), first.get("stored_bytes")
         table.add_row(label, f"{first['encoder_density']:.3f}", f"{first['parameters']:,}",
-                      f"{stored / 1e6:.1f}" if stored else "", str(first["depth"]), str(len(rows)), score,
-                      f"{latency:.1f}" if latency else "", registry)
+                      f"{stored / 1e6:.1f}" if stored else "", str(first["depth"]),
+                      str(len(rows)), score, f"{latency:.1f}" if latency else "", registry)
     console.print(table)
     print_counts(summary)
     home = Path(summary.home)

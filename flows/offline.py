@@ -241,7 +241,7 @@ def _prune_first(params) -> str:
     from flows.prune import prune
 
     fields = set(PruneParams.model_fields)
-    values = {k: v for k, v in params.model_dump().items() if k in fields}
+    values = {k: v for k, v in params.model_dump(exclude_unset=True).items() if k in fields}
     values.update(strategies=("greedy",), remove=params.prune_layers,
                   registered_model=None, register_models=params.register_models)
     summary = prune(PruneParams(**values))

@@ -248,6 +248,16 @@ COMPRESS = ["--task", "sst2", "--train-limit", "40", "--eval-limit", "20", "--ep
     (["--block-size", "-1"], "--block-size -1: input should be greater than or equal to 0"),
     (["--pruning-epochs", "nan"], "--pruning-epochs nan: input should be a finite number"),
     (["--lr", "inf"], "--lr inf: input should be a finite number"),
+    (["--method", "lowrank", "--ratio", "1"], "--ratio 1: a compression ratio must be > 1"),
+    (["--method", "lowrank", "--ratio", "400"], "--ratio 400: a 32x32 matrix would keep rank"),
+    (["--method", "lowrank", "--ratio", "4", "--ratio", "4"], "each ratio may be given once"),
+    (["--method", "lowrank", "--modules", "query,pooler"],
+     "--modules pooler: choose from query, key, value, output, ffn_in, ffn_out, embeddings"),
+    (["--method", "lowrank", "--decoder", "linear"], "--decoder linear: an autoencoder option"),
+    (["--method", "autoencoder", "--fisher"], "--fisher is a lowrank option"),
+    (["--method", "autoencoder", "--decoder", "cubic"],
+     "--decoder 'cubic': choose one of nonlinear, linear"),
+    (["--method", "autoencoder", "--ratio", "500"], "autoencoder of a"),
 ])
 def test_compress_refuses_bad_input_up_front(args, expected, tiny_bert, tmp_path):
     home = tmp_path / "new-home"
