@@ -248,7 +248,9 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
 def print_counts(summary) -> None:
     """How many fine-tunes were computed and reused, the wall time and the job."""
     total = summary.computed + summary.reused
-    console.print(f"fine-tunes: [bold]{summary.computed}[/bold] computed, "
+    what = ("compressions" if getattr(summary, "method", None) in OFFLINE_METHODS
+            else "fine-tunes")
+    console.print(f"{what}: [bold]{summary.computed}[/bold] computed, "
                   f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
                   f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
 

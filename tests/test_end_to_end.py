@@ -131,3 +131,28 @@ def test_compress_minilm_reloads_and_runs_as_onnx_without_glp(tmp_path):
     assert served.returncode == 0, served.stderr
     actual = [float(v) for v in served.stdout.split()]
     assert actual == pytest.approx(expected, abs=1e-4)
+
+
+def test_lowrank_compresses_a_registered_pruned_minilm(runs):
+    """Greedy layer pruning, then Fisher-weighted SVD of what remains, from the registry:
+    one plan with the removed layer and the ranks, smaller and reloadable."""
+    import glp
+    from glp.plan import Plan
+
+    home, _, _ = runs
+    uri = "models:/glp-all-minilm-l6-v2-sst2-greedy@depth-5"
+    done = _glp(home, "compress", "--method", "lowrank", "--model", uri, "--fisher",
+                "--ratio", "4", "--modules", "ffn_in,ffn_out", "--task", "sst2",
+                "--train-limit", "120", "--eval-limit", "60", "--max-length", "32")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compressions: 1 computed" in done.stdout
+    rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
+    given = next(r for r in rows if r["method"] == "input")
+    row = next(r for r in rows if r["method"] == "lowrank")
+    plan = Plan.from_json(row["plan"])
+    assert len(plan.removed) == 1 and plan.depth == 5
+    assert {k.partition(".")[2] for k in plan.ranks} == {"ffn_in", "ffn_out"}
+    assert row["parameters"] < given["parameters"] and row["model"] == uri
+    assert row["stored_bytes"] < given["stored_bytes"] and row["target_ratio"] == 4.0
+    model = glp.load_pretrained(row["model_dir"])
+    assert len(glp.surgery.encoder_layers(model)) == 5
