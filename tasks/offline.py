@@ -105,6 +105,13 @@ def run_compress_offline(request: OfflineRequest) -> Compressed:
 
     model.to(resolve_device(request.device))
     base = plan_of_model(model)
+    from glp.lowrank import matrices
+
+    broken = [k for k, m in matrices(model, settings.modules).items()
+              if not m.weight.isfinite().all()]
+    if broken:  # a diverged input: nothing to compress, and never registered
+        raise GlpError(f"the input model has non-finite weights in {', '.join(broken[:4])}; "
+                       "compress a model that trained without diverging")
     dataset, _ = tokenized(request.data, "selection", request.model.base_path,
                            request.config.max_length, request.home)
     label = f"  {request.method} ratio {settings.ratio:g}"

@@ -173,3 +173,11 @@ def test_bad_offline_plans_are_refused():
     with pytest.raises(GlpError, match="already compressed offline"):
         plan.offline({"1.query": 2})
     assert set(ROLES) < set(OFFLINE_ROLES)
+
+
+def test_autoencoder_of_non_finite_weights_is_refused_as_diverged():
+    model = tiny_model("bert")
+    with torch.no_grad():
+        matrices(model, ["key"])["0.key"].weight[0, 0] = float("nan")
+    with pytest.raises(GlpError, match="diverged"):
+        train_autoencoder(model, "key", AutoencoderConfig(ratio=2, epochs=1))
