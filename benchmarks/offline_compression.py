@@ -51,7 +51,7 @@ def scores(model, data, dev, selection):
     return out
 
 
-def compress(teacher, method, roles, ratio, data, selection, fisher, epochs):
+def compress(teacher, method, roles, ratio, data, selection, fisher, epochs, eval_every):
     model = copy.deepcopy(teacher)
     base = plan_of_model(model)
     if method in ("svd", "fisher-svd"):
@@ -60,7 +60,8 @@ def compress(teacher, method, roles, ratio, data, selection, fisher, epochs):
         apply_plan(model, base.offline(ranks), factor)
         return model, {}
     decoder = method.partition("-")[2]
-    config = AutoencoderConfig(ratio=ratio, decoder=decoder, epochs=epochs)
+    config = AutoencoderConfig(ratio=ratio, decoder=decoder, epochs=epochs,
+                               eval_every=eval_every)
     ranks, shared, coded, codes, info = {}, [], {}, {}, {}
 
     def score():
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="epochs between the autoencoder's selection-split evaluations")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--home", default="/tmp/glp-offline-bench")
     parser.add_argument("--out", required=True)
@@ -109,6 +112,7 @@ def main() -> None:
     teacher = load_pretrained(args.teacher)
     out = Path(args.out)
     base = {"teacher": args.teacher, "task": data.task, "metric": data.metric,
+            "ae_epochs": args.epochs, "eval_every": args.eval_every,
             "selection_examples": data.sizes["selection"], "dev_examples": data.sizes["dev"]}
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(teacher, Path(tmp) / "t", _tokenizer(args.teacher))
@@ -132,7 +136,8 @@ def main() -> None:
                 started = time.perf_counter()
                 try:
                     model, info = compress(teacher, method, SETS[name], ratio, data,
-                                           selection, fisher, args.epochs)
+                                           selection, fisher, args.epochs,
+                                           args.eval_every)
                 except Exception as exc:  # noqa: BLE001 - a ratio too high for a set
                     print(f"skip {method} {name} {ratio:g}: {exc}", flush=True)
                     continue

@@ -59,8 +59,11 @@ class AutoencoderConfig:
     cosine_weight: float = 0.9091
     l2_weight: float = 0.0909
     seed: int = 0
+    eval_every: int = 1  # epochs between selection-split evaluations (the last is always)
 
     def __post_init__(self):
+        if self.eval_every < 1:
+            raise GlpError(f"eval_every {self.eval_every}: evaluate at least every epoch")
         if self.decoder not in DECODERS:
             raise GlpError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
         if not self.ratio > 1:
@@ -231,6 +234,11 @@ def train_autoencoder(model: nn.Module, role: str, config: AutoencoderConfig,
             raise GlpError(f"the {role} autoencoder diverged (loss {losses[-1]}) at epoch "
                            f"{epoch + 1}")
         score = None
+        due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        if evaluate is not None and not due:
+            if on_epoch is not None:
+                on_epoch(epoch + 1, config.epochs, losses[-1], None)
+            continue
         if evaluate is not None:
             _assign(model, role, keys, counts, decoded)
             score = float(evaluate())

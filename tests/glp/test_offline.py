@@ -181,3 +181,21 @@ def test_autoencoder_of_non_finite_weights_is_refused_as_diverged():
         matrices(model, ["key"])["0.key"].weight[0, 0] = float("nan")
     with pytest.raises(GlpError, match="diverged"):
         train_autoencoder(model, "key", AutoencoderConfig(ratio=2, epochs=1))
+
+
+def test_autoencoder_keeps_the_epoch_that_scores_best():
+    model = tiny_model("bert")
+    calls = []
+
+    def evaluate():
+        calls.append(len(calls))
+        return [0.5, 0.9, 0.7][len(calls) - 1]  # the second evaluation (epoch 4) wins
+
+    coded = train_autoencoder(model, "value", AutoencoderConfig(ratio=2, epochs=5,
+                                                                eval_every=2),
+                              evaluate=evaluate)
+    assert len(calls) == 3 and coded.scores == [0.5, 0.9, 0.7]  # epochs 2, 4 and the last
+    assert coded.best_epoch == 4
+    with torch.no_grad():  # the model ends with the winner's decoded weights
+        rows = torch.cat([m.weight for m in matrices(model, ["value"]).values()])
+    assert torch.allclose(rows, coded.decode())
