@@ -579,6 +579,8 @@ def _compress_signature() -> inspect.Signature:
         option("ae_epochs", int, 20, "autoencoder: training epochs (the best by the "
                "selection split is kept)"),
         option("ae_batch_size", int, 16, "autoencoder: rows per batch"),
+        option("ae_eval_every", int, 1, "autoencoder: epochs between selection-split "
+               "evaluations (the last epoch is always evaluated)"),
         option("prune_layers", int, 0, "offline: remove this many layers by greedy layer "
                "pruning first, then compress the pruned model"),
         option("register_compress", bool, True, "register each density's model (ONNX)",

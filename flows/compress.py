@@ -62,6 +62,7 @@ class CompressParams(PruneParams):
     decoder: str = Field("nonlinear", description="autoencoder: nonlinear or linear")
     ae_epochs: int = Field(20, ge=1)
     ae_batch_size: int = Field(16, ge=1)
+    ae_eval_every: int = Field(1, ge=1)
     prune_layers: int = Field(0, ge=0, description=(
         "offline methods: remove this many layers by greedy layer pruning first"))
     source_model: str | None = None  # what --model named (a registry URI), when resolved
@@ -102,6 +103,9 @@ def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfi
         raise GlpError(f"--method {params.method!r}: choose one of {', '.join(METHODS)}")
     if params.method in OFFLINE_METHODS:
         return []
+    from flows.offline import check_unused
+
+    check_unused(params, offline=False)
     configs = [params.method_config(d) for d in params.densities]
     labels = [density_label(d) for d in params.densities]
     for label in labels:

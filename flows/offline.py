@@ -59,10 +59,34 @@ def parse_modules(values) -> tuple[str, ...]:
     return tuple(r for r in OFFLINE_ROLES if r in names)
 
 
+WIDTH_ONLY = ("densities", "pruning_epochs", "final_epochs", "block_size", "block_density",
+              "block_epochs", "mask_lr")
+OFFLINE_ONLY = ("ratios", "modules", "fisher", "decoder", "ae_epochs", "ae_batch_size",
+                "ae_eval_every", "prune_layers")
+
+
+def _option(name: str) -> str:
+    return "--" + {"densities": "density", "ratios": "ratio"}.get(name, name).replace("_", "-")
+
+
+def check_unused(params, offline: bool) -> None:
+    """Refuse an option the chosen method does not use (it would be silently ignored)."""
+    fields = type(params).model_fields
+    for name in WIDTH_ONLY if offline else OFFLINE_ONLY:
+        value, default = getattr(params, name), fields[name].default
+        if name == "modules":
+            value, default = parse_modules(value), parse_modules(default)
+        if value != default:
+            kind = "a width" if offline else "an offline"
+            raise GlpError(f"{_option(name)} is {kind}-method option; --method "
+                           f"{params.method} does not use it")
+
+
 def check_offline(params) -> list[dict]:
     """The method's settings per ratio, or a GlpError naming the option."""
     from tasks.offline import OfflineConfig
 
+    check_unused(params, offline=True)
     modules = parse_modules(params.modules)
     labels = [ratio_label(r) for r in params.ratios]
     if len(set(labels)) != len(labels):
@@ -86,12 +110,13 @@ def check_offline(params) -> list[dict]:
     for ratio in params.ratios:
         config = OfflineConfig(ratio=ratio, modules=modules, fisher=params.fisher,
                                decoder=params.decoder, epochs=params.ae_epochs,
-                               batch_size=params.ae_batch_size)
+                               batch_size=params.ae_batch_size,
+                               eval_every=params.ae_eval_every)
         values = dict(config.__dict__)
         values["modules"] = list(modules)
         values.pop("extra")
         if params.method == "lowrank":
-            for name in ("decoder", "epochs", "batch_size"):
+            for name in ("decoder", "epochs", "batch_size", "eval_every"):
                 values.pop(name)
         else:
             values.pop("fisher")
@@ -107,10 +132,14 @@ def check_sizes(model_path: str, params, configs: list[dict]) -> None:
 
     from glp.autoencoder import AutoencoderConfig, latent_size
     from glp.lowrank import matrices, ranks_for_ratio
+    from glp.surgery import apply_plan
 
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
+    plan = read_plan(model_path)
+    if plan is not None and not plan.is_layers_only:  # a width-pruned input: its widths
+        apply_plan(model, plan, factor=None)
     for values in configs:
         if params.method == "lowrank":
             ranks_for_ratio(model, values["modules"], values["ratio"])
@@ -203,7 +232,7 @@ def run_offline(params, started: float, summary_type):
     fine_tune_first = not is_fine_tuned(job.model_path)
     job_id = job.identity("compress-offline", params.method, configs, fine_tune_first,
                           code_fingerprint(OFFLINE_CODE))
-    name = params.registered_model or f"glp-{job.slug}-{data.task}-{params.method}"
+    name = params.registered_model or registry_name(params, data.task)
     job.start(job_id, f"{params.method}-{job.slug}-{data.task}",
               tags={"glp.method": params.method, "glp.strategy": params.method})
     try:
@@ -232,6 +261,21 @@ def run_offline(params, started: float, summary_type):
         computed=job.counts["computed"], reused=job.counts["reused"],
         seconds=round(time.perf_counter() - started, 1), home=str(job.home.root),
         tracking_uri=job.tracking_uri)
+
+
+def registry_name(params, task: str) -> str:
+    """``glp-<model>-<task>-<method>[-fisher|-linear]``; for a registry input, the input's
+    name and alias instead of the model (``glp-…-greedy-depth-4-lowrank``)."""
+    from flows.job import model_slug
+
+    method = params.method + ("-fisher" if params.fisher else "") + (
+        "-linear" if params.method == "autoencoder" and params.decoder == "linear" else "")
+    source = params.source_model or params.model
+    if source and source.startswith("models:/"):
+        stem = model_slug(source[len("models:/"):].replace("@", "-").replace("/", "-v"))
+        return f"{stem}-{method}"
+    pruned = f"-greedy{params.prune_layers}" if params.prune_layers else ""
+    return f"glp-{model_slug(source or 'all-MiniLM-L6-v2')}-{task}{pruned}-{method}"
 
 
 def _prune_first(params) -> str:

@@ -244,6 +244,8 @@ def train_autoencoder(model: nn.Module, role: str, config: AutoencoderConfig,
             score = float(evaluate())
             scores.append(score)
         candidate = score if score is not None else -losses[-1]
+        if not math.isfinite(candidate):  # a NaN score never wins (NaN > x is False)
+            candidate = -math.inf
         if candidate > best[0] or best[1] is None:
             best = (candidate, (codes.clone(), {k: v.clone() for k, v in
                                                 decoder.state_dict().items()}))
@@ -325,8 +327,10 @@ def fold_linear(model: nn.Module, coded: Coded) -> dict[str, int]:
 
 
 def decode_into(model: nn.Module, coded_spec: Mapping[str, Mapping],
-                tensors: Mapping[str, torch.Tensor]) -> None:
-    """Decode a saved model's coded roles into its dense weights (load time)."""
+                tensors: Mapping[str, torch.Tensor]) -> dict[str, Coded]:
+    """Decode a saved model's coded roles into its dense weights (load time); returns the
+    codes per role (so that the model saves again as it was stored)."""
+    out = {}
     for role, spec in coded_spec.items():
         try:
             codes, norms = tensors[f"{role}.codes"], tensors[f"{role}.norms"]
@@ -348,6 +352,11 @@ def decode_into(model: nn.Module, coded_spec: Mapping[str, Mapping],
         with torch.no_grad():
             decoded = _rescale(decoder(codes.float()), norms.float())
         _assign(model, role, keys, counts, decoded)
+        out[role] = Coded(role=role, keys=keys, rows_per_key=counts, codes=codes.float(),
+                          norms=norms.float(), decoder=decoder.eval(),
+                          latent=int(spec["latent"]), hidden=list(spec.get("hidden", [])),
+                          epochs=0, best_epoch=0, losses=[], scores=[], seconds=0.0)
+    return out
 
 
 def coded_weight_names(model: nn.Module, roles: Sequence[str]) -> set[str]:

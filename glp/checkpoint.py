@@ -185,5 +185,6 @@ def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: boo
 
         if not (path / CODES_FILE).is_file():
             raise GlpError(f"'{directory}' has a coded plan but no {CODES_FILE}")
-        decode_into(model, plan.coded, load_file(str(path / CODES_FILE)))
+        setattr(model, CODES_ATTR, decode_into(model, plan.coded,
+                                               load_file(str(path / CODES_FILE))))
     return model.to(device).eval()

@@ -236,11 +236,14 @@ def apply_ranks(model: nn.Module, ranks: Mapping[str, int], shared: Iterable[str
         linear = role_module(model, owner, role)
         if isinstance(linear, LowRankLinear):
             raise GlpError(f"'{key}' is already factorised")
-        if rank > min(linear.in_features, linear.out_features):
+        if role not in shared and rank > min(linear.in_features, linear.out_features):
             raise GlpError(f"rank {rank} of '{key}' exceeds its {linear.out_features}x"
                            f"{linear.in_features} matrix")
         first = None
         if role in shared:
+            if factor is not None and linear.weight.device.type != "meta":
+                raise GlpError(f"'{role}' has a shared factor, which no per-matrix "
+                               "factorisation computes: load its weights (factor=None)")
             first = common.setdefault(role, nn.Linear(
                 linear.in_features, rank, bias=False, device=linear.weight.device,
                 dtype=linear.weight.dtype))

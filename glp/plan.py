@@ -191,6 +191,8 @@ class Plan:
                 raise GlpError(f"coded '{role}': sizes must be >= 1, got {spec!r}")
             if any(k == role or k.endswith(f".{role}") for k in self.ranks):
                 raise GlpError(f"'{role}' is both factorised and coded; choose one")
+            if any(k.endswith(f".{role}") for k in self.blocks):
+                raise GlpError(f"'{role}' is both block-pruned and coded; choose one")
             coded[role] = {"latent": latent, "hidden": hidden}
         object.__setattr__(self, "coded", dict(sorted(coded.items())))
 
@@ -376,7 +378,7 @@ def _counts(config, plan: Plan) -> dict[str, int]:
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(copy.deepcopy(config))
     base = encoder_params(model)
-    apply_plan(model, plan)
+    apply_plan(model, plan, factor=None)  # shapes only
     zeroed = 0
     position = {original: p for p, original in enumerate(kept_layers(model))}
     for key, mask in plan.blocks.items():

@@ -53,6 +53,7 @@ class OfflineConfig:
     decoder: str = "nonlinear"  # autoencoder
     epochs: int = 20
     batch_size: int = 16
+    eval_every: int = 1
     extra: dict = field(default_factory=dict)
 
 
@@ -75,9 +76,12 @@ class OfflineRequest(BaseModel, frozen=True):
         return OfflineConfig(**values)
 
     def key(self) -> str:
+        # The selection split scores the autoencoder's epochs (by the task's metric) and
+        # gives the Fisher information (in batches of the run's batch size).
         return stable_hash("compress-offline", code_fingerprint(CODE), self.model.key,
-                           self.data.fingerprints["selection"], self.method,
-                           self.config.max_length, self.method_config, self.seed,
+                           self.data.fingerprints["selection"], self.data.metric,
+                           self.data.is_regression, self.method, self.config.max_length,
+                           self.config.batch_size, self.method_config, self.seed,
                            self.device.partition(":")[0])
 
 
@@ -167,7 +171,7 @@ def _autoencoder(model, base, request: OfflineRequest, settings: OfflineConfig, 
 
     config = AutoencoderConfig(ratio=settings.ratio, decoder=settings.decoder,
                                epochs=settings.epochs, batch_size=settings.batch_size,
-                               seed=request.seed)
+                               eval_every=settings.eval_every, seed=request.seed)
     score = _selection_scorer(request, dataset)
     ranks, shared, coded, codes, phases = {}, [], {}, {}, []
     for role in settings.modules:

@@ -258,6 +258,10 @@ COMPRESS = ["--task", "sst2", "--train-limit", "40", "--eval-limit", "20", "--ep
     (["--method", "autoencoder", "--decoder", "cubic"],
      "--decoder 'cubic': choose one of nonlinear, linear"),
     (["--method", "autoencoder", "--ratio", "500"], "autoencoder of a"),
+    (["--method", "lowrank", "--density", "0.3"],
+     "--density is a width-method option; --method lowrank does not use it"),
+    (["--ratio", "4"], "--ratio is an offline-method option; --method mlpruning does not use"),
+    (["--modules", "query"], "--modules is an offline-method option"),
 ])
 def test_compress_refuses_bad_input_up_front(args, expected, tiny_bert, tmp_path):
     home = tmp_path / "new-home"

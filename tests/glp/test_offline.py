@@ -199,3 +199,26 @@ def test_autoencoder_keeps_the_epoch_that_scores_best():
     with torch.no_grad():  # the model ends with the winner's decoded weights
         rows = torch.cat([m.weight for m in matrices(model, ["value"]).values()])
     assert torch.allclose(rows, coded.decode())
+
+
+def test_a_loaded_coded_model_saves_again_as_stored(tmp_path):
+    model = tiny_model("bert")
+    coded = train_autoencoder(model, "key", AutoencoderConfig(ratio=2, epochs=1))
+    setattr(model, CODES_ATTR, {"key": coded})
+    model.glp_plan = Plan(4).offline(coded={"key": {"latent": coded.latent,
+                                                     "hidden": coded.hidden}})
+    save_pretrained(model, tmp_path / "a")
+    save_pretrained(load_pretrained(tmp_path / "a"), tmp_path / "b")
+    assert stored_bytes(tmp_path / "b") == stored_bytes(tmp_path / "a")
+    assert torch.allclose(logits(load_pretrained(tmp_path / "b")), logits(model), atol=1e-6)
+
+
+def test_shared_factors_are_never_computed_per_matrix():
+    model = tiny_model("bert")
+    plan = Plan(4).offline({f"{i}.query": 4 for i in range(4)}, shared=["query"])
+    with pytest.raises(GlpError, match="shared factor"):
+        apply_plan(model, plan)  # factor="svd" cannot compute a factor shared by 4 layers
+    with pytest.raises(GlpError, match="block-pruned and coded"):
+        from glp.plan import BlockMask
+
+        Plan(4, blocks={"0.key": BlockMask(16, 2, 2, "f")}, coded={"key": {"latent": 2}})
