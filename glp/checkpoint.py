@@ -30,12 +30,15 @@ def save_pretrained(model: PreTrainedModel, directory: str | os.PathLike[str],
         The directory.
     """
     from glp.models import _quiet_loading
-    from glp.surgery import plan_of_model
+    from glp.surgery import PLAN_ATTR, plan_of_model
 
     target = Path(directory)
-    plan = plan_of_model(model)
-    state = _unique_state(model)
-    if plan.coded:  # the coded matrices are stored as codes, not as weights
+    plan = getattr(model, PLAN_ATTR, None)
+    extra = {}
+    if plan is not None and plan.shared:  # a shared factor is written once
+        extra["state_dict"] = _unique_state(model)
+    if plan is not None and plan.coded:  # the coded matrices are stored as codes instead
+        state = extra.setdefault("state_dict", _unique_state(model))
         from safetensors.torch import save_file
 
         from glp.autoencoder import CODES_FILE, coded_weight_names
@@ -45,15 +48,15 @@ def save_pretrained(model: PreTrainedModel, directory: str | os.PathLike[str],
         if missing:
             raise GlpError(f"the plan codes {missing}, but the model carries no codes for them")
         skip = coded_weight_names(model, list(plan.coded))
-        state = {k: v for k, v in state.items() if k not in skip}
+        extra["state_dict"] = {k: v for k, v in state.items() if k not in skip}
         target.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for role in plan.coded:
             tensors.update({k: v.detach().cpu() for k, v in codes[role].tensors().items()})
         save_file(tensors, str(target / CODES_FILE))
     with _quiet_loading():  # no "Writing model shards" bar for one small file
-        model.save_pretrained(target, state_dict=state)  # safetensors
-    (target / PLAN_FILE).write_text(plan.to_json() + "\n")
+        model.save_pretrained(target, **extra)  # safetensors
+    (target / PLAN_FILE).write_text(plan_of_model(model).to_json() + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
     return target

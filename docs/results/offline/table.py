@@ -1,6 +1,10 @@
 """Markdown tables from benchmarks/offline_compression.py's JSON lines (one file per task).
 
     python docs/results/offline/table.py sst2.jsonl [stsb.jsonl ...]
+    python docs/results/offline/table.py --spread sst2.jsonl sst2-spread.jsonl
+
+``--spread``: the files hold several teachers (fine-tuned with different seeds) of one task;
+the table gives the mean ± standard deviation over teachers per module type and method.
 """
 
 from __future__ import annotations
@@ -54,5 +58,41 @@ def main(paths: list[str]) -> None:
         print()
 
 
+def spread(paths: list[str]) -> None:
+    import statistics
+
+    rows = [json.loads(line) for path in paths for line in open(path) if line.strip()]
+    given = [r for r in rows if r.get("method") == "input"]
+    results = [r for r in rows if r.get("method") in METHODS]
+    teachers = sorted({r["teacher"] for r in given})
+
+    def cell(values: list[float]) -> str:
+        if len(values) < 2:
+            return f"{values[0]:.4f}" if values else ""
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    inputs = [r["dev"] for r in given]
+    print(f"### {given[0]['task']}: mean ± std over {len(teachers)} teachers (input models "
+          f"{cell(inputs)})\n")
+    print("| ratio | module type | " + " | ".join(METHODS) + " | best mean |")
+    print("| ---: | --- | " + " | ".join("---:" for _ in METHODS) + " | --- |")
+    ratios = sorted({r["ratio"] for r in results if
+                     len({x["teacher"] for x in results if x["ratio"] == r["ratio"]}) > 1})
+    for ratio in ratios:
+        for name in SETS:
+            values = {m: [r["dev"] for r in results if r["ratio"] == ratio and
+                          r["set"] == name and r["method"] == m] for m in METHODS}
+            if not any(values.values()):
+                continue
+            means = {m: statistics.mean(v) for m, v in values.items() if v}
+            best = max(means, key=means.get)
+            print(f"| {ratio:g} | {name} | " + " | ".join(cell(values[m]) for m in METHODS)
+                  + f" | {best} |")
+    print()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--spread"]:
+        spread(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
