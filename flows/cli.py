@@ -583,7 +583,7 @@ def _compress_signature() -> inspect.Signature:
                "evaluations (the last epoch is always evaluated)"),
         option("prune_layers", int, 0, "offline: remove this many layers by greedy layer "
                "pruning first, then compress the pruned model"),
-        option("register_compress", bool, True, "register each density's model (ONNX)",
+        option("register_compress", bool, True, "register each density's or ratio's model (ONNX)",
                "--register/--no-register"),
     ]
     keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared]
