@@ -49,7 +49,7 @@ def main(paths: list[str]) -> None:
         base_latency = latency.get("input", {}).get("median_ms")
         print(f"| 1 | input | {given['dev']:.4f} | {given['parameters']:,} | "
               f"{given['stored_bytes'] / 1e6:.1f} | "
-              f"{base_latency:.1f} |" if base_latency else "|")
+              f"{f'{base_latency:.1f}' if base_latency else ''} |")
         for r in sorted((r for r in results if r["set"] == "all"),
                         key=lambda r: (r["ratio"], METHODS.index(r["method"]))):
             timed = latency.get(f"{r['method']}-{r['ratio']:g}", {}).get("median_ms")
