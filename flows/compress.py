@@ -35,7 +35,7 @@ from tasks.compression import (
 )
 from tasks.records import final_row, written
 from tasks.registry import Registration, register_all, registrations
-from tasks.tracking import FINAL, end_job_run, log_child_run, log_run_metrics, register_onnx
+from tasks.tracking import FINAL, end_job_run, log_child_run, register_onnx
 
 METHODS = {**WIDTH_METHODS, **OFFLINE_METHODS}
 
@@ -185,7 +185,8 @@ def _compress(params: CompressParams) -> CompressSummary:
         reference = job.finals([(REFERENCE, "", job.num_layers, ())])
         teacher = job._fine_tune_final.submit(job.request((), "train", job.seeds[0])).result()
         rows = _compressed(job, params, configs, teacher)
-        _latencies(job, reference, rows)
+        teacher_row = next(r for r in reference if r["seed"] == job.seeds[0])
+        job.time_budgets(teacher_row["_checkpoint"], reference, rows, "target_density")
         versions = _register(job, name, rows) if params.register_models else {}
         job.write_finals(reference + rows)
         seconds = round(time.perf_counter() - started, 1)
@@ -265,33 +266,6 @@ def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig]
         job.reporter.update(handle, count + 1)
     job.reporter.end(handle)
     return rows
-
-
-def _latencies(job: Job, reference: list[dict], rows: list[dict]) -> None:
-    """Latency of the teacher and of each density's first model that did not diverge,
-    measured interleaved; every row of a budget gets its model's latency (as in compare)."""
-    first = {}
-    for row in rows:
-        if not row["diverged"]:
-            first.setdefault(row["target_density"], row["_checkpoint"])
-    teacher_row = next(r for r in reference if r["seed"] == job.seeds[0])
-    checkpoints = [teacher_row["_checkpoint"], *first.values()]
-    measured = job._latency(checkpoints, job.data, "dev", job.finetune.max_length, job.home,
-                            job.device)
-    for row in reference:
-        row["latency_ms"] = measured.median_ms[teacher_row["_checkpoint"].key]
-        row["latency_batch"] = measured.batch_size
-    for row in rows:
-        checkpoint = first.get(row["target_density"])
-        if checkpoint is not None:
-            row["latency_ms"] = measured.median_ms[checkpoint.key]
-            row["latency_batch"] = measured.batch_size
-    timed = {teacher_row["_checkpoint"].key, *(c.key for c in first.values())}
-    for row in reference + rows:
-        if row["cache_key"] in timed:  # the runs of the models that were timed
-            log_run_metrics(job.tracking_uri, row["run_id"],
-                            {"latency_ms": row["latency_ms"],
-                             "latency_batch": row["latency_batch"]})
 
 
 def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:

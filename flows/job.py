@@ -63,6 +63,7 @@ from tasks.tracking import (
     FINAL,
     end_job_run,
     log_child_run,
+    log_run_metrics,
     register_model,
     register_onnx,
     start_job_run,
@@ -526,6 +527,34 @@ class Job:
                     reused=job["reused"], latency_ms=latency.get(removed),
                     latency_batch=batch))
         return rows
+
+    def time_budgets(self, source: Checkpoint, reference: list[dict], rows: list[dict],
+                     budget: str) -> None:
+        """Latency of ``source`` and of each budget's first model that did not diverge
+        (``budget`` names the row column, e.g. ``target_density``), measured interleaved:
+        the ``reference`` rows get the source's, every row of a budget its model's (as in
+        compare), and the runs of the timed models log it."""
+        first = {}
+        for row in rows:
+            if not row["diverged"]:
+                first.setdefault(row[budget], row["_checkpoint"])
+        checkpoints = [source, *first.values()]
+        measured = self._latency(checkpoints, self.data, "dev", self.finetune.max_length,
+                                 self.home, self.device)
+        for row in reference:
+            row["latency_ms"] = measured.median_ms[source.key]
+            row["latency_batch"] = measured.batch_size
+        for row in rows:
+            checkpoint = first.get(row[budget])
+            if checkpoint is not None:
+                row["latency_ms"] = measured.median_ms[checkpoint.key]
+                row["latency_batch"] = measured.batch_size
+        timed = {c.key for c in checkpoints}
+        for row in reference + rows:
+            if row["cache_key"] in timed and row.get("latency_ms") is not None:
+                log_run_metrics(self.tracking_uri, row["run_id"],
+                                {"latency_ms": row["latency_ms"],
+                                 "latency_batch": row["latency_batch"]})
 
     def write_finals(self, rows: list[dict]) -> None:
         record_rows(self.home.parquet, "finals", self.job_id, "finals",

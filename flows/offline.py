@@ -243,7 +243,8 @@ def run_offline(params, started: float, summary_type):
             source = input_checkpoint(job.model_path, job.model_fp, job.device)
             reference = [_input_row(job, source)]
         rows = _compressed(job, params, configs, source)
-        _latency(job, reference, rows, source)
+        job.time_budgets(source, [r for r in reference if r["cache_key"] == source.key],
+                         rows, "target_ratio")
         versions = _register(job, name, rows) if params.register_models else {}
         job.write_finals(reference + rows)
         seconds = round(time.perf_counter() - started, 1)
@@ -385,33 +386,6 @@ def params_modules(compressed) -> list[str]:
     plan = compressed.plan_object
     roles = {k.partition(".")[2] or k for k in plan.ranks} | set(plan.coded)
     return [r for r in OFFLINE_ROLES if r in roles or (r == EMBEDDINGS and r in plan.ranks)]
-
-
-def _latency(job: Job, reference: list[dict], rows: list[dict], source: Checkpoint) -> None:
-    from tasks.tracking import log_run_metrics
-
-    first = {}
-    for row in rows:
-        if not row["diverged"]:
-            first.setdefault(row["target_ratio"], row["_checkpoint"])
-    checkpoints = [source, *first.values()]
-    measured = job._latency(checkpoints, job.data, "dev", job.finetune.max_length, job.home,
-                            job.device)
-    for row in reference:
-        if row["cache_key"] == source.key:
-            row["latency_ms"], row["latency_batch"] = (measured.median_ms[source.key],
-                                                       measured.batch_size)
-    for row in rows:
-        checkpoint = first.get(row["target_ratio"])
-        if checkpoint is not None:
-            row["latency_ms"] = measured.median_ms[checkpoint.key]
-            row["latency_batch"] = measured.batch_size
-    timed = {c.key for c in checkpoints}
-    for row in reference + rows:
-        if row["cache_key"] in timed and row.get("latency_ms") is not None:
-            log_run_metrics(job.tracking_uri, row["run_id"],
-                            {"latency_ms": row["latency_ms"],
-                             "latency_batch": row["latency_batch"]})
 
 
 def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:
