@@ -121,6 +121,13 @@ class Plan:
         coded: per role in :data:`OFFLINE_ROLES`, a non-linear autoencoder's decoder
             (``{"latent": k, "hidden": [...]}``): the role's matrices are stored as codes
             and decoded once at load time; the architecture is unchanged.
+        qk: per original layer index, the query/key dimensions kept (intra-attention
+            pruning, GRAIN): flat indices ``head * head_size + i`` into the base model's
+            query (and key) outputs; a head's kept dimensions are those in its range, so
+            each head keeps its own number. May be empty (uniform attention).
+        vo: the same for the value/output dimensions (a value row and the matching input
+            column of the attention output). A head with no value dimension is gone.
+            A layer named here keeps at least one.
     """
 
     num_layers: int
@@ -131,6 +138,8 @@ class Plan:
     ranks: Mapping[str, int] = field(default_factory=dict)
     shared: tuple[str, ...] = ()
     coded: Mapping[str, Mapping] = field(default_factory=dict)
+    qk: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    vo: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "removed", _indices(self.removed, "removed layers"))
@@ -157,7 +166,31 @@ class Plan:
             if int(layer) >= self.num_layers or int(layer) in self.removed:
                 raise GlpError(f"block mask '{key}' names layer {layer}, which the plan does "
                                f"not keep (it keeps {list(self.kept_layers)})")
+        self._check_dims()
         self._check_offline()
+
+    def _check_dims(self) -> None:
+        for name in ("qk", "vo"):
+            value = {int(k): _indices(v, f"{name} dimensions of layer {k}")
+                     for k, v in dict(getattr(self, name)).items()}
+            for layer, kept in value.items():
+                if not 0 <= layer < self.num_layers or layer in self.removed:
+                    raise GlpError(f"{name} dimensions name layer {layer}, which the plan "
+                                   f"does not keep (it keeps {list(self.kept_layers)})")
+                if name == "vo" and not kept:
+                    raise GlpError(f"layer {layer} keeps no value/output dimension: a plan "
+                                   "keeps at least one per remaining layer")
+                if layer in self.heads:
+                    raise GlpError(f"layer {layer} has both kept heads and kept dimensions; "
+                                   "name a layer's attention one way")
+            object.__setattr__(self, name, dict(sorted(value.items())))
+        for key in (*self.blocks, *self.ranks):
+            layer, _, role = key.partition(".")
+            if role in ("query", "key", "value", "output") and int(layer) in {
+                    *self.qk, *self.vo}:
+                raise GlpError(f"'{key}': a layer cut inside its heads (qk/vo dimensions) "
+                               "cannot also have its attention matrices block-pruned or "
+                               "factorised")
 
     def _check_offline(self) -> None:
         ranks = {}
@@ -222,12 +255,12 @@ class Plan:
             out = dict(getattr(self, name))
             for layer, kept in getattr(other, name).items():
                 out[layer] = tuple(sorted(set(out[layer]) & set(kept))) if layer in out else kept
-                if not out[layer] and layer not in removed:
+                if not out[layer] and layer not in removed and name != "qk":
                     raise GlpError(f"composing plans leaves layer {layer} with no {name}: "
                                    "the two plans keep disjoint sets")
             return {k: v for k, v in out.items() if k not in removed}
 
-        narrowed = set(other.heads) | set(other.neurons)
+        narrowed = set(other.heads) | set(other.neurons) | set(other.qk) | set(other.vo)
         for key in self.blocks:
             if int(key.partition(".")[0]) in narrowed:
                 raise GlpError(f"cannot compose: block mask '{key}' fits its layer's shape, "
@@ -240,7 +273,7 @@ class Plan:
         ranks = {k: v for k, v in other.ranks.items()
                  if k == EMBEDDINGS or int(k.partition(".")[0]) not in removed}
         return Plan(self.num_layers, tuple(removed), meet("heads"), meet("neurons"), blocks,
-                    ranks, other.shared, other.coded)
+                    ranks, other.shared, other.coded, meet("qk"), meet("vo"))
 
     # --- facts ----------------------------------------------------------------------
 
@@ -255,18 +288,21 @@ class Plan:
     @property
     def is_layers_only(self) -> bool:
         """True when a plain transformers config can describe the result."""
-        return not (self.heads or self.neurons or self.blocks or self.ranks or self.coded)
+        return not (self.heads or self.neurons or self.blocks or self.ranks or self.coded
+                    or self.qk or self.vo)
 
     @property
     def kind(self) -> str:
         parts = [name for name, on in (("layers", self.removed), ("heads", self.heads),
+                                       ("dims", self.qk or self.vo),
                                        ("neurons", self.neurons), ("blocks", self.blocks),
                                        ("ranks", self.ranks), ("coded", self.coded)) if on]
         return "+".join(parts) or "none"
 
     def width_part(self) -> Plan:
         """This plan without its offline part (ranks, shared factors, codes)."""
-        return Plan(self.num_layers, self.removed, self.heads, self.neurons, self.blocks)
+        return Plan(self.num_layers, self.removed, self.heads, self.neurons, self.blocks,
+                    qk=self.qk, vo=self.vo)
 
     def offline(self, ranks: Mapping[str, int] | None = None, shared: Iterable[str] = (),
                 coded: Mapping[str, Mapping] | None = None) -> Plan:
@@ -275,7 +311,7 @@ class Plan:
             raise GlpError("this model is already compressed offline; compress the model "
                            "it came from")
         return Plan(self.num_layers, self.removed, self.heads, self.neurons, self.blocks,
-                    dict(ranks or {}), tuple(shared), dict(coded or {}))
+                    dict(ranks or {}), tuple(shared), dict(coded or {}), self.qk, self.vo)
 
     # --- serialisation ----------------------------------------------------------------
 
@@ -291,6 +327,8 @@ class Plan:
             **({"ranks": dict(self.ranks)} if self.ranks else {}),
             **({"shared": list(self.shared)} if self.shared else {}),
             **({"coded": {k: dict(v) for k, v in self.coded.items()}} if self.coded else {}),
+            **({"qk": {str(k): list(v) for k, v in self.qk.items()}} if self.qk else {}),
+            **({"vo": {str(k): list(v) for k, v in self.vo.items()}} if self.vo else {}),
         }
 
     def to_json(self) -> str:
@@ -317,6 +355,8 @@ class Plan:
                 ranks=dict(data.get("ranks", {})),
                 shared=tuple(data.get("shared", ())),
                 coded=dict(data.get("coded", {})),
+                qk={int(k): tuple(v) for k, v in data.get("qk", {}).items()},
+                vo={int(k): tuple(v) for k, v in data.get("vo", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, GlpError):

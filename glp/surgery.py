@@ -283,6 +283,8 @@ def prune_linear(linear: nn.Linear, index: Sequence[int], dim: int = 0) -> nn.Li
     The one slicing primitive every width method rests on: weights are copied (and keep
     their ``requires_grad``), the bias follows the outputs, the device and dtype stay.
     """
+    import warnings
+
     import torch
     from torch import nn
 
@@ -292,8 +294,10 @@ def prune_linear(linear: nn.Linear, index: Sequence[int], dim: int = 0) -> nn.Li
     if bias is not None:
         bias = (bias.index_select(0, keep) if dim == 0 else bias).detach().clone()
     out_features, in_features = weight.shape
-    new = nn.Linear(in_features, out_features, bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    with warnings.catch_warnings():  # a slice may be empty (a layer with no query/key dim)
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        new = nn.Linear(in_features, out_features, bias=bias is not None,
+                        device=weight.device, dtype=weight.dtype)
     new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if bias is not None:
         new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
@@ -356,20 +360,70 @@ def _slice_heads(model: nn.Module, layer: nn.Module, heads: Sequence[int]) -> No
     setattr(attention, family.head_count, len(heads))
     if hasattr(attention, "all_head_size"):
         attention.all_head_size = len(heads) * size
-    if getattr(model.config, "model_type", None) == "mpnet":
-        # MPNet adds one relative position bias, computed for every head by the encoder,
-        # to each layer's scores: each layer takes the rows of the heads it kept.
-        kept = torch.tensor(list(heads), dtype=torch.long)
+    _take_position_bias(model, attention, heads)
 
-        def take_kept_heads(module, args, kwargs):
-            if len(args) > 2 and args[2] is not None:
-                args = (*args[:2], args[2].index_select(1, kept.to(args[2].device)), *args[3:])
-            elif kwargs.get("position_bias") is not None:
-                bias = kwargs["position_bias"]
-                kwargs = {**kwargs, "position_bias": bias.index_select(1, kept.to(bias.device))}
-            return args, kwargs
 
-        attention.register_forward_pre_hook(take_kept_heads, with_kwargs=True)
+def _slice_dims(model: nn.Module, layer: nn.Module, qk: Sequence[int] | None,
+                vo: Sequence[int] | None) -> None:
+    """Keep per head its own query/key and value/output dimensions (see glp.attention)."""
+    import math
+
+    import torch
+
+    from glp.attention import GatherLinear, ScatterLinear, layout
+
+    family = _family(model)
+    attention = _get(layer, family.attention)
+    size, heads = int(attention.attention_head_size), num_heads(model)
+    every = range(heads * size)
+    qk = list(every) if qk is None else list(qk)
+    vo = list(every) if vo is None else list(vo)
+    for what, dims in (("query/key", qk), ("value/output", vo)):
+        if dims and max(dims) >= heads * size:
+            raise GlpError(f"{what} dimension {max(dims)} does not exist ({heads} heads of "
+                           f"{size})")
+    plan = layout(qk, vo, heads, size)
+    width, kept = plan["width"], plan["heads"]
+    # Families that scale by the padded size at run time get the base scale back here.
+    scale = 1.0 if hasattr(attention, "scaling") else math.sqrt(width / size)
+    value_name = family.projections[2]
+    for name in family.projections:
+        linear = getattr(attention, name, None)
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        rows, slots = plan["vo" if name == value_name else "qk"]
+        scaled = name in (family.projections[0], "pos_query_proj")
+        setattr(attention, name, ScatterLinear(prune_linear(linear, rows, dim=0), slots,
+                                               len(kept) * width, scale if scaled else 1.0))
+    rows, slots = plan["vo"]
+    _set(layer, family.output, GatherLinear(prune_linear(_get(layer, family.output), rows,
+                                                         dim=1), slots))
+    setattr(attention, family.head_count, len(kept))
+    attention.attention_head_size = width
+    if hasattr(attention, "all_head_size"):
+        attention.all_head_size = len(kept) * width
+    if len(kept) < heads:
+        _take_position_bias(model, attention, kept)
+
+
+def _take_position_bias(model: nn.Module, attention: nn.Module, heads: Sequence[int]) -> None:
+    """MPNet adds one relative position bias, computed for every head by the encoder, to
+    each layer's scores: a layer that lost heads takes the rows of those it kept."""
+    import torch
+
+    if getattr(model.config, "model_type", None) != "mpnet":
+        return
+    kept = torch.tensor(list(heads), dtype=torch.long)
+
+    def take_kept_heads(module, args, kwargs):
+        if len(args) > 2 and args[2] is not None:
+            args = (*args[:2], args[2].index_select(1, kept.to(args[2].device)), *args[3:])
+        elif kwargs.get("position_bias") is not None:
+            bias = kwargs["position_bias"]
+            kwargs = {**kwargs, "position_bias": bias.index_select(1, kept.to(bias.device))}
+        return args, kwargs
+
+    attention.register_forward_pre_hook(take_kept_heads, with_kwargs=True)
 
 
 def _slice_neurons(model: nn.Module, layer: nn.Module, neurons: Sequence[int]) -> None:
@@ -435,7 +489,7 @@ def apply_plan(model: PreTrainedModel, plan, factor="svd") -> PreTrainedModel:
     missing = set(removed_layers(model)) - set(plan.removed)
     if missing:
         raise GlpError(f"the model already lacks layers {sorted(missing)}, which the plan keeps")
-    if plan.heads or plan.neurons or plan.blocks:
+    if plan.heads or plan.neurons or plan.blocks or plan.qk or plan.vo:
         layers = encoder_layers(model)
         heads = num_heads(model)
         position = {original: p for p, original in enumerate(kept_layers(model))}
@@ -445,6 +499,10 @@ def apply_plan(model: PreTrainedModel, plan, factor="svd") -> PreTrainedModel:
                     raise GlpError(f"layer {original}: head {max(kept)} does not exist "
                                    f"({heads} heads)")
                 _slice_heads(model, layers[position[original]], kept)
+        for original in sorted(set(plan.qk) | set(plan.vo)):
+            if original in position:
+                _slice_dims(model, layers[position[original]], plan.qk.get(original),
+                            plan.vo.get(original))
         for original, kept in plan.neurons.items():
             if original in position:
                 width = role_module(model, layers[position[original]], "ffn_in").out_features

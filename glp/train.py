@@ -194,6 +194,20 @@ class Objective:
         """The loss of one batch (``outputs`` is the model's output on ``batch``)."""
         return outputs.loss
 
+    def forward_kwargs(self) -> dict:
+        """Extra keyword arguments of the model's forward (e.g. ``output_hidden_states``)."""
+        return {}
+
+    def losses(self, model: torch.nn.Module, outputs, batch: dict, step: int,
+               steps: int) -> tuple[torch.Tensor, ...]:
+        """The batch's loss in parts, back-propagated one after the other (their gradients
+        add up); :meth:`after_backward` sees the gradients after each part."""
+        return (self.loss(model, outputs, batch, step, steps),)
+
+    def after_backward(self, model: torch.nn.Module, part: int, parts: int, step: int,
+                       steps: int) -> None:
+        """Called after part ``part`` of ``parts`` is back-propagated, before the step."""
+
 
 def fine_tune(
     model: torch.nn.Module,
@@ -247,13 +261,15 @@ def fine_tune(
         indices = next(batches)
         batch = _to(_collate(columns, indices, pad_id), target)
         with _autocast(config.precision, target):
-            outputs = model(**batch)
-            loss = objective.loss(model, outputs, batch, step, steps)
-        loss_value = float(loss.detach())
+            outputs = model(**batch, **objective.forward_kwargs())
+            parts = objective.losses(model, outputs, batch, step, steps)
+        loss_value = float(sum(part.detach() for part in parts))
         if not math.isfinite(loss_value):
             diverged = True  # NaN/inf: every later step would only spread it
             break
-        scaler.scale(loss).backward()
+        for number, part in enumerate(parts):
+            scaler.scale(part).backward(retain_graph=number + 1 < len(parts))
+            objective.after_backward(model, number, len(parts), step, steps)
         scaler.unscale_(optimizer)  # clip the true gradients
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -1,0 +1,429 @@
+"""GRAIN (Yang et al., ACL 2023): gradient-based intra-attention pruning with distillation.
+
+The structures are each head's query/key dimensions, each head's value/output dimensions
+and the FFN intermediate neurons. One training run from a copy of the fine-tuned teacher
+does everything, as the reference (airaria/GRAIN, ``FineISPruner``) does:
+
+- **Importance**: a first-order Taylor estimate per structure, ``|sum(weight x grad)|``
+  over the structure's matrix (the query row and bias for a query/key dimension, the
+  attention output column for a value/output dimension, the FFN output column for a
+  neuron), smoothed by an exponential moving average (beta 0.998).
+- **Gradient separation**: the scores are gathered after the prediction (logit
+  distillation) loss alone is back-propagated; the hidden-state matching loss is
+  back-propagated afterwards and never enters them.
+- **Head-structure regulariser**: a value/output dimension's score update is multiplied
+  by ``tanh(kept fraction of its head / 0.3)``, so that dimensions of a head that is
+  mostly gone lose importance and whole heads empty out (``IS_alpha_head``); the
+  same with ``1e-4`` per layer (attention and FFN) only guards the last ones.
+- **Schedule**: the kept fraction falls from 1 to the target on a cubic curve between
+  20% and 40% of the steps, with a pruning step at every optimisation step (pruned
+  structures stay pruned); the remaining steps train the pruned (masked) model.
+  Pruning is global: one ranking across layers and structure kinds, each structure
+  weighted by the parameters it carries.
+- **Distillation**: cross-entropy against the teacher's soft labels at temperature 8 (KD
+  weight 1, hard-label weight 0), plus the mean squared error between student and
+  teacher hidden states of layers 0, 2, 4, ... through learnable linear maps that start
+  as the identity (discarded afterwards).
+- **Embeddings**: optionally factorised by truncated SVD before training (the reference
+  uses 192 dimensions); the factors train with the rest.
+
+At the end the masks become a plan (:class:`glp.plan.Plan` ``qk``/``vo``/``neurons``)
+and the model is sliced to it; :mod:`glp.attention` runs its uneven heads.
+
+Deviations: every remaining layer keeps at least one value/output dimension and one FFN
+neuron (the reference can empty a sublayer and bypass it), and the last pruning step
+reaches the target exactly (the reference stops one step before the end of the window).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from glp import GlpError
+from glp.config import FineTuneConfig
+from glp.plan import EMBEDDINGS, Plan
+from glp.surgery import (
+    PLAN_ATTR,
+    apply_plan,
+    encoder_layers,
+    head_projections,
+    head_size,
+    kept_layers,
+    num_heads,
+    removed_layers,
+    role_module,
+)
+from glp.train import Objective, StepCallback, TrainStats, fine_tune, model_device, resolve_device
+
+
+@dataclass(frozen=True)
+class GrainConfig:
+    """GRAIN's settings, defaulting to the reference's (scripts/run_glue.sh)."""
+
+    density: float = 0.05  # the fraction of encoder weights kept (end_weights_ratio)
+    epochs: float = 20.0  # the whole run: pruning window and training after it
+    start: float = 0.2  # pruning starts at this fraction of the steps
+    end: float = 0.4  # ... and reaches the density here
+    beta: float = 0.998  # EMA of the importance scores
+    head_alpha: float = 0.3  # head-structure regulariser (IS_alpha_head)
+    alpha: float = 1e-4  # the same per layer, for attention and FFN (IS_alpha)
+    temperature: float = 8.0
+    kd_weight: float = 1.0
+    hard_weight: float = 0.0
+    hidden_weight: float = 1.0  # hidden-state MSE (0: off); layers 0, 2, 4, ...
+    embedding_rank: int = 192  # SVD of the word embeddings (0: off)
+    gradient_separation: bool = True  # scores from the prediction loss only
+
+    def __post_init__(self):
+        checks = [
+            ("density", 0 < self.density <= 1, "a fraction in (0, 1], e.g. 0.2, 0.1 or 0.05"),
+            ("epochs", self.epochs > 0, "a positive number of epochs"),
+            ("start", 0 <= self.start < 1, "a fraction of the steps in [0, 1)"),
+            ("end", self.start <= self.end <= 1, f"a fraction in [start {self.start}, 1]"),
+            ("beta", 0 <= self.beta < 1, "in [0, 1), e.g. 0.998"),
+            ("head_alpha", self.head_alpha > 0, "a positive number, e.g. 0.3"),
+            ("alpha", self.alpha > 0, "a positive number, e.g. 1e-4"),
+            ("temperature", self.temperature > 0, "a positive temperature, e.g. 8"),
+            ("kd_weight", self.kd_weight >= 0, "a weight >= 0"),
+            ("hard_weight", self.hard_weight >= 0, "a weight >= 0"),
+            ("hidden_weight", self.hidden_weight >= 0, "a weight >= 0"),
+            ("embedding_rank", self.embedding_rank >= 0, "0 (off) or a rank such as 192"),
+        ]
+        for name, ok, valid in checks:
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise GlpError(f"--{OPTION_NAMES.get(name, name).replace('_', '-')} {value}: "
+                               f"choose {valid}")
+        if self.kd_weight == 0 and self.hard_weight == 0:
+            raise GlpError("--kd-weight 0 with --hard-weight 0: the prediction loss would be "
+                           "zero and give no importance scores; set one of them above 0")
+
+
+OPTION_NAMES = {"start": "grain_start", "end": "grain_end", "beta": "ema",
+                "head_alpha": "head_regulariser", "alpha": "layer_regulariser",
+                "epochs": "pruning_epochs"}
+"""The CLI option of each setting whose name differs (``--grain-start`` for ``start``)."""
+
+
+def schedule(step: int, steps: int, config: GrainConfig, target: float) -> float:
+    """The kept fraction after optimisation step ``step`` (1-based) of ``steps``: 1 until
+    ``start``, a cubic fall to ``target`` until ``end``, then ``target``."""
+    first, last = int(config.start * steps), int(config.end * steps)
+    if step <= first:
+        return 1.0
+    if step >= last:
+        return target
+    remaining = 1 - (step - first) / (last - first)
+    return target + (1 - target) * remaining**3
+
+
+def ema(previous: torch.Tensor, update: torch.Tensor, beta: float) -> torch.Tensor:
+    """The reference's moving average: ``beta * previous + (1 - beta) * update``."""
+    return previous * beta + update * (1 - beta)
+
+
+@dataclass
+class _Layer:
+    original: int
+    qk: list[nn.Linear]  # every projection whose rows are query/key dimensions
+    query: nn.Linear
+    value: nn.Linear
+    output: nn.Linear
+    ffn_out: nn.Linear
+
+
+class DimMasks:
+    """0/1 masks of every layer's query/key dimensions, value/output dimensions and FFN
+    neurons, applied by forward hooks (a masked structure computes exactly what slicing
+    it away would), with their importance scores."""
+
+    KINDS = ("ffn", "qk", "vo")
+
+    def __init__(self, model: nn.Module):
+        if removed_layers(model):
+            raise GlpError("GRAIN starts from the unpruned model; remove layers with a plan "
+                           "afterwards")
+        self.heads, self.size = num_heads(model), head_size(model)
+        device = model_device(model)
+        if device.type == "meta":
+            device = torch.device("cpu")
+        self.layers: list[_Layer] = []
+        for original, layer in zip(kept_layers(model), encoder_layers(model), strict=True):
+            value = role_module(model, layer, "value")
+            qk = [p for p in head_projections(model, layer) if p is not value]
+            self.layers.append(_Layer(original, qk, role_module(model, layer, "query"), value,
+                                      role_module(model, layer, "output"),
+                                      role_module(model, layer, "ffn_out")))
+        n, width = len(self.layers), self.heads * self.size
+        neurons = self.layers[0].ffn_out.in_features
+        self.masks = {"ffn": torch.ones(n, neurons, device=device),
+                      "qk": torch.ones(n, width, device=device),
+                      "vo": torch.ones(n, width, device=device)}
+        self.scores = {k: torch.zeros_like(v) for k, v in self.masks.items()}
+        self.updates = {k: torch.zeros_like(v) for k, v in self.masks.items()}
+        first = self.layers[0]
+        hidden = first.output.out_features
+        self.unit = {  # parameters one structure carries
+            "ffn": role_module(model, encoder_layers(model)[0], "ffn_in").in_features + 1
+            + first.ffn_out.out_features,
+            "qk": sum(p.in_features + int(p.bias is not None) for p in first.qk),
+            "vo": first.value.in_features + int(first.value.bias is not None) + hidden,
+        }
+        self.base = sum(p.numel() for p in encoder_layers(model).parameters())
+        self.variable = sum(self.unit[k] * self.masks[k].numel() for k in self.KINDS)
+        self.fixed = self.base - self.variable
+        self._hooks = []
+        for index, layer in enumerate(self.layers):
+            for projection in layer.qk:
+                self._hooks.append(projection.register_forward_hook(self._output_hook("qk", index)))
+            self._hooks.append(layer.value.register_forward_hook(self._output_hook("vo", index)))
+            self._hooks.append(layer.ffn_out.register_forward_pre_hook(self._input_hook(index)))
+
+    def _output_hook(self, kind: str, index: int):
+        def hook(module, args, output):
+            return output * self.masks[kind][index].to(output.dtype)
+        return hook
+
+    def _input_hook(self, index: int):
+        def hook(module, args):
+            return (args[0] * self.masks["ffn"][index].to(args[0].dtype), *args[1:])
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # --- importance -----------------------------------------------------------------
+
+    def gather(self) -> None:
+        """Add this batch's Taylor scores (from the gradients now on the weights)."""
+        for index, layer in enumerate(self.layers):
+            ffn, query, output = layer.ffn_out.weight, layer.query.weight, layer.output.weight
+            if any(w.grad is None for w in (ffn, query, output)):
+                continue
+            if not all(torch.isfinite(w.grad).all() for w in (ffn, query, output)):
+                return  # the reference skips a batch with NaN gradients
+            self.updates["ffn"][index] += (ffn.grad * ffn).sum(0).abs().detach()
+            qk = (query.grad * query).sum(1)
+            if layer.query.bias is not None and layer.query.bias.grad is not None:
+                qk = qk + layer.query.bias.grad * layer.query.bias
+            self.updates["qk"][index] += qk.abs().detach()
+            self.updates["vo"][index] += (output.grad * output).sum(0).abs().detach()
+
+    def update(self, beta: float, head_alpha: float, alpha: float) -> None:
+        """Fold the gathered scores into the EMA, with the structure regulariser."""
+        vo = self.masks["vo"]
+        head_kept = vo.view(len(self.layers), self.heads, self.size).mean(-1, keepdim=True)
+        per_head = torch.tanh(head_kept / head_alpha).expand(-1, -1, self.size)
+        self.updates["vo"] *= per_head.reshape(vo.shape) * torch.tanh(
+            vo.mean(-1, keepdim=True) / alpha)
+        self.updates["ffn"] *= torch.tanh(self.masks["ffn"].mean(-1, keepdim=True) / alpha)
+        for kind in self.KINDS:
+            self.scores[kind] = ema(self.scores[kind], self.updates[kind], beta)
+            self.updates[kind].zero_()
+            self.scores[kind] = torch.where(self.masks[kind] > 0, self.scores[kind],
+                                            torch.full_like(self.scores[kind], -math.inf))
+
+    # --- pruning --------------------------------------------------------------------
+
+    def prunable_target(self, density: float) -> float:
+        """The kept fraction of the prunable structures that gives ``density`` of all
+        encoder weights (LayerNorms and output biases stay)."""
+        return max(0.0, (density * self.base - self.fixed) / self.variable)
+
+    def prune_to(self, kept: float) -> None:
+        """Prune the least important structures (globally, by parameters) until at most
+        ``kept`` of the prunable weights remain; never un-prune; every layer keeps its
+        best value/output dimension and FFN neuron."""
+        scores = {k: v.clone() for k, v in self.scores.items()}
+        for kind in ("ffn", "vo"):  # the floors
+            best = scores[kind].argmax(-1, keepdim=True)
+            scores[kind].scatter_(-1, best, math.inf)
+        flat = torch.cat([scores[k].reshape(-1) for k in self.KINDS])
+        sizes = torch.cat([torch.full((self.masks[k].numel(),), self.unit[k] / self.variable,
+                                      device=flat.device) for k in self.KINDS])
+        order = torch.argsort(flat, stable=True)
+        mass = torch.cumsum(sizes[order], 0)
+        zeros = int(torch.searchsorted(mass, torch.tensor(1 - kept - 1e-9,
+                                                          device=mass.device)).item()) + 1
+        zeros = min(max(0, zeros if kept < 1 else 0), int((flat < math.inf).sum()))
+        cut = torch.zeros_like(flat, dtype=torch.bool)
+        cut[order[:zeros]] = True
+        start = 0
+        for kind in self.KINDS:
+            count = self.masks[kind].numel()
+            self.masks[kind][cut[start: start + count].view_as(self.masks[kind])] = 0
+            start += count
+        # A head without value dimensions is gone: its query/key dimensions too.
+        vo_heads = self.masks["vo"].view(len(self.layers), self.heads, self.size).amax(-1)
+        qk = self.masks["qk"].view(len(self.layers), self.heads, self.size)
+        qk.mul_(vo_heads.unsqueeze(-1))
+        for kind in self.KINDS:
+            self.scores[kind] = torch.where(self.masks[kind] > 0, self.scores[kind],
+                                            torch.full_like(self.scores[kind], -math.inf))
+
+    def density(self) -> float:
+        """The fraction of encoder weights the masks keep."""
+        kept = sum(self.unit[k] * float(self.masks[k].sum()) for k in self.KINDS)
+        return (self.fixed + kept) / self.base
+
+    def plan(self, num_layers: int) -> Plan:
+        """The masks as a plan (structures a layer keeps in full are left out)."""
+        def kept(kind: str) -> dict[int, tuple[int, ...]]:
+            out = {}
+            for index, layer in enumerate(self.layers):
+                row = self.masks[kind][index]
+                if row.min() < 1:
+                    out[layer.original] = tuple(torch.nonzero(row).view(-1).tolist())
+            return out
+
+        return Plan(num_layers=num_layers, neurons=kept("ffn"), qk=kept("qk"), vo=kept("vo"))
+
+
+def matching_layers(num_layers: int) -> list[int]:
+    """The hidden states matched: 0 (embeddings), 2, 4, ..., and the last layer."""
+    layers = list(range(0, num_layers + 1, 2))
+    return layers if layers[-1] == num_layers else [*layers, num_layers]
+
+
+class GrainObjective(Objective):
+    """Distillation from the teacher (soft cross-entropy at T, optional hard labels) as the
+    prediction loss, the hidden-state MSE as a second part, and the pruner's steps."""
+
+    def __init__(self, teacher: nn.Module, model: nn.Module, masks: DimMasks,
+                 config: GrainConfig, finetune: FineTuneConfig):
+        self.teacher, self.masks, self.config = teacher, masks, config
+        self.target = masks.prunable_target(config.density)
+        hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else \
+            model.config.dim
+        self.layers = matching_layers(len(encoder_layers(model)))
+        self.maps = nn.ModuleList()
+        if config.hidden_weight:
+            for _ in self.layers:
+                linear = nn.Linear(hidden, hidden, device=model_device(model))
+                nn.init.eye_(linear.weight)
+                nn.init.zeros_(linear.bias)
+                self.maps.append(linear)
+        self.lr = finetune.learning_rate
+        self._teacher_hidden = None
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.maps.parameters()), "lr": self.lr}] if len(self.maps) else []
+
+    def forward_kwargs(self) -> dict:
+        return {"output_hidden_states": True} if len(self.maps) else {}
+
+    def prediction_loss(self, outputs, teacher_logits, batch) -> torch.Tensor:
+        c = self.config
+        logits = outputs.logits
+        if logits.shape[-1] == 1:  # regression: match the teacher's scores
+            kd = functional.mse_loss(logits, teacher_logits)
+        else:
+            soft = functional.softmax(teacher_logits / c.temperature, dim=-1)
+            kd = -(soft * functional.log_softmax(logits / c.temperature, dim=-1)).sum(-1).mean()
+        loss = c.kd_weight * kd
+        if c.hard_weight:
+            loss = loss + c.hard_weight * outputs.loss
+        return loss
+
+    def hidden_loss(self, outputs, teacher_hidden, batch) -> torch.Tensor:
+        mask = batch.get("attention_mask")
+        total = 0.0
+        for linear, index in zip(self.maps, self.layers, strict=True):
+            student = linear(outputs.hidden_states[index])
+            error = functional.mse_loss(student, teacher_hidden[index], reduction="none")
+            if mask is None:
+                total = total + error.mean()
+            else:
+                weight = mask.to(error.dtype).unsqueeze(-1)
+                total = total + (error * weight).sum() / (weight.sum() * error.shape[-1])
+        return self.config.hidden_weight * total
+
+    def losses(self, model, outputs, batch, step, steps):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            teacher = self.teacher(**inputs, **self.forward_kwargs())
+        prediction = self.prediction_loss(outputs, teacher.logits, batch)
+        if not len(self.maps):
+            return (prediction,)
+        hidden = self.hidden_loss(outputs, teacher.hidden_states, batch)
+        if self.config.gradient_separation:
+            return (prediction, hidden)
+        return (prediction + hidden,)
+
+    def after_backward(self, model, part, parts, step, steps):
+        if part == 0:
+            self.masks.gather()  # the prediction loss's gradients only (when separated)
+        if part == parts - 1:
+            self.masks.update(self.config.beta, self.config.head_alpha, self.config.alpha)
+            first, last = int(self.config.start * steps), int(self.config.end * steps)
+            if first < step + 1 <= max(last, first + 1):
+                self.masks.prune_to(schedule(step + 1, steps, self.config, self.target))
+
+
+@dataclass
+class GrainResult:
+    """What a run produced: the plan and the training statistics."""
+
+    plan: Plan
+    stats: dict[str, TrainStats] = field(default_factory=dict)
+    density_reached: float = 1.0
+
+
+def embedding_rank(model: nn.Module, rank: int) -> int:
+    """The word-embedding rank to use: ``rank`` when it saves parameters, else 0."""
+    if not rank:
+        return 0
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    return rank if rank * (vocab + hidden) < vocab * hidden else 0
+
+
+def check_density(model: nn.Module, density: float) -> None:
+    """Refuse a density below what one value dimension and one neuron per layer keep."""
+    masks = DimMasks(model)
+    masks.remove()
+    smallest = (masks.fixed + len(masks.layers) * (masks.unit["vo"] + masks.unit["ffn"])) \
+        / masks.base
+    if smallest > density:
+        raise GlpError(f"--density {density}: this model keeps at least {smallest:.4f} of "
+                       "its encoder weights with one value dimension and one FFN neuron per "
+                       f"layer; choose a density in [{math.ceil(smallest * 1000) / 1000:.3f}, 1]")
+
+
+def prune(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
+          config: GrainConfig, *, seed: int, device: str = "cpu",
+          on_step: StepCallback | None = None) -> GrainResult:
+    """GRAIN of ``model`` (a copy of the fine-tuned teacher), in place: factorised
+    embeddings (optionally), one run of distillation training that prunes on the cubic
+    schedule, then slicing to the plan. A diverged run is not sliced."""
+    check_density(model, config.density)
+    teacher.eval().to(resolve_device(device))
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    model.to(resolve_device(device))
+    num_layers = len(kept_layers(model))
+    rank = embedding_rank(model, config.embedding_rank)
+    if rank:
+        apply_plan(model, Plan(num_layers, ranks={EMBEDDINGS: rank}))
+    masks = DimMasks(model)
+    objective = GrainObjective(teacher, model, masks, config, finetune)
+    phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.epochs})
+    try:
+        stats = fine_tune(model, dataset, phase, seed=seed, device=device,
+                          objective=objective, on_step=on_step)
+    finally:
+        masks.remove()
+    width = masks.plan(num_layers)
+    plan = width.offline(ranks={EMBEDDINGS: rank}) if rank else width
+    result = GrainResult(plan=plan, stats={"grain": stats}, density_reached=masks.density())
+    if not stats.diverged:
+        setattr(model, PLAN_ATTR, None)  # the embeddings are factorised: cut the width too
+        apply_plan(model, width)
+        setattr(model, PLAN_ATTR, plan)
+    return result

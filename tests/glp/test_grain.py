@@ -1,0 +1,247 @@
+"""GRAIN on tiny random models: uneven heads that equal the masked model, the schedule, the
+EMA, gradient separation, the head-structure regulariser, and whole runs that meet their
+budget, save, reload and export."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from glp import GlpError
+from glp.checkpoint import load_pretrained, read_plan, save_pretrained
+from glp.config import FineTuneConfig
+from glp.export import export_onnx, onnx_logits
+from glp.grain import (
+    DimMasks,
+    GrainConfig,
+    GrainObjective,
+    check_density,
+    ema,
+    matching_layers,
+    prune,
+    schedule,
+)
+from glp.plan import Plan
+from glp.surgery import apply_plan, encoder_layers
+from tests.glp.test_mlpruning import toy_dataset
+from tests.glp.test_surgery import FAMILIES, batch, n_params, tiny_model
+
+HEADS, SIZE = 4, 8  # the tiny models' attention
+
+
+def spread_weights(model, seed: int = 3) -> None:
+    """Weights large enough that attention matters (the tiny models' 0.02 init makes every
+    head nearly uniform, and an equivalence test would pass for the wrong reasons)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "LayerNorm" not in name and "layer_norm" not in name:
+                param.normal_(0, 0.3)
+
+
+def random_masks(masks: DimMasks, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for kind in masks.KINDS:
+        masks.masks[kind] = (torch.rand(masks.masks[kind].shape, generator=generator) > 0.5).float()
+    masks.masks["vo"][1, :SIZE] = 0  # layer 1 loses head 0
+    masks.masks["vo"][:, SIZE + 4] = 1  # every layer keeps a value dimension ...
+    masks.masks["ffn"][:, 0] = 1  # ... and a neuron
+    masks.masks["qk"][2, SIZE: 2 * SIZE] = 0  # head 1 of layer 2: values but no query/key
+    heads = masks.masks["vo"].view(-1, HEADS, SIZE).amax(-1, keepdim=True)
+    masks.masks["qk"].view(-1, HEADS, SIZE).mul_(heads)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch()).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uneven_heads_equal_the_masked_model_and_round_trip(family, tmp_path):
+    model = tiny_model(family, layers=3)
+    spread_weights(model)
+    full = logits(model)
+    masks = DimMasks(model)
+    random_masks(masks)
+    masked = logits(model)
+    assert (masked - full).abs().max() > 0.1  # the masks change the model
+    masks.remove()
+    plan = masks.plan(3)
+    assert plan.kind == "dims+neurons"
+    before = n_params(model)
+    apply_plan(model, plan)
+    assert torch.allclose(logits(model), masked, atol=1e-5)
+    # physically smaller, by exactly the masked structures' parameters
+    assert before - n_params(model) == round((1 - masks.density()) * masks.base)
+    assert plan.parameter_counts(model.config)["parameters"] == n_params(model)
+    save_pretrained(model, tmp_path / "m")
+    assert read_plan(tmp_path / "m") == plan
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.equal(logits(loaded), logits(model))
+    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    actual = onnx_logits(path, {k: v.numpy() for k, v in batch().items()})
+    np.testing.assert_allclose(actual, logits(loaded).numpy(), atol=1e-4)
+
+
+def test_a_head_with_values_but_no_query_key_attends_uniformly():
+    model = tiny_model("bert", layers=1)
+    spread_weights(model)
+    qk = tuple(range(SIZE))  # only head 0 keeps query/key dimensions
+    plan = Plan(1, qk={0: qk})
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # the masked model: head 1's query and key rows zeroed
+        attention = encoder_layers(reference)[0].attention.self
+        for linear in (attention.query, attention.key):
+            linear.weight[SIZE:] = 0
+            linear.bias[SIZE:] = 0
+    apply_plan(model, plan)
+    assert torch.allclose(logits(model), logits(reference), atol=1e-5)
+
+
+def test_the_cubic_schedule():
+    config = GrainConfig(density=0.1, start=0.2, end=0.4)
+    values = [schedule(step, 100, config, 0.1) for step in (0, 20, 21, 30, 39, 40, 41, 100)]
+    assert values[:2] == [1.0, 1.0]  # before the window
+    assert values[2] == pytest.approx(0.1 + 0.9 * (1 - 1 / 20) ** 3)
+    assert values[3] == pytest.approx(0.1 + 0.9 * 0.5**3)
+    assert values[4] == pytest.approx(0.1 + 0.9 * (1 / 20) ** 3)
+    assert values[5:] == [0.1, 0.1, 0.1]  # the target from the end of the window on
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_the_moving_average():
+    previous, update = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 10.0])
+    assert torch.allclose(ema(previous, update, 0.998), torch.tensor([0.998, 0.02]))
+    masks = DimMasks(tiny_model("bert", layers=2))
+    masks.updates["ffn"].fill_(5.0)
+    masks.update(beta=0.9, head_alpha=0.3, alpha=1e-4)
+    assert torch.allclose(masks.scores["ffn"], torch.full_like(masks.scores["ffn"], 0.5))
+    assert masks.updates["ffn"].abs().sum() == 0  # consumed
+
+
+def test_the_head_regulariser_damps_the_dimensions_of_emptying_heads():
+    masks = DimMasks(tiny_model("bert", layers=1))
+    masks.masks["vo"][0, : SIZE // 2] = 0  # head 0 half gone, head 1 whole
+    masks.updates["vo"].fill_(1.0)
+    masks.update(beta=0.0, head_alpha=0.3, alpha=1e-4)
+    scores = masks.scores["vo"][0]
+    assert scores[SIZE // 2].item() == pytest.approx(math.tanh(0.5 / 0.3))
+    assert scores[SIZE].item() == pytest.approx(math.tanh(1 / 0.3))
+    assert torch.isinf(scores[: SIZE // 2]).all()  # pruned stays pruned
+
+
+def test_pruning_is_global_monotone_meets_the_target_and_keeps_the_floors():
+    masks = DimMasks(tiny_model("bert", layers=3))
+    generator = torch.Generator().manual_seed(0)
+    for kind in masks.KINDS:
+        masks.scores[kind] = torch.rand(masks.scores[kind].shape, generator=generator)
+    masks.prune_to(0.5)
+    kept = {k: masks.masks[k].clone() for k in masks.KINDS}
+    variable = sum(masks.unit[k] * float(masks.masks[k].sum()) for k in masks.KINDS)
+    assert variable / masks.variable <= 0.5
+    masks.scores = {k: torch.rand(v.shape, generator=generator).where(
+        masks.masks[k] > 0, torch.tensor(-math.inf)) for k, v in masks.scores.items()}
+    masks.prune_to(0.0)  # everything it may
+    for kind in masks.KINDS:
+        assert (masks.masks[kind] <= kept[kind]).all()  # never un-pruned
+    assert (masks.masks["vo"].sum(-1) == 1).all() and (masks.masks["ffn"].sum(-1) == 1).all()
+    masks.remove()
+    check_density(tiny_model("bert", layers=3), masks.density())  # the floor is allowed
+    with pytest.raises(GlpError, match="--density 0.001: .* choose a density in"):
+        check_density(tiny_model("bert", layers=3), 0.001)
+
+
+def test_gradient_separation_keeps_the_hidden_loss_out_of_the_scores():
+    """The same batch with a hidden-state loss 1x and 1000x: the scores are the same when
+    separated, and differ when the losses are summed first (so the test can fail)."""
+    data = toy_dataset(8)
+    finetune = FineTuneConfig(batch_size=8, epochs=1, learning_rate=1e-3)
+
+    def scores(hidden_weight: float, separate: bool) -> torch.Tensor:
+        teacher = tiny_model("bert", layers=2, seed=1)
+        model = tiny_model("bert", layers=2, seed=2)
+        masks = DimMasks(model)
+        config = GrainConfig(hidden_weight=hidden_weight, gradient_separation=separate,
+                             embedding_rank=0)
+        objective = GrainObjective(teacher, model, masks, config, finetune)
+        with torch.no_grad():  # maps that make the hidden loss depend on the weights
+            for linear in objective.maps:
+                linear.weight.mul_(3.0)
+        rows = {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "labels")}
+        model.train()
+        outputs = model(**rows, **objective.forward_kwargs())
+        parts = objective.losses(model, outputs, rows, 0, 10)
+        for number, part in enumerate(parts):
+            part.backward(retain_graph=number + 1 < len(parts))
+            objective.after_backward(model, number, len(parts), 0, 10)
+        return torch.cat([masks.scores[k].view(-1) for k in masks.KINDS])
+
+    separated = scores(1.0, True)
+    assert separated.abs().sum() > 0
+    assert torch.equal(scores(1000.0, True), separated)
+    assert not torch.allclose(scores(1000.0, False), scores(1.0, False))
+
+
+def test_matching_layers():
+    assert matching_layers(12) == [0, 2, 4, 6, 8, 10, 12]
+    assert matching_layers(6) == [0, 2, 4, 6]
+    assert matching_layers(3) == [0, 2, 3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_run_meets_its_density_and_the_model_reloads(family, tmp_path):
+    teacher = tiny_model(family, layers=2)
+    model = copy.deepcopy(teacher)
+    config = GrainConfig(density=0.4, epochs=2, embedding_rank=8)
+    result = prune(model, teacher, toy_dataset(48), FineTuneConfig(batch_size=8, epochs=2,
+                                                                   learning_rate=1e-3),
+                   config, seed=0)
+    assert not result.stats["grain"].diverged
+    density = result.plan.encoder_density(teacher.config)
+    assert density <= 0.4 and density == pytest.approx(result.density_reached)
+    assert density > 0.3  # close to the target, not far below it
+    assert result.plan.ranks == {"embeddings": 8}
+    assert result.plan.parameter_counts(teacher.config)["parameters"] == n_params(model)
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.equal(logits(loaded), logits(model))
+    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    actual = onnx_logits(path, {k: v.numpy() for k, v in batch().items()})
+    np.testing.assert_allclose(actual, logits(loaded).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"density": 0}, "--density 0: choose a fraction"),
+    ({"start": 0.5, "end": 0.3}, "--grain-end 0.3: choose a fraction in \\[start 0.5, 1\\]"),
+    ({"beta": 1.0}, "--ema 1.0: choose in \\[0, 1\\)"),
+    ({"temperature": -1.0}, "--temperature -1.0"),
+    ({"head_alpha": 0.0}, "--head-regulariser 0.0"),
+    ({"kd_weight": 0.0}, "--kd-weight 0 with --hard-weight 0"),
+    ({"epochs": math.nan}, "--pruning-epochs nan"),
+])
+def test_bad_settings_are_refused(changes, fragment):
+    with pytest.raises(GlpError, match=fragment):
+        GrainConfig(**changes)
+
+
+def test_dimension_plans_validate_serialise_and_compose():
+    plan = Plan(4, removed=(3,), neurons={0: (1, 2)}, qk={0: (), 1: (0, 5)}, vo={1: (3,)})
+    assert Plan.from_json(plan.to_json()) == plan
+    assert "qk" not in Plan(4).to_dict()  # old plans hash as before
+    with pytest.raises(GlpError, match="layer 1 keeps no value/output dimension"):
+        Plan(4, vo={1: ()})
+    with pytest.raises(GlpError, match="dimensions name layer 3, which the plan does not keep"):
+        Plan(4, removed=(3,), qk={3: (1,)})
+    with pytest.raises(GlpError, match="both kept heads and kept dimensions"):
+        Plan(4, heads={0: (1,)}, vo={0: (1,)})
+    with pytest.raises(GlpError, match="cannot also have its attention matrices"):
+        Plan(4, vo={0: (1,)}).offline({"0.value": 2})
+    layers_then_dims = Plan.layers(4, [2]).compose(Plan(4, qk={1: (0, 1)}, vo={2: (4,)}))
+    assert layers_then_dims.removed == (2,) and layers_then_dims.vo == {}
+    assert layers_then_dims.qk == {1: (0, 1)}
+    with pytest.raises(GlpError, match="does not exist"):
+        apply_plan(tiny_model("bert", layers=4), Plan(4, vo={0: (99,)}))
