@@ -534,7 +534,7 @@ SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "random_seed", "exhaust
 
 def compress(method: str, density: list[float], ratio: list[float], modules: list[str],
              **options) -> None:
-    """Compress a model: in width (MLPruning, to a --density) or offline (lowrank, autoencoder, to a --ratio, no fine-tuning).
+    """Compress a model: in width (MLPruning or GRAIN, to a --density) or offline (lowrank, autoencoder, to a --ratio, no fine-tuning).
 
     Takes `glp prune`'s model, data and budget options. Width methods start from the fine-tuned unpruned model (the teacher). Offline methods compress --model as it is: a fine-tuned model directory or models:/NAME@alias (a pre-trained model is fine-tuned first; --prune-layers K prunes K layers greedily first). Each model is saved with its plan (glp.load_pretrained reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
     """  # noqa: E501 - one line, so that --help wraps it to the terminal
@@ -558,7 +558,10 @@ def _compress_signature() -> inspect.Signature:
         option("density", list[float], [0.5], "fraction of encoder weights to keep (repeat "
                "for several: --density 0.5 --density 0.3)"),
         option("seeds", int, 1, "seeds per compressed model (40, 41, ...)"),
-        option("pruning_epochs", float, 2.0, "epochs of masked training (heads, neurons)"),
+        option("pruning_epochs", float | None, None, "epochs of training while pruning "
+               "[default: mlpruning 2 (masked training), grain 20 (the whole run)]"),
+        option("temperature", float | None, None, "distillation temperature [default: "
+               "mlpruning 2, grain 8]"),
         option("final_epochs", float, 1.0, "epochs of the distillation fine-tune after "
                "slicing (0: none)"),
         option("block_size", int, 0, "level 3: block width of block-sparse pruning, e.g. 16 or "
@@ -567,6 +570,18 @@ def _compress_signature() -> inspect.Signature:
         option("block_epochs", float, 1.0, "level 3: epochs of block-mask training"),
         option("mask_lr", float | None, None, "learning rate of mask scores and thresholds "
                "[default: scaled to the run's steps]"),
+        option("grain_start", float, 0.2, "grain: pruning starts at this fraction of the "
+               "steps"),
+        option("grain_end", float, 0.4, "grain: the density is reached at this fraction of "
+               "the steps (cubic schedule); the rest trains the pruned model"),
+        option("ema", float, 0.998, "grain: moving average of the importance scores"),
+        option("head_regulariser", float, 0.3, "grain: head-structure regulariser (smaller "
+               "empties whole heads sooner)"),
+        option("kd_weight", float, 1.0, "grain: weight of the logit distillation loss"),
+        option("hard_weight", float, 0.0, "grain: weight of the hard-label loss"),
+        option("hidden_weight", float, 1.0, "grain: weight of the hidden-state MSE (0: off)"),
+        option("embedding_rank", int, 192, "grain: SVD rank of the word embeddings (0: off; "
+               "skipped where it saves nothing)"),
         option("ratio", list[float], [10.0], "offline: compression ratio of each compressed "
                "module type (repeat for several: --ratio 4 --ratio 10)"),
         option("modules", list[str], ["query,key,value,output,ffn_in,ffn_out"], "offline: "

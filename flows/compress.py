@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 from flows.job import Job, PruneParams, _finite, check_inputs
 from flows.offline import run_offline
 from flows.runners import run_on_task_runner
-from glp import GlpError
+from glp import GlpError, grain
+from glp.grain import GrainConfig
 from glp.mlpruning import MLPruningConfig, check_density
 from glp.names import OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
 from glp.plan import Plan, density_of
@@ -46,12 +47,24 @@ class CompressParams(PruneParams):
     method: str = Field("mlpruning", description=", ".join(METHODS))
     densities: tuple[float, ...] = Field((0.5,), min_length=1, description=(
         "fractions of encoder weights to keep, e.g. 0.5 0.3 0.2"))
-    pruning_epochs: float = Field(2.0, gt=0, allow_inf_nan=False)
+    pruning_epochs: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "epochs of training while pruning (None: mlpruning 2, grain 20)"))
+    temperature: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "distillation temperature (None: mlpruning 2, grain 8)"))
     final_epochs: float = Field(1.0, ge=0, allow_inf_nan=False)
     block_size: int = Field(0, ge=0, description="level 3 block width (0 = off)")
     block_density: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)
     block_epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
     mask_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # grain (the reference's settings: airaria/GRAIN scripts/run_glue.sh)
+    grain_start: float = Field(0.2, ge=0, lt=1, allow_inf_nan=False)
+    grain_end: float = Field(0.4, ge=0, le=1, allow_inf_nan=False)
+    ema: float = Field(0.998, ge=0, lt=1, allow_inf_nan=False)
+    head_regulariser: float = Field(0.3, gt=0, allow_inf_nan=False)
+    kd_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    hard_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
+    hidden_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    embedding_rank: int = Field(192, ge=0)
     seeds: int = Field(1, ge=1, description="seeds per compressed model (40, 41, ...)")
     # offline methods (lowrank, autoencoder)
     ratios: tuple[float, ...] = Field((10.0,), min_length=1, description=(
@@ -67,11 +80,21 @@ class CompressParams(PruneParams):
         "offline methods: remove this many layers by greedy layer pruning first"))
     source_model: str | None = None  # what --model named (a registry URI), when resolved
 
-    def method_config(self, density: float) -> MLPruningConfig:
-        return MLPruningConfig(density=density, pruning_epochs=self.pruning_epochs,
-                               final_epochs=self.final_epochs, block_size=self.block_size,
-                               block_density=self.block_density,
-                               block_epochs=self.block_epochs, mask_lr=self.mask_lr)
+    def method_config(self, density: float) -> MLPruningConfig | GrainConfig:
+        given = {"temperature": self.temperature} if self.temperature is not None else {}
+        if self.method == "grain":
+            if self.pruning_epochs is not None:
+                given["epochs"] = self.pruning_epochs
+            return GrainConfig(density=density, start=self.grain_start, end=self.grain_end,
+                               beta=self.ema, head_alpha=self.head_regulariser,
+                               kd_weight=self.kd_weight, hard_weight=self.hard_weight,
+                               hidden_weight=self.hidden_weight,
+                               embedding_rank=self.embedding_rank, **given)
+        if self.pruning_epochs is not None:
+            given["pruning_epochs"] = self.pruning_epochs
+        return MLPruningConfig(density=density, final_epochs=self.final_epochs,
+                               block_size=self.block_size, block_density=self.block_density,
+                               block_epochs=self.block_epochs, mask_lr=self.mask_lr, **given)
 
 
 class CompressSummary(BaseModel):
@@ -97,7 +120,8 @@ def density_label(density: float) -> str:
     return f"density-{round(density * 100):02d}"
 
 
-def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfig]:
+def check_method(params: CompressParams, model_path: str
+                 ) -> list[MLPruningConfig | GrainConfig]:
     """The method's settings per density, or a GlpError naming the option."""
     if params.method not in METHODS:
         raise GlpError(f"--method {params.method!r}: choose one of {', '.join(METHODS)}")
@@ -121,8 +145,9 @@ def check_method(params: CompressParams, model_path: str) -> list[MLPruningConfi
 
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
+    check = grain.check_density if params.method == "grain" else check_density
     for method_config in configs:
-        check_density(model, method_config.density)
+        check(model, method_config.density)
     return configs
 
 
@@ -205,7 +230,7 @@ def _compress(params: CompressParams) -> CompressSummary:
         home=str(job.home.root), tracking_uri=job.tracking_uri)
 
 
-def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig],
+def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig | GrainConfig],
                 teacher) -> list[dict]:
     """Every (density, seed): pruned, fine-tuned, evaluated, logged; one row each."""
     stored = {"result_storage": job.home.results}

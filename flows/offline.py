@@ -59,8 +59,10 @@ def parse_modules(values) -> tuple[str, ...]:
     return tuple(r for r in OFFLINE_ROLES if r in names)
 
 
-WIDTH_ONLY = ("densities", "pruning_epochs", "final_epochs", "block_size", "block_density",
-              "block_epochs", "mask_lr")
+MLPRUNING_ONLY = ("final_epochs", "block_size", "block_density", "block_epochs", "mask_lr")
+GRAIN_ONLY = ("grain_start", "grain_end", "ema", "head_regulariser", "kd_weight",
+              "hard_weight", "hidden_weight", "embedding_rank")
+WIDTH_ONLY = ("densities", "pruning_epochs", "temperature", *MLPRUNING_ONLY, *GRAIN_ONLY)
 OFFLINE_ONLY = ("ratios", "modules", "fisher", "decoder", "ae_epochs", "ae_batch_size",
                 "ae_eval_every", "prune_layers")
 
@@ -72,13 +74,19 @@ def _option(name: str) -> str:
 def check_unused(params, offline: bool) -> None:
     """Refuse an option the chosen method does not use (it would be silently ignored)."""
     fields = type(params).model_fields
-    for name in WIDTH_ONLY if offline else OFFLINE_ONLY:
+    if offline:
+        unused = {name: "a width-method" for name in WIDTH_ONLY}
+    else:
+        unused = {name: "an offline-method" for name in OFFLINE_ONLY}
+        other = GRAIN_ONLY if params.method != "grain" else MLPRUNING_ONLY
+        unused |= {name: ("a GRAIN" if params.method != "grain" else "an MLPruning")
+                   for name in other}
+    for name, kind in unused.items():
         value, default = getattr(params, name), fields[name].default
         if name == "modules":
             value, default = parse_modules(value), parse_modules(default)
         if value != default:
-            kind = "a width" if offline else "an offline"
-            raise GlpError(f"{_option(name)} is {kind}-method option; --method "
+            raise GlpError(f"{_option(name)} is {kind} option; --method "
                            f"{params.method} does not use it")
 
 

@@ -84,7 +84,8 @@ class GrainConfig:
             ("density", 0 < self.density <= 1, "a fraction in (0, 1], e.g. 0.2, 0.1 or 0.05"),
             ("epochs", self.epochs > 0, "a positive number of epochs"),
             ("start", 0 <= self.start < 1, "a fraction of the steps in [0, 1)"),
-            ("end", self.start <= self.end <= 1, f"a fraction in [start {self.start}, 1]"),
+            ("end", self.start <= self.end <= 1,
+             f"a fraction from --grain-start ({self.start:g}) to 1"),
             ("beta", 0 <= self.beta < 1, "in [0, 1), e.g. 0.998"),
             ("head_alpha", self.head_alpha > 0, "a positive number, e.g. 0.3"),
             ("alpha", self.alpha > 0, "a positive number, e.g. 1e-4"),
@@ -105,8 +106,7 @@ class GrainConfig:
 
 
 OPTION_NAMES = {"start": "grain_start", "end": "grain_end", "beta": "ema",
-                "head_alpha": "head_regulariser", "alpha": "layer_regulariser",
-                "epochs": "pruning_epochs"}
+                "head_alpha": "head_regulariser", "epochs": "pruning_epochs"}
 """The CLI option of each setting whose name differs (``--grain-start`` for ``start``)."""
 
 

@@ -16,6 +16,9 @@ STRATEGY_NAMES: tuple[str, ...] = ("greedy", "top", "bottom", "random", "exhaust
 WIDTH_METHODS: dict[str, str] = {
     "mlpruning": "MLPruning (Yao et al. 2021): heads, FFN neurons, blocks; learnable Top-k "
                  "thresholds, adaptive regulariser, distillation",
+    "grain": "GRAIN (Yang et al. 2023): query/key and value/output dimensions of each head, "
+             "FFN neurons; Taylor importance, cubic schedule, distillation with gradient "
+             "separation",
 }
 """Width-compression methods of ``glp compress --method``, with a one-line description."""
 

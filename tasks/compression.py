@@ -12,15 +12,17 @@ of this module's closure), so a re-run or a resumed run repeats no finished phas
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from glp import GlpError
+from glp import GlpError, grain
 from glp.checkpoint import load_pretrained
 from glp.config import FineTuneConfig, stable_hash
+from glp.grain import GrainConfig
 from glp.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from glp.mlpruning import MLPruningConfig, distil, train_block_masks, train_width_masks, with_blocks
 from glp.plan import Plan
@@ -59,7 +61,9 @@ class CompressRequest(BaseModel, frozen=True):
     device: str = "cpu"
 
     @property
-    def settings(self) -> MLPruningConfig:
+    def settings(self) -> MLPruningConfig | GrainConfig:
+        if self.method == "grain":
+            return GrainConfig(**self.method_config)
         return MLPruningConfig(**self.method_config)
 
     def key(self, phase: str) -> str:
@@ -67,8 +71,15 @@ class CompressRequest(BaseModel, frozen=True):
         recompute the masks phase)."""
         return stable_hash(phase, code_fingerprint(CODE), self.teacher.key,
                            self.data.fingerprints[self.split], self.method,
-                           self.config.result_dict(), self.settings.phase_settings(phase),
+                           self.config.result_dict(), self._phase_settings(phase),
                            self.seed, self.device.partition(":")[0])
+
+
+    def _phase_settings(self, phase: str) -> dict:
+        settings = self.settings
+        if isinstance(settings, GrainConfig):  # one phase: everything decides it
+            return dataclasses.asdict(settings)
+        return settings.phase_settings(phase)
 
 
 class Compressed(BaseModel, frozen=True):
@@ -136,6 +147,8 @@ def run_prune_width(request: CompressRequest) -> Compressed:
                            request.config.max_length, request.home)
     teacher = _load_teacher(request)
     model = _load_teacher(request)  # the student starts as a copy of the teacher
+    if request.method == "grain":
+        return _grain(request, key, model, teacher, dataset)
     on_step, close = progress.step_callback(
         f"  {request.method} density {settings.density}: masks, seed {request.seed}")
     try:
@@ -150,12 +163,29 @@ def run_prune_width(request: CompressRequest) -> Compressed:
                    result.shift, result.remaining_after_training, stats.diverged, result.plan)
 
 
+def _grain(request: CompressRequest, key: str, model, teacher, dataset) -> Compressed:
+    settings = request.settings
+    on_step, close = progress.step_callback(
+        f"  grain density {settings.density}: prune + distil, seed {request.seed}")
+    try:
+        result = grain.prune(model, teacher, dataset, request.config, settings,
+                             seed=request.seed, device=request.device, on_step=on_step)
+    finally:
+        close()
+    stats = result.stats["grain"]
+    path = None if stats.diverged else _save(model, request, "pruned", key)
+    return _result(request, key, model, path, [_phase_record("grain", stats)], 0.0,
+                   result.density_reached, stats.diverged, result.plan)
+
+
 def run_fine_tune_compressed(request: CompressRequest, pruned: Compressed) -> Compressed:
     faults.inject("fine-tune")
     progress.check_stop()
     settings = request.settings
     key = request.key("fine-tune-compressed")
-    nothing_to_do = not settings.final_epochs and not settings.block_size
+    # GRAIN trains the pruned model within its one run: nothing is left to do here.
+    nothing_to_do = not getattr(settings, "final_epochs", 0) and not getattr(
+        settings, "block_size", 0)
     if pruned.checkpoint.diverged or nothing_to_do:  # the pruned model is the result
         return pruned.model_copy(update={"checkpoint": pruned.checkpoint.model_copy(
             update={"key": key})})

@@ -262,6 +262,16 @@ COMPRESS = ["--task", "sst2", "--train-limit", "40", "--eval-limit", "20", "--ep
      "--density is a width-method option; --method lowrank does not use it"),
     (["--ratio", "4"], "--ratio is an offline-method option; --method mlpruning does not use"),
     (["--modules", "query"], "--modules is an offline-method option"),
+    (["--method", "grain", "--final-epochs", "2"],
+     "--final-epochs is an MLPruning option; --method grain does not use it"),
+    (["--grain-start", "0.1"], "--grain-start is a GRAIN option; --method mlpruning does not"),
+    (["--method", "grain", "--grain-start", "0.5", "--grain-end", "0.3"],
+     "--grain-end 0.3: choose a fraction from --grain-start (0.5) to 1"),
+    (["--method", "grain", "--ema", "1"], "--ema 1.0: input should be less than 1"),
+    (["--method", "grain", "--density", "0.001"],
+     "--density 0.001: this model keeps at least"),
+    (["--method", "grain", "--kd-weight", "0"], "--kd-weight 0 with --hard-weight 0"),
+    (["--method", "lowrank", "--temperature", "4"], "--temperature is a width-method option"),
 ])
 def test_compress_refuses_bad_input_up_front(args, expected, tiny_bert, tmp_path):
     home = tmp_path / "new-home"
