@@ -3,7 +3,8 @@ and 32, all models timed in one interleaved run (glp.bench.measure_latency).
 
 Reads a run home's ``parquet/finals`` and takes, from the latest job of each kind, the
 first seed's model of every budget: the unpruned teacher, each MLPruning density (with and
-without level-3 blocks), and each greedy depth. Each is timed as PyTorch eager, as an ONNX
+without level-3 blocks), each GRAIN density (with and without factorised embeddings), and
+each greedy depth. Each is timed as PyTorch eager, as an ONNX
 graph (fp32) and as int8 ONNX; a model with block masks also with its matrices in PyTorch's
 block-sparse (BSR) format. Batches are the first rows of the SST-2 dev set, padded to their
 longest row; onnxruntime's threads do not spin between runs, so that they leave the cores
@@ -37,7 +38,8 @@ def pick_models(home: Path) -> dict[str, dict]:
     rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
     latest: dict[str, str] = {}
     for row in sorted(rows, key=lambda r: r["recorded_at"]):
-        latest[f"{row['method']}|{json.loads(row['plan'] or '{}').get('blocks') != {}}"
+        plan = json.loads(row["plan"] or "{}")
+        latest[f"{row['method']}|{plan.get('blocks') != {}}|{'ranks' in plan}"
                if row["method"] != "unpruned" else "unpruned"] = row["job_id"]
     jobs = set(latest.values())
     first_seed = min(r["seed"] for r in rows)
@@ -50,10 +52,21 @@ def pick_models(home: Path) -> dict[str, dict]:
         elif row["method"] == "layers":
             label = f"greedy {row['depth']} layers"
         else:
-            blocks = bool(Plan.from_json(row["plan"]).blocks)
-            label = f"{row['method']} {row['target_density']:g}" + (" + blocks" if blocks else "")
+            label = width_label(row)
         chosen.setdefault(label, row)
     return chosen
+
+
+def width_label(row: dict) -> str:
+    """``mlpruning 0.3``, ``mlpruning 0.3 + blocks``, ``grain 0.1`` (embeddings factorised,
+    GRAIN's default) or ``grain 0.1, full embeddings``."""
+    plan = Plan.from_json(row["plan"])
+    label = f"{row['method']} {row['target_density']:g}"
+    if plan.blocks:
+        label += " + blocks"
+    if row["method"] == "grain" and not plan.ranks:
+        label += ", full embeddings"
+    return label
 
 
 def block_sparse(model: torch.nn.Module, size: int) -> torch.nn.Module:

@@ -21,6 +21,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -43,6 +44,7 @@ app = typer.Typer(
     name="glp",
     help="Greedy layer pruning for transformer encoders: smaller, faster models for one task.",
     no_args_is_help=True,
+    rich_markup_mode=None,  # help texts are plain: "[default: sst2]" is not a markup tag
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -84,7 +86,7 @@ class RichReporter:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -234,7 +236,8 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
             _fail(f"no space left on the device of {exc.filename or run_home.root}: free some "
                   f"space (glp gc --home {run_home.root} removes what no run needs) and run "
                   "the same command again")
-        err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: {exc}",
+        err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: "
+                  f"{escape(str(exc))}",
                   highlight=False)
         err.print(f"Finished fine-tunes are cached in {run_home.results}; run the same "
                   "command again to resume (--verbose shows the task logs).", highlight=False)
@@ -559,9 +562,9 @@ def _compress_signature() -> inspect.Signature:
                "for several: --density 0.5 --density 0.3)"),
         option("seeds", int, 1, "seeds per compressed model (40, 41, ...)"),
         option("pruning_epochs", float | None, None, "epochs of training while pruning "
-               "[default: mlpruning 2 (masked training), grain 20 (the whole run)]"),
-        option("temperature", float | None, None, "distillation temperature [default: "
-               "mlpruning 2, grain 8]"),
+               "(default: mlpruning 2 of masked training, grain 20 for the whole run)"),
+        option("temperature", float | None, None, "distillation temperature (default: "
+               "mlpruning 2, grain 8)"),
         option("final_epochs", float, 1.0, "epochs of the distillation fine-tune after "
                "slicing (0: none)"),
         option("block_size", int, 0, "level 3: block width of block-sparse pruning, e.g. 16 or "
@@ -569,14 +572,15 @@ def _compress_signature() -> inspect.Signature:
         option("block_density", float, 0.5, "level 3: fraction of blocks kept"),
         option("block_epochs", float, 1.0, "level 3: epochs of block-mask training"),
         option("mask_lr", float | None, None, "learning rate of mask scores and thresholds "
-               "[default: scaled to the run's steps]"),
+               "(default: scaled to the run's steps)"),
         option("grain_start", float, 0.2, "grain: pruning starts at this fraction of the "
                "steps"),
         option("grain_end", float, 0.4, "grain: the density is reached at this fraction of "
                "the steps (cubic schedule); the rest trains the pruned model"),
         option("ema", float, 0.998, "grain: moving average of the importance scores"),
-        option("head_regulariser", float, 0.3, "grain: head-structure regulariser (smaller "
-               "empties whole heads sooner)"),
+        option("head_regulariser", float, 0.3, "grain: head-structure regulariser: a "
+               "head's value/output scores are damped by tanh(kept fraction / this); larger "
+               "empties whole heads sooner"),
         option("kd_weight", float, 1.0, "grain: weight of the logit distillation loss"),
         option("hard_weight", float, 0.0, "grain: weight of the hard-label loss"),
         option("hidden_weight", float, 1.0, "grain: weight of the hidden-state MSE (0: off)"),

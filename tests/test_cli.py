@@ -111,3 +111,18 @@ def test_serve_refuses_a_public_address(tmp_path):
                                  "0.0.0.0"])
     assert result.exit_code == 2, result.output
     assert "0.0.0.0" in result.output and "Traceback" not in result.output
+
+
+def test_help_shows_the_defaults_written_in_brackets():
+    """Help texts say ``[default: sst2]``; rich markup must not swallow them as tags."""
+    prune_help = " ".join(runner.invoke(app, ["prune", "--help"], terminal_width=200)
+                          .output.split())
+    assert "[default: sst2]" in prune_help and "[default: all]" in prune_help
+    assert "[default: ./.glp]" in prune_help
+
+
+def test_an_error_naming_a_value_in_brackets_shows_it(tmp_path):
+    """Error lines are printed as text: a bad value such as ``[sst2]`` is not markup."""
+    result, output = _prune(tmp_path, "--task", "[sst2]")
+    assert result.exit_code == 2, output
+    assert "'[sst2]'" in " ".join(output.split())

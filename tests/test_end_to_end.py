@@ -79,8 +79,9 @@ def test_registered_model_loads_and_predicts(runs):
 
 
 COMPRESS = ["compress", "--task", "sst2", "--density", "0.4", "--train-limit", "120",
-            "--eval-limit", "60", "--epochs", "1", "--pruning-epochs", "1", "--final-epochs",
-            "1", "--max-length", "32", "--seeds", "1", "--lr", "1e-4"]
+            "--eval-limit", "60", "--epochs", "1", "--pruning-epochs", "1", "--max-length", "32",
+            "--seeds", "1", "--lr", "1e-4"]
+METHODS = {"mlpruning": ["--final-epochs", "1"], "grain": ["--method", "grain"]}
 
 # Runs an exported graph with onnxruntime while glp, transformers and torch cannot be
 # imported: deployment needs neither.
@@ -102,7 +103,8 @@ print(" ".join(f"{v:.6f}" for v in session.run(["logits"], feed)[0][0]))
 """
 
 
-def test_compress_minilm_reloads_and_runs_as_onnx_without_glp(tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+def test_compress_minilm_reloads_and_runs_as_onnx_without_glp(method, tmp_path):
     import torch
 
     import glp
@@ -110,11 +112,12 @@ def test_compress_minilm_reloads_and_runs_as_onnx_without_glp(tmp_path):
     from glp.plan import Plan
 
     home = tmp_path / "home"
-    done = _glp(home, *COMPRESS)
+    done = _glp(home, *COMPRESS, *METHODS[method])
     assert done.returncode == 0, done.stdout + done.stderr
     rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
-    row = next(r for r in rows if r["method"] == "mlpruning")
-    assert row["encoder_density"] <= 0.4 and Plan.from_json(row["plan"]).heads
+    row = next(r for r in rows if r["method"] == method)
+    plan = Plan.from_json(row["plan"])
+    assert row["encoder_density"] <= 0.4 and (plan.heads if method == "mlpruning" else plan.vo)
     model = glp.load_pretrained(row["model_dir"])
     tokens = load_tokenizer(row["model_dir"])(["a warm and funny film"], return_tensors="pt")
     with torch.no_grad():

@@ -24,7 +24,7 @@ start=$(date +%s)
 echo "prune: $(( $(date +%s) - start )) s" | tee -a docs/results/mlpruning/timings.txt
 PYTHONPATH=. .venv/bin/python benchmarks/compressed_latency.py "$HOME_DIR" \
   --out docs/results/mlpruning/latency.json
-.venv/bin/python docs/results/mlpruning/table.py "$HOME_DIR" docs/results/mlpruning/latency.json \
+PYTHONPATH=. .venv/bin/python docs/results/mlpruning/table.py "$HOME_DIR" docs/results/mlpruning/latency.json \
   | tee docs/results/mlpruning/table.md
 PYTHONPATH=. .venv/bin/python docs/results/mlpruning/textpruner_anchor.py "$HOME_DIR" 0.5 0.3 0.2 \
   | tee docs/results/mlpruning/textpruner.jsonl

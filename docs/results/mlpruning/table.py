@@ -1,7 +1,7 @@
-"""The MLPruning table: quality over seeds from a run home's finals, latency from the
+"""The width-compression table (MLPruning, GRAIN, greedy): quality over seeds from a run home's finals, latency from the
 benchmark's JSON (benchmarks/compressed_latency.py), as markdown.
 
-Usage: .venv/bin/python docs/results/mlpruning/table.py HOME LATENCY_JSON
+Usage: PYTHONPATH=. .venv/bin/python docs/results/mlpruning/table.py HOME LATENCY_JSON
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from glp.plan import Plan
+from benchmarks.compressed_latency import width_label
 
 
 def label_of(row: dict) -> str:
@@ -21,8 +21,7 @@ def label_of(row: dict) -> str:
         return "unpruned"
     if row["method"] == "layers":
         return f"greedy {row['depth']} layers"
-    blocks = bool(Plan.from_json(row["plan"]).blocks)
-    return f"{row['method']} {row['target_density']:g}" + (" + blocks" if blocks else "")
+    return width_label(row)
 
 
 def main(home: Path, latency_file: Path) -> None:
