@@ -28,11 +28,13 @@ def main(home: Path, latency_file: Path) -> None:
     rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
     latency = json.loads(latency_file.read_text())
     groups: dict[str, dict[str, dict]] = {}
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r["recorded_at"]):
         if row["method"] == "layers" and row["strategy"] != "greedy":
             continue
-        # Every job writes its own copy of the unpruned rows: one model is counted once.
-        groups.setdefault(label_of(row), {})[row["cache_key"]] = row
+        # Every job writes its own copy of the unpruned rows, and a code change re-trains
+        # them (the same scores, deterministic, under a new key): one row per seed, the
+        # latest.
+        groups.setdefault(label_of(row), {})[row["seed"]] = row
     models = {label: list(members.values()) for label, members in groups.items()}
     order = sorted(models, key=lambda k: (-statistics.mean(
         r["encoder_density"] for r in models[k]), k))
