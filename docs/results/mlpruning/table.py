@@ -1,5 +1,6 @@
-"""The width-compression table (MLPruning, GRAIN, greedy): quality over seeds from a run home's finals, latency from the
-benchmark's JSON (benchmarks/compressed_latency.py), as markdown.
+"""The width-compression table (MLPruning, GRAIN, greedy): quality over seeds from a run
+home's finals, latency from the benchmark's JSON (benchmarks/compressed_latency.py), as
+markdown.
 
 Usage: PYTHONPATH=. .venv/bin/python docs/results/mlpruning/table.py HOME LATENCY_JSON
 """
