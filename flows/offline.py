@@ -133,6 +133,24 @@ def check_offline(params) -> list[dict]:
     return configs
 
 
+ATTENTION_ROLES = ("query", "key", "value", "output")
+
+
+def check_input_plan(plan, modules) -> None:
+    """Refuse what offline compression cannot do to a compressed input: matrices already
+    factorised or coded, and the attention matrices of a layer cut inside its heads."""
+    if plan.ranks or plan.coded:
+        done = sorted({k.partition(".")[2] or k for k in (*plan.ranks, *plan.coded)})
+        raise GlpError(f"--model: this model already has factorised matrices "
+                       f"({', '.join(done)}); compress a model without (for GRAIN, "
+                       "--embedding-rank 0 keeps the embeddings whole)")
+    attention = [m for m in modules if m in ATTENTION_ROLES]
+    if (plan.qk or plan.vo) and attention:
+        raise GlpError(f"--modules {','.join(attention)}: this model was pruned inside its "
+                       "attention heads (GRAIN), whose matrices have per-head widths; "
+                       "compress its other matrices, e.g. --modules ffn_in,ffn_out")
+
+
 def check_sizes(model_path: str, params, configs: list[dict]) -> None:
     """Every ratio leaves every compressed matrix something (checked on the meta device)."""
     import torch
@@ -146,6 +164,8 @@ def check_sizes(model_path: str, params, configs: list[dict]) -> None:
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
     plan = read_plan(model_path)
+    if plan is not None:
+        check_input_plan(plan, configs[0]["modules"])
     if plan is not None and not plan.is_layers_only:  # a width-pruned input: its widths
         apply_plan(model, plan, factor=None)
     for values in configs:

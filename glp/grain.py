@@ -55,6 +55,7 @@ from glp.surgery import (
     head_size,
     kept_layers,
     num_heads,
+    plan_of_model,
     removed_layers,
     role_module,
 )
@@ -65,7 +66,10 @@ from glp.train import Objective, StepCallback, TrainStats, fine_tune, model_devi
 class GrainConfig:
     """GRAIN's settings, defaulting to the reference's (scripts/run_glue.sh)."""
 
-    density: float = 0.05  # the fraction of encoder weights kept (end_weights_ratio)
+    # The fraction of the encoder layers' weights kept, as MLPruning's --density (the
+    # reference's end_weights_ratio counts the prunable matrices only; glp converts, see
+    # DimMasks.prunable_target, so LayerNorms and output biases count as kept).
+    density: float = 0.05
     epochs: float = 20.0  # the whole run: pruning window and training after it
     start: float = 0.2  # pruning starts at this fraction of the steps
     end: float = 0.4  # ... and reaches the density here
@@ -145,9 +149,9 @@ class DimMasks:
     KINDS = ("ffn", "qk", "vo")
 
     def __init__(self, model: nn.Module):
-        if removed_layers(model):
-            raise GlpError("GRAIN starts from the unpruned model; remove layers with a plan "
-                           "afterwards")
+        if removed_layers(model) or not plan_of_model(model).width_part().is_layers_only:
+            raise GlpError("GRAIN starts from the unpruned model (this one is already "
+                           "pruned); remove layers with a plan afterwards")
         self.heads, self.size = num_heads(model), head_size(model)
         device = model_device(model)
         if device.type == "meta":
@@ -201,20 +205,24 @@ class DimMasks:
 
     # --- importance -----------------------------------------------------------------
 
+    @torch.no_grad()
     def gather(self) -> None:
-        """Add this batch's Taylor scores (from the gradients now on the weights)."""
-        for index, layer in enumerate(self.layers):
-            ffn, query, output = layer.ffn_out.weight, layer.query.weight, layer.output.weight
-            if any(w.grad is None for w in (ffn, query, output)):
-                continue
-            if not all(torch.isfinite(w.grad).all() for w in (ffn, query, output)):
-                return  # the reference skips a batch with NaN gradients
-            self.updates["ffn"][index] += (ffn.grad * ffn).sum(0).abs().detach()
+        """Add this batch's Taylor scores (from the gradients now on the weights). A batch
+        with a non-finite gradient anywhere adds nothing (as the reference skips it)."""
+        weights = [(layer.ffn_out.weight, layer.query.weight, layer.output.weight)
+                   for layer in self.layers]
+        if any(w.grad is None for group in weights for w in group):
+            return
+        if not all(torch.isfinite(w.grad).all() for group in weights for w in group):
+            return
+        for index, (layer, (ffn, query, output)) in enumerate(zip(self.layers, weights,
+                                                                  strict=True)):
+            self.updates["ffn"][index] += (ffn.grad * ffn).sum(0).abs()
             qk = (query.grad * query).sum(1)
             if layer.query.bias is not None and layer.query.bias.grad is not None:
                 qk = qk + layer.query.bias.grad * layer.query.bias
-            self.updates["qk"][index] += qk.abs().detach()
-            self.updates["vo"][index] += (output.grad * output).sum(0).abs().detach()
+            self.updates["qk"][index] += qk.abs()
+            self.updates["vo"][index] += (output.grad * output).sum(0).abs()
 
     def update(self, beta: float, head_alpha: float, alpha: float) -> None:
         """Fold the gathered scores into the EMA, with the structure regulariser."""
@@ -247,11 +255,12 @@ class DimMasks:
             scores[kind].scatter_(-1, best, math.inf)
         flat = torch.cat([scores[k].reshape(-1) for k in self.KINDS])
         sizes = torch.cat([torch.full((self.masks[k].numel(),), self.unit[k] / self.variable,
-                                      device=flat.device) for k in self.KINDS])
+                                      device=flat.device, dtype=torch.float64)
+                           for k in self.KINDS])
         order = torch.argsort(flat, stable=True)
         mass = torch.cumsum(sizes[order], 0)
-        zeros = int(torch.searchsorted(mass, torch.tensor(1 - kept - 1e-9,
-                                                          device=mass.device)).item()) + 1
+        zeros = int(torch.searchsorted(mass, torch.tensor(1 - kept - 1e-12, device=mass.device,
+                                                          dtype=torch.float64)).item()) + 1
         zeros = min(max(0, zeros if kept < 1 else 0), int((flat < math.inf).sum()))
         cut = torch.zeros_like(flat, dtype=torch.bool)
         cut[order[:zeros]] = True

@@ -186,8 +186,8 @@ class Plan:
             object.__setattr__(self, name, dict(sorted(value.items())))
         for key in (*self.blocks, *self.ranks):
             layer, _, role = key.partition(".")
-            if role in ("query", "key", "value", "output") and int(layer) in {
-                    *self.qk, *self.vo}:
+            if (role in ("query", "key", "value", "output") and layer.isdigit()
+                    and int(layer) in {*self.qk, *self.vo}):
                 raise GlpError(f"'{key}': a layer cut inside its heads (qk/vo dimensions) "
                                "cannot also have its attention matrices block-pruned or "
                                "factorised")

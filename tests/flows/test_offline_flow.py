@@ -116,3 +116,29 @@ def test_layer_pruning_then_low_rank_is_one_plan_and_a_registry_uri_works(lowran
     assert rows["input"]["model"] == uri and rows["lowrank"]["depth"] == 2
     with pytest.raises(GlpError, match="not found in the registry"):
         compress(_params("models:/no-such-model@best", home, register_models=False))
+
+
+@pytest.mark.parametrize("plan, modules, expected", [
+    (Plan(3, qk={0: (1, 2)}, vo={0: (3,)}), ("query", "ffn_in"),
+     "--modules query: this model was pruned inside its attention heads"),
+    (Plan(3, vo={1: (3,)}).offline({"embeddings": 8}), ("ffn_in",),
+     r"already has factorised matrices \(embeddings\)"),
+])
+def test_a_grain_model_is_refused_up_front_where_offline_cannot_apply(plan, modules, expected,
+                                                                      tmp_path):
+    """A GRAIN model's attention has per-head widths, and its embeddings may be factorised
+    already: compressing those is refused before anything runs."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from flows.offline import check_offline, check_sizes
+    from glp.surgery import apply_plan
+
+    model = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64))
+    apply_plan(model, plan)
+    glp.checkpoint.save_pretrained(model, tmp_path / "grain")
+    params = CompressParams(model=str(tmp_path / "grain"), method="lowrank", ratios=(2.0,),
+                            modules=modules, home=str(tmp_path / "home"))
+    with pytest.raises(GlpError, match=expected):
+        check_sizes(str(tmp_path / "grain"), params, check_offline(params))

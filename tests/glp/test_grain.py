@@ -240,8 +240,55 @@ def test_dimension_plans_validate_serialise_and_compose():
         Plan(4, heads={0: (1,)}, vo={0: (1,)})
     with pytest.raises(GlpError, match="cannot also have its attention matrices"):
         Plan(4, vo={0: (1,)}).offline({"0.value": 2})
+    with pytest.raises(GlpError, match="rank 'x.query': name it"):
+        Plan(4, vo={0: (1,)}, ranks={"x.query": 2})
     layers_then_dims = Plan.layers(4, [2]).compose(Plan(4, qk={1: (0, 1)}, vo={2: (4,)}))
     assert layers_then_dims.removed == (2,) and layers_then_dims.vo == {}
     assert layers_then_dims.qk == {1: (0, 1)}
     with pytest.raises(GlpError, match="does not exist"):
         apply_plan(tiny_model("bert", layers=4), Plan(4, vo={0: (99,)}))
+
+
+def test_a_batch_with_a_non_finite_gradient_adds_no_score_to_any_layer():
+    model = tiny_model("bert", layers=2)
+    masks = DimMasks(model)
+    for layer in masks.layers:  # finite gradients everywhere ...
+        for linear in (layer.ffn_out, layer.query, layer.output):
+            linear.weight.grad = torch.ones_like(linear.weight)
+        layer.query.bias.grad = torch.ones_like(layer.query.bias)
+    masks.layers[1].output.weight.grad[0, 0] = math.nan  # ... but one, in the last layer
+    masks.gather()
+    assert all(u.abs().sum() == 0 for u in masks.updates.values())
+
+
+def test_grain_refuses_a_model_already_cut_in_width():
+    model = tiny_model("bert", layers=2)
+    apply_plan(model, Plan(2, neurons={0: (0, 1)}))
+    with pytest.raises(GlpError, match="GRAIN starts from the unpruned model"):
+        DimMasks(model)
+
+
+def test_a_layer_without_query_key_dimensions_saves_reloads_and_exports(tmp_path):
+    model = tiny_model("deberta-v2", layers=2)
+    spread_weights(model)
+    apply_plan(model, Plan(2, qk={0: ()}, vo={0: (1, 9, 10)}))
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.equal(logits(loaded), logits(model))
+    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    actual = onnx_logits(path, {k: v.numpy() for k, v in batch().items()})
+    np.testing.assert_allclose(actual, logits(loaded).numpy(), atol=1e-4)
+
+
+def test_dimensions_then_low_rank_ffn_is_one_plan_that_round_trips(tmp_path):
+    from glp.lowrank import ranks_for_ratio
+
+    model = tiny_model("bert", layers=2)
+    width = Plan(2, qk={0: (0, 1, 9)}, vo={0: (1, 9)}, neurons={1: (0, 3, 4)})
+    apply_plan(model, width)
+    plan = width.offline(ranks_for_ratio(model, ("ffn_in", "ffn_out"), 2))
+    apply_plan(model, plan)
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert read_plan(tmp_path / "m") == plan
+    assert torch.equal(logits(loaded), logits(model))
