@@ -60,6 +60,16 @@ def logits(model) -> torch.Tensor:
         return model(**batch()).logits
 
 
+def assert_round_trip(model, tmp_path) -> None:
+    """Saved, reloaded with load_pretrained (the same logits) and exported to ONNX (1e-4)."""
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.equal(logits(loaded), logits(model))
+    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    actual = onnx_logits(path, {k: v.numpy() for k, v in batch().items()})
+    np.testing.assert_allclose(actual, logits(loaded).numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_uneven_heads_equal_the_masked_model_and_round_trip(family, tmp_path):
     model = tiny_model(family, layers=3)
@@ -78,13 +88,8 @@ def test_uneven_heads_equal_the_masked_model_and_round_trip(family, tmp_path):
     # physically smaller, by exactly the masked structures' parameters
     assert before - n_params(model) == round((1 - masks.density()) * masks.base)
     assert plan.parameter_counts(model.config)["parameters"] == n_params(model)
-    save_pretrained(model, tmp_path / "m")
+    assert_round_trip(model, tmp_path)
     assert read_plan(tmp_path / "m") == plan
-    loaded = load_pretrained(tmp_path / "m")
-    assert torch.equal(logits(loaded), logits(model))
-    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
-    actual = onnx_logits(path, {k: v.numpy() for k, v in batch().items()})
-    np.testing.assert_allclose(actual, logits(loaded).numpy(), atol=1e-4)
 
 
 def test_a_head_with_values_but_no_query_key_attends_uniformly():
@@ -206,12 +211,7 @@ def test_a_run_meets_its_density_and_the_model_reloads(family, tmp_path):
     assert density > 0.3  # close to the target, not far below it
     assert result.plan.ranks == {"embeddings": 8}
     assert result.plan.parameter_counts(teacher.config)["parameters"] == n_params(model)
-    save_pretrained(model, tmp_path / "m")
-    loaded = load_pretrained(tmp_path / "m")
-    assert torch.equal(logits(loaded), logits(model))
-    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
-    actual = onnx_logits(path, {k: v.numpy() for k, v in batch().items()})
-    np.testing.assert_allclose(actual, logits(loaded).numpy(), atol=1e-4)
+    assert_round_trip(model, tmp_path)
 
 
 @pytest.mark.parametrize("changes, fragment", [
@@ -272,12 +272,7 @@ def test_a_layer_without_query_key_dimensions_saves_reloads_and_exports(tmp_path
     model = tiny_model("deberta-v2", layers=2)
     spread_weights(model)
     apply_plan(model, Plan(2, qk={0: ()}, vo={0: (1, 9, 10)}))
-    save_pretrained(model, tmp_path / "m")
-    loaded = load_pretrained(tmp_path / "m")
-    assert torch.equal(logits(loaded), logits(model))
-    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
-    actual = onnx_logits(path, {k: v.numpy() for k, v in batch().items()})
-    np.testing.assert_allclose(actual, logits(loaded).numpy(), atol=1e-4)
+    assert_round_trip(model, tmp_path)
 
 
 def test_dimensions_then_low_rank_ffn_is_one_plan_that_round_trips(tmp_path):
