@@ -643,6 +643,95 @@ def export(
 
 
 @app.command()
+def bench(
+    models: Annotated[list[str], typer.Argument(help="model directories saved by glp, or "
+                                                "registered versions models:/NAME@alias")],
+    batch_size: Annotated[list[int] | None, typer.Option(
+        help="batch sizes (repeatable; default: 1 and 32)")] = None,
+    length: Annotated[list[int] | None, typer.Option(
+        help="sequence lengths (repeatable; default: 32 and 128)")] = None,
+    repeats: Annotated[int, typer.Option(help="timed runs per model and shape")] = 20,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch and "
+                                                "onnxruntime (default: the cores this "
+                                                "process may use)")] = None,
+    onnx: Annotated[bool, typer.Option(help="also time each model exported to ONNX, fp32 "
+                                       "and int8 (onnxruntime)")] = True,
+    out: Annotated[str | None, typer.Option(help="also write the rows as JSON here")] = None,
+    home: HomeOption = None,
+) -> None:
+    """CPU latency of models side by side: median and p90 per batch size and length, in
+    PyTorch and (with --onnx) onnxruntime fp32 and int8, the models interleaved."""
+    import json
+    import os
+    import tempfile
+
+    import torch
+
+    from glp.bench import bench as run_bench
+
+    batch_size, length = batch_size or [1, 32], length or [32, 128]
+    for name, values, low in (("--batch-size", batch_size, 1), ("--length", length, 1),
+                              ("--repeats", [repeats], 1), ("--threads", [threads or 1], 1)):
+        bad = [v for v in values if v < low]
+        if bad:
+            _fail(f"{name} {bad[0]}: choose a whole number >= {low}")
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            timed, vocab = _bench_models(models, threads, onnx, Path(tmp), home)
+            shapes = [(b, n) for b in batch_size for n in length]
+            rows = run_bench(timed, shapes, vocab, repeats=repeats)
+    except GlpError as exc:
+        _fail(str(exc))
+    import onnxruntime
+
+    console.print(f"threads {threads}, torch {torch.__version__}, onnxruntime "
+                  f"{onnxruntime.__version__}, {repeats} interleaved rounds, synthetic "
+                  "batches (no padding)", highlight=False, soft_wrap=True)
+    width = max(len(r["model"]) for r in rows)
+    for row in rows:
+        console.print(f"{row['model']:<{width}}  batch {row['batch_size']:>3}  length "
+                      f"{row['length']:>4}  median {row['median_ms']:8.2f} ms  p90 "
+                      f"{row['p90_ms']:8.2f} ms", highlight=False, markup=False,
+                      soft_wrap=True)
+    if out:
+        Path(out).write_text(json.dumps({"threads": threads, "torch": torch.__version__,
+                                         "onnxruntime": onnxruntime.__version__,
+                                         "rows": rows}, indent=1) + "\n")
+
+
+def _bench_models(specs: list[str], threads: int, onnx: bool, tmp: Path, home):
+    """name -> model to time (PyTorch, and ONNX fp32/int8 graphs exported to ``tmp``), and
+    the smallest vocabulary among them (every batch must fit every model)."""
+    import glp
+    from glp.export import OnnxModel, export_onnx
+
+    timed, vocab = {}, None
+    for index, spec in enumerate(specs):
+        path = spec
+        if spec.startswith("models:/"):
+            from flows.offline import download_registered
+
+            run_home = RunHome.resolve(home)
+            path = download_registered(spec, run_home.tracking_uri, run_home)
+        elif not (Path(spec) / "config.json").is_file():
+            raise GlpError(f"{spec}: not a model directory (no config.json); give a "
+                           "directory saved by glp or models:/NAME@alias")
+        name = spec if len(spec) <= 60 else "…" + spec[-59:]
+        model = glp.load_pretrained(path)
+        size = model.get_input_embeddings().num_embeddings
+        vocab = size if vocab is None else min(vocab, size)
+        timed[f"{name} | torch"] = model
+        if onnx:
+            fp32 = export_onnx(path, tmp / f"{index}.onnx")
+            int8 = export_onnx(path, tmp / f"{index}.int8.onnx", int8=True)
+            timed[f"{name} | onnx"] = OnnxModel(fp32, threads=threads, spin=False)
+            timed[f"{name} | onnx int8"] = OnnxModel(int8, threads=threads, spin=False)
+    return timed, vocab
+
+
+@app.command()
 def demo(home: HomeOption = None, verbose: Verbose = False) -> None:
     """Greedy pruning of the embedded MiniLM on SST-2, sized for a laptop CPU (~10 minutes).
 

@@ -148,3 +148,37 @@ def measure_latency(
         )
         for name in names
     }
+
+
+def synthetic_batch(batch_size: int, length: int, vocab_size: int, *, seed: int = 0
+                    ) -> dict[str, torch.Tensor]:
+    """A reproducible batch of ``batch_size`` rows of ``length`` tokens (no padding): ids
+    drawn from the vocabulary above its first 1000 (clear of special tokens where the
+    vocabulary allows), every position attended, one segment."""
+    if batch_size < 1 or length < 1:
+        raise GlpError(f"a batch needs at least 1 row of 1 token, got {batch_size}x{length}")
+    generator = torch.Generator().manual_seed(seed)
+    low = min(1000, max(0, vocab_size - 1))
+    ids = torch.randint(low, vocab_size, (batch_size, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids)}
+
+
+def bench(models: Mapping[str, Any], shapes: list[tuple[int, int]], vocab_size: int, *,
+          repeats: int = 20, warmup: int = 3) -> list[dict]:
+    """Latency of every model at every (batch size, length), the models interleaved at
+    each shape (:func:`measure_latency`).
+
+    Returns:
+        One row per model and shape: ``model``, ``batch_size``, ``length``, ``median_ms``,
+        ``p90_ms``, ``repeats``.
+    """
+    rows = []
+    for batch_size, length in shapes:
+        batch = synthetic_batch(batch_size, length, vocab_size)
+        for name, stats in measure_latency(models, batch, repeats=repeats,
+                                           warmup=warmup).items():
+            rows.append({"model": name, "batch_size": batch_size, "length": length,
+                         "median_ms": round(stats.median_ms, 3),
+                         "p90_ms": round(stats.p90_ms, 3), "repeats": stats.repeats})
+    return rows

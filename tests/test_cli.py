@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AlbertConfig, AlbertModel
 from typer.testing import CliRunner
@@ -126,3 +128,32 @@ def test_an_error_naming_a_value_in_brackets_shows_it(tmp_path):
     result, output = _prune(tmp_path, "--task", "[sst2]")
     assert result.exit_code == 2, output
     assert "'[sst2]'" in " ".join(output.split())
+
+
+def test_bench_prints_each_runtime_at_batch_1_and_32(tiny_bert, tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", str(tiny_bert), "--length", "8", "--repeats", "2",
+                                 "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("threads 1, torch ")
+    for runtime in ("torch", "onnx", "onnx int8"):
+        for batch in ("batch   1", "batch  32"):
+            assert any(f"| {runtime} " in line and batch in line and "median" in line
+                       and "p90" in line for line in lines), (runtime, batch)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 * 2 and all(r["median_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--batch-size", "0"], "--batch-size 0: choose a whole number >= 1"),
+    (["--length", "-3"], "--length -3: choose a whole number >= 1"),
+])
+def test_bench_refuses_bad_input(args, expected, tiny_bert):
+    result = runner.invoke(app, ["bench", str(tiny_bert), *args])
+    assert result.exit_code == 2 and expected in " ".join(result.output.split())
+
+
+def test_bench_refuses_what_is_not_a_model(tmp_path):
+    result = runner.invoke(app, ["bench", str(tmp_path)])
+    assert result.exit_code == 2 and "not a model directory" in result.output
