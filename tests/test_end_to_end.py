@@ -9,7 +9,7 @@ import sys
 import pyarrow.dataset as ds
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ARGS = ["prune", "--task", "SST-2", "--remove", "1", "--train-limit", "120", "--eval-limit",
         "60", "--epochs", "1", "--max-length", "32", "--seeds", "1", "--lr", "1e-4"]

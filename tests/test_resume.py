@@ -17,6 +17,8 @@ import pyarrow.dataset as ds
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 REPO = Path(__file__).resolve().parent.parent
 TOTAL = 11  # 3 + 2 candidates, then 3 depths x 2 seeds
 

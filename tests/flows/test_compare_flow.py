@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from flows.compare import CompareParams, compare, parse_strategies, strategies_of
 from glp import GlpError
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 ALL = "greedy,top,bottom,random,exhaustive,block-influence,angular"
 
 

@@ -32,6 +32,8 @@ from flows.runners import (
 )
 from glp import GlpError
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 # ---------------------------------------------------------------------- specs (no cluster)
 
 

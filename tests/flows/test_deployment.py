@@ -22,6 +22,8 @@ from flows import serve
 from glp import GlpError
 from tasks.home import RunHome
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 RUN_TIMEOUT = 240  # seconds for the flow run, from trigger to a final state
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

@@ -10,6 +10,8 @@ from mlflow.tracking import MlflowClient
 from flows.prune import PruneParams, prune
 from tasks.faults import InjectedFault, inject
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 
 def _params(model, home) -> PruneParams:
     return PruneParams(model=str(model), task="sst2", remove=2, train_limit=80, eval_limit=40,

@@ -12,6 +12,8 @@ import glp
 from flows.compress import CompressParams, compress
 from glp.plan import Plan
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 
 def _params(model, home) -> CompressParams:
     return CompressParams(model=str(model), task="sst2", train_limit=80, eval_limit=40,

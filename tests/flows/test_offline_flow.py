@@ -15,6 +15,8 @@ from glp import GlpError
 from glp.autoencoder import CODES_FILE
 from glp.plan import Plan
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 
 def _params(model, home, **overrides) -> CompressParams:
     values = dict(model=str(model), task="sst2", train_limit=80, eval_limit=40, epochs=1.0,

@@ -8,6 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from flows.prune import PruneParams, prune
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 
 def _params(model, home, **overrides) -> PruneParams:
     values = dict(model=str(model), task="sst2", remove=2, train_limit=80, eval_limit=40,

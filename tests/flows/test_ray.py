@@ -36,6 +36,8 @@ import tasks.training  # noqa: E402
 from flows.prune import prune  # noqa: E402
 from flows.runners import make_task_runner  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
 SMALL_INSTANCE = {"num_cpus": 2, "include_dashboard": False,
                   "object_store_memory": 100 * 1024 * 1024}
 
