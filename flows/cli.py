@@ -714,7 +714,8 @@ def _bench_models(specs: list[str], threads: int, onnx: bool, tmp: Path, home):
             from flows.offline import download_registered
 
             run_home = RunHome.resolve(home)
-            path = download_registered(spec, run_home.tracking_uri, run_home)
+            path = download_registered(spec, run_home.tracking_uri, run_home, option="glp bench",
+                                       use="time")
         elif not (Path(spec) / "config.json").is_file():
             raise GlpError(f"{spec}: not a model directory (no config.json); give a "
                            "directory saved by glp or models:/NAME@alias")

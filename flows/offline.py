@@ -18,6 +18,7 @@ registered as ONNX with the alias ``ratio-10`` (and ``best``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -187,14 +188,21 @@ def is_fine_tuned(model_path: str) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
 
 
-def download_registered(uri: str, tracking_uri: str, home) -> str:
-    """A registered transformers version, as a local model directory in the run home."""
+def download_registered(uri: str, tracking_uri: str, home, option: str = "--model",
+                        use: str = "compress") -> str:
+    """A registered transformers version, as a local model directory in the run home.
+
+    ``option`` and ``use`` word the errors for the command that asked (``--model``,
+    compress).
+    """
     import logging
 
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line each
+
     if "@" not in uri and uri.count("/") < 2:
-        raise GlpError(f"--model {uri}: name a version, models:/NAME@alias or "
+        raise GlpError(f"{option} {uri}: name a version, models:/NAME@alias or "
                        "models:/NAME/VERSION")
     target = home.artifacts / "registry" / stable_hash("registry", uri, tracking_uri)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -208,16 +216,16 @@ def download_registered(uri: str, tracking_uri: str, home) -> str:
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
         shutil.rmtree(tmp, ignore_errors=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GlpError(f"--model {uri}: not found in the registry at {tracking_uri} "
+        raise GlpError(f"{option} {uri}: not found in the registry at {tracking_uri} "
                        f"({first[:200]})") from None
     if (local / "onnx").is_dir() or any(local.glob("*.onnx")):
         shutil.rmtree(tmp, ignore_errors=True)
-        raise GlpError(f"--model {uri} is an ONNX version; compress its transformers twin "
+        raise GlpError(f"{option} {uri} is an ONNX version; {use} its transformers twin "
                        "(the registered name without -onnx) or a model directory")
     model_dir = local / "model"
     if not (model_dir / "config.json").is_file():
         shutil.rmtree(tmp, ignore_errors=True)
-        raise GlpError(f"--model {uri}: the version holds no transformers model")
+        raise GlpError(f"{option} {uri}: the version holds no transformers model")
     tokenizer = local / "components" / "tokenizer"
     if tokenizer.is_dir():
         for file in tokenizer.iterdir():

@@ -157,3 +157,10 @@ def test_bench_refuses_bad_input(args, expected, tiny_bert):
 def test_bench_refuses_what_is_not_a_model(tmp_path):
     result = runner.invoke(app, ["bench", str(tmp_path)])
     assert result.exit_code == 2 and "not a model directory" in result.output
+
+
+def test_bench_names_a_registry_uri_it_cannot_find(tmp_path):
+    result = runner.invoke(app, ["bench", "models:/nothing@best", "--home", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "glp bench models:/nothing@best: not found in the registry" in " ".join(
+        result.output.split())
