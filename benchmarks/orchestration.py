@@ -1,0 +1,109 @@
+"""What the orchestration costs: ``glp prune`` against a plain library loop, as processes.
+
+The same greedy search (MiniLM, SST-2, ``--train-limit`` examples, 1 layer removed, 1 epoch,
+max length 64, lr 1e-4, 1 seed) two ways, each a whole fresh process (imports included):
+
+- ``flow``: ``glp prune`` in a fresh run home (Prefect's ephemeral server, cached tasks,
+  MLflow runs and registry, Parquet, checkpoints, ONNX registration, latency);
+- ``library``: a loop over the candidates with ``glp.train`` (fine-tune on the fit split,
+  score on the selection split, keep the best), then the unpruned and the pruned final
+  models fine-tuned on the training rows and scored on dev: the same fine-tunes and
+  evaluations, nothing else.
+
+The two alternate, ``--rounds`` times (A B, then B A, ...). Reported: each run's wall
+time, and the flow's as a multiple of the library's (medians).
+
+Usage: PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py [--train-limit 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LIBRARY = r'''
+import sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForSequenceClassification
+from glp.config import FineTuneConfig
+from glp.data import limit_examples, load_glue_split, split_for_selection, tokenize
+from glp.models import load_tokenizer, resolve_model
+from glp.surgery import remove_layers
+from glp.train import evaluate, fine_tune
+
+limit = int(sys.argv[1])
+path = resolve_model(None)
+tokenizer = load_tokenizer(path)
+data = Path("data/glue")
+config = FineTuneConfig(learning_rate=1e-4, batch_size=32, max_length=64, epochs=1.0)
+train = limit_examples(load_glue_split("sst2", data, "train"), limit, seed=0)
+fit, selection = split_for_selection(train, 0.15, seed=0)
+dev = load_glue_split("sst2", data, "dev")
+fit, selection, train, dev = (tokenize(d, tokenizer, max_length=64)
+                              for d in (fit, selection, train, dev))
+
+def model_without(layers):
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return remove_layers(model, layers)
+
+scores = {}
+for layer in range(6):
+    model = model_without([layer])
+    fine_tune(model, fit, config, seed=0)
+    scores[layer] = evaluate(model, selection, is_regression=False)["accuracy"]
+best = max(scores, key=lambda k: (scores[k], -k))
+for removed in ([], [best]):
+    model = model_without(removed)
+    fine_tune(model, train, config, seed=40)
+    print(removed, evaluate(model, dev, is_regression=False)["accuracy"])
+'''
+
+
+def run(kind: str, limit: int) -> float:
+    start = time.perf_counter()
+    if kind == "flow":
+        with tempfile.TemporaryDirectory() as home:
+            done = subprocess.run(
+                [sys.executable, "-m", "flows.cli", "prune", "--task", "sst2", "--remove", "1",
+                 "--train-limit", str(limit), "--epochs", "1", "--max-length", "64", "--lr",
+                 "1e-4", "--seeds", "1", "--home", home], capture_output=True, text=True)
+    else:
+        done = subprocess.run([sys.executable, "-c", LIBRARY, str(limit)],
+                              capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-limit", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/orchestration.json"))
+    args = parser.parse_args()
+    times: dict[str, list[float]] = {"flow": [], "library": []}
+    order = ["flow", "library"]
+    for round_ in range(args.rounds):
+        for kind in order if round_ % 2 == 0 else order[::-1]:
+            times[kind].append(run(kind, args.train_limit))
+            print(f"round {round_ + 1} {kind}: {times[kind][-1]:.1f} s", flush=True)
+    ratio = statistics.median(times["flow"]) / statistics.median(times["library"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"train_limit": args.train_limit, "rounds": args.rounds,
+                                    "seconds": times, "ratio": ratio}, indent=1) + "\n")
+    print("\n| run | wall time (each round) |\n| --- | --- |")
+    for kind in order:
+        print(f"| {kind} | " + " / ".join(f"{t:.1f} s" for t in times[kind]) + " |")
+    print(f"\nglp prune / library loop: {ratio:.2f}× (medians)")
+
+
+if __name__ == "__main__":
+    main()
