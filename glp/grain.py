@@ -309,8 +309,7 @@ class GrainObjective(Objective):
                  config: GrainConfig, finetune: FineTuneConfig):
         self.teacher, self.masks, self.config = teacher, masks, config
         self.target = masks.prunable_target(config.density)
-        hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else \
-            model.config.dim
+        hidden = model.config.hidden_size  # DistilBERT's config maps it to dim
         self.layers = matching_layers(len(encoder_layers(model)))
         self.maps = nn.ModuleList()
         if config.hidden_weight:
@@ -320,7 +319,6 @@ class GrainObjective(Objective):
                 nn.init.zeros_(linear.bias)
                 self.maps.append(linear)
         self.lr = finetune.learning_rate
-        self._teacher_hidden = None
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.maps.parameters()), "lr": self.lr}] if len(self.maps) else []
