@@ -333,7 +333,8 @@ def _score_cell(row: dict) -> str:
     """A score, or "diverged" for a fine-tune whose loss or metric was not finite."""
     if row.get("diverged") or row["value"] != row["value"]:
         return "diverged"
-    return f"{row['value']:.4f}"
+    budget = row.get("budget", 1.0)
+    return f"{row['value']:.4f}" + (f"@{budget:g}" if budget < 1 else "")
 
 
 def print_summary(summary) -> None:
@@ -342,8 +343,15 @@ def print_summary(summary) -> None:
     console.print(f"[bold]Pruning order[/bold] ({summary.strategy}, first removed first): "
                   f"[cyan]{', '.join(map(str, summary.order))}[/cyan]")
     if summary.candidates:
+        full = sum(summary.num_layers - k for k in range(len(summary.order)))
+        console.print(f"search cost: {summary.search_fine_tunes} fine-tunes, "
+                      f"{summary.search_equivalents:g} whole-budget equivalents "
+                      f"({summary.search_equivalents / full:.0%} of the full search's {full})")
+        shares = any(row.get("budget", 1.0) < 1 for row in summary.candidates)
         table = Table(title=f"Candidates: selection-split {summary.metric} "
-                            "(* = removed in that iteration)")
+                            "(* = removed in that iteration"
+                            + ("; @share: the last share of the budget it was trained for)"
+                               if shares else ")"))
         table.add_column("iteration", justify="right")
         for layer in range(summary.num_layers):
             table.add_column(f"-L{layer}", justify="right")
@@ -426,6 +434,14 @@ def prune(
     prefilter_keep: Annotated[int, typer.Option(help="greedy: fine-tune only the m candidates "
                                                 "with the lowest block influence [0: all]")]
     = 0,
+    search: Annotated[str, typer.Option(help="greedy: full (the reference: every candidate "
+                                        "for the whole budget), halving (successive halving) "
+                                        "or warm (candidates repaired from one fine-tuned "
+                                        "full model; a variant)")] = "full",
+    search_fraction: Annotated[float | None, typer.Option(help="greedy: the share of the "
+                                                          "budget of halving's first rung "
+                                                          "(0.1) or of warm's repair (0.25)")]
+    = None,
     random_seed: Annotated[int, typer.Option(help="random: seed of the random order")] = 0,
     exhaustive_limit: Annotated[int, typer.Option(help="exhaustive: refuse searches needing "
                                                   "more fine-tunes")] = 64,
@@ -530,7 +546,8 @@ compare.__signature__ = _compare_signature()
 app.command(name="compare")(compare)
 
 
-SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "random_seed", "exhaustive_limit",
+SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "search", "search_fraction",
+               "random_seed", "exhaustive_limit",
                "remove", "search_seed", "keep_candidates", "seeds")
 """``prune`` options that mean nothing to a width method (compress has its own --seeds)."""
 

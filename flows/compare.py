@@ -86,9 +86,12 @@ def strategies_of(params: CompareParams) -> list[Strategy]:
         if name == "random":
             chosen += [strategy_for(params, name, seed=s) for s in range(params.random_orders)]
         elif name == "greedy":
-            chosen.append(strategy_for(params, name, prefilter_keep=0))
+            full = {"search": "full", "search_fraction": None}
+            chosen.append(strategy_for(params, name, prefilter_keep=0, **full))
             if params.prefilter_keep:
-                chosen.append(strategy_for(params, name))
+                chosen.append(strategy_for(params, name, **full))
+            if params.search != "full":
+                chosen.append(strategy_for(params, name, prefilter_keep=0))
         else:
             chosen.append(strategy_for(params, name))
     return chosen
@@ -139,9 +142,10 @@ def _compare(params: CompareParams) -> CompareSummary:
             shown = name if outcome.strategy.name != "random" else (
                 f"random ({outcome.strategy.variant})")
             plans[shown] = [list(removed) for _, removed in outcome.plan[1:]]
-            cost = costs.setdefault(name, {"fine_tunes": 0, "seconds": 0.0,
-                                           "zero_shot_passes": 0})
+            cost = costs.setdefault(name, {"fine_tunes": 0, "equivalents": 0.0,
+                                           "seconds": 0.0, "zero_shot_passes": 0})
             cost["fine_tunes"] += outcome.fine_tunes
+            cost["equivalents"] = round(cost["equivalents"] + outcome.equivalents, 3)
             cost["seconds"] = round(cost["seconds"] + outcome.seconds, 1)
             cost["zero_shot_passes"] += outcome.zero_shot_passes
         seconds = round(time.perf_counter() - started, 1)
@@ -186,10 +190,16 @@ def _meta(params: CompareParams, job: Job, seconds: float) -> dict:
             "final seeds": ", ".join(map(str, job.seeds)), "search seed": params.search_seed,
             "random orders": params.random_orders,
             "greedy pre-filter": params.prefilter_keep or "off",
+            "greedy search": (params.search if params.search == "full" else
+                              f"full and {params.search} ({_fraction(params):g})"),
             "fine-tunes computed / reused": f"{job.counts['computed']} / "
                                             f"{job.counts['reused']}",
         },
     }
+
+
+def _fraction(params: CompareParams) -> float:
+    return strategy_for(params, "greedy").fraction
 
 
 def _register_all(params: CompareParams, job: Job, rows: list[dict], outcomes) -> None:

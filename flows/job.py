@@ -9,6 +9,7 @@ fine-tune: the tasks are cached by what decides their result, not by who asked.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ from glp.names import LAYER_METHOD, REFERENCE
 from glp.plan import Plan
 from glp.provenance import code_fingerprint
 from glp.search import (
+    FULL,
+    SEARCHES,
+    Budget,
     CandidateScored,
     LayerScored,
     LayerSelected,
@@ -99,6 +103,10 @@ class PruneParams(BaseModel):
     strategy: str = "greedy"
     prefilter_keep: int = Field(0, ge=0, description="greedy: fine-tune only the m candidates "
                                 "with the lowest block influence (0 = all)")
+    search: str = Field("full", description="greedy: full (the reference protocol), halving "
+                        "(successive halving) or warm (from one fine-tuned full model)")
+    search_fraction: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description=(
+        "greedy: halving's first-rung share of the budget (0.1) or warm's repair (0.25)"))
     random_seed: int = Field(0, description="random: the seed of the random order")
     exhaustive_limit: int = Field(64, ge=1, description="exhaustive: most fine-tunes allowed")
     train_limit: int | None = Field(None, ge=1, description="training examples used")
@@ -145,6 +153,7 @@ class PruneParams(BaseModel):
 
     def strategy_options(self, **overrides) -> StrategyOptions:
         values = {"seed": self.random_seed, "prefilter_keep": self.prefilter_keep,
+                  "search": self.search, "search_fraction": self.search_fraction,
                   "exhaustive_limit": self.exhaustive_limit, **overrides}
         return StrategyOptions(**values)
 
@@ -224,7 +233,23 @@ def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, 
     return num_layers, data
 
 
+def check_search(params: PruneParams) -> None:
+    """--search and --search-fraction, refused in the user's words before any strategy
+    is built."""
+    if params.search not in SEARCHES:
+        raise GlpError(f"--search '{params.search}': choose one of: {', '.join(SEARCHES)}")
+    if params.search_fraction is not None and params.search == "full":
+        raise GlpError(f"--search-fraction {params.search_fraction:g}: the share of the "
+                       "budget is for --search halving or warm (the full search trains "
+                       "every candidate for the whole budget)")
+    if params.search != "full" and getattr(params, "strategy", "greedy") != "greedy" and (
+            "strategies" not in type(params).model_fields):
+        raise GlpError(f"--search {params.search}: only the greedy strategy searches "
+                       f"(--strategy is {params.strategy})")
+
+
 def strategy_for(params: PruneParams, name: str, **options) -> Strategy:
+    check_search(params)
     return get_strategy(name, params.strategy_options(**options))
 
 
@@ -244,6 +269,9 @@ class SearchOutcome:
     selections: list[dict] = field(default_factory=list)
     scores: list[dict] = field(default_factory=list)
     fine_tunes: int = 0  # candidate fine-tunes this strategy needs (shared ones included)
+    # the same in whole-budget equivalents: a halving rung or a warm repair counts its
+    # share of the budget, and a warm start's shared fine-tune counts 1
+    equivalents: float = 0.0
     seconds: float = 0.0  # their fine-tune and evaluation time, as measured when computed
     zero_shot_passes: int = 0
 
@@ -273,6 +301,8 @@ class Job:
         stored = {"result_storage": self.home.results}
         self._score_candidate = score_candidate.with_options(**stored)
         self._fine_tune_final = fine_tune_final.with_options(**stored)
+        self._warm_start = fine_tune_final.with_options(name="fine-tune-warm-start", **stored)
+        self.warm_seconds: float | None = None
         self._evaluate_final = evaluate_final.with_options(**stored)
         self._similarity = layer_similarity.with_options(**stored)
         self._latency = measure_latencies.with_options(**stored)
@@ -351,20 +381,51 @@ class Job:
 
     # ------------------------------------------------------------------ search
 
-    def score(self, removal_sets) -> list[Scored]:
-        """Fine-tune and score candidates, all submitted together (parallel runners)."""
-        handle = self.reporter.begin("candidates", f"{len(removal_sets)} candidates",
+    def score(self, removal_sets, budget: Budget = FULL) -> list[Scored]:
+        """Fine-tune and score candidates, all submitted together (parallel runners), for
+        ``budget``'s share of the epochs, from the warm start when it asks for one."""
+        share = "" if budget.fraction == 1 else f" at {budget.fraction:g} of the budget"
+        handle = self.reporter.begin("candidates", f"{len(removal_sets)} candidates{share}",
                                      len(removal_sets))
         keep = self.params.keep_candidates
-        futures = [self._score_candidate.submit(
-            self.request(r, "fit", self.params.search_seed, keep_weights=keep), "selection")
-            for r in removal_sets]
+        requests = [self.request(r, "fit", self.params.search_seed, keep_weights=keep)
+                    for r in removal_sets]
+        if budget != FULL:
+            config = dataclasses.replace(self.finetune,
+                                         epochs=self.finetune.epochs * budget.fraction)
+            start = self.warm_start() if budget.warm else None
+            requests = [request.model_copy(update={"config": config}) for request in requests]
+            if start is not None:
+                requests = [request.model_copy(update={
+                    "model_path": start.path,
+                    "model_fingerprint": stable_hash("warm-start", start.key)})
+                    for request in requests]
+        futures = [self._score_candidate.submit(request, "selection") for request in requests]
         results = []
         for done, future in enumerate(futures):
             results.append(future.result())
             self.reporter.update(handle, done + 1)
         self.reporter.end(handle)
         return results
+
+    def warm_start(self) -> Checkpoint:
+        """The fine-tuned unpruned model every warm-start candidate begins from: the fit
+        split, the search seed, the whole budget (a cached task, computed once per job)."""
+        checkpoint = self._warm_start.submit(self.request((), "fit", self.params.search_seed)
+                                             ).result()
+        if checkpoint.key not in self._seen:
+            self.reporter.note(f"warm start: the unpruned model fine-tuned on the fit split "
+                               f"({checkpoint.seconds:.0f} s)")
+            self._count(checkpoint)
+            self.warm_seconds = checkpoint.seconds
+        if not Path(checkpoint.path).is_dir():
+            raise GlpError(f"the warm start's checkpoint {checkpoint.path} is missing; "
+                           "delete the run home's prefect/results to recompute, or restore "
+                           "the artifacts folder")
+        if checkpoint.diverged:
+            raise GlpError("the warm start (the unpruned model fine-tuned on the fit split) "
+                           "diverged; lower --lr, or use --search full or halving")
+        return checkpoint
 
     def similarity(self, removed: tuple[int, ...]):
         """Hidden-state similarity of the pre-trained model without ``removed`` (cached)."""
@@ -396,6 +457,7 @@ class Job:
             if isinstance(record, CandidateScored):
                 pending["candidates"].append(self._candidate_row(base, record))
                 outcome.fine_tunes += 1
+                outcome.equivalents += record.budget
                 outcome.seconds += (record.result.checkpoint.seconds
                                     + record.result.evaluation.seconds)
             elif isinstance(record, LayerScored):
@@ -428,6 +490,11 @@ class Job:
         self.reporter.end(handle)
         outcome.plan = plan_of(records, self.num_layers)
         outcome.order = list(removal_order(records))
+        if self.warm_seconds is not None and getattr(strategy, "search_kind", "") == "warm":
+            outcome.fine_tunes += 1
+            outcome.equivalents += 1.0
+            outcome.seconds += self.warm_seconds
+        outcome.equivalents = round(outcome.equivalents, 6)
         outcome.seconds = round(outcome.seconds, 3)
         outcome.zero_shot_passes = passes
         return outcome

@@ -40,6 +40,9 @@ class PruneSummary(BaseModel):
     order: list[int]
     plan: list[list[int]]  # removed layers per count, 1..k
     candidates: list[dict]
+    search_fine_tunes: int = 0  # the search's fine-tunes (a warm start's shared one included)
+    search_equivalents: float = 0.0  # the same in whole-budget equivalents
+    search_seconds: float = 0.0  # their fine-tune and evaluation time, as measured when computed
     finals: list[dict]
     registered_model: str | None
     versions: dict[str, str]
@@ -94,7 +97,9 @@ def _prune(params: PruneParams) -> PruneSummary:
         seconds = round(time.perf_counter() - started, 1)
         end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
                     metrics={"fine_tunes_computed": job.counts["computed"],
-                             "fine_tunes_reused": job.counts["reused"], "seconds": seconds},
+                             "fine_tunes_reused": job.counts["reused"], "seconds": seconds,
+                             "search_fine_tunes": outcome.fine_tunes,
+                             "search_equivalents": outcome.equivalents},
                     tags={"glp.order": ",".join(map(str, outcome.order))})
     except BaseException as exc:
         job.abort(exc)
@@ -106,7 +111,9 @@ def _prune(params: PruneParams) -> PruneSummary:
         job_id=job_id, parent_run_id=job.parent_run_id, strategy=strategy.label,
         task=data.task, metric=data.metric, num_layers=job.num_layers, order=outcome.order,
         plan=[list(removed) for _, removed in outcome.plan[1:]],
-        candidates=outcome.candidates, finals=final_rows,
+        candidates=outcome.candidates, search_fine_tunes=outcome.fine_tunes,
+        search_equivalents=outcome.equivalents, search_seconds=outcome.seconds,
+        finals=final_rows,
         registered_model=registered_name if versions else None, versions=versions,
         computed=job.counts["computed"], reused=job.counts["reused"], seconds=seconds,
         home=str(job.home.root), tracking_uri=job.tracking_uri,

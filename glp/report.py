@@ -48,7 +48,7 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "label", "removed_layers", "depth", "n", "diverged", "mean", "std", "min", "max",
     "parameters", "latency_ms", "layers",
 )
-COST_KEYS: tuple[str, ...] = ("fine_tunes", "seconds", "zero_shot_passes")
+COST_KEYS: tuple[str, ...] = ("fine_tunes", "equivalents", "seconds", "zero_shot_passes")
 
 # Strategies whose variants pool into one display label (their spread includes the
 # spread over variants, e.g. random orders).
@@ -555,13 +555,16 @@ def _costs_section(costs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     rows = []
     for name in _sorted_labels(costs):
         cost = costs[name] or {}
-        rows.append([name, _fmt_int(cost.get("fine_tunes")), _fmt(cost.get("seconds"), 1),
-                     _fmt_int(cost.get("zero_shot_passes"))])
+        equivalents = cost.get("equivalents", cost.get("fine_tunes"))
+        rows.append([name, _fmt_int(cost.get("fine_tunes")), _fmt(equivalents, 2),
+                     _fmt(cost.get("seconds"), 1), _fmt_int(cost.get("zero_shot_passes"))])
     return [
         "## Search cost", "",
         "What each strategy spent to choose its layers (the final models' fine-tunes are "
-        "not included).", "",
-    ] + _table(["strategy", "fine-tunes", "fine-tune seconds", "zero-shot passes"], rows)
+        "not included). A fine-tune for a share of the budget (successive halving, a warm "
+        "start's repair) counts that share in the whole-budget equivalents.", "",
+    ] + _table(["strategy", "fine-tunes", "whole-budget equivalents", "fine-tune seconds",
+                "zero-shot passes"], rows)
 
 
 def _size_section(summary: pd.DataFrame) -> list[str]:

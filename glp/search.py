@@ -30,6 +30,7 @@ class CandidateScored:
     removed: tuple[int, ...]  # every layer the candidate removes, sorted
     score: float
     result: Any = None  # whatever the scorer returned (metrics, timings, cache key)
+    budget: float = 1.0  # the share of the fine-tune budget it was trained for
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,32 @@ class LayerScored:
     kept: bool  # still a candidate after the score (pre-filters drop the others)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How a candidate is fine-tuned: for a share of the epochs, and from where.
+
+    ``FULL`` is the reference protocol: every candidate trains for the whole budget from
+    the pre-trained weights. Successive halving trains for a share of it; a warm start
+    begins from one fine-tuned unpruned model (shared by every candidate) and repairs it
+    for a share of the budget.
+    """
+
+    fraction: float = 1.0
+    warm: bool = False
+
+
+FULL = Budget()
+
+SEARCHES = ("full", "halving", "warm")
+"""How greedy scores its candidates: the reference protocol and the two cheaper ones."""
+
+DEFAULT_FRACTION = {"halving": 0.1, "warm": 0.25}
+"""The share of the fine-tune budget: halving's first rung, warm start's repair."""
+
+
 Record = CandidateScored | LayerSelected | SubsetChosen | LayerScored
-Scorer = Callable[[Sequence[tuple[int, ...]]], Sequence[Any]]
+# score(removal_sets) for the full budget, score(removal_sets, budget) for any other
+Scorer = Callable[..., Sequence[Any]]
 SimilarityFn = Callable[[tuple[int, ...]], Any]  # removed layers -> glp.zeroshot.LayerSimilarity
 Selector = Callable[[Sequence[tuple[int, float]]], int]
 
@@ -77,6 +102,18 @@ def score_of(result: Any) -> float:
 
 TIE_DECIMALS = 3
 """Scores are compared rounded to this many decimals, as the reference code does."""
+
+
+def _rank_key(item: tuple[int, float]) -> tuple[bool, float, int]:
+    layer, score = item
+    # A real score (even -inf) ranks above every NaN; among NaNs only the layer counts.
+    is_real = not math.isnan(score)
+    return (is_real, round(score, TIE_DECIMALS) if is_real else 0.0, layer)
+
+
+def rank_layers(candidates: Sequence[tuple[int, float]]) -> list[int]:
+    """The layers best first, by the rule of :func:`select_layer`."""
+    return [layer for layer, _ in sorted(candidates, key=_rank_key, reverse=True)]
 
 
 def select_layer(candidates: Sequence[tuple[int, float]]) -> int:
@@ -92,14 +129,7 @@ def select_layer(candidates: Sequence[tuple[int, float]]) -> int:
     """
     if not candidates:
         raise GlpError("no candidates to select from")
-
-    def key(item: tuple[int, float]) -> tuple[bool, float, int]:
-        layer, score = item
-        # A real score (even -inf) ranks above every NaN; among NaNs only the layer counts.
-        is_real = not math.isnan(score)
-        return (is_real, round(score, TIE_DECIMALS) if is_real else 0.0, layer)
-
-    return max(candidates, key=key)[0]
+    return max(candidates, key=_rank_key)[0]
 
 
 def validate_budget(num_layers: int, remove: int) -> None:
@@ -160,11 +190,14 @@ class StrategyOptions:
 
     seed: int = 0  # random: which random order
     prefilter_keep: int = 0  # greedy: fine-tune only the m lowest-block-influence candidates
+    search: str = "full"  # greedy: full, halving or warm (SEARCHES)
+    search_fraction: float | None = None  # greedy: halving's first rung / warm's repair
     exhaustive_limit: int = 64  # exhaustive: refuse searches needing more fine-tunes
 
 
-def _score_all(score: Scorer, removal_sets: list[tuple[int, ...]]) -> list[Any]:
-    results = list(score(removal_sets))
+def _score_all(score: Scorer, removal_sets: list[tuple[int, ...]], budget: Budget = FULL
+               ) -> list[Any]:
+    results = list(score(removal_sets) if budget == FULL else score(removal_sets, budget))
     if len(results) != len(removal_sets):
         raise RuntimeError(f"scorer returned {len(results)} results for {len(removal_sets)}")
     return results
@@ -191,15 +224,40 @@ class GreedyLayerPruning(Strategy):
     With ``prefilter_keep = m`` each iteration first scores the remaining layers by
     block influence on the pre-trained model (no fine-tune) and fine-tunes only the m
     layers that change their input least: fewer fine-tunes, perhaps a worse choice.
+
+    Two cheaper ways to score the candidates (``search``), each perhaps a worse choice:
+
+    - ``halving`` (successive halving): every candidate of an iteration is fine-tuned
+      for ``fraction`` of the budget; the better half is fine-tuned again for twice as
+      much, and so on, until one remains (two left, or a rung at the whole budget, are
+      decided by that rung's scores). Each rung is a complete, shorter fine-tune.
+    - ``warm``: candidates start from one fine-tuned unpruned model, shared by every
+      candidate of every iteration, with their layers removed, and are repaired by a
+      fine-tune of ``fraction`` of the budget. This is not the reference protocol.
     """
 
     name = "greedy"
     description = "fine-tune every candidate, remove the layer that hurts least (Peer et al.)"
 
-    def __init__(self, prefilter_keep: int = 0):
+    def __init__(self, prefilter_keep: int = 0, search: str = "full",
+                 fraction: float | None = None):
         if prefilter_keep < 0:
             raise GlpError(f"prefilter keep must be 0 (off) or positive, not {prefilter_keep}")
+        if search not in SEARCHES:
+            raise GlpError(f"unknown search '{search}'; choose one of: {', '.join(SEARCHES)}")
+        if search == "full":
+            if fraction is not None:
+                raise GlpError(f"a budget fraction ({fraction}) is for --search halving or "
+                               "warm; the full search trains every candidate for the whole "
+                               "budget")
+        else:
+            fraction = DEFAULT_FRACTION[search] if fraction is None else fraction
+            if not (0 < fraction <= 1):  # also refuses NaN
+                raise GlpError(f"the {search} search's budget fraction must be in (0, 1], "
+                               f"not {fraction}")
         self.prefilter_keep = prefilter_keep
+        self.search_kind = search
+        self.fraction = fraction
 
     @property
     def needs_similarity(self) -> bool:  # type: ignore[override]
@@ -207,11 +265,31 @@ class GreedyLayerPruning(Strategy):
 
     @property
     def variant(self) -> str:
-        return f"prefilter-{self.prefilter_keep}" if self.prefilter_keep else ""
+        parts = [f"prefilter-{self.prefilter_keep}"] if self.prefilter_keep else []
+        if self.search_kind != "full":
+            parts.append(f"{self.search_kind}-{self.fraction:g}")
+        return "-".join(parts)
 
     @classmethod
     def create(cls, options: StrategyOptions) -> Strategy:
-        return cls(options.prefilter_keep)
+        return cls(options.prefilter_keep, options.search, options.search_fraction)
+
+    def rungs(self, candidates: int) -> list[tuple[int, float]]:
+        """(candidates, budget fraction) of each scoring round of an iteration."""
+        if self.search_kind != "halving":
+            return [(candidates, self.fraction or 1.0)]
+        rounds, fraction = [], self.fraction
+        while True:
+            rounds.append((candidates, fraction))
+            if candidates <= 2 or fraction >= 1.0:
+                return rounds
+            candidates, fraction = math.ceil(candidates / 2), min(1.0, round(2 * fraction, 6))
+
+    def cost(self, num_layers: int, remove: int) -> float:
+        """Candidate fine-tunes of a search without a pre-filter, in whole-budget
+        equivalents (a warm start's shared fine-tune included)."""
+        total = sum(n * f for k in range(remove) for n, f in self.rungs(num_layers - k))
+        return total + (1.0 if self.search_kind == "warm" else 0.0)
 
     def _candidates(self, num_layers, order, similarity, iteration) -> tuple[list[int], list]:
         layers = [layer for layer in range(num_layers) if layer not in order]
@@ -230,16 +308,22 @@ class GreedyLayerPruning(Strategy):
     def search(self, num_layers, remove, score, select=select_layer, similarity=None):
         self.validate(num_layers, remove)
         order: list[int] = []
+        warm = self.search_kind == "warm"
         for iteration in range(remove):
             layers, prefiltered = self._candidates(num_layers, order, similarity, iteration)
             yield from prefiltered
-            removal_sets = [tuple(sorted([*order, layer])) for layer in layers]
-            results = _score_all(score, removal_sets)
-            scored = []
-            for layer, removed, result in zip(layers, removal_sets, results, strict=True):
-                value = score_of(result)
-                scored.append((layer, value))
-                yield CandidateScored(iteration, layer, removed, value, result)
+            scored: list[tuple[int, float]] = []
+            for count, fraction in self.rungs(len(layers)):
+                # the better part of the previous rung goes on (the first rung: every layer)
+                alive = sorted(rank_layers(scored)[:count]) if scored else layers
+                budget = Budget(fraction, warm) if (warm or fraction < 1.0) else FULL
+                removal_sets = [tuple(sorted([*order, layer])) for layer in alive]
+                results = _score_all(score, removal_sets, budget)
+                scored = []
+                for layer, removed, result in zip(alive, removal_sets, results, strict=True):
+                    value = score_of(result)
+                    scored.append((layer, value))
+                    yield CandidateScored(iteration, layer, removed, value, result, fraction)
             chosen = select(scored)
             order.append(chosen)
             yield LayerSelected(iteration, chosen, tuple(order), dict(scored)[chosen])

@@ -46,6 +46,7 @@ CANDIDATES = pa.schema([
     ("depth", pa.int64()),
     *_SCORED,
     ("seed", pa.int64()),
+    ("budget", pa.float64()),  # share of the fine-tune budget (halving, warm: below 1)
     *_COST,
     *_CACHE,
     _RECORDED,
@@ -149,7 +150,7 @@ def candidate_row(base: dict, record, *, run_id: str, parent_run_id: str, num_la
         "depth": num_layers - len(record.removed), "metric": evaluation.metric,
         "value": evaluation.score, "diverged": evaluation.diverged,
         "metrics_json": json.dumps(evaluation.metrics, sort_keys=True),
-        "seed": checkpoint.seed, "train_examples": train_examples,
+        "seed": checkpoint.seed, "budget": record.budget, "train_examples": train_examples,
         "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
         "eval_seconds": evaluation.seconds, "device": checkpoint.device,
         "cache_key": checkpoint.key, "reused": reused, "recorded_at": now(),

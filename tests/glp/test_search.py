@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from glp import GlpError
 from glp.search import (
     STRATEGIES,
+    Budget,
     CandidateScored,
     ExhaustiveSearch,
     GreedyLayerPruning,
@@ -423,3 +425,132 @@ def test_scores_are_compared_at_3_decimals_as_the_reference_does() -> None:
     assert select_layer([(2, 0.8504), (4, 0.8501)]) == 4
     assert select_layer([(2, 0.852), (4, 0.851)]) == 2  # a real difference still decides
     assert select_layer([(2, float("nan")), (1, -1.0)]) == 1
+
+
+# ---------------------------------------------------------------- cheaper searches
+
+
+class BudgetScorer:
+    """A fake scorer that sees the budget: ``quality[fraction][layer]`` is how good a
+    candidate removing ``layer`` (on top of the earlier choices) looks at that share of
+    the budget. Records every call as (budget, removal sets)."""
+
+    def __init__(self, quality: dict[float, dict[int, float]], base: dict[int, float]):
+        self.quality, self.base = quality, base
+        self.calls: list[tuple[Budget | None, list[tuple[int, ...]]]] = []
+
+    def __call__(self, removal_sets, budget: Budget | None = None):
+        self.calls.append((budget, list(removal_sets)))
+        table = self.quality.get(budget.fraction if budget else 1.0, self.base)
+        return [-sum(table[layer] for layer in removed) for removed in removal_sets]
+
+
+def greedy(search: str, fraction: float | None = None, keep: int = 0) -> GreedyLayerPruning:
+    return get_strategy("greedy", StrategyOptions(prefilter_keep=keep, search=search,
+                                                  search_fraction=fraction))
+
+
+@pytest.mark.parametrize(("candidates", "fraction", "expected"), [
+    (6, 0.1, [(6, 0.1), (3, 0.2), (2, 0.4)]),
+    (5, 0.1, [(5, 0.1), (3, 0.2), (2, 0.4)]),
+    (4, 0.1, [(4, 0.1), (2, 0.2)]),
+    (3, 0.1, [(3, 0.1), (2, 0.2)]),
+    (2, 0.1, [(2, 0.1)]),
+    (1, 0.1, [(1, 0.1)]),
+    (12, 0.25, [(12, 0.25), (6, 0.5), (3, 1.0)]),  # the budget caps the last rung
+    (12, 1.0, [(12, 1.0)]),
+])
+def test_halving_rungs_halve_the_candidates_and_double_the_budget(candidates, fraction,
+                                                                   expected) -> None:
+    assert greedy("halving", fraction).rungs(candidates) == expected
+
+
+def test_halving_keeps_the_better_half_and_scores_each_rung_at_its_budget() -> None:
+    # At every budget the ranking is PENALTY's: halving must find greedy's order.
+    scorer = BudgetScorer({}, PENALTY)
+    records = list(greedy("halving").search(6, 2, scorer))
+    assert removal_order(records) == (3, 1)
+    first = [(budget.fraction, sorted(s[0] for s in sets)) for budget, sets in scorer.calls[:3]]
+    # 6 candidates at 0.1; the best 3 (penalties 0.5, 1, 3) at 0.2; the best 2 at 0.4
+    assert first == [(0.1, [0, 1, 2, 3, 4, 5]), (0.2, [1, 3, 4]), (0.4, [1, 3])]
+    assert all(not budget.warm for budget, _ in scorer.calls)
+    rungs = [(r.layer, r.budget) for r in candidates(records, 0)]
+    assert rungs[-2:] == [(1, 0.4), (3, 0.4)]
+    # The record of the choice carries the score of its last rung.
+    assert selections(records)[0].score == -0.5
+    cost = sum(r.budget for r in records if isinstance(r, CandidateScored))
+    assert cost == pytest.approx(greedy("halving").cost(6, 2)) == pytest.approx(3.9)
+    assert cost / GreedyLayerPruning().cost(6, 2) < 0.4
+
+
+def test_halving_decides_by_the_last_rung_even_against_earlier_scores() -> None:
+    # Layer 4 looks best at 0.1 and 0.2 of the budget, layer 3 is best at 0.4: the last
+    # rung decides. Layer 1, best at the whole budget, is dropped at the first rung.
+    early = {0: 9.0, 1: 8.0, 2: 5.0, 3: 2.0, 4: 0.1, 5: 7.0}
+    late = {0: 9.0, 1: 8.0, 2: 5.0, 3: 0.1, 4: 2.0, 5: 7.0}
+    full = {0: 9.0, 1: 0.01, 2: 5.0, 3: 0.5, 4: 3.0, 5: 7.0}
+    scorer = BudgetScorer({0.1: early, 0.2: early, 0.4: late}, full)
+    records = list(greedy("halving").search(6, 1, scorer))
+    assert removal_order(records) == (3,)
+    assert 1 not in [r.layer for r in candidates(records, 0) if r.budget > 0.1]
+    # the full search would have picked layer 1
+    assert removal_order(run(6, 1, BudgetScorer({}, full))) == (1,)
+
+
+def test_halving_never_carries_a_diverged_candidate_over_a_real_one() -> None:
+    nan = float("nan")
+
+    def scorer(removal_sets, budget=None):
+        return [nan if removed == (2,) else -float(removed[0]) for removed in removal_sets]
+
+    records = list(greedy("halving").search(4, 1, scorer))
+    assert 2 not in [r.layer for r in candidates(records, 0) if r.budget > 0.1]
+    assert removal_order(records) == (0,)
+
+
+def test_warm_scores_every_candidate_once_from_the_warm_start() -> None:
+    scorer = BudgetScorer({}, PENALTY)
+    records = list(greedy("warm").search(6, 3, scorer))
+    assert removal_order(records) == (3, 1, 4)
+    assert [budget for budget, _ in scorer.calls] == [Budget(0.25, warm=True)] * 3
+    assert [len(sets) for _, sets in scorer.calls] == [6, 5, 4]
+    # 15 repairs of a quarter of the budget plus the shared fine-tune
+    assert greedy("warm").cost(6, 3) == pytest.approx(1 + 15 * 0.25)
+
+
+def test_full_search_calls_the_scorer_with_the_removal_sets_only() -> None:
+    def scorer(removal_sets):  # the one-argument scorers of before keep working
+        return [-float(sum(removed)) for removed in removal_sets]
+
+    assert removal_order(list(greedy("full").search(4, 2, scorer))) == (0, 1)
+    assert greedy("full").cost(6, 2) == 11
+
+
+def test_halving_after_the_prefilter_halves_the_kept_candidates() -> None:
+    scorer = BudgetScorer({}, PENALTY)
+    records = list(greedy("halving", keep=4).search(6, 1, scorer, similarity=SimilarityOf(STEPS)))
+    # kept by block influence: 1, 2, 3, 4 at 0.1; the better two (3, 1) at 0.2
+    assert [sorted(s[0] for s in sets) for _, sets in scorer.calls] == [[1, 2, 3, 4], [1, 3]]
+    assert removal_order(records) == (3,)
+
+
+@pytest.mark.parametrize(("search", "fraction", "variant"), [
+    ("full", None, ""), ("halving", None, "halving-0.1"), ("halving", 0.2, "halving-0.2"),
+    ("warm", None, "warm-0.25"), ("warm", 0.5, "warm-0.5"),
+])
+def test_search_variants_name_the_search_and_its_budget(search, fraction, variant) -> None:
+    assert greedy(search, fraction).variant == variant
+    assert greedy(search, fraction, keep=3).variant == "-".join(
+        ["prefilter-3", *([variant] if variant else [])])
+
+
+@pytest.mark.parametrize(("search", "fraction", "message"), [
+    ("fast", None, "unknown search 'fast'; choose one of: full, halving, warm"),
+    ("full", 0.5, "a budget fraction (0.5) is for --search halving or warm"),
+    ("halving", 0.0, "budget fraction must be in (0, 1], not 0.0"),
+    ("warm", 1.5, "budget fraction must be in (0, 1], not 1.5"),
+    ("halving", float("nan"), "budget fraction must be in (0, 1], not nan"),
+])
+def test_bad_search_settings_are_refused(search, fraction, message) -> None:
+    with pytest.raises(GlpError, match=re.escape(message)):
+        greedy(search, fraction)
