@@ -110,7 +110,7 @@ def main() -> None:
     from tasks.home import RunHome, configure_environment
 
     home = Path(args.home).resolve()
-    configure_environment(RunHome.resolve(str(home)))
+    configure_environment(RunHome.resolve(str(home)).create())
     os.environ.setdefault("GLP_HOME", str(home))
     out = Path(args.out)
     found = json.loads(out.read_text()) if out.exists() else {}

@@ -100,6 +100,11 @@ def score_of(result: Any) -> float:
     return value
 
 
+def loss_of(result: Any) -> float:
+    """The selection loss of a scorer result (``.loss``; NaN when it has none)."""
+    return float(getattr(result, "loss", math.nan))
+
+
 TIE_DECIMALS = 3
 """Scores are compared rounded to this many decimals, as the reference code does."""
 
@@ -111,9 +116,19 @@ def _rank_key(item: tuple[int, float]) -> tuple[bool, float, int]:
     return (is_real, round(score, TIE_DECIMALS) if is_real else 0.0, layer)
 
 
-def rank_layers(candidates: Sequence[tuple[int, float]]) -> list[int]:
-    """The layers best first, by the rule of :func:`select_layer`."""
-    return [layer for layer, _ in sorted(candidates, key=_rank_key, reverse=True)]
+def rank_by_score_then_loss(candidates: Sequence[tuple[int, float, float]]) -> list[int]:
+    """(layer, score, loss) triples, the layers best first: by the score rounded as in
+    :func:`select_layer`, then by the lower loss, then by the higher layer.
+
+    Successive halving ranks its rungs so: a short fine-tune often leaves every candidate
+    at the majority class, where all scores tie and the layer index alone would decide.
+    """
+    def key(item: tuple[int, float, float]) -> tuple:
+        layer, score, loss = item
+        real, rounded, _ = _rank_key((layer, score))
+        return (real, rounded, -loss if not math.isnan(loss) else -math.inf, layer)
+
+    return [layer for layer, _, _ in sorted(candidates, key=key, reverse=True)]
 
 
 def select_layer(candidates: Sequence[tuple[int, float]]) -> int:
@@ -230,7 +245,9 @@ class GreedyLayerPruning(Strategy):
     - ``halving`` (successive halving): every candidate of an iteration is fine-tuned
       for ``fraction`` of the budget; the better half is fine-tuned again for twice as
       much, and so on, until one remains (two left, or a rung at the whole budget, are
-      decided by that rung's scores). Each rung is a complete, shorter fine-tune.
+      decided by that rung). Each rung is a complete, shorter fine-tune. Rungs rank by
+      the score rounded to 3 decimals, then by the lower selection loss (a short
+      fine-tune often leaves every candidate at the majority class), then the layer.
     - ``warm``: candidates start from one fine-tuned unpruned model, shared by every
       candidate of every iteration, with their layers removed, and are repaired by a
       fine-tune of ``fraction`` of the budget. This is not the reference protocol.
@@ -312,19 +329,23 @@ class GreedyLayerPruning(Strategy):
         for iteration in range(remove):
             layers, prefiltered = self._candidates(num_layers, order, similarity, iteration)
             yield from prefiltered
-            scored: list[tuple[int, float]] = []
+            ranked: list[int] = []
             for count, fraction in self.rungs(len(layers)):
                 # the better part of the previous rung goes on (the first rung: every layer)
-                alive = sorted(rank_layers(scored)[:count]) if scored else layers
+                alive = sorted(ranked[:count]) if ranked else layers
                 budget = Budget(fraction, warm) if (warm or fraction < 1.0) else FULL
                 removal_sets = [tuple(sorted([*order, layer])) for layer in alive]
                 results = _score_all(score, removal_sets, budget)
-                scored = []
+                scored, losses = [], []
                 for layer, removed, result in zip(alive, removal_sets, results, strict=True):
                     value = score_of(result)
                     scored.append((layer, value))
+                    losses.append((layer, value, loss_of(result)))
                     yield CandidateScored(iteration, layer, removed, value, result, fraction)
-            chosen = select(scored)
+                ranked = rank_by_score_then_loss(losses)
+            # Halving decides by its ranking (the loss breaks ties of short fine-tunes);
+            # the full and warm searches by the reference rule.
+            chosen = ranked[0] if self.search_kind == "halving" else select(scored)
             order.append(chosen)
             yield LayerSelected(iteration, chosen, tuple(order), dict(scored)[chosen])
 

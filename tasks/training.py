@@ -123,6 +123,11 @@ class Scored(BaseModel, frozen=True):
     def score(self) -> float:
         return self.evaluation.score
 
+    @property
+    def loss(self) -> float:
+        """The selection loss (successive halving breaks ties of the score by it)."""
+        return self.evaluation.metrics.get("loss", float("nan"))
+
 
 def _current_flow_run() -> str | None:
     run_id = prefect.runtime.flow_run.id

@@ -3,6 +3,8 @@ candidate is trained for and from where, what the search cost, and the cache."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.dataset as ds
 import pytest
 
@@ -45,7 +47,9 @@ def test_halving_trains_each_rung_for_its_share_and_resumes_from_cache(
     assert summary.strategy == "greedy-halving-0.5"
     # The layer kept from rung 1 to rung 2 is among the better two of rung 1.
     first = [r for r in candidates if r["iteration"] == 0]
-    best_two = sorted(first[:3], key=lambda r: (round(r["value"], 3), r["layer"]))[-2:]
+    best_two = sorted(first[:3], key=lambda r: (round(r["value"], 3),
+                                                 -json.loads(r["metrics_json"])["loss"],
+                                                 r["layer"]))[-2:]
     assert {r["layer"] for r in first[3:]} == {r["layer"] for r in best_two}
     again = prune(params)
     assert (again.computed, again.reused) == (0, 10) and again.order == summary.order

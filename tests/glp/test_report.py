@@ -253,8 +253,8 @@ def test_write_report(tmp_path, finals):
             "(by 0.0300, more than the seed spread") in text
     assert "| greedy | 5 → 2 | 5 | 2,5 |" in text
     assert "| random (seed-0) | 1 → 3 | 1 | 1,3 |" in text
-    assert "| greedy | 11 | 1234.5 | 0 |" in text
-    assert "| block-influence | 0 | 0.0 | 7 |" in text
+    assert "| greedy | 11 | 11.00 | 1234.5 | 0 |" in text  # no equivalents: the count
+    assert "| block-influence | 0 | 0.00 | 0.0 | 7 |" in text
     assert "| 2 | 4 | 19,165,058 |" in text
     assert command in text and "1 h 2 min 3 s" in text and "train_examples = 2000" in text
     assert "](metric_vs_removed.png)" in text and "](metric_vs_latency.png)" in text

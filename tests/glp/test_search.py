@@ -22,6 +22,7 @@ from glp.search import (
     depth_plan,
     get_strategy,
     plan_of,
+    rank_by_score_then_loss,
     removal_order,
     score_of,
     select_layer,
@@ -554,3 +555,30 @@ def test_search_variants_name_the_search_and_its_budget(search, fraction, varian
 def test_bad_search_settings_are_refused(search, fraction, message) -> None:
     with pytest.raises(GlpError, match=re.escape(message)):
         greedy(search, fraction)
+
+
+@dataclass(frozen=True)
+class Scored:
+    score: float
+    loss: float = float("nan")
+
+
+def test_halving_breaks_ties_of_short_fine_tunes_by_the_selection_loss() -> None:
+    # Every short fine-tune predicts the majority class (accuracy 0.503 for all): the loss
+    # still orders them; layer 1 learns fastest, then 3. The reference tie rule alone would
+    # keep the highest layers (5, 4, 3).
+    loss = {0: 0.70, 1: 0.60, 2: 0.69, 3: 0.65, 4: 0.68, 5: 0.71}
+
+    def scorer(removal_sets, budget=None):
+        return [Scored(0.503, loss[removed[0]]) for removed in removal_sets]
+
+    records = list(greedy("halving").search(6, 1, scorer))
+    rung = {r.budget: sorted(x.layer for x in candidates(records, 0) if x.budget == r.budget)
+            for r in candidates(records, 0)}
+    assert rung == {0.1: [0, 1, 2, 3, 4, 5], 0.2: [1, 3, 4], 0.4: [1, 3]}
+    assert removal_order(records) == (1,)
+    # A higher score still wins over a lower loss, and a NaN loss ranks last among ties.
+    assert rank_by_score_then_loss([(0, 0.51, 0.9), (1, 0.503, 0.1), (2, 0.503, float("nan")),
+                                    (3, 0.503, 0.2)]) == [0, 1, 3, 2]
+    # The full search keeps the reference rule: the tie goes to the highest layer.
+    assert removal_order(list(greedy("full").search(6, 1, scorer))) == (5,)

@@ -162,9 +162,11 @@ def test_regression_runs_and_reports_correlations() -> None:
     assert scores.shape == (64, 1) and scores.dtype == np.float32
     assert float(np.mean((scores[:, 0] - labels) ** 2)) < 0.5 * mse_before
     metrics = evaluate(model, data, is_regression=True)
-    assert set(metrics) == {"pearson", "spearman"}
+    assert set(metrics) == {"pearson", "spearman", "loss"}
     assert all(type(v) is float for v in metrics.values())
     assert metrics["pearson"] > 0.5  # it learnt to count the signal token
+    assert metrics["loss"] == pytest.approx(float(np.mean((scores[:, 0] - labels) ** 2)),
+                                            rel=1e-5)
 
 
 def test_predict_keeps_input_order(data, init) -> None:
@@ -194,9 +196,13 @@ def test_predict_without_labels_or_token_type_ids(data, init) -> None:
 
 def test_evaluate_metric_keys(data, init) -> None:
     metrics = evaluate(init, data, is_regression=False, batch_size=16)
-    assert set(metrics) == {"accuracy", "f1", "mcc"}
+    assert set(metrics) == {"accuracy", "f1", "mcc", "loss"}
     assert all(type(v) is float for v in metrics.values())
     assert 0.0 <= metrics["accuracy"] <= 1.0
+    # the loss is the mean cross-entropy of the logits
+    logits = torch.from_numpy(predict(init, data))
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor(data["labels"]))
+    assert metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
 # --- batch order --------------------------------------------------------------------------
