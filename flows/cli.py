@@ -178,20 +178,23 @@ def start_services(tracking_uri: str) -> None:
     if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         from prefect.server.api.server import SubprocessASGIServer
 
+        server = SubprocessASGIServer()
+
         def start() -> None:
             try:
-                SubprocessASGIServer().start()
+                server.start()
             except Exception:  # noqa: BLE001 - the flow's own start says what went wrong
-                pass
+                server.stop()  # not a second server beside one that never answered
 
         thread = threading.Thread(target=start, name="glp-prefect-server", daemon=True)
         thread.start()
-    client_for(tracking_uri)  # creates a new store's tables
-    import onnxruntime  # noqa: F401 - imported here, while the server starts
-    import torch.onnx  # noqa: F401
-
-    if thread is not None:
-        thread.join()
+    try:
+        client_for(tracking_uri)  # creates a new store's tables
+        import onnxruntime  # noqa: F401 - imported here, while the server starts
+        import torch.onnx  # noqa: F401
+    finally:
+        if thread is not None:
+            thread.join()
 
 
 def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> None:
@@ -256,8 +259,8 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
                     console=console)
     progress.set_reporter(RichReporter(bars))
     detach_ephemeral_server()
-    start_services(params.tracking_uri or run_home.tracking_uri)
     try:
+        start_services(params.tracking_uri or run_home.tracking_uri)
         with bars:
             summary = flow(params)
     except GlpError as exc:
@@ -377,7 +380,7 @@ def print_summary(summary) -> None:
     console.print()
     console.print(f"[bold]Pruning order[/bold] ({summary.strategy}, first removed first): "
                   f"[cyan]{', '.join(map(str, summary.order))}[/cyan]")
-    if summary.candidates:
+    if summary.candidates and summary.strategy.startswith("greedy"):
         full = sum(summary.num_layers - k for k in range(len(summary.order)))
         console.print(f"search cost: {summary.search_fine_tunes} fine-tunes, "
                       f"{summary.search_equivalents:g} whole-budget equivalents "

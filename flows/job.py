@@ -105,7 +105,7 @@ class PruneParams(BaseModel):
                                 "with the lowest block influence (0 = all)")
     search: str = Field("full", description="greedy: full (the reference protocol), halving "
                         "(successive halving) or warm (from one fine-tuned full model)")
-    search_fraction: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description=(
+    search_fraction: float | None = Field(None, ge=0.01, le=1, allow_inf_nan=False, description=(
         "greedy: halving's first-rung share of the budget (0.1) or warm's repair (0.25)"))
     random_seed: int = Field(0, description="random: the seed of the random order")
     exhaustive_limit: int = Field(64, ge=1, description="exhaustive: most fine-tunes allowed")
@@ -213,10 +213,6 @@ def check_options(params: PruneParams) -> str:
             if name in given and value is not None:
                 raise GlpError(f"{option} {value}: a GLUE task ({params.task}) has its own "
                                f"{name.replace('_', ' ')}; {option} is for --train-file data")
-    if params.prefilter_keep and getattr(params, "strategy", "greedy") != "greedy" and (
-            "strategies" not in type(params).model_fields):
-        raise GlpError(f"--prefilter-keep {params.prefilter_keep}: only the greedy strategy "
-                       f"pre-filters (--strategy is {params.strategy})")
     device = resolve_device(params.device)
     check_precision(params.precision, device)
     return str(device)
@@ -233,19 +229,38 @@ def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, 
     return num_layers, data
 
 
+def _strategy_names(params: PruneParams) -> list[str]:
+    """The strategies a prune (--strategy) or compare (--strategies) job runs, lower-case."""
+    value = getattr(params, "strategies", None) or params.strategy
+    names = value.split(",") if isinstance(value, str) else list(value)
+    return [name.strip().lower() for name in names if name.strip()]
+
+
+def _runs_greedy(params: PruneParams) -> bool:
+    return "greedy" in _strategy_names(params)
+
+
+def _strategy_option(params: PruneParams) -> str:
+    if "strategies" in type(params).model_fields:
+        return f"--strategies {','.join(_strategy_names(params))} has no greedy"
+    return f"--strategy is {params.strategy}"
+
+
 def check_search(params: PruneParams) -> None:
-    """--search and --search-fraction, refused in the user's words before any strategy
-    is built."""
+    """--search, --search-fraction and --prefilter-keep, refused in the user's words
+    before any strategy is built."""
+    if params.prefilter_keep and not _runs_greedy(params):
+        raise GlpError(f"--prefilter-keep {params.prefilter_keep}: only the greedy strategy "
+                       f"pre-filters ({_strategy_option(params)})")
     if params.search not in SEARCHES:
         raise GlpError(f"--search '{params.search}': choose one of: {', '.join(SEARCHES)}")
     if params.search_fraction is not None and params.search == "full":
         raise GlpError(f"--search-fraction {params.search_fraction:g}: the share of the "
                        "budget is for --search halving or warm (the full search trains "
                        "every candidate for the whole budget)")
-    if params.search != "full" and getattr(params, "strategy", "greedy") != "greedy" and (
-            "strategies" not in type(params).model_fields):
+    if params.search != "full" and not _runs_greedy(params):
         raise GlpError(f"--search {params.search}: only the greedy strategy searches "
-                       f"(--strategy is {params.strategy})")
+                       f"({_strategy_option(params)})")
 
 
 def strategy_for(params: PruneParams, name: str, **options) -> Strategy:
@@ -391,8 +406,9 @@ class Job:
         requests = [self.request(r, "fit", self.params.search_seed, keep_weights=keep)
                     for r in removal_sets]
         if budget != FULL:
-            config = dataclasses.replace(self.finetune,
-                                         epochs=self.finetune.epochs * budget.fraction)
+            # rounded: 3.0 * 0.1 is 0.30000000000000004, one step more than 0.3 at times
+            config = dataclasses.replace(
+                self.finetune, epochs=round(self.finetune.epochs * budget.fraction, 9))
             start = self.warm_start() if budget.warm else None
             requests = [request.model_copy(update={"config": config}) for request in requests]
             if start is not None:
@@ -504,10 +520,11 @@ class Job:
         reused = self._count(checkpoint)
         run_id = log_child_run(
             self.tracking_uri, self.parent_run_id, self.job_id, CANDIDATE, checkpoint.key,
-            f"candidate-remove-{'-'.join(map(str, record.removed))}",
+            f"candidate-remove-{'-'.join(map(str, record.removed))}"
+            + (f"-at-{record.budget:g}" if record.budget < 1 else ""),
             params={"iteration": record.iteration, "layer": record.layer,
                     "removed": list(record.removed), "seed": checkpoint.seed,
-                    "device": checkpoint.device},
+                    "device": checkpoint.device, "budget": record.budget},
             metrics={**_finite(evaluation.metrics), "fine_tune_seconds": checkpoint.seconds},
             tags={**self.common_tags, "glp.iteration": record.iteration,
                   "glp.diverged": str(evaluation.diverged).lower()},

@@ -84,6 +84,7 @@ SEARCHES = ("full", "halving", "warm")
 """How greedy scores its candidates: the reference protocol and the two cheaper ones."""
 
 DEFAULT_FRACTION = {"halving": 0.1, "warm": 0.25}
+MIN_FRACTION = 0.01
 """The share of the fine-tune budget: halving's first rung, warm start's repair."""
 
 
@@ -269,9 +270,9 @@ class GreedyLayerPruning(Strategy):
                                "budget")
         else:
             fraction = DEFAULT_FRACTION[search] if fraction is None else fraction
-            if not (0 < fraction <= 1):  # also refuses NaN
-                raise GlpError(f"the {search} search's budget fraction must be in (0, 1], "
-                               f"not {fraction}")
+            if not (MIN_FRACTION <= fraction <= 1):  # also refuses NaN
+                raise GlpError(f"the {search} search's budget fraction must be in "
+                               f"[{MIN_FRACTION}, 1], not {fraction}")
         self.prefilter_keep = prefilter_keep
         self.search_kind = search
         self.fraction = fraction
@@ -284,7 +285,7 @@ class GreedyLayerPruning(Strategy):
     def variant(self) -> str:
         parts = [f"prefilter-{self.prefilter_keep}"] if self.prefilter_keep else []
         if self.search_kind != "full":
-            parts.append(f"{self.search_kind}-{self.fraction:g}")
+            parts.append(f"{self.search_kind}-{self.fraction}")  # exact: it names the job
         return "-".join(parts)
 
     @classmethod

@@ -171,3 +171,20 @@ def test_prefilter_adds_a_prefiltered_greedy():
     labels = [s.label for s in strategies_of(params)]
     assert labels == ["greedy", "greedy-prefilter-2", "random-seed-0", "random-seed-1",
                       "random-seed-2", "top"]
+
+
+def test_a_cheaper_search_adds_a_greedy_beside_the_full_one():
+    params = CompareParams(strategies="greedy,top", search="halving", prefilter_keep=2)
+    labels = [s.label for s in strategies_of(params)]
+    assert labels == ["greedy", "greedy-prefilter-2", "greedy-halving-0.1", "top"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"search": "halving"}, "--search halving: only the greedy strategy searches "
+                            "(--strategies top,bottom has no greedy)"),
+    ({"prefilter_keep": 3}, "--prefilter-keep 3: only the greedy strategy pre-filters "
+                            "(--strategies top,bottom has no greedy)"),
+])
+def test_greedy_options_without_greedy_are_refused(options, message):
+    with pytest.raises(GlpError, match=re.escape(message)):
+        strategies_of(CompareParams(strategies="top,bottom", **options))

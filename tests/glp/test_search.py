@@ -538,6 +538,7 @@ def test_halving_after_the_prefilter_halves_the_kept_candidates() -> None:
 @pytest.mark.parametrize(("search", "fraction", "variant"), [
     ("full", None, ""), ("halving", None, "halving-0.1"), ("halving", 0.2, "halving-0.2"),
     ("warm", None, "warm-0.25"), ("warm", 0.5, "warm-0.5"),
+    ("halving", 0.1234567, "halving-0.1234567"),  # exact: two fractions, two jobs
 ])
 def test_search_variants_name_the_search_and_its_budget(search, fraction, variant) -> None:
     assert greedy(search, fraction).variant == variant
@@ -548,9 +549,10 @@ def test_search_variants_name_the_search_and_its_budget(search, fraction, varian
 @pytest.mark.parametrize(("search", "fraction", "message"), [
     ("fast", None, "unknown search 'fast'; choose one of: full, halving, warm"),
     ("full", 0.5, "a budget fraction (0.5) is for --search halving or warm"),
-    ("halving", 0.0, "budget fraction must be in (0, 1], not 0.0"),
-    ("warm", 1.5, "budget fraction must be in (0, 1], not 1.5"),
-    ("halving", float("nan"), "budget fraction must be in (0, 1], not nan"),
+    ("halving", 0.0, "budget fraction must be in [0.01, 1], not 0.0"),
+    ("halving", 0.005, "budget fraction must be in [0.01, 1], not 0.005"),
+    ("warm", 1.5, "budget fraction must be in [0.01, 1], not 1.5"),
+    ("halving", float("nan"), "budget fraction must be in [0.01, 1], not nan"),
 ])
 def test_bad_search_settings_are_refused(search, fraction, message) -> None:
     with pytest.raises(GlpError, match=re.escape(message)):
