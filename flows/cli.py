@@ -85,9 +85,9 @@ class RichReporter:
         self.bars.console.print(f"[green]✓[/green] {message}")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _quiet(verbose: bool) -> None:
@@ -785,6 +785,112 @@ def _bench_models(specs: list[str], threads: int, onnx: bool, tmp: Path, home):
             timed[f"{name} | onnx"] = OnnxModel(fp32, threads=threads, spin=False)
             timed[f"{name} | onnx int8"] = OnnxModel(int8, threads=threads, spin=False)
     return timed, vocab
+
+
+@app.command()
+def pick(
+    max_latency_ms: Annotated[float | None, typer.Option(
+        help="slowest latency allowed (ms, as the run measured it)")] = None,
+    min_speedup: Annotated[float | None, typer.Option(
+        help="speed-up over the unpruned model, measured beside it")] = None,
+    min_metric: Annotated[float | None, typer.Option(
+        help="quality floor on the dev metric (mean over seeds)")] = None,
+    max_parameters: Annotated[int | None, typer.Option(help="most parameters allowed")]
+    = None,
+    task: Annotated[str | None, typer.Option(help="only this task's models")] = None,
+    model: Annotated[str | None, typer.Option(help="only models of this base model")] = None,
+    job: Annotated[str | None, typer.Option(help="only this job's models (its id)")] = None,
+    alias: Annotated[str | None, typer.Option(help="point this registry alias (e.g. "
+                                              "production) at the chosen version")] = None,
+    home: HomeOption = None,
+) -> None:
+    """The best final model that meets a budget, from a run home's results.
+
+    With a speed or size limit: the best dev metric among the models within it; with only
+    --min-metric: the fastest model that reaches it. Prints the chosen model, its plan and
+    its measured numbers; the last line is its registry URI (models:/NAME/VERSION) or, if
+    it was not registered, its model directory. Nothing meets the budget: one line naming
+    the closest model, exit 1.
+    """
+    import json
+
+    from glp.pick import Budget, closest, models
+    from glp.pick import pick as choose
+
+    run_home = RunHome.resolve(home)
+    try:
+        budget = Budget(max_latency_ms, min_speedup, min_metric, max_parameters)
+    except GlpError as exc:
+        _fail(str(exc))
+    finals = run_home.parquet / "finals"
+    if not finals.is_dir():
+        _fail(f"--home {run_home.root}: no final models there (no parquet/finals); run glp "
+              "prune, compare or compress first")
+    import pyarrow.dataset as ds
+
+    rows = ds.dataset(finals).to_table().to_pylist()
+    for option, column, value in (("--task", "task", task), ("--model", "model", model),
+                                  ("--job", "job_id", job)):
+        if value is None:
+            continue
+        known = sorted({str(r[column]) for r in rows})
+        rows = [r for r in rows if str(r[column]).lower() == value.lower()]
+        if not rows:
+            _fail(f"{option} {value}: no final models of it in {run_home.root}; found: "
+                  f"{', '.join(known)}")
+    subjects = sorted({(r["model"], r["task"]) for r in rows})
+    if len(subjects) > 1:
+        _fail(f"{run_home.root} holds models of {len(subjects)} model/task pairs ("
+              + ", ".join(f"{m} on {t}" for m, t in subjects)
+              + "); choose one with --model and --task")
+    found = models(rows)
+    if not found:
+        _fail(f"every final model in {run_home.root} diverged; nothing can be picked")
+    chosen, meeting = choose(found, budget)
+    if budget.needs_latency and not any(m.latency_ms for m in found):
+        _fail("no final model in this home has a measured latency (glp compare and glp "
+              "compress measure it; glp bench DIR times any model); use --max-parameters "
+              "or --min-metric")
+    if chosen is None:
+        near = closest(found, budget)
+        where = f"; the closest: {_pick_line(near)}" if near else ""
+        _fail(f"no model meets {budget.describe()} ({len(found)} models searched){where}",
+              code=1)
+    table = Table(title=f"Models that meet {budget.describe()} (best first)")
+    for column in ("model", f"dev {chosen.metric}", "parameters", "latency ms",
+                   "speed-up", "registered"):
+        table.add_column(column, justify="left" if column in ("model", "registered")
+                         else "right")
+    for m in meeting[:10]:
+        table.add_row(m.label, f"{m.mean:.4f} ± {m.std:.4f} ({m.seeds})",
+                      f"{m.parameters:,}" if m.parameters else "",
+                      f"{m.latency_ms:.2f}" if m.latency_ms else "",
+                      f"{m.speedup:.2f}x" if m.speedup else "",
+                      f"{m.registered_model} v{m.model_version}" if m.model_version else "")
+    console.print(table, markup=False)
+    console.print(f"picked: {_pick_line(chosen)}", markup=False, highlight=False,
+                  soft_wrap=True)
+    console.print(f"plan: {json.dumps(chosen.plan, sort_keys=True)}", markup=False,
+                  highlight=False, soft_wrap=True)
+    if alias:
+        if not chosen.model_version:
+            _fail(f"--alias {alias}: the chosen model was not registered (its job ran with "
+                  "--no-register); register it, or load it from its directory")
+        from tasks.tracking import client_for
+
+        client_for(run_home.tracking_uri).set_registered_model_alias(
+            chosen.registered_model, alias, chosen.model_version)
+        console.print(f"alias @{alias} of {chosen.registered_model} now points at version "
+                      f"{chosen.model_version}", markup=False, highlight=False)
+    print(chosen.uri)
+
+
+def _pick_line(m) -> str:
+    latency = (f", {m.latency_ms:.2f} ms at batch {m.latency_batch}" if m.latency_ms else "")
+    speedup = f" ({m.speedup:.2f}x)" if m.speedup else ""
+    params = f", {m.parameters:,} parameters" if m.parameters else ""
+    return (f"{m.label} (job {m.job_id[:12]}): dev {m.metric} {m.mean:.4f} ± {m.std:.4f} over "
+            f"{m.seeds} seed(s){params}{latency}{speedup}; seed {m.chosen_seed}")
 
 
 @app.command()

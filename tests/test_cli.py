@@ -164,3 +164,89 @@ def test_bench_names_a_registry_uri_it_cannot_find(tmp_path):
     assert result.exit_code == 2
     assert "glp bench models:/nothing@best: not found in the registry" in " ".join(
         result.output.split())
+
+
+# ---------------------------------------------------------------- glp pick
+
+
+@pytest.fixture
+def picked_home(tmp_path):
+    """A run home whose finals hold a greedy search's models (fake rows, real Parquet)."""
+    from tasks.records import write_part
+    from tests.glp.test_pick import ROWS
+
+    home = tmp_path / "home"
+    write_part(home / "parquet", "finals", "job-a", "finals", ROWS)
+    return home
+
+
+def _pick(home, *args):
+    result = CliRunner().invoke(app, ["pick", "--home", str(home), *args], env={"GLP_HOME": None})
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(("args", "last"), [
+    (["--max-latency-ms", "70"], "models:/glp-g/2"),
+    (["--min-speedup", "1.9"], "/m/greedy3-41"),  # not registered: the model directory
+    (["--min-metric", "0.805"], "models:/glp-g/1"),
+    (["--max-parameters", "18000000", "--task", "SST2"], "models:/glp-g/2"),
+])
+def test_pick_prints_the_chosen_model_last(picked_home, args, last):
+    code, out, err = _pick(picked_home, *args)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[-1] == last
+    assert any(line.startswith("picked: greedy") for line in lines)
+    assert any(line.startswith("plan: {") for line in lines)
+
+
+def test_pick_with_nothing_in_budget_is_one_line_naming_the_closest(picked_home):
+    code, out, err = _pick(picked_home, "--max-latency-ms", "45")
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: no model meets --max-latency-ms 45 (5 models searched); "
+                               "the closest: greedy, 3 layers")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "error: give a budget: --max-latency-ms X"),
+    (["--max-latency-ms", "-1"], "error: --max-latency-ms -1.0: expected a finite number above 0"),
+    (["--min-metric", "0.5", "--task", "cola"], "error: --task cola: no final models of it"),
+    (["--min-metric", "0.5", "--alias", "production"],
+     "error: --alias production: the chosen model was not registered"),
+])
+def test_pick_refuses_bad_input_in_one_line(picked_home, args, message):
+    code, out, err = _pick(picked_home, *args)
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(message), err
+
+
+def test_pick_needs_one_model_and_task(picked_home, tmp_path):
+    from tasks.records import write_part
+    from tests.glp.test_pick import row
+
+    write_part(picked_home / "parquet", "finals", "job-b", "finals",
+               [{**row("greedy", 5, 40, 0.5, latency=1.0), "job_id": "job-b", "task": "cola"}])
+    code, _, err = _pick(picked_home, "--min-metric", "0.1")
+    assert code == 2
+    assert "holds models of 2 model/task pairs (minilm on cola, minilm on sst2)" in err
+    code, out, _ = _pick(picked_home, "--min-metric", "0.1", "--task", "cola")
+    assert code == 0 and out.strip().splitlines()[-1] == "/m/greedy5-40"
+    assert _pick(tmp_path / "empty", "--min-metric", "0.1")[0] == 2
+
+
+def test_pick_moves_an_alias_in_the_registry(picked_home):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.home import RunHome
+
+    uri = RunHome.resolve(str(picked_home)).tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("glp-g")
+    for _ in range(2):
+        client.create_model_version("glp-g", source=str(picked_home))
+    code, out, err = _pick(picked_home, "--max-latency-ms", "70", "--alias", "production")
+    assert code == 0, err
+    assert "alias @production of glp-g now points at version 2" in out
+    assert str(client.get_model_version_by_alias("glp-g", "production").version) == "2"

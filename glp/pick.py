@@ -1,0 +1,207 @@
+"""Choosing a model by budget: the best final model that is fast or small enough.
+
+One search (or comparison) yields a model per depth, density or ratio; a user picks the one
+that fits their own trade-off. The rows are a run home's ``finals`` (one per model and
+seed). A *model* is one job's one plan: its seeds are pooled (mean ± std of the dev metric)
+and its deployable member is the one the registry rule chooses (the best selection-split
+score, never a diverged seed): the registered version when there is one, else that seed's
+saved directory.
+
+The budget's limits must all hold. With a speed or size limit the model with the best mean
+dev metric wins; with only a quality floor (``min_metric``) the fastest model that reaches
+it wins (by latency, else by parameters). The quality floor is on the dev metric, the
+number every report shows; nothing else here is chosen on dev.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from glp import GlpError
+from glp.names import REFERENCE
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The limits a model must meet (None: no limit)."""
+
+    max_latency_ms: float | None = None
+    min_speedup: float | None = None
+    min_metric: float | None = None
+    max_parameters: int | None = None
+
+    OPTIONS = {"max_latency_ms": "--max-latency-ms", "min_speedup": "--min-speedup",
+               "min_metric": "--min-metric", "max_parameters": "--max-parameters"}
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in self.limits().items()}
+        if not given:
+            raise GlpError("give a budget: " + ", ".join(f"{o} X" for o in self.OPTIONS.values()))
+        for name, value in given.items():
+            if not math.isfinite(value) or (name != "min_metric" and value <= 0):
+                raise GlpError(f"{self.OPTIONS[name]} {value}: expected a finite number"
+                               + (" above 0" if name != "min_metric" else ""))
+
+    def limits(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.OPTIONS
+                if getattr(self, name) is not None}
+
+    @property
+    def needs_latency(self) -> bool:
+        return self.max_latency_ms is not None or self.min_speedup is not None
+
+    def describe(self) -> str:
+        return " ".join(f"{self.OPTIONS[k]} {v:g}" for k, v in self.limits().items())
+
+
+@dataclass(frozen=True)
+class Model:
+    """One job's one plan, its seeds pooled."""
+
+    job_id: str
+    strategy: str
+    variant: str
+    method: str
+    model: str
+    task: str
+    metric: str
+    depth: int
+    plan: dict
+    mean: float
+    std: float
+    seeds: int
+    parameters: int | None
+    latency_ms: float | None
+    latency_batch: int | None
+    speedup: float | None  # against the same job's unpruned model, measured beside it
+    chosen_seed: int
+    model_dir: str | None
+    registered_model: str | None = None
+    model_version: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        name = self.strategy if not self.variant else f"{self.strategy}-{self.variant}"
+        if self.method not in ("layers", REFERENCE) and self.method != self.strategy:
+            name = f"{self.method} {name}"
+        size = self.extra.get("target_density") or self.extra.get("target_ratio")
+        what = f"density {size:g}" if self.extra.get("target_density") else (
+            f"ratio {size:g}" if size else f"{self.depth} layers")
+        return f"{name}, {what}"
+
+    @property
+    def uri(self) -> str | None:
+        """Where to load it from: the registered version, else the saved directory."""
+        if self.registered_model and self.model_version:
+            return f"models:/{self.registered_model}/{self.model_version}"
+        return self.model_dir
+
+    def meets(self, budget: Budget) -> bool:
+        return not self.violations(budget)
+
+    def violations(self, budget: Budget) -> dict[str, float]:
+        """How far each limit is missed, relative to the limit (0 < v; inf: unmeasured)."""
+        missed = {}
+        checks = {
+            "max_latency_ms": (self.latency_ms, lambda v, lim: v / lim - 1),
+            "min_speedup": (self.speedup, lambda v, lim: lim / v - 1),
+            "max_parameters": (self.parameters, lambda v, lim: v / lim - 1),
+            "min_metric": (self.mean, lambda v, lim: (lim - v) / max(abs(lim), 1e-9)),
+        }
+        for name, limit in budget.limits().items():
+            value, miss = checks[name]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                missed[name] = math.inf
+                continue
+            amount = miss(value, limit)
+            if amount > 1e-12:
+                missed[name] = amount
+        return missed
+
+
+def models(rows: Iterable[dict]) -> list[Model]:
+    """The rows of ``finals`` grouped into models (job, strategy, variant, plan); every
+    seed diverged: left out. The unpruned reference is a model too (a speed-up of 1)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["job_id"], row["strategy"], row.get("variant") or "", row["plan"])
+        groups.setdefault(key, []).append(row)
+    reference_latency = {}
+    for (job_id, strategy, _, _), members in groups.items():
+        if strategy == REFERENCE:
+            latency = _first(members, "latency_ms")
+            if latency is not None:
+                reference_latency[job_id] = latency
+    found = []
+    for (job_id, strategy, variant, plan), members in groups.items():
+        alive = [r for r in members if not r["diverged"] and _finite(r["value"])]
+        if not alive:
+            continue
+        chosen = max(alive, key=lambda r: (_or(r.get("selection_value"), -math.inf),
+                                           -r["seed"]))
+        values = [r["value"] for r in alive]
+        latency = _first(members, "latency_ms")
+        reference = reference_latency.get(job_id)
+        found.append(Model(
+            job_id=job_id, strategy=strategy, variant=variant,
+            method=chosen.get("method") or "layers", model=chosen["model"],
+            task=chosen["task"], metric=chosen["metric"], depth=int(chosen["depth"]),
+            plan=json.loads(plan) if plan else {}, mean=statistics.mean(values),
+            std=statistics.stdev(values) if len(values) > 1 else 0.0, seeds=len(values),
+            parameters=_int(chosen.get("parameters")), latency_ms=latency,
+            latency_batch=_int(_first(members, "latency_batch")),
+            speedup=reference / latency if reference and latency else None,
+            chosen_seed=int(chosen["seed"]), model_dir=chosen.get("model_dir"),
+            registered_model=chosen.get("registered_model") or None,
+            model_version=chosen.get("model_version") or None,
+            extra={k: chosen[k] for k in ("target_density", "target_ratio")
+                   if _finite(chosen.get(k))},
+        ))
+    return found
+
+
+def pick(candidates: list[Model], budget: Budget) -> tuple[Model | None, list[Model]]:
+    """The best model that meets ``budget`` (None if none does) and every one that does,
+    best first."""
+    meeting = [m for m in candidates if m.meets(budget)]
+    if budget.needs_latency or budget.max_parameters is not None:
+        # the best metric; ties: the faster, then the smaller
+        meeting.sort(key=lambda m: (-m.mean, _or(m.latency_ms, math.inf),
+                                    _or(m.parameters, math.inf)))
+    else:
+        # only a quality floor: the fastest (else the smallest) that reaches it
+        meeting.sort(key=lambda m: (_or(m.latency_ms, math.inf), _or(m.parameters, math.inf),
+                                    -m.mean))
+    return (meeting[0] if meeting else None), meeting
+
+
+def closest(candidates: list[Model], budget: Budget) -> Model | None:
+    """The model that misses the budget by least (the sum of its relative misses; a limit
+    it has no measurement for counts as missed by infinitely much)."""
+    scored = [(sum(m.violations(budget).values()), -m.mean, m) for m in candidates]
+    scored = [s for s in scored if math.isfinite(s[0])]
+    return min(scored, key=lambda s: (s[0], s[1]))[2] if scored else None
+
+
+def _first(rows: list[dict], column: str):
+    for row in rows:
+        if _finite(row.get(column)):
+            return row[column]
+    return None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value) -> int | None:
+    return int(value) if _finite(value) else None
+
+
+def _or(value, default):
+    return default if value is None else value
