@@ -178,6 +178,9 @@ def start_services(tracking_uri: str) -> None:
     if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         from prefect.server.api.server import SubprocessASGIServer
 
+        # glp's flows use no block types: registering every one of them on a new database
+        # took 4 s of the temporary server's start here (15.5 s against 11.2 s).
+        os.environ.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
         server = SubprocessASGIServer()
 
         def start() -> None:
