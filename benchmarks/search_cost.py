@@ -20,8 +20,9 @@ equivalents and in fine-tune + evaluation seconds (both as a ratio to the full s
 the removal order and how many of its choices agree with the full search's, and the dev
 score of every depth (mean ± std over the seeds).
 
-Usage: PYTHONPATH=. .venv/bin/python benchmarks/search_cost.py [--tasks sst2,cola,stsb]
-           [--home DIR] [--out docs/benchmarks/search_cost.json]
+Usage: PYTHONPATH=. .venv/bin/python benchmarks/search_cost.py [--tasks sst2,cola,mrpc]
+           [--variants full,halving,warm,prefilter-3] [--home DIR]
+           [--out docs/benchmarks/search_cost.json]
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ VARIANTS = {
 REMOVE, SEEDS = 2, 3
 
 
-def run_task(task: str, home: Path) -> dict:
+def run_task(task: str, home: Path, variants: list[str]) -> dict:
     from flows.prune import PruneParams, prune
 
     limit, length, batch, lr, epochs = BUDGETS[task]
     results = {}
-    for name, options in VARIANTS.items():
+    for name in variants:
+        options = VARIANTS[name]
         params = PruneParams(task=task, remove=REMOVE, train_limit=limit, max_length=length,
                              batch_size=batch, learning_rate=lr, epochs=epochs, seeds=SEEDS,
                              register_models=False, home=str(home), **options)
@@ -103,9 +105,11 @@ def table(task: str, results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="sst2,cola,stsb")
+    parser.add_argument("--tasks", default="sst2,cola,mrpc")
     parser.add_argument("--home", default=".glp-search-bench")
     parser.add_argument("--out", default="docs/benchmarks/search_cost.json")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="which of: " + ", ".join(VARIANTS) + " (full first)")
     args = parser.parse_args()
     from tasks.home import RunHome, configure_environment
 
@@ -116,7 +120,7 @@ def main() -> None:
     found = json.loads(out.read_text()) if out.exists() else {}
     for task in args.tasks.split(","):
         started = time.perf_counter()
-        found[task] = run_task(task, home)
+        found[task] = run_task(task, home, args.variants.split(","))
         found[task]["_seconds"] = round(time.perf_counter() - started, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(found, indent=1) + "\n")
