@@ -408,27 +408,35 @@ def print_summary(summary) -> None:
                 cells.append(_score_cell(rows[layer]) + mark)
             table.add_row(str(it + 1), *cells)
         console.print(table)
-    finals = Table(title=f"Final models: dev {summary.metric}")
-    for column in ("layers", "removed", "seeds", f"dev {summary.metric}", "parameters",
-                   "registry"):
+    distilled = any(r.get("distilled") for r in summary.finals)
+    finals = Table(title=f"Final models: dev {summary.metric}"
+                   + (" (kd: distilled from the unpruned model)" if distilled else ""))
+    columns = ("layers", "removed", *(("fine-tune",) if distilled else ()), "seeds",
+               f"dev {summary.metric}", "parameters", "registry")
+    for column in columns:
         finals.add_column(column, justify="right" if column != "registry" else "left")
-    depths = sorted({r["depth"] for r in summary.finals}, reverse=True)
+    groups = sorted({(r["depth"], bool(r.get("distilled"))) for r in summary.finals},
+                    key=lambda g: (-g[0], g[1]))
     inverse = {v: k for k, v in summary.versions.items() if k.startswith("depth-")}
     best = summary.versions.get("best")
-    for depth in depths:
-        rows = [r for r in summary.finals if r["depth"] == depth]
+    for depth, kd in groups:
+        rows = [r for r in summary.finals
+                if r["depth"] == depth and bool(r.get("distilled")) == kd]
         values = [r["value"] for r in rows if not r.get("diverged")]
         spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
         score = f"{statistics.mean(values):.4f}{spread}" if values else ""
         if len(values) < len(rows):  # said in words, never shown as a score of 0.0
             score += f"{' ' if score else ''}[red]{len(rows) - len(values)} of {len(rows)} " \
                      "diverged[/red]"
-        version = rows[0].get("model_version")
+        version = next((r["model_version"] for r in rows if r.get("model_version")), None)
         registry = ""
-        if version:
+        if version and kd:
+            registry = f"v{version} of -kd"
+        elif version:
             registry = f"v{version} @{inverse.get(version, '')}"
             registry += " @best" if version == best else ""
         finals.add_row(str(depth), ",".join(map(str, rows[0]["removed"])) or "none (reference)",
+                       *(("kd" if kd else "plain",) if distilled else ()),
                        str(len(rows)), score,
                        f"{rows[0]['parameters']:,}" if rows[0]["parameters"] else "",
                        registry)
@@ -441,6 +449,9 @@ def print_summary(summary) -> None:
                       f"\"models:/{summary.registered_model}@best\"))")
         console.print(f"                  and as ONNX: [cyan]{summary.registered_model}-onnx"
                       "[/cyan] (mlflow.pyfunc, onnxruntime only)")
+        if distilled:
+            console.print(f"distilled:        [cyan]{summary.registered_model}-kd[/cyan] "
+                          "(and -kd-onnx), aliases depth-N and best")
     console.print(f"MLflow UI:      glp ui --home {home}")
     console.print(f"Parquet tables: {home / 'parquet'} (candidates/, selections/, finals/)")
 
@@ -509,6 +520,12 @@ def prune(
     trust_remote_code: Annotated[bool, typer.Option(help="allow a model that runs its own code "
                                                     "(auto_map in its config)")] = False,
     seeds: Annotated[int, typer.Option(help="seeds per final model (40, 41, ...)")] = 5,
+    distill: Annotated[bool, typer.Option(help="also fine-tune every pruned depth with "
+                                          "knowledge distillation from the unpruned "
+                                          "fine-tuned model (variant kd)")] = False,
+    distill_temperature: Annotated[float, typer.Option(help="--distill: the softmax "
+                                                       "temperature of the teacher's targets")]
+    = 2.0,
     search_seed: Annotated[int, typer.Option(help="seed of the candidate fine-tunes")] = 41,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI "
                                                      "[default: sqlite in the home]")] = None,
@@ -589,7 +606,8 @@ app.command(name="compare")(compare)
 
 SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "search", "search_fraction",
                "random_seed", "exhaustive_limit",
-               "remove", "search_seed", "keep_candidates", "seeds")
+               "remove", "search_seed", "keep_candidates", "seeds", "distill",
+               "distill_temperature")
 """``prune`` options that mean nothing to a width method (compress has its own --seeds)."""
 
 
@@ -831,7 +849,10 @@ def pick(
               "prune, compare or compress first")
     import pyarrow.dataset as ds
 
-    rows = ds.dataset(finals).to_table().to_pylist()
+    from tasks.records import FINALS
+
+    # The current schema: a home written by an older glp lacks its newer columns (null).
+    rows = ds.dataset(finals, schema=FINALS).to_table().to_pylist()
     for option, column, value in (("--task", "task", task), ("--model", "model", model),
                                   ("--job", "job_id", job)):
         if value is None:

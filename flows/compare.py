@@ -21,12 +21,15 @@ from flows.job import (
     Job,
     PruneParams,
     check_inputs,
+    distilled_variant,
     final_plans,
     register_depths,
     strategy_for,
 )
+from flows.methods import compressors, layer_strategies, parse_methods, run_chain
 from flows.runners import run_on_task_runner
 from glp import GlpError
+from glp.names import OFFLINE_METHODS
 from glp.report import label, write_report
 from glp.search import STRATEGIES, Strategy
 from tasks.tracking import end_job_run, log_report
@@ -35,14 +38,22 @@ ALL_STRATEGIES = tuple(STRATEGIES)
 
 
 class CompareParams(PruneParams):
-    """``prune``'s parameters plus which strategies to compare (``strategy`` is unused)."""
+    """``prune``'s parameters plus which strategies (or methods) to compare (``strategy``
+    is unused)."""
 
     strategies: tuple[str, ...] = Field(ALL_STRATEGIES, description="strategies to compare")
+    methods: tuple[str, ...] = Field((), description=(
+        "methods to compare instead of --strategies: layer strategies, mlpruning, grain, "
+        "lowrank, autoencoder and compositions such as greedy+lowrank (flows/methods.py)"))
+    densities: tuple[float, ...] = Field((0.5, 0.3), min_length=1, description=(
+        "width methods: fractions of the encoder weights to keep"))
+    ratios: tuple[float, ...] = Field((2.0, 4.0), min_length=1, description=(
+        "offline methods: compression ratios of the compressed module types"))
     random_orders: int = Field(3, ge=1, description="random orders (seeds 0, 1, ...)")
     register_models: bool = False
     command: str | None = Field(None, description="the command line, quoted in the report")
 
-    @field_validator("strategies", mode="before")
+    @field_validator("strategies", "methods", mode="before")
     @classmethod
     def _split(cls, value):
         """Accept "greedy,top" as well as a list (names are checked by ``preflight``)."""
@@ -82,7 +93,9 @@ def strategies_of(params: CompareParams) -> list[Strategy]:
     """The strategy instances: random once per order seed; with a pre-filter, greedy both
     in full and pre-filtered, so the report shows what the pre-filter costs in quality."""
     chosen: list[Strategy] = []
-    for name in parse_strategies(params.strategies):
+    names = (layer_strategies(parse_methods(params.methods)) if params.methods
+             else parse_strategies(params.strategies))
+    for name in names:
         if name == "random":
             chosen += [strategy_for(params, name, seed=s) for s in range(params.random_orders)]
         elif name == "greedy":
@@ -99,8 +112,21 @@ def strategies_of(params: CompareParams) -> list[Strategy]:
 
 def preflight(params: CompareParams) -> str:
     """Check the inputs before any run starts; a one-line description of the comparison."""
+    if params.methods and "strategies" in params.model_fields_set:
+        raise GlpError("--strategies and --methods: give one (--methods takes layer "
+                       "strategies too, e.g. --methods greedy,top,mlpruning)")
     strategies = strategies_of(params)
     num_layers, data = check_inputs(params, strategies)
+    if params.methods:
+        from glp.models import resolve_model
+
+        check_compressors(params, resolve_model(params.model))
+        names = ", ".join(parse_methods(params.methods))
+        return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers, keep "
+                f"{', '.join(f'{d:g}' for d in params.densities)} in width, ratio "
+                f"{', '.join(f'{r:g}' for r in params.ratios)} offline, of {params.model} on "
+                f"{data.spec.name} ({len(data.train):,} train / {len(data.dev):,} dev rows, "
+                f"{data.spec.metric}, {params.seeds} seed(s))")
     names = ", ".join(dict.fromkeys(s.name for s in strategies))
     return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers of "
             f"{params.model} on {data.spec.name} ({len(data.train):,} train / "
@@ -126,11 +152,15 @@ def _compare(params: CompareParams) -> CompareSummary:
     job_id = job.identity("compare", labels, params.exhaustive_limit)
     job.start(job_id, f"compare-{job.slug}-{data.task}-remove{params.remove}",
               tags={"glp.strategy": "compare", "glp.strategies": ",".join(labels)})
+    methods = compressors(parse_methods(params.methods)) if params.methods else ()
     try:
         outcomes = [job.search(strategy) for strategy in strategies]
-        rows = job.finals(final_plans(outcomes), measure_latency=True)
+        rows = job.finals(final_plans(outcomes), measure_latency=not params.methods)
         if params.register_models:
             _register_all(params, job, rows, outcomes)
+        if params.methods:
+            rows += _compressed_rows(params, job, methods, rows)
+            _time_deployed(job, rows)
         job.write_finals(rows)
         for row in rows:
             row.pop("_path", None)
@@ -210,3 +240,91 @@ def _register_all(params: CompareParams, job: Job, rows: list[dict], outcomes) -
                 if r["strategy"] == strategy.name and r["variant"] == strategy.variant]
         name = f"glp-{job.slug}-{job.data.task}-{strategy.label}"
         register_depths(params, job, mine, name, outcome)
+        if params.distill:
+            kd = distilled_variant(strategy.variant)
+            register_depths(params, job, [r for r in rows if r["strategy"] == strategy.name
+                                          and r["variant"] == kd],
+                            f"{name}-kd", outcome, distilled=True)
+
+
+def compress_params(params: CompareParams, method: str):
+    """``glp compress``'s parameters for one method, with this comparison's budget."""
+    from flows.compress import CompressParams
+
+    shared = {k: v for k, v in params.model_dump().items()
+              if k in PruneParams.model_fields and k not in ("distill", "distill_temperature")}
+    return CompressParams(**shared, method=method, densities=params.densities,
+                          ratios=params.ratios)
+
+
+def check_compressors(params: CompareParams, model_path: str) -> None:
+    """Every compressor's budget, checked on the base model before anything runs."""
+    from flows.compress import check_method
+    from flows.offline import check_offline, check_sizes
+
+    for name in compressors(parse_methods(params.methods)):
+        for method in name.split("+"):
+            if method == "greedy":
+                continue
+            values = compress_params(params, method)
+            if method in OFFLINE_METHODS:
+                check_sizes(model_path, values, check_offline(values))
+            else:
+                check_method(values, model_path)
+
+
+def _compressed_rows(params: CompareParams, job: Job, methods: tuple[str, ...],
+                     layer_rows: list[dict]) -> list[dict]:
+    """Every compressor and composition, from the shared teacher (flows/methods.py)."""
+    from flows import compress as width
+    from flows import offline
+
+    if not methods:
+        return []
+    teacher = job.teacher_checkpoint()
+    depth = job.num_layers - params.remove
+
+    def greedy_rows() -> list[dict]:
+        return [r for r in layer_rows if r["strategy"] == "greedy" and not r["variant"]
+                and r["depth"] == depth]
+
+    def step(method: str, source) -> list[dict]:
+        values = compress_params(params, method)
+        if method in OFFLINE_METHODS:
+            return offline._compressed(job, values, offline.check_offline(values), source)
+        return width._compressed(job, values, width.check_method(values, source.path), source)
+
+    rows: list[dict] = []
+    for name in methods:
+        rows += run_chain(name, teacher, greedy_rows, step)
+    return rows
+
+
+DEPLOYED_COLUMNS = {"torch b1": "latency_b1_ms", "torch b32": "latency_ms",
+                    "onnx b1": "onnx_b1_ms", "onnx b32": "onnx_b32_ms",
+                    "int8 b1": "int8_b1_ms", "int8 b32": "int8_b32_ms"}
+"""Where each deployed latency goes in a finals row (``latency_ms``: PyTorch, batch 32)."""
+
+
+def _time_deployed(job: Job, rows: list[dict]) -> None:
+    """One model per plan (the first seed that did not diverge: the same plan is the same
+    architecture), all timed together in PyTorch and onnxruntime (fp32, int8) at batch 1
+    and 32, interleaved; every row of a plan gets its numbers."""
+    from tasks.analysis import measure_deployed
+
+    timed: dict[str, object] = {}
+    for row in rows:
+        if not row["diverged"] and row.get("_checkpoint") is not None:
+            timed.setdefault(row["plan"], row["_checkpoint"])
+    if not timed:
+        return
+    task = measure_deployed.with_options(result_storage=job.home.results)
+    measured = task(list(dict.fromkeys(timed.values())), job.data, "dev",
+                    job.finetune.max_length, job.home, "cpu")
+    for row in rows:
+        checkpoint = timed.get(row["plan"])
+        if checkpoint is None:
+            continue
+        for name, column in DEPLOYED_COLUMNS.items():
+            row[column] = measured.median_ms[checkpoint.key].get(name)
+        row["latency_batch"] = 32

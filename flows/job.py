@@ -77,6 +77,7 @@ from tasks.training import (
     Checkpoint,
     FineTuneRequest,
     Scored,
+    Teacher,
     evaluate_final,
     fine_tune_final,
     score_candidate,
@@ -123,6 +124,10 @@ class PruneParams(BaseModel):
     keep_candidates: bool = Field(False, description="keep every search candidate's weights")
     trust_remote_code: bool = Field(False, description="allow a model with custom code")
     seeds: int = Field(5, ge=1, description="seeds per final model (40, 41, ...)")
+    distill: bool = Field(False, description=(
+        "also fine-tune every pruned depth with knowledge distillation from the unpruned "
+        "fine-tuned model (seed 40's), beside the plain fine-tune"))
+    distill_temperature: float = Field(2.0, gt=0, allow_inf_nan=False)
     search_seed: int = 41
     split_seed: int = 0
     selection_fraction: float = Field(0.15, gt=0, lt=1, allow_inf_nan=False)
@@ -341,7 +346,9 @@ class Job:
         return stable_hash(kind, self.model_fp, self.data.fingerprints, self.data.metric,
                            self.params.remove, self.finetune.result_dict(),
                            self.params.search_seed, self.seeds, code_fingerprint(CODE),
-                           self.device.partition(":")[0], *parts)
+                           self.device.partition(":")[0], *parts,
+                           *((("distill", self.params.distill_temperature),)
+                             if self.params.distill else ()))
 
     def start(self, job_id: str, run_name: str, tags: dict[str, str]) -> str:
         progress.clear_stop()
@@ -387,12 +394,30 @@ class Job:
         return reused
 
     def request(self, removed: tuple[int, ...], split: str, seed: int,
-                keep_weights: bool = True) -> FineTuneRequest:
+                keep_weights: bool = True, teacher: Teacher | None = None) -> FineTuneRequest:
         return FineTuneRequest(model_path=self.model_path, model_fingerprint=self.model_fp,
                                data=self.data, split=split, removed=removed,
                                config=self.finetune, seed=seed, home=self.home,
                                device=self.device, keep_weights=keep_weights,
-                               trust_remote_code=self.params.trust_remote_code)
+                               trust_remote_code=self.params.trust_remote_code,
+                               teacher=teacher)
+
+    def teacher_checkpoint(self) -> Checkpoint:
+        """The teacher of every method that needs one: the unpruned model fine-tuned on the
+        whole training split with the first final seed (the reference row's own fine-tune,
+        cached)."""
+        checkpoint = self._fine_tune_final.submit(
+            self.request((), "train", self.seeds[0])).result()
+        if checkpoint.diverged or checkpoint.path is None:
+            raise GlpError("the unpruned model's fine-tune (the teacher) diverged; lower --lr "
+                           "or turn on clipping (--max-grad-norm)")
+        return checkpoint
+
+    def teacher(self) -> Teacher:
+        """``--distill``'s teacher (see :meth:`teacher_checkpoint`)."""
+        checkpoint = self.teacher_checkpoint()
+        return Teacher(path=checkpoint.path, key=checkpoint.key,
+                       temperature=self.params.distill_temperature)
 
     # ------------------------------------------------------------------ search
 
@@ -546,28 +571,35 @@ class Job:
         the checkpoint).
         """
         unique = sorted({removed for _, _, _, removed in plans}, key=lambda r: (len(r), r))
-        total = len(unique) * len(self.seeds)
+        teacher = self.teacher() if self.params.distill and any(unique) else None
+        # (removed, distilled): a pruned set is also distilled from the teacher with --distill
+        kinds = [(removed, False) for removed in unique] + (
+            [(removed, True) for removed in unique if removed] if teacher else [])
+        total = len(kinds) * len(self.seeds)
         handle = self.reporter.begin("finals", "final models", total)
         jobs = {}
-        for removed in unique:
+        for removed, distilled in kinds:
             for seed in self.seeds:
-                checkpoint = self._fine_tune_final.submit(self.request(removed, "train", seed))
+                checkpoint = self._fine_tune_final.submit(self.request(
+                    removed, "train", seed, teacher=teacher if distilled else None))
                 evaluations = [self._evaluate_final.submit(checkpoint, self.data, split,
                                                            self.finetune, self.home,
                                                            self.device)
                                for split in ("dev", "selection")]
-                jobs[removed, seed] = (checkpoint, *evaluations)
+                jobs[removed, distilled, seed] = (checkpoint, *evaluations)
         done_jobs: dict[tuple, dict] = {}
-        for done, ((removed, seed), futures) in enumerate(jobs.items()):
+        for done, ((removed, distilled, seed), futures) in enumerate(jobs.items()):
             checkpoint, evaluation, selection = (f.result() for f in futures)
             diverged = evaluation.diverged or selection.diverged
             reused = self._count(checkpoint)
             depth = self.num_layers - len(removed)
+            kd = {"distilled_from": teacher.key,
+                  "distill_temperature": teacher.temperature} if distilled else {}
             run_id = log_child_run(
                 self.tracking_uri, self.parent_run_id, self.job_id, FINAL, checkpoint.key,
-                f"final-depth{depth}-seed{seed}",
+                f"final-depth{depth}-seed{seed}" + ("-kd" if distilled else ""),
                 params={"depth": depth, "removed": list(removed), "seed": seed,
-                        "device": checkpoint.device},
+                        "device": checkpoint.device, **kd},
                 metrics={**_finite(evaluation.metrics),
                          **{f"selection_{k}": v for k, v in _finite(selection.metrics).items()},
                          "fine_tune_seconds": checkpoint.seconds},
@@ -575,7 +607,7 @@ class Job:
                       "glp.diverged": str(diverged).lower()},
                 texts={"plan.json": Plan.layers(self.num_layers, removed).to_json()},
             )
-            done_jobs[removed, seed] = {
+            done_jobs[removed, distilled, seed] = {
                 "run_id": run_id, "checkpoint": checkpoint, "evaluation": evaluation,
                 "selection": selection, "diverged": diverged, "reused": reused}
             self.reporter.update(handle, done + 1)
@@ -583,25 +615,30 @@ class Job:
 
         latency: dict[tuple, float] = {}
         batch = None
-        if measure_latency:
-            first = [done_jobs[removed, self.seeds[0]]["checkpoint"] for removed in unique]
+        if measure_latency:  # a distilled model has the same architecture: the same time
+            first = [done_jobs[removed, False, self.seeds[0]]["checkpoint"]
+                     for removed in unique]
             measured = self._latency(first, self.data, "dev", self.finetune.max_length,
                                      self.home, self.device)
             batch = measured.batch_size
             latency = {removed: measured.median_ms[c.key]
                        for removed, c in zip(unique, first, strict=True)}
-        parameters = {removed: saved_parameters(done_jobs[removed, self.seeds[0]]["checkpoint"]
-                                                .path) for removed in unique}
+        parameters = {removed: saved_parameters(
+            done_jobs[removed, False, self.seeds[0]]["checkpoint"].path) for removed in unique}
         layer_plans = {removed: Plan.layers(self.num_layers, removed) for removed in unique}
         density = {removed: plan.encoder_density(self.base_config)
                    for removed, plan in layer_plans.items()}
         rows = []
-        for strategy, variant, _, removed in plans:
+        entries = [(strategy, variant, removed, False) for strategy, variant, _, removed in plans]
+        if teacher:
+            entries += [(strategy, distilled_variant(variant), removed, True)
+                        for strategy, variant, _, removed in plans if removed]
+        for strategy, variant, removed, distilled in entries:
             who = {"job_id": self.job_id, "strategy": strategy, "variant": variant,
                    "model": self.params.model, "task": self.data.task,
                    "method": REFERENCE if strategy == REFERENCE else LAYER_METHOD}
             for seed in self.seeds:
-                job = done_jobs[removed, seed]
+                job = done_jobs[removed, distilled, seed]
                 rows.append(final_row(
                     who, run_id=job["run_id"], parent_run_id=self.parent_run_id,
                     checkpoint=job["checkpoint"], evaluation=job["evaluation"],
@@ -609,7 +646,7 @@ class Job:
                     plan=layer_plans[removed], parameters=parameters[removed],
                     encoder_density=density[removed], train_examples=self.data.sizes["train"],
                     reused=job["reused"], latency_ms=latency.get(removed),
-                    latency_batch=batch))
+                    latency_batch=batch, distilled=distilled))
         return rows
 
     def time_budgets(self, source: Checkpoint, reference: list[dict], rows: list[dict],
@@ -645,6 +682,15 @@ class Job:
                     [written(row) for row in rows])
 
 
+KD = "kd"
+"""The variant suffix of the models distilled from the unpruned one (``--distill``)."""
+
+
+def distilled_variant(variant: str) -> str:
+    """``kd``, or ``halving-0.1-kd``: a distilled model's variant."""
+    return f"{variant}-{KD}" if variant else KD
+
+
 def final_plans(outcomes: list[SearchOutcome]) -> list[tuple[str, str, int, tuple[int, ...]]]:
     """The reference row once, then every strategy's pruned depths."""
     entries = []
@@ -664,7 +710,7 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,
-                    outcome: SearchOutcome) -> dict[str, str]:
+                    outcome: SearchOutcome, distilled: bool = False) -> dict[str, str]:
     """Register one model per pruned depth (aliases ``depth-N`` and ``best``), by the rule
     of :mod:`tasks.registry`: chosen by the selection split, never diverged. Each is
     registered twice: as a transformers pipeline in ``name``, and as ONNX in
@@ -674,7 +720,11 @@ def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name:
     order = outcome.order or [layer for _, removed in outcome.plan[-1:] for layer in removed]
 
     def depth_of(row: dict) -> int | None:
-        return None if row["strategy"] == REFERENCE else row["depth"]
+        mine = bool(row.get("distilled")) == distilled  # the plain or the distilled models
+        return None if row["strategy"] == REFERENCE or not mine else row["depth"]
+
+    how = (f"fine-tuned on {data.task} with distillation from the unpruned model"
+           if distilled else f"fine-tuned on {data.task}")
 
     def register(registration: Registration) -> str:
         chosen, depth = registration.chosen, registration.group
@@ -684,7 +734,7 @@ def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name:
                   "glp.removed_layers": ",".join(map(str, chosen["removed"])),
                   "glp.depth": depth, "glp.order": ",".join(map(str, order))},
             description=(f"{params.model} with layers {chosen['removed']} removed "
-                         f"({depth} layers left), fine-tuned on {data.task}; dev "
+                         f"({depth} layers left), {how}; dev "
                          f"{data.metric} {chosen['value']:.4f} (seed {chosen['seed']}, chosen "
                          "by the selection split)"),
         )

@@ -93,6 +93,9 @@ def _prune(params: PruneParams) -> PruneSummary:
         final_rows = job.finals(final_plans([outcome]))
         versions = (register_depths(params, job, final_rows, registered_name, outcome)
                     if params.register_models else {})
+        if params.register_models and params.distill:  # the distilled models: their own name
+            register_depths(params, job, final_rows, f"{registered_name}-kd", outcome,
+                            distilled=True)
         job.write_finals(final_rows)
         seconds = round(time.perf_counter() - started, 1)
         end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",

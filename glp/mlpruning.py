@@ -469,6 +469,19 @@ def distil(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConf
                      device=device, objective=Distillation(teacher, config), on_step=on_step)
 
 
+def distil_layers(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
+                  *, seed: int, temperature: float = 2.0, device: str = "cpu",
+                  on_step: StepCallback | None = None) -> TrainStats:
+    """A layer-pruned model's whole fine-tune with knowledge distillation from ``teacher``
+    (the unpruned fine-tuned model): ``finetune`` as for any final model, the loss 0.9 x
+    the teacher's soft targets at ``temperature`` + 0.1 x the hard labels (MLPruning's
+    objective, which DistilBERT's task distillation also uses)."""
+    _freeze(teacher, device)
+    objective = Distillation(teacher, MLPruningConfig(temperature=temperature))
+    return fine_tune(model, dataset, finetune, seed=seed, device=device,
+                     objective=objective, on_step=on_step)
+
+
 def train_block_masks(model: nn.Module, teacher: nn.Module, dataset,
                       finetune: FineTuneConfig, config: MLPruningConfig, *, seed: int,
                       device: str = "cpu", on_step: StepCallback | None = None

@@ -103,3 +103,56 @@ def measure_latencies(checkpoints: list[Checkpoint], data: DataRef, split: str,
                      p90_ms={k: s.p90_ms for k, s in stats.items()},
                      batch_size=LATENCY_BATCH, threads=torch.get_num_threads(),
                      machine=f"{platform.node()} {platform.machine()}", device=device)
+
+
+RUNTIMES = ("torch", "onnx", "int8")
+"""How a model is timed for deployment: PyTorch eager, onnxruntime fp32 and dynamic int8."""
+DEPLOYED_BATCHES = (1, 32)
+
+
+class Deployed(BaseModel, frozen=True):
+    """Median latency (ms) per checkpoint key and ``"<runtime> b<batch>"`` (``torch b1``,
+    ``int8 b32``, ...), every model and runtime interleaved at each batch size."""
+
+    median_ms: dict[str, dict[str, float]]
+    lengths: dict[str, int]  # "b1", "b32": the batch's padded length (the first dev rows)
+    threads: int
+    machine: str
+
+
+def _deployed_key(context, parameters) -> str:
+    return stable_hash("deployed", _latency_key(context, parameters), DEPLOYED_BATCHES,
+                       RUNTIMES)
+
+
+@task(name="measure-deployed",
+      cache_policy=TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_deployed_key), **CACHED)
+def measure_deployed(checkpoints: list[Checkpoint], data: DataRef, split: str,
+                     max_length: int, home: RunHome, device: str = "cpu") -> Deployed:
+    """CPU latency of every checkpoint as it would be deployed: in PyTorch and exported to
+    ONNX (fp32 and int8, under ``artifacts/onnx/<key>/``), at batch 1 and 32 of ``split``
+    rows, all models and runtimes interleaved round-robin at each batch size."""
+    from glp.export import OnnxModel, export_onnx
+
+    dataset, tokenizer = tokenized(data, split, checkpoints[0].base_path, max_length, home)
+    threads = torch.get_num_threads()
+    models = {}
+    for checkpoint in checkpoints:
+        folder = home.artifacts / "onnx" / checkpoint.key
+        models[checkpoint.key, "torch"] = load_trained(checkpoint.path, data)
+        for runtime, int8 in (("onnx", False), ("int8", True)):
+            path = folder / f"model{'.int8' if int8 else ''}.onnx"
+            if not path.is_file():
+                export_onnx(checkpoint.path, path, int8=int8)
+            models[checkpoint.key, runtime] = OnnxModel(path, threads=threads, spin=False)
+    median: dict[str, dict[str, float]] = {c.key: {} for c in checkpoints}
+    lengths = {}
+    for size in DEPLOYED_BATCHES:
+        batch = latency_batch(dataset, size, pad_id=tokenizer.pad_token_id or 0)
+        lengths[f"b{size}"] = int(batch["input_ids"].shape[1])
+        names = {f"{key}|{runtime}": model for (key, runtime), model in models.items()}
+        for name, stats in measure_latency(names, batch).items():
+            key, runtime = name.split("|")
+            median[key][f"{runtime} b{size}"] = round(stats.median_ms, 3)
+    return Deployed(median_ms=median, lengths=lengths, threads=threads,
+                    machine=f"{platform.node()} {platform.machine()}")

@@ -78,6 +78,7 @@ FINALS = pa.schema([
     *_SCORED,
     ("selection_value", pa.float64()),  # chooses the registered seed and `best`
     ("method", pa.string()),  # layers, mlpruning, ... (unpruned for the reference)
+    ("distilled", pa.bool_()),  # fine-tuned with distillation from the unpruned model
     ("plan", pa.string()),  # the compression plan as JSON (glp.plan.Plan)
     ("parameters", pa.int64()),  # non-zero parameters of the whole model
     ("encoder_density", pa.float64()),  # fraction of the base encoder's weights kept
@@ -86,8 +87,13 @@ FINALS = pa.schema([
     ("stored_bytes", pa.int64()),  # the weights on disk (safetensors, codes included)
     ("model_dir", pa.string()),  # the saved model: glp.load_pretrained(model_dir)
     *_COST,
-    ("latency_ms", pa.float64()),
+    ("latency_ms", pa.float64()),  # PyTorch, CPU, batch ``latency_batch`` (32)
     ("latency_batch", pa.int64()),
+    ("latency_b1_ms", pa.float64()),  # compare --methods: PyTorch at batch 1, and ...
+    ("onnx_b1_ms", pa.float64()),  # ... onnxruntime fp32 and dynamic int8 at batch 1 and 32
+    ("onnx_b32_ms", pa.float64()),
+    ("int8_b1_ms", pa.float64()),
+    ("int8_b32_ms", pa.float64()),
     *_CACHE,
     ("registered_model", pa.string()),
     ("model_version", pa.string()),

@@ -33,6 +33,7 @@ from glp.checkpoint import load_pretrained, read_plan, save_pretrained
 from glp.config import FineTuneConfig, stable_hash
 from glp.data import tokenize
 from glp.metrics import selection_score
+from glp.mlpruning import distil_layers
 from glp.models import load_classifier, load_tokenizer, strip_remote_code
 from glp.provenance import code_fingerprint
 from glp.surgery import kept_layers, remove_layers
@@ -49,6 +50,14 @@ class NoSpace(GlpError):
     """The run home's disk is full: retrying cannot help, so the task is not retried."""
 
 
+class Teacher(BaseModel, frozen=True):
+    """The model a final fine-tune distils from (``--distill``): a saved fine-tuned model."""
+
+    path: str
+    key: str  # its checkpoint's key: a different teacher is a different fine-tune
+    temperature: float = 2.0
+
+
 class FineTuneRequest(BaseModel, frozen=True):
     """Everything that decides a fine-tune's result (and the paths to find the inputs)."""
 
@@ -63,9 +72,12 @@ class FineTuneRequest(BaseModel, frozen=True):
     device: str = "cpu"  # a resolved device ("cpu", "cuda:0"); its type is in the key
     keep_weights: bool = True  # not in the key: it changes what is kept, not the result
     trust_remote_code: bool = False  # the user's explicit --trust-remote-code
+    teacher: Teacher | None = None  # distil from it (the loss), else the task loss alone
 
     @property
     def key(self) -> str:
+        distilled = (("distill", self.teacher.key, self.teacher.temperature)
+                     if self.teacher else ())  # no teacher: the keys stay what they were
         return stable_hash(
             "fine-tune",
             code_fingerprint(CODE),  # the library's code, which the task source does not cover
@@ -77,6 +89,7 @@ class FineTuneRequest(BaseModel, frozen=True):
             self.config.result_dict(),
             self.seed,
             self.device.partition(":")[0],
+            *distilled,
         )
 
 
@@ -180,10 +193,23 @@ def _train(request: FineTuneRequest, kind: str):
         model.config.id2label = dict(enumerate(request.data.label_names))
         model.config.label2id = {name: i for i, name in enumerate(request.data.label_names)}
     remove_layers(model, request.removed)
+    teacher = request.teacher
+    if teacher is not None:
+        label += f", distilled at T={teacher.temperature:g}"
+        if not Path(teacher.path).is_dir():
+            raise GlpError(f"the teacher checkpoint {teacher.path} is missing; delete the "
+                           "run home's prefect/results to recompute, or restore the artifacts "
+                           "folder")
+        teacher_model = load_trained(teacher.path, request.data)
     on_step, close = progress.step_callback(label)
     try:
-        stats = fine_tune(model, dataset, request.config, seed=request.seed, on_step=on_step,
-                          device=request.device)
+        if teacher is None:
+            stats = fine_tune(model, dataset, request.config, seed=request.seed,
+                              on_step=on_step, device=request.device)
+        else:
+            stats = distil_layers(model, teacher_model, dataset, request.config,
+                                  seed=request.seed, temperature=teacher.temperature,
+                                  device=request.device, on_step=on_step)
     finally:
         close()
     return model, stats

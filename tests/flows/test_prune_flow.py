@@ -208,3 +208,34 @@ def test_a_pair_task_and_a_regression_task_run_end_to_end(harness, tiny_bert, tm
         path = next((tmp_path / "artifacts" / "finals").glob("*/config.json")).parent
         model = load_classifier(path, num_labels=1, is_regression=True)
         assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+
+
+def test_distill_fine_tunes_every_pruned_depth_from_the_unpruned_teacher(harness, tiny_bert,
+                                                                          tmp_path):
+    params = _params(tiny_bert, tmp_path, remove=1, seeds=2, distill=True)
+    first = prune(params)
+    # 3 candidates; finals: the unpruned model (the teacher is its seed 40) and depth 2,
+    # each with 2 seeds, and depth 2 distilled with 2 seeds.
+    assert first.computed == 9
+    finals = _rows(tmp_path, "finals")
+    kd = [r for r in finals if r["variant"] == "kd"]
+    assert sorted(r["seed"] for r in kd) == [40, 41]
+    assert all(r["distilled"] and r["depth"] == 2 and r["strategy"] == "greedy" for r in kd)
+    plain = [r for r in finals if r["variant"] != "kd"]
+    assert all(r["distilled"] is False for r in plain) and len(plain) == 4
+    # The same architecture, other weights.
+    twins = {r["seed"]: r for r in plain if r["depth"] == 2}
+    for row in kd:
+        assert row["removed"] == twins[row["seed"]]["removed"]
+        assert row["cache_key"] != twins[row["seed"]]["cache_key"]
+    client = MlflowClient(tracking_uri=first.tracking_uri, registry_uri=first.tracking_uri)
+    distilled = client.get_model_version_by_alias(f"{first.registered_model}-kd", "depth-2")
+    assert "distillation from the unpruned model" in distilled.description
+    assert distilled.run_id in {r["run_id"] for r in kd}
+    assert client.get_model_version_by_alias(first.registered_model, "depth-2").run_id in {
+        r["run_id"] for r in plain}
+    # Without --distill it is another job; with it again, nothing is recomputed.
+    again = prune(params)
+    assert again.computed == 0 and again.job_id == first.job_id
+    assert prune(params.model_copy(update={"distill": False})).job_id != first.job_id
+    assert len([r for r in _rows(tmp_path, "finals") if r["variant"] == "kd"]) == 2

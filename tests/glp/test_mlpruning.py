@@ -19,6 +19,7 @@ from glp.mlpruning import (
     WidthMasks,
     adaptive_regulariser,
     check_density,
+    distil_layers,
     mask_lr_for,
     prune_width,
     shift_to_target,
@@ -153,3 +154,35 @@ def test_level_three_zeroes_blocks_of_the_remaining_matrices(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_pretrained(tmp_path)(**batch()).logits,
                            model.eval()(**batch()).logits)
+
+
+def _kl_to(teacher, student, dataset) -> float:
+    ids = torch.tensor(dataset["input_ids"])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        target = torch.softmax(teacher.eval()(**inputs).logits, -1)
+        log_p = torch.log_softmax(student.eval()(**inputs).logits, -1)
+    return float(torch.nn.functional.kl_div(log_p, target, reduction="batchmean"))
+
+
+def test_a_layer_pruned_model_distilled_from_the_teacher_moves_to_its_predictions():
+    from glp.surgery import remove_layers
+    from glp.train import fine_tune
+
+    data = toy_dataset()
+    config = FineTuneConfig(learning_rate=3e-3, batch_size=16, epochs=3)
+    teacher = tiny_model("bert")  # a confident teacher, of labels the data does not have
+    other = data.map(lambda row: {"labels": row["input_ids"][1] % 3})
+    fine_tune(teacher, other, FineTuneConfig(learning_rate=3e-3, batch_size=16, epochs=6),
+              seed=0)
+    student = tiny_model("bert", seed=1)
+    remove_layers(student, (1, 2))
+    plain = copy.deepcopy(student)
+    before = _kl_to(teacher, student, data)
+    stats = distil_layers(student, teacher, data, config, seed=0, temperature=2.0)
+    fine_tune(plain, data, config, seed=0)
+    assert stats.steps == 18 and not stats.diverged  # the whole budget: 3 epochs of 6 batches
+    # The teacher's predictions differ from the labels: only the distilled student learns them.
+    assert _kl_to(teacher, student, data) < 0.5 * before
+    assert _kl_to(teacher, student, data) < _kl_to(teacher, plain, data)
+    assert all(not p.requires_grad for p in teacher.parameters())  # frozen, not trained

@@ -90,3 +90,18 @@ def test_a_full_disk_and_bad_input_are_not_retried():
     assert retry_unless_hopeless(None, None, state(OSError(errno.ENOSPC, "full"))) is False
     assert retry_unless_hopeless(None, None, state(OSError(errno.EIO, "io"))) is True
     assert retry_unless_hopeless(None, None, state(RuntimeError("flaky"))) is True
+
+
+def test_a_distilled_fine_tune_is_keyed_by_its_teacher_and_temperature(tmp_path):
+    from tasks.training import Teacher
+
+    plain = _request(tmp_path).key
+    teacher = Teacher(path="t", key="teacher-a", temperature=2.0)
+    distilled = _request(tmp_path, teacher=teacher).key
+    assert distilled != plain
+    assert _request(tmp_path, teacher=teacher.model_copy(update={"key": "teacher-b"})).key \
+        != distilled
+    assert _request(tmp_path, teacher=teacher.model_copy(update={"temperature": 4.0})).key \
+        != distilled
+    # Where the teacher lies on disk is not what it is.
+    assert _request(tmp_path, teacher=teacher.model_copy(update={"path": "u"})).key == distilled
