@@ -305,7 +305,8 @@ def print_comparison(summary) -> None:
 
     from glp.report import summarize
 
-    table = summarize(pd.DataFrame(summary.finals), summary.num_layers)
+    layers = [r for r in summary.finals if r.get("method") in ("layers", "unpruned")]
+    table = summarize(pd.DataFrame(layers), summary.num_layers)
     shown = Table(title=f"dev {summary.metric}: mean ± std over seeds, by layers removed")
     counts = sorted(table["removed_layers"].unique())
     shown.add_column("strategy")
@@ -319,12 +320,39 @@ def print_comparison(summary) -> None:
                          f"{match['mean'].iloc[0]:.4f} ± {match['std'].iloc[0]:.4f}")
         shown.add_row(name, *cells)
     console.print(shown)
+    if "methods" in summary.report:
+        print_methods(summary)
     print_counts(summary)
     console.print(f"report:         {summary.report['report']}")
+    if "methods" in summary.report:
+        console.print(f"every method:   {summary.report['methods']}")
+        console.print(f"Pareto plots:   {summary.report['pareto_latency']}")
+        console.print(f"                {summary.report['pareto_parameters']}")
     console.print(f"plots:          {summary.report['metric_vs_removed']}")
     console.print(f"                {summary.report['metric_vs_latency']}")
     console.print(f"Parquet tables: {Path(summary.home) / 'parquet'} (finals/ has a strategy "
                   "column)")
+
+
+def print_methods(summary) -> None:
+    """Every method's models, fastest first, and the best of each speed-up bucket."""
+    from glp.pareto import buckets, method_of, size_of, table
+    from glp.pick import models
+
+    found = models(summary.finals)
+    shown = Table(title=f"Every method: dev {summary.metric}, CPU latency (ms) and speed-up "
+                        "over the unpruned model")
+    for column in ("method", "size", f"dev {summary.metric}", "torch b1", "torch b32",
+                   "int8 b1", "int8 b32", "speed-up", "int8 b1 speed-up"):
+        shown.add_column(column, justify="left" if column in ("method", "size") else "right")
+    for row in table(found, summary.metric):
+        shown.add_row(*row[:3], row[7], row[8], row[11], row[12], row[13], row[14])
+    console.print(shown)
+    for bucket in buckets(found):
+        best = bucket["best"]
+        console.print(f"  ≥{bucket['threshold']:g}×: " + (
+            f"{method_of(best)} ({size_of(best)}), {summary.metric} {best.mean:.4f} ± "
+            f"{best.std:.4f}, {bucket['speedup']:.2f}×" if best else "no model that fast"))
 
 
 def print_compression(summary) -> None:
@@ -563,18 +591,24 @@ def _params(values: dict) -> dict:
     return params
 
 
-def compare(strategies: str, random_orders: int, **options) -> None:
-    """Compare layer-selection strategies at every depth: a table, a report and plots.
+def compare(strategies: str | None, methods: str | None, density: list[float] | None,
+            ratio: list[float] | None, random_orders: int, **options) -> None:
+    """Compare layer strategies, or every compression method, on one model and task.
 
-    Takes every option of `glp prune` (except --strategy). Runs each strategy, the final
-    protocol for every strategy and depth, and writes the finals (with a strategy column)
-    to parquet/finals/ and a markdown report with PNG plots to reports/ in the run home.
-    """
+    Takes every option of `glp prune` (except --strategy). --strategies runs layer strategies at every depth; --methods runs layer strategies, width methods (mlpruning, grain), offline ones (lowrank, autoencoder) and compositions (greedy+lowrank, greedy+mlpruning+lowrank, ...), each model timed in PyTorch and onnxruntime (fp32, int8) at batch 1 and 32. Writes the finals (with strategy and method columns) to parquet/finals/ and a markdown report with PNG plots (with --methods: methods.md and two Pareto plots) to reports/ in the run home.
+    """  # noqa: E501 - one line, so that --help wraps it to the terminal
     home, verbose = options.pop("home"), options.pop("verbose")
     options.pop("strategy", None)
     options["register"] = options.pop("register_compare")
-    values = {**_params(options), "strategies": strategies, "random_orders": random_orders,
+    values = {**_params(options), "random_orders": random_orders,
               "command": "glp compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
+    given = {"strategies": strategies, "methods": methods,
+             "densities": tuple(density) if density else None,
+             "ratios": tuple(ratio) if ratio else None}
+    values |= {k: v for k, v in given.items() if v is not None}  # unset: not typed
+    if methods is None and (density or ratio):
+        _fail(f"{'--density' if density else '--ratio'} sizes a width or offline method; "
+              "give --methods too (e.g. --methods greedy,mlpruning,lowrank)")
     run_command("compare", values, home, verbose)
 
 
@@ -585,8 +619,25 @@ def _compare_signature() -> inspect.Signature:
               if name not in ("strategy", "register")]
     extra = [
         inspect.Parameter("strategies", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-            str, typer.Option(help="comma-separated: " + ", ".join(STRATEGY_NAMES))],
-            default=",".join(ALL_STRATEGY_NAMES)),
+            str | None, typer.Option(help="comma-separated: " + ", ".join(STRATEGY_NAMES)
+                                     + " [default: all]")],
+            default=None),
+        inspect.Parameter("methods", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+            str | None, typer.Option(help="instead of --strategies, comma-separated: layer "
+                                     "strategies, mlpruning, grain, lowrank, autoencoder, "
+                                     "and compositions such as greedy+lowrank or "
+                                     "greedy+mlpruning+lowrank (greedy's model of L - "
+                                     "--remove layers, then each step)")],
+            default=None),
+        inspect.Parameter("density", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+            list[float] | None, typer.Option(help="--methods: width methods keep this "
+                                             "fraction of the encoder weights (repeat for "
+                                             "several) [default: 0.5 0.3]")],
+            default=None),
+        inspect.Parameter("ratio", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+            list[float] | None, typer.Option(help="--methods: offline methods' compression "
+                                             "ratio (repeat for several) [default: 2 4]")],
+            default=None),
         inspect.Parameter("random_orders", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             int, typer.Option(help="random: how many random orders (seeds 0, 1, ...)")],
             default=3),

@@ -29,9 +29,10 @@ from flows.job import (
 from flows.methods import compressors, layer_strategies, parse_methods, run_chain
 from flows.runners import run_on_task_runner
 from glp import GlpError
-from glp.names import OFFLINE_METHODS
+from glp.names import LAYER_METHOD, OFFLINE_METHODS, REFERENCE
 from glp.report import label, write_report
 from glp.search import STRATEGIES, Strategy
+from tasks.records import written
 from tasks.tracking import end_job_run, log_report
 
 ALL_STRATEGIES = tuple(STRATEGIES)
@@ -180,10 +181,18 @@ def _compare(params: CompareParams) -> CompareSummary:
             cost["zero_shot_passes"] += outcome.zero_shot_passes
         seconds = round(time.perf_counter() - started, 1)
         folder = job.home.reports / f"compare-{job.slug}-{data.task}-{job_id}"
+        layer_rows = [r for r in rows if r["method"] in (LAYER_METHOD, REFERENCE)]
         report = write_report(
-            folder, pd.DataFrame(rows), job.num_layers, plans, costs,
+            folder, pd.DataFrame(layer_rows), job.num_layers, plans, costs,
             meta=_meta(params, job, seconds),
         )
+        if params.methods:
+            from glp.pareto import write_methods_report
+            from glp.pick import models
+
+            report |= write_methods_report(
+                folder, models([written(r) for r in rows]), data.metric,
+                costs=method_costs(rows, costs), subject=f"{data.task} · {params.model}")
         log_report(job.tracking_uri, job.parent_run_id, folder)
         end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
                     metrics={"fine_tunes_computed": job.counts["computed"],
@@ -253,8 +262,9 @@ def compress_params(params: CompareParams, method: str):
 
     shared = {k: v for k, v in params.model_dump().items()
               if k in PruneParams.model_fields and k not in ("distill", "distill_temperature")}
-    return CompressParams(**shared, method=method, densities=params.densities,
-                          ratios=params.ratios)
+    size = ({"ratios": params.ratios} if method in OFFLINE_METHODS
+            else {"densities": params.densities})
+    return CompressParams(**shared, method=method, **size)
 
 
 def check_compressors(params: CompareParams, model_path: str) -> None:
@@ -310,6 +320,7 @@ def _time_deployed(job: Job, rows: list[dict]) -> None:
     """One model per plan (the first seed that did not diverge: the same plan is the same
     architecture), all timed together in PyTorch and onnxruntime (fp32, int8) at batch 1
     and 32, interleaved; every row of a plan gets its numbers."""
+    from glp.checkpoint import stored_bytes
     from tasks.analysis import measure_deployed
 
     timed: dict[str, object] = {}
@@ -328,3 +339,25 @@ def _time_deployed(job: Job, rows: list[dict]) -> None:
         for name, column in DEPLOYED_COLUMNS.items():
             row[column] = measured.median_ms[checkpoint.key].get(name)
         row["latency_batch"] = 32
+        if row.get("stored_bytes") is None and row.get("model_dir"):
+            row["stored_bytes"] = stored_bytes(row["model_dir"])
+
+
+def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
+    """Per method: the compute seconds of its final models' fine-tunes and compressions
+    (one seed's work counted once per plan and seed), plus a layer strategy's search, and
+    that time in unpruned fine-tunes."""
+    reference = [r["fine_tune_seconds"] for r in rows
+                 if r["strategy"] == REFERENCE and r.get("fine_tune_seconds")]
+    unit = sum(reference) / len(reference) if reference else None
+    costs: dict[str, dict] = {}
+    for row in rows:
+        if row["strategy"] == REFERENCE:
+            continue
+        name = row["method"] if row["method"] != LAYER_METHOD else label(
+            row["strategy"], row["variant"])
+        cost = costs.setdefault(name, {"seconds": search.get(name, {}).get("seconds", 0.0)})
+        cost["seconds"] += row.get("fine_tune_seconds") or 0.0
+    for cost in costs.values():
+        cost["equivalents"] = cost["seconds"] / unit if unit else float("nan")
+    return costs

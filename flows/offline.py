@@ -367,7 +367,8 @@ def _row(job: Job, strategy: str, variant: str, method: str, checkpoint: Checkpo
               "glp.plan_key": plan.key},
         texts={"plan.json": plan.to_json()})
     who = {"job_id": job.job_id, "strategy": strategy, "variant": variant,
-           "model": job.params.source_model or job.params.model, "task": job.data.task,
+           "model": getattr(job.params, "source_model", None) or job.params.model,
+           "task": job.data.task,
            "method": method}
     return final_row(
         who, run_id=run_id, parent_run_id=job.parent_run_id, checkpoint=checkpoint,

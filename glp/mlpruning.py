@@ -187,9 +187,8 @@ class WidthMasks(nn.Module):
 
     def __init__(self, model: nn.Module, threshold_init: float = 10.0):
         super().__init__()
-        if removed_layers(model):
-            raise GlpError("MLPruning starts from the unpruned model; remove layers with a "
-                           "plan afterwards")
+        # A layer-pruned model (greedy first, then width) is masked in its remaining
+        # layers, which keep their original indices; its density is of those layers.
         self.model_ref = [model]  # not a submodule: the masks' parameters are their own
         self.groups: list[_Group] = []
         self._hooks = []
@@ -444,7 +443,8 @@ def train_width_masks(model: nn.Module, teacher: nn.Module, dataset,
     check_density(model, config.density)
     _freeze(teacher, device)
     model.to(resolve_device(device))  # the masks are made where the model is
-    num_layers = len(kept_layers(model))
+    removed = tuple(removed_layers(model))  # layers first (a composition): kept in the plan
+    num_layers = len(kept_layers(model)) + len(removed)
     masks = WidthMasks(model, config.threshold_init)
     phase = _phase(finetune, config.pruning_epochs)
     objective = Distillation(teacher, config, masks, config.density,
@@ -453,6 +453,8 @@ def train_width_masks(model: nn.Module, teacher: nn.Module, dataset,
                       on_step=on_step)
     masks.remove()
     plan, shift = masks.plan(num_layers, config.density)
+    if removed:
+        plan = Plan(num_layers, removed, plan.heads, plan.neurons, plan.blocks)
     result = MLPruningResult(plan=plan, shift=shift, stats={"heads+neurons": stats},
                              remaining_after_training=masks.density())
     if not stats.diverged:

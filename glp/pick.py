@@ -124,12 +124,21 @@ class Model:
         return missed
 
 
+EXTRA = ("target_density", "target_ratio", "encoder_density", "stored_bytes",
+         "latency_b1_ms", "onnx_b1_ms", "onnx_b32_ms", "int8_b1_ms", "int8_b32_ms")
+"""Columns of the chosen row a model carries along (where measured)."""
+
+
 def models(rows: Iterable[dict]) -> list[Model]:
     """The rows of ``finals`` grouped into models (job, strategy, variant, plan); every
     seed diverged: left out. The unpruned reference is a model too (a speed-up of 1)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["job_id"], row["strategy"], row.get("variant") or "", row["plan"])
+        # A layer strategy's depth is its plan; a width or offline method's seeds each find
+        # their own plan for one budget, which the variant names (density-50, svd-ratio-4).
+        layers = (row.get("method") or "layers") in ("layers", REFERENCE)
+        key = (row["job_id"], row["strategy"], row.get("variant") or "",
+               row["plan"] if layers else "")
         groups.setdefault(key, []).append(row)
     reference_latency = {}
     for (job_id, strategy, _, _), members in groups.items():
@@ -145,7 +154,8 @@ def models(rows: Iterable[dict]) -> list[Model]:
         chosen = max(alive, key=lambda r: (_or(r.get("selection_value"), -math.inf),
                                            -r["seed"]))
         values = [r["value"] for r in alive]
-        latency = _first(members, "latency_ms")
+        latency = _first([chosen, *members], "latency_ms")  # the deployable member's
+        plan = chosen["plan"]
         reference = reference_latency.get(job_id)
         found.append(Model(
             job_id=job_id, strategy=strategy, variant=variant,
@@ -154,13 +164,12 @@ def models(rows: Iterable[dict]) -> list[Model]:
             plan=json.loads(plan) if plan else {}, mean=statistics.mean(values),
             std=statistics.stdev(values) if len(values) > 1 else 0.0, seeds=len(values),
             parameters=_int(chosen.get("parameters")), latency_ms=latency,
-            latency_batch=_int(_first(members, "latency_batch")),
+            latency_batch=_int(_first([chosen, *members], "latency_batch")),
             speedup=reference / latency if reference and latency else None,
             chosen_seed=int(chosen["seed"]), model_dir=chosen.get("model_dir"),
             registered_model=chosen.get("registered_model") or None,
             model_version=chosen.get("model_version") or None,
-            extra={k: chosen[k] for k in ("target_density", "target_ratio")
-                   if _finite(chosen.get(k))},
+            extra={k: chosen[k] for k in EXTRA if _finite(chosen.get(k))},
         ))
     return found
 

@@ -186,3 +186,20 @@ def test_a_layer_pruned_model_distilled_from_the_teacher_moves_to_its_prediction
     assert _kl_to(teacher, student, data) < 0.5 * before
     assert _kl_to(teacher, student, data) < _kl_to(teacher, plain, data)
     assert all(not p.requires_grad for p in teacher.parameters())  # frozen, not trained
+
+
+def test_a_layer_pruned_model_is_cut_in_width_in_its_remaining_layers(tmp_path):
+    from glp.surgery import remove_layers
+
+    teacher = tiny_model("bert")
+    remove_layers(teacher, (1,))  # greedy first, then width: one plan
+    model = copy.deepcopy(teacher)
+    result = prune_width(model, teacher, toy_dataset(),
+                         FineTuneConfig(learning_rate=1e-3, batch_size=16, epochs=1),
+                         MLPruningConfig(density=0.6, pruning_epochs=1, final_epochs=0), seed=0)
+    assert result.plan.num_layers == 4 and result.plan.removed == (1,)
+    assert set(result.plan.heads) | set(result.plan.neurons) <= {0, 2, 3}
+    save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path)(**batch()).logits,
+                           model.eval()(**batch()).logits)

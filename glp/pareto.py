@@ -1,0 +1,295 @@
+"""The cross-method report: every method's models on one quality/speed/size picture.
+
+Input: the models of one comparison (:func:`glp.pick.models`: a job's plan, its seeds
+pooled). Output, under one folder: ``methods.csv`` (a row per model), two Pareto plots
+(the dev metric against the measured CPU latency, and against the parameters, every
+method in its own colour, the frontier drawn and its members ringed) and ``methods.md``:
+the table, the best model of each speed-up bucket, and plain sentences on which method
+wins where, with the seed spread. Speed-ups are against the unpruned model in the same
+runtime and batch (PyTorch at batch 32 unless said), measured beside it in one run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from glp.names import REFERENCE
+from glp.pick import Model
+
+BUCKETS = (1.5, 2.0, 3.0, 6.0)
+"""Speed-up buckets of the table: the best model at least this much faster."""
+DEPLOYED = (("torch b1", "latency_b1_ms"), ("torch b32", None), ("onnx b1", "onnx_b1_ms"),
+            ("onnx b32", "onnx_b32_ms"), ("int8 b1", "int8_b1_ms"),
+            ("int8 b32", "int8_b32_ms"))
+"""The latency columns of the table (``torch b32`` is the model's ``latency_ms``)."""
+
+
+def method_of(model: Model) -> str:
+    """The display method: the composition or method, a layer strategy by its name (and a
+    distilled or cheaper-search variant after it)."""
+    if model.strategy == REFERENCE:
+        return REFERENCE
+    if model.method in ("layers", REFERENCE) or model.method == model.strategy:
+        base = model.strategy
+        if model.variant and model.method in ("layers", REFERENCE):
+            base = f"{base} ({model.variant})" if model.strategy != "random" else base
+        return base
+    return model.method
+
+
+def size_of(model: Model) -> str:
+    """What was asked of the model: its layers, density or ratio (with layers if fewer)."""
+    density, ratio = model.extra.get("target_density"), model.extra.get("target_ratio")
+    layers = f"{model.depth} layers"
+    if density:
+        return f"density {density:g}" + (f", {layers}" if "+" in model.method else "")
+    if ratio:
+        return f"ratio {ratio:g}" + (f", {layers}" if "+" in model.method else "")
+    return layers
+
+
+def latency(model: Model, runtime: str) -> float | None:
+    column = dict(DEPLOYED)[runtime]
+    value = model.latency_ms if column is None else model.extra.get(column)
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def speedups(models: Sequence[Model], runtime: str = "torch b32",
+             against: str | None = None) -> dict[int, float | None]:
+    """Each model's speed-up (by index): the unpruned model's latency in ``against`` (the
+    same runtime by default) over the model's in ``runtime``."""
+    reference = next((m for m in models if m.strategy == REFERENCE), None)
+    base = latency(reference, against or runtime) if reference else None
+    out = {}
+    for i, m in enumerate(models):
+        mine = latency(m, runtime)
+        out[i] = base / mine if base and mine else None
+    return out
+
+
+def frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """The indices of the Pareto-optimal points: no other point is at most as costly
+    (x) and at least as good (y) with one of the two strictly. Sorted by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    kept, best = [], -math.inf
+    for i in order:
+        x, y = points[i]
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        if y > best:
+            kept.append(i)
+            best = y
+    return kept
+
+
+def buckets(models: Sequence[Model], thresholds: Iterable[float] = BUCKETS,
+            runtime: str = "torch b32") -> list[dict]:
+    """For each speed-up threshold: the model with the best mean metric among those at
+    least that much faster than the unpruned one (None if none is), and the runner-up."""
+    fast = speedups(models, runtime)
+    rows = []
+    for threshold in thresholds:
+        meeting = sorted((i for i, s in fast.items() if s is not None and s >= threshold
+                          and models[i].strategy != REFERENCE),
+                         key=lambda i: (-models[i].mean, -fast[i]))
+        rows.append({"threshold": threshold,
+                     "best": models[meeting[0]] if meeting else None,
+                     "speedup": fast[meeting[0]] if meeting else None,
+                     "runner_up": models[meeting[1]] if len(meeting) > 1 else None,
+                     "runner_up_speedup": fast[meeting[1]] if len(meeting) > 1 else None,
+                     "candidates": len(meeting)})
+    return rows
+
+
+def _pm(model: Model) -> str:
+    seeds = f"{model.seeds} seed" + ("s" if model.seeds > 1 else "")
+    return f"{model.mean:.4f} ± {model.std:.4f} ({seeds})"
+
+
+def _clearly_better(a: Model, b: Model) -> bool:
+    """A lead larger than both spreads together (a plain rule, not a test)."""
+    return a.mean - b.mean > a.std + b.std
+
+
+def sentences(models: Sequence[Model], metric: str) -> list[str]:
+    """Which method wins where, in words, with the seed spread."""
+    reference = next((m for m in models if m.strategy == REFERENCE), None)
+    lines = []
+    for bucket in buckets(models):
+        best, threshold = bucket["best"], bucket["threshold"]
+        if best is None:
+            lines.append(f"At ≥{threshold:g}× no model is that fast.")
+            continue
+        text = (f"At ≥{threshold:g}×: **{method_of(best)}** ({size_of(best)}, "
+                f"{bucket['speedup']:.2f}×) with {metric} {_pm(best)}")
+        if reference is not None:
+            gap = best.mean - reference.mean
+            text += (f", {abs(gap):.4f} {'below' if gap < 0 else 'above'} the unpruned "
+                     f"model ({_pm(reference)})")
+        runner = bucket["runner_up"]
+        if runner is not None:
+            verdict = ("clearly ahead of" if _clearly_better(best, runner)
+                       else "within the seed spread of")
+            text += (f"; {verdict} {method_of(runner)} ({size_of(runner)}, "
+                     f"{bucket['runner_up_speedup']:.2f}×, {_pm(runner)})")
+        lines.append(text + ".")
+    return lines
+
+
+def table(models: Sequence[Model], metric: str) -> list[list[str]]:
+    """One row per model, fastest (PyTorch, batch 32) first, with every measurement."""
+    fast = speedups(models)
+    deployed = speedups(models, "int8 b1", against="torch b1")
+    order = sorted(range(len(models)), key=lambda i: (latency(models[i], "torch b32")
+                                                      or math.inf, -models[i].mean))
+    rows = []
+    for i in order:
+        m = models[i]
+        stored = m.extra.get("stored_bytes")
+        density = m.extra.get("encoder_density")
+        rows.append([method_of(m), size_of(m), f"{m.mean:.4f} ± {m.std:.4f}", str(m.seeds),
+                     f"{m.parameters:,}" if m.parameters else "—",
+                     f"{density:.3f}" if isinstance(density, float) else "—",
+                     f"{stored / 1e6:.1f}" if isinstance(stored, int | float) else "—",
+                     *[_ms(latency(m, name)) for name, _ in DEPLOYED],
+                     _x(fast[i]), _x(deployed[i])])
+    return rows
+
+
+TABLE_HEADER = ("method", "size", "dev {metric}", "seeds", "parameters", "encoder density",
+                "stored MB", *(f"{name} ms" for name, _ in DEPLOYED), "speed-up (torch b32)",
+                "deployed speed-up (int8 b1 vs torch b1)")
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+              for row in rows]
+    return lines
+
+
+def plot_pareto(models: Sequence[Model], path: Path, *, metric: str, x: str, title: str) -> Path:
+    """The dev metric (± std) against ``x`` (``latency``: PyTorch batch 32 ms, or
+    ``parameters``), every method in its colour, the frontier as a step line with its
+    members ringed."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8.5, 5.0))
+    ax = figure.add_subplot()
+    value = (lambda m: latency(m, "torch b32")) if x == "latency" else (
+        lambda m: float(m.parameters) if m.parameters else None)
+    shown = [m for m in models if value(m) is not None]
+    methods = list(dict.fromkeys(method_of(m) for m in shown))
+    palette = colormaps["tab10"].colors
+    markers = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+    for index, method in enumerate(methods):
+        mine = sorted((m for m in shown if method_of(m) == method), key=value)
+        style = ({"color": "black", "marker": "*", "markersize": 14}
+                 if method == REFERENCE else
+                 {"color": palette[index % len(palette)], "marker": markers[index % len(markers)],
+                  "markersize": 6})
+        ax.errorbar([value(m) for m in mine], [m.mean for m in mine],
+                    yerr=[m.std for m in mine], linestyle="none", capsize=3, label=method,
+                    **style)
+    best = [shown[i] for i in frontier([(value(m), m.mean) for m in shown])]
+    if best:
+        ax.step([value(m) for m in best], [m.mean for m in best], where="post",
+                color="grey", linewidth=1, linestyle=":", label="Pareto frontier")
+        ax.scatter([value(m) for m in best], [m.mean for m in best], s=160,
+                   facecolors="none", edgecolors="grey", linewidths=1.2)
+    if not shown:
+        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center",
+                transform=ax.transAxes, color="grey")
+    ax.set_xlabel("median CPU latency, PyTorch, batch 32 (ms)" if x == "latency"
+                  else "parameters")
+    ax.set_ylabel(f"dev {metric} (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    figure.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return path
+
+
+def _write(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_methods_report(folder: Path | str, models: Sequence[Model], metric: str,
+                         costs: Mapping[str, Mapping[str, Any]] | None = None,
+                         subject: str = "") -> dict[str, Path]:
+    """``methods.md``, ``methods.csv`` and the two Pareto plots in ``folder``; their paths
+    (keys ``methods``, ``methods_csv``, ``pareto_latency``, ``pareto_parameters``).
+    Each file is written under a temporary name and renamed, the markdown last."""
+    import csv
+    import io
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = [h.format(metric=metric) for h in TABLE_HEADER]
+    rows = table(models, metric)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    paths = {"methods_csv": _write(folder / "methods.csv", buffer.getvalue())}
+    suffix = f" — {subject}" if subject else ""
+    paths["pareto_latency"] = plot_pareto(models, folder / "pareto_latency.png", metric=metric,
+                                          x="latency", title=f"{metric} vs latency{suffix}")
+    paths["pareto_parameters"] = plot_pareto(models, folder / "pareto_parameters.png",
+                                             metric=metric, x="parameters",
+                                             title=f"{metric} vs parameters{suffix}")
+    lines = [f"# Every method{suffix}", "",
+             "![metric vs latency](pareto_latency.png)", "",
+             "![metric vs parameters](pareto_parameters.png)", "",
+             "## Which method wins where", "",
+             "Speed-ups are PyTorch at batch 32 on this CPU against the unpruned model timed "
+             "beside it; the best model of a bucket has the best mean dev "
+             f"{metric}; \"clearly ahead\" means its lead is larger than both seed spreads "
+             "added, \"within the seed spread\" that it is not.", ""]
+    lines += [f"- {s}" for s in sentences(models, metric)]
+    lines += ["", "## The best model of each speed-up bucket", ""]
+    bucket_rows = []
+    for b in buckets(models):
+        m = b["best"]
+        bucket_rows.append([f"≥{b['threshold']:g}×", *(
+            [method_of(m), size_of(m), _pm(m), _x(b["speedup"]), m.uri or "—"]
+            if m else ["none", "", "", "", ""])])
+    lines += _markdown_table(("speed-up", "method", "size", f"dev {metric}", "speed-up",
+                              "model"), bucket_rows)
+    lines += ["", "## Every model", ""]
+    lines += _markdown_table(header, rows)
+    if costs:
+        lines += ["", "## What each method cost", "",
+                  "Compute time of its fine-tunes and compressions as measured when each was "
+                  "computed (shared cached work counted for each method that uses it); "
+                  "equivalents: that time over the unpruned model's fine-tune.", ""]
+        lines += _markdown_table(("method", "seconds", "fine-tune equivalents"), [
+            [name, f"{c['seconds']:.0f}", f"{c['equivalents']:.2f}"] for name, c in costs.items()])
+    paths["methods"] = _write(folder / "methods.md", "\n".join(lines) + "\n")
+    return paths

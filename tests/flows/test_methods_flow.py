@@ -1,0 +1,97 @@
+"""``compare --methods`` on a tiny model: every method's rows, one teacher, deployed
+latency for every plan, the cross-method report and its plots, and the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from flows.compare import CompareParams, compare
+
+pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
+
+METHODS = "greedy,top,mlpruning,lowrank,greedy+lowrank,greedy+mlpruning+lowrank"
+
+
+def _params(model, home, **overrides) -> CompareParams:
+    values = dict(model=str(model), task="sst2", remove=1, train_limit=80, eval_limit=40,
+                  epochs=1.0, max_length=16, learning_rate=1e-3, batch_size=16, seeds=2,
+                  methods=METHODS, densities=(0.6,), ratios=(2.0,), home=str(home))
+    return CompareParams(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def compared(harness, tiny_bert, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    first = compare(_params(tiny_bert, home))
+    second = compare(_params(tiny_bert, home))
+    return home, first, second
+
+
+def _finals(home: Path) -> list[dict]:
+    return ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
+
+
+def test_every_method_has_rows_with_its_plan(compared):
+    home, first, _ = compared
+    rows = _finals(home)
+    by_method = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    assert set(by_method) == {"unpruned", "layers", "mlpruning", "lowrank", "greedy+lowrank",
+                              "greedy+mlpruning+lowrank"}
+    assert len(by_method["mlpruning"]) == 2  # density 0.6, 2 seeds
+    assert len(by_method["lowrank"]) == 1  # SVD is deterministic: one seed
+    greedy = [r for r in by_method["layers"] if r["strategy"] == "greedy"]
+    composed = by_method["greedy+lowrank"][0]
+    # Layers, then ranks, in one plan: greedy's 2-layer model, factorised.
+    assert composed["depth"] == 2 and composed["removed"] == greedy[0]["removed"]
+    assert composed["target_ratio"] == 2.0
+    assert composed["parameters"] < greedy[0]["parameters"]
+    triple = by_method["greedy+mlpruning+lowrank"][0]
+    assert triple["depth"] == 2 and triple["parameters"] < composed["parameters"]
+
+
+def test_every_plan_is_timed_in_torch_and_onnx_at_batch_1_and_32(compared):
+    home, _, _ = compared
+    for row in _finals(home):
+        if row["diverged"]:
+            continue
+        for column in ("latency_ms", "latency_b1_ms", "onnx_b1_ms", "onnx_b32_ms",
+                       "int8_b1_ms", "int8_b32_ms"):
+            assert row[column] is not None and row[column] > 0, (row["method"], column)
+        assert row["latency_batch"] == 32
+    same_plan = {}
+    for row in _finals(home):
+        same_plan.setdefault(row["plan"], set()).add(row["latency_ms"])
+    assert all(len(times) == 1 for times in same_plan.values())  # one measurement per plan
+
+
+def test_the_methods_report_has_the_table_buckets_and_pareto_plots(compared):
+    _, first, _ = compared
+    report = {k: Path(v) for k, v in first.report.items()}
+    for key in ("methods", "methods_csv", "pareto_latency", "pareto_parameters", "report"):
+        assert report[key].is_file(), key
+    assert report["pareto_latency"].read_bytes()[:4] == b"\x89PNG"
+    text = report["methods"].read_text()
+    assert "## Which method wins where" in text and "≥1.5×" in text and "≥6×" in text
+    for name in ("greedy+lowrank", "mlpruning", "lowrank", "top"):
+        assert name in text
+    # unpruned, greedy, top, mlpruning (its 2 seeds pooled), lowrank, 2 compositions
+    assert len(report["methods_csv"].read_text().splitlines()) == 1 + 7
+
+
+def test_a_second_run_computes_nothing_and_duplicates_no_row(compared):
+    home, first, second = compared
+    assert second.computed == 0 and second.job_id == first.job_id
+    assert len(_finals(home)) == len(first.finals)
+
+
+def test_methods_and_strategies_together_are_refused():
+    from flows.compare import preflight
+    from glp import GlpError
+
+    with pytest.raises(GlpError, match="--strategies and --methods"):
+        preflight(CompareParams(methods="greedy,lowrank", strategies="greedy,top"))

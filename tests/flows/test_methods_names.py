@@ -1,0 +1,29 @@
+"""``--methods`` names: what is accepted, and the one line for what is not."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.methods import compressors, layer_strategies, parse_methods
+from glp import GlpError
+
+
+def test_methods_are_parsed_in_order_without_duplicates():
+    names = parse_methods("greedy, top,MLPruning,lowrank,greedy+lowrank,top")
+    assert names == ("greedy", "top", "mlpruning", "lowrank", "greedy+lowrank")
+    assert compressors(names) == ("mlpruning", "lowrank", "greedy+lowrank")
+    assert layer_strategies(("mlpruning", "greedy+lowrank")) == ("greedy",)
+    assert parse_methods(["greedy+mlpruning+lowrank"]) == ("greedy+mlpruning+lowrank",)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("greedy,svd", "--methods svd: unknown method; choose from greedy, top"),
+    ("", "--methods: no method given"),
+    ("top+lowrank", "a composition is greedy or a compressor"),
+    ("greedy+lowrank+mlpruning", "the offline method comes last"),
+    ("greedy+mlpruning+grain", "one width method and one offline method at most"),
+    ("grain+lowrank", "GRAIN cuts inside the attention heads"),
+])
+def test_a_bad_method_is_one_line_naming_it(value, message):
+    with pytest.raises(GlpError, match=message.replace("+", r"\+")):
+        parse_methods(value)

@@ -1,0 +1,63 @@
+"""The cross-method report's logic: the frontier, the speed-up buckets, the sentences."""
+
+from __future__ import annotations
+
+import math
+
+from glp.pareto import buckets, frontier, method_of, sentences, size_of, speedups
+from glp.pick import Model
+
+
+def _model(strategy, mean, latency, *, std=0.01, method="layers", variant="", depth=6,
+           parameters=100, **extra) -> Model:
+    return Model(job_id="j", strategy=strategy, variant=variant, method=method, model="m",
+                 task="sst2", metric="accuracy", depth=depth, plan={}, mean=mean, std=std,
+                 seeds=3, parameters=parameters, latency_ms=latency, latency_batch=32,
+                 speedup=None, chosen_seed=40, model_dir="/d", extra=extra)
+
+
+def test_the_frontier_keeps_what_nothing_beats():
+    points = [(10, 0.9), (5, 0.8), (6, 0.85), (7, 0.8), (2, 0.5), (3, 0.5), (math.nan, 1.0)]
+    assert frontier(points) == [4, 1, 2, 0]  # (7, 0.8) and (3, 0.5) are beaten
+
+
+def test_buckets_take_the_best_metric_among_the_fast_enough():
+    models = [_model("unpruned", 0.90, 60.0),
+              _model("greedy", 0.88, 30.0, depth=3),  # 2x
+              _model("top", 0.85, 20.0, depth=2),  # 3x
+              _model("mlpruning", 0.89, 40.0, method="mlpruning", variant="density-50",
+                     target_density=0.5),  # 1.5x
+              _model("greedy", 0.60, 9.0, depth=1)]  # 6.7x
+    fast = speedups(models)
+    assert fast[1] == 2.0 and fast[0] == 1.0
+    found = {b["threshold"]: b for b in buckets(models)}
+    assert found[1.5]["best"].method == "mlpruning" and found[1.5]["candidates"] == 4
+    assert found[1.5]["runner_up"].strategy == "greedy"
+    assert found[2.0]["best"].strategy == "greedy" and found[2.0]["speedup"] == 2.0
+    assert found[3.0]["best"].strategy == "top"
+    assert found[6.0]["best"].depth == 1 and found[6.0]["runner_up"] is None
+
+
+def test_sentences_name_the_winner_its_spread_and_whether_it_is_clearly_ahead():
+    models = [_model("unpruned", 0.90, 60.0), _model("greedy", 0.88, 30.0, depth=3),
+              _model("top", 0.80, 28.0, depth=3), _model("bottom", 0.879, 29.0, depth=3)]
+    lines = sentences(models, "accuracy")
+    two = next(line for line in lines if line.startswith("At ≥2×"))
+    assert "**greedy** (3 layers, 2.00×)" in two and "0.8800 ± 0.0100 (3 seeds)" in two
+    assert "0.0200 below the unpruned model (0.9000 ± 0.0100 (3 seeds))" in two
+    assert "within the seed spread of bottom" in two  # 0.001 apart, spreads 0.01 each
+    assert lines[0].startswith("At ≥1.5×")
+    assert next(line for line in lines if line.startswith("At ≥3×")) == \
+        "At ≥3× no model is that fast."
+    clear = sentences([models[0], models[1], models[2]], "accuracy")
+    assert "clearly ahead of top" in next(line for line in clear if line.startswith("At ≥2×"))
+
+
+def test_names_and_sizes_read_as_a_user_asked():
+    composed = _model("greedy+lowrank", 0.8, 10.0, method="greedy+lowrank", depth=4,
+                      variant="svd-ratio-4", target_ratio=4.0)
+    assert method_of(composed) == "greedy+lowrank" and size_of(composed) == "ratio 4, 4 layers"
+    assert method_of(_model("greedy", 0.8, 10.0, variant="kd", depth=4)) == "greedy (kd)"
+    width = _model("mlpruning", 0.8, 10.0, method="mlpruning", variant="density-30",
+                   target_density=0.3)
+    assert method_of(width) == "mlpruning" and size_of(width) == "density 0.3"
