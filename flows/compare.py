@@ -192,7 +192,8 @@ def _compare(params: CompareParams) -> CompareSummary:
 
             report |= write_methods_report(
                 folder, models([written(r) for r in rows]), data.metric,
-                costs=method_costs(rows, costs), subject=f"{data.task} · {params.model}")
+                costs=method_costs(rows, costs), subject=f"{data.task} · {params.model}",
+                home=job.home.root)
         log_report(job.tracking_uri, job.parent_run_id, folder)
         end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
                     metrics={"fine_tunes_computed": job.counts["computed"],

@@ -166,6 +166,19 @@ TABLE_HEADER = ("method", "size", "dev {metric}", "seeds", "parameters", "encode
                 "deployed speed-up (int8 b1 vs torch b1)")
 
 
+def _where(model: Model, home: Path | str | None) -> str:
+    """The model's registry URI, or its directory (relative to the run home, under it)."""
+    uri = model.uri
+    if not uri:
+        return "—"
+    if home is not None and not uri.startswith("models:/"):
+        try:
+            return f"`{Path(uri).relative_to(Path(home))}` (in the run home)"
+        except ValueError:
+            pass
+    return f"`{uri}`"
+
+
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -244,7 +257,8 @@ def _write(path: Path, text: str) -> Path:
 
 def write_methods_report(folder: Path | str, models: Sequence[Model], metric: str,
                          costs: Mapping[str, Mapping[str, Any]] | None = None,
-                         subject: str = "") -> dict[str, Path]:
+                         subject: str = "", home: Path | str | None = None
+                         ) -> dict[str, Path]:
     """``methods.md``, ``methods.csv`` and the two Pareto plots in ``folder``; their paths
     (keys ``methods``, ``methods_csv``, ``pareto_latency``, ``pareto_parameters``).
     Each file is written under a temporary name and renamed, the markdown last."""
@@ -278,7 +292,7 @@ def write_methods_report(folder: Path | str, models: Sequence[Model], metric: st
     for b in buckets(models):
         m = b["best"]
         bucket_rows.append([f"≥{b['threshold']:g}×", *(
-            [method_of(m), size_of(m), _pm(m), _x(b["speedup"]), m.uri or "—"]
+            [method_of(m), size_of(m), _pm(m), _x(b["speedup"]), _where(m, home)]
             if m else ["none", "", "", "", ""])])
     lines += _markdown_table(("speed-up", "method", "size", f"dev {metric}", "speed-up",
                               "model"), bucket_rows)

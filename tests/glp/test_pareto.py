@@ -61,3 +61,16 @@ def test_names_and_sizes_read_as_a_user_asked():
     width = _model("mlpruning", 0.8, 10.0, method="mlpruning", variant="density-30",
                    target_density=0.3)
     assert method_of(width) == "mlpruning" and size_of(width) == "density 0.3"
+
+
+def test_the_report_names_each_bucket_winner_where_it_lies(tmp_path):
+    from glp.pareto import write_methods_report
+
+    home = tmp_path / "home"
+    models = [_model("unpruned", 0.90, 60.0), _model("greedy", 0.88, 30.0, depth=3)]
+    models[1] = Model(**{**models[1].__dict__, "model_dir": str(home / "artifacts" / "m")})
+    paths = write_methods_report(tmp_path / "out", models, "accuracy", home=home)
+    text = paths["methods"].read_text()
+    assert "`artifacts/m` (in the run home)" in text and str(home) not in text
+    assert paths["pareto_latency"].read_bytes()[:4] == b"\x89PNG"
+    assert len(paths["methods_csv"].read_text().splitlines()) == 3
