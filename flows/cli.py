@@ -884,9 +884,8 @@ def pick(
     it was not registered, its model directory. Nothing meets the budget: one line naming
     the closest model, exit 1.
     """
-    import json
 
-    from glp.pick import Budget, closest, models
+    from glp.pick import Budget, closest, models, plan_summary
     from glp.pick import pick as choose
 
     run_home = RunHome.resolve(home)
@@ -945,8 +944,8 @@ def pick(
     console.print(table, markup=False)
     console.print(f"picked: {_pick_line(chosen)}", markup=False, highlight=False,
                   soft_wrap=True)
-    console.print(f"plan: {json.dumps(chosen.plan, sort_keys=True)}", markup=False,
-                  highlight=False, soft_wrap=True)
+    console.print(f"plan: {plan_summary(chosen.plan)}", markup=False, highlight=False,
+                  soft_wrap=True)
     if alias:
         if not chosen.model_version:
             _fail(f"--alias {alias}: the chosen model was not registered (its job ran with "

@@ -214,3 +214,26 @@ def _int(value) -> int | None:
 
 def _or(value, default):
     return default if value is None else value
+
+
+def plan_summary(plan: dict) -> str:
+    """A plan in one short line: the layers removed, then per kept layer what width and
+    rank cuts leave (counts, not indices; the model directory's glp_plan.json has those)."""
+    parts = [f"layers removed: {', '.join(map(str, plan.get('removed') or [])) or 'none'}"]
+    for key, what in (("heads", "heads"), ("neurons", "FFN neurons"), ("qk", "query/key dims"),
+                      ("vo", "value/output dims")):
+        cut = plan.get(key) or {}
+        if cut:
+            counts = ", ".join(f"{layer}: {len(kept)}" for layer, kept in
+                               sorted(cut.items(), key=lambda item: int(item[0])))
+            parts.append(f"{what} kept per layer {{{counts}}}")
+    if plan.get("ranks"):
+        ranks = sorted(set(plan["ranks"].values()))
+        parts.append(f"{len(plan['ranks'])} matrices factorised (ranks "
+                     f"{ranks[0]}–{ranks[-1]})" if len(ranks) > 1 else
+                     f"{len(plan['ranks'])} matrices factorised (rank {ranks[0]})")
+    if plan.get("coded"):
+        parts.append(f"autoencoded: {', '.join(sorted(plan['coded']))}")
+    if plan.get("blocks"):
+        parts.append(f"{len(plan['blocks'])} matrices with pruned blocks")
+    return "; ".join(parts)

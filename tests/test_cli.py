@@ -197,7 +197,7 @@ def test_pick_prints_the_chosen_model_last(picked_home, args, last):
     lines = out.strip().splitlines()
     assert lines[-1] == last
     assert any(line.startswith("picked: greedy") for line in lines)
-    assert any(line.startswith("plan: {") for line in lines)
+    assert any(line.startswith("plan: layers removed: ") for line in lines)
 
 
 def test_pick_with_nothing_in_budget_is_one_line_naming_the_closest(picked_home):

@@ -118,3 +118,14 @@ def test_width_models_are_labelled_by_their_budget():
 def test_bad_budgets_are_refused(kwargs, message):
     with pytest.raises(GlpError, match=message.replace("+", r"\+")):
         Budget(**kwargs)
+
+
+def test_a_plan_is_summarised_in_counts_not_indices():
+    from glp.pick import plan_summary
+
+    assert plan_summary({"removed": [3, 5]}) == "layers removed: 3, 5"
+    text = plan_summary({"removed": [], "heads": {"1": [0, 2], "0": [1, 2, 3]},
+                         "neurons": {"0": list(range(40))},
+                         "ranks": {"0.query": 8, "1.query": 8}})
+    assert text == ("layers removed: none; heads kept per layer {0: 3, 1: 2}; FFN neurons "
+                    "kept per layer {0: 40}; 2 matrices factorised (rank 8)")
