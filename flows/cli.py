@@ -305,6 +305,13 @@ def print_comparison(summary) -> None:
 
     from glp.report import summarize
 
+    if "report" not in summary.report:  # --methods without a layer strategy
+        print_methods(summary)
+        print_counts(summary)
+        console.print(f"every method:   {summary.report['methods']}")
+        console.print(f"Pareto plots:   {summary.report['pareto_latency']}")
+        console.print(f"                {summary.report['pareto_parameters']}")
+        return
     layers = [r for r in summary.finals if r.get("method") in ("layers", "unpruned")]
     table = summarize(pd.DataFrame(layers), summary.num_layers)
     shown = Table(title=f"dev {summary.metric}: mean ± std over seeds, by layers removed")

@@ -21,6 +21,7 @@ from flows.job import (
     Job,
     PruneParams,
     check_inputs,
+    check_search,
     distilled_variant,
     final_plans,
     register_depths,
@@ -30,8 +31,11 @@ from flows.methods import compressors, layer_strategies, parse_methods, run_chai
 from flows.runners import run_on_task_runner
 from glp import GlpError
 from glp.names import LAYER_METHOD, OFFLINE_METHODS, REFERENCE
+from glp.provenance import code_fingerprint
 from glp.report import label, write_report
 from glp.search import STRATEGIES, Strategy
+from tasks.compression import CODE as COMPRESSION_CODE
+from tasks.offline import CODE as OFFLINE_CODE
 from tasks.records import written
 from tasks.tracking import end_job_run, log_report
 
@@ -116,6 +120,9 @@ def preflight(params: CompareParams) -> str:
     if params.methods and "strategies" in params.model_fields_set:
         raise GlpError("--strategies and --methods: give one (--methods takes layer "
                        "strategies too, e.g. --methods greedy,top,mlpruning)")
+    if params.methods:
+        check_sizes_used(params)
+        check_search(params)  # also when no layer strategy is built
     strategies = strategies_of(params)
     num_layers, data = check_inputs(params, strategies)
     if params.methods:
@@ -150,13 +157,21 @@ def _compare(params: CompareParams) -> CompareSummary:
     job = Job(params, strategies)
     data = job.data
     labels = [s.label for s in strategies]
-    job_id = job.identity("compare", labels, params.exhaustive_limit)
+    # With --methods, the methods, their sizes and the compression code are in the job id
+    # too: another density is another job, with its own rows, MLflow run and report.
+    extra = ((parse_methods(params.methods), params.densities, params.ratios,
+              code_fingerprint(COMPRESSION_CODE), code_fingerprint(OFFLINE_CODE))
+             if params.methods else ())
+    job_id = job.identity("compare", labels, params.exhaustive_limit, *extra)
     job.start(job_id, f"compare-{job.slug}-{data.task}-remove{params.remove}",
               tags={"glp.strategy": "compare", "glp.strategies": ",".join(labels)})
     methods = compressors(parse_methods(params.methods)) if params.methods else ()
     try:
         outcomes = [job.search(strategy) for strategy in strategies]
-        rows = job.finals(final_plans(outcomes), measure_latency=not params.methods)
+        plans_needed = final_plans(outcomes)
+        if params.methods and not plans_needed:  # compressors only: the reference still
+            plans_needed = [(REFERENCE, "", job.num_layers, ())]
+        rows = job.finals(plans_needed, measure_latency=not params.methods)
         if params.register_models:
             _register_all(params, job, rows, outcomes)
         if params.methods:
@@ -185,7 +200,7 @@ def _compare(params: CompareParams) -> CompareSummary:
         report = write_report(
             folder, pd.DataFrame(layer_rows), job.num_layers, plans, costs,
             meta=_meta(params, job, seconds),
-        )
+        ) if plans else {}
         if params.methods:
             from glp.pareto import write_methods_report
             from glp.pick import models
@@ -339,7 +354,7 @@ def _time_deployed(job: Job, rows: list[dict]) -> None:
             continue
         for name, column in DEPLOYED_COLUMNS.items():
             row[column] = measured.median_ms[checkpoint.key].get(name)
-        row["latency_batch"] = 32
+        row["latency_batch"] = min(32, job.data.sizes["dev"])  # latency_batch's rows
         if row.get("stored_bytes") is None and row.get("model_dir"):
             row["stored_bytes"] = stored_bytes(row["model_dir"])
 
@@ -362,3 +377,22 @@ def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
     for cost in costs.values():
         cost["equivalents"] = cost["seconds"] / unit if unit else float("nan")
     return costs
+
+
+def check_sizes_used(params: CompareParams) -> None:
+    """Refuse what --methods would silently ignore: a size no chosen method uses, and
+    registering (``glp compress`` registers width and offline models, one method each)."""
+    methods = parse_methods(params.methods)
+    steps = {step for name in methods for step in name.split("+")}
+    given = params.model_fields_set
+    if "densities" in given and not steps & {"mlpruning", "grain"}:
+        raise GlpError(f"--density sizes a width method; --methods {','.join(methods)} has "
+                       "none (add mlpruning or grain)")
+    if "ratios" in given and not steps & set(OFFLINE_METHODS):
+        raise GlpError(f"--ratio sizes an offline method; --methods {','.join(methods)} has "
+                       "none (add lowrank or autoencoder)")
+    if params.register_models and compressors(methods):
+        raise GlpError("--register with --methods: compare registers layer strategies only; "
+                       "register a width or offline model with glp compress --method "
+                       f"{compressors(methods)[0].split('+')[-1]} (the same budget reuses "
+                       "this comparison's cache)")

@@ -236,6 +236,10 @@ def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, 
 
 def _strategy_names(params: PruneParams) -> list[str]:
     """The strategies a prune (--strategy) or compare (--strategies) job runs, lower-case."""
+    if getattr(params, "methods", None):  # compare --methods: the layer strategies it runs
+        from flows.methods import layer_strategies, parse_methods
+
+        return list(layer_strategies(parse_methods(params.methods)))
     value = getattr(params, "strategies", None) or params.strategy
     names = value.split(",") if isinstance(value, str) else list(value)
     return [name.strip().lower() for name in names if name.strip()]
@@ -246,6 +250,8 @@ def _runs_greedy(params: PruneParams) -> bool:
 
 
 def _strategy_option(params: PruneParams) -> str:
+    if getattr(params, "methods", None):
+        return f"--methods {','.join(params.methods)} has no greedy"
     if "strategies" in type(params).model_fields:
         return f"--strategies {','.join(_strategy_names(params))} has no greedy"
     return f"--strategy is {params.strategy}"

@@ -35,6 +35,7 @@ def parse_methods(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
             f"{', '.join(EXAMPLES)}"
     if not names:
         raise GlpError(f"--methods: no method given; choose from {valid}")
+    names = ["+".join(step.strip() for step in name.split("+")) for name in names]
     for name in names:
         steps = name.split("+")
         if len(steps) == 1:
@@ -55,6 +56,9 @@ def parse_methods(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
         if offline and offline[0] != len(steps) - 1:
             raise GlpError(f"--methods {name}: the offline method comes last (its factorised "
                            "matrices are not pruned again)")
+        if "grain" in steps[1:]:
+            raise GlpError(f"--methods {name}: GRAIN starts from the unpruned model; it can "
+                           "only come first (e.g. grain+lowrank is refused too, below)")
         if "grain" in steps and offline:
             raise GlpError(f"--methods {name}: GRAIN cuts inside the attention heads and "
                            "factorises the embeddings; offline compression does not apply "

@@ -37,7 +37,10 @@ def method_of(model: Model) -> str:
     if model.method in ("layers", REFERENCE) or model.method == model.strategy:
         base = model.strategy
         if model.variant and model.method in ("layers", REFERENCE):
-            base = f"{base} ({model.variant})" if model.strategy != "random" else base
+            if model.strategy != "random":
+                base = f"{base} ({model.variant})"
+            elif model.variant.endswith("-kd"):
+                base = f"{base} (kd)"
         return base
     return model.method
 
@@ -300,9 +303,12 @@ def write_methods_report(folder: Path | str, models: Sequence[Model], metric: st
     lines += _markdown_table(header, rows)
     if costs:
         lines += ["", "## What each method cost", "",
-                  "Compute time of its fine-tunes and compressions as measured when each was "
-                  "computed (shared cached work counted for each method that uses it); "
-                  "equivalents: that time over the unpruned model's fine-tune.", ""]
+                  "Compute time of its final fine-tunes and compressions (and a layer "
+                  "strategy's search) as measured when each was computed, shared cached work "
+                  "counted for each method that uses it; equivalents: that time over the "
+                  "unpruned model's fine-tune. Not counted: the teacher's fine-tune (the "
+                  "unpruned model's own), and for a composition the steps before its last "
+                  "(greedy's search and finals, an earlier compression): add their rows.", ""]
         lines += _markdown_table(("method", "seconds", "fine-tune equivalents"), [
             [name, f"{c['seconds']:.0f}", f"{c['equivalents']:.2f}"] for name, c in costs.items()])
     paths["methods"] = _write(folder / "methods.md", "\n".join(lines) + "\n")

@@ -72,8 +72,10 @@ def label(strategy: str, variant: str | None) -> str:
     spread over orders; ``unpruned``: the single reference); else ``"strategy (variant)"``.
     """
     strategy = str(strategy)
-    if _blank(variant) or strategy in _POOLED:
+    if _blank(variant):
         return strategy
+    if strategy in _POOLED:  # pooled over orders, but never with the distilled models
+        return f"{strategy} (kd)" if str(variant).endswith("-kd") else strategy
     return f"{strategy} ({variant})"
 
 

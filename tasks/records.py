@@ -141,7 +141,7 @@ def final_row(who: dict, *, run_id: str, parent_run_id: str, checkpoint, evaluat
         "eval_examples": evaluation.examples, "fine_tune_seconds": checkpoint.seconds,
         "eval_seconds": evaluation.seconds, "device": checkpoint.device,
         "cache_key": checkpoint.key, "reused": reused, "recorded_at": now(),
-        "_path": checkpoint.path, "_checkpoint": checkpoint, **extra,
+        "distilled": False, "_path": checkpoint.path, "_checkpoint": checkpoint, **extra,
     }
 
 

@@ -95,3 +95,14 @@ def test_methods_and_strategies_together_are_refused():
 
     with pytest.raises(GlpError, match="--strategies and --methods"):
         preflight(CompareParams(methods="greedy,lowrank", strategies="greedy,top"))
+
+
+def test_compressors_alone_still_have_the_unpruned_reference(harness, tiny_bert, tmp_path):
+    summary = compare(_params(tiny_bert, tmp_path, methods="lowrank", ratios=(2.0, 4.0)))
+    rows = _finals(tmp_path)
+    assert sorted(r["method"] for r in rows) == ["lowrank", "lowrank", "unpruned", "unpruned"]
+    assert all(r["latency_ms"] for r in rows)
+    assert "report" not in summary.report and Path(summary.report["methods"]).is_file()
+    # Another size is another job: its rows do not replace these.
+    other = compare(_params(tiny_bert, tmp_path, methods="lowrank", ratios=(3.0,)))
+    assert other.job_id != summary.job_id and len(_finals(tmp_path)) == 4 + 3

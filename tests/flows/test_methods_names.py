@@ -27,3 +27,27 @@ def test_methods_are_parsed_in_order_without_duplicates():
 def test_a_bad_method_is_one_line_naming_it(value, message):
     with pytest.raises(GlpError, match=message.replace("+", r"\+")):
         parse_methods(value)
+
+
+@pytest.mark.parametrize("value", ["greedy+grain"])
+def test_grain_after_another_step_is_refused(value):
+    with pytest.raises(GlpError, match="GRAIN starts from the unpruned model"):
+        parse_methods(value)
+
+
+def test_spaces_around_a_step_are_allowed():
+    assert parse_methods("greedy + lowrank") == ("greedy+lowrank",)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"methods": "greedy,lowrank", "densities": (0.3,)}, "--density sizes a width method"),
+    ({"methods": "greedy,mlpruning", "ratios": (4.0,)}, "--ratio sizes an offline method"),
+    ({"methods": "greedy,mlpruning", "register_models": True}, "--register with --methods"),
+    ({"methods": "top,mlpruning", "search": "warm"}, "--methods top,mlpruning has no greedy"),
+    ({"methods": "mlpruning", "prefilter_keep": 2}, "--methods mlpruning has no greedy"),
+])
+def test_options_methods_would_ignore_are_refused(options, message):
+    from flows.compare import CompareParams, preflight
+
+    with pytest.raises(GlpError, match=message):
+        preflight(CompareParams(**options))

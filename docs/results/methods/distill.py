@@ -39,7 +39,11 @@ def main(home: str, task: str) -> None:
     for depth in sorted({r["depth"] for r in mine if r["strategy"] != "unpruned"}, reverse=True):
         at = [r for r in mine if r["depth"] == depth and r["strategy"] != "unpruned"]
         plain = stats([r for r in at if not r["distilled"]])
-        kd = stats([r for r in at if r["distilled"]])
+        kd_rows = [r for r in at if r["distilled"]]
+        if not kd_rows:
+            print(f"| {depth} | | {plain[0]:.4f} ± {plain[1]:.4f} | every seed diverged | | |")
+            continue
+        kd = stats(kd_rows)
         gap = ref[0] - plain[0]
         closed = f"{(kd[0] - plain[0]) / gap:.0%}" if gap > 0 else "— (no gap)"
         removed = ",".join(map(str, at[0]["removed"]))
