@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from glp import GlpError
 from glp.names import OFFLINE_METHODS, STRATEGY_NAMES, WIDTH_METHODS
+from tasks.registry import chosen
 from tasks.training import Checkpoint
 
 COMPRESSORS = (*WIDTH_METHODS, *OFFLINE_METHODS)
@@ -58,7 +59,7 @@ def parse_methods(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
                            "matrices are not pruned again)")
         if "grain" in steps[1:]:
             raise GlpError(f"--methods {name}: GRAIN starts from the unpruned model; it can "
-                           "only come first (e.g. grain+lowrank is refused too, below)")
+                           "only come first")
         if "grain" in steps and offline:
             raise GlpError(f"--methods {name}: GRAIN cuts inside the attention heads and "
                            "factorises the embeddings; offline compression does not apply "
@@ -85,7 +86,7 @@ def best_checkpoint(rows: list[dict], what: str) -> Checkpoint:
     if not alive:
         raise GlpError(f"{what}: every seed diverged, so nothing can be compressed further; "
                        "lower --lr or turn on clipping (--max-grad-norm)")
-    return max(alive, key=lambda r: (r["selection_value"], -r["seed"]))["_checkpoint"]
+    return chosen(alive)["_checkpoint"]
 
 
 def run_chain(name: str, teacher: Checkpoint, greedy_rows: Callable[[], list[dict]],

@@ -33,7 +33,7 @@ from glp.provenance import code_fingerprint
 from tasks.offline import CODE as OFFLINE_CODE
 from tasks.offline import OFFLINE_METHODS, OfflineRequest, compress_offline
 from tasks.records import final_row, written
-from tasks.registry import Registration, register_all, registrations
+from tasks.registry import Registration, chosen, register_all, registrations
 from tasks.tracking import FINAL, end_job_run, log_child_run, register_onnx
 from tasks.training import Checkpoint
 
@@ -331,8 +331,7 @@ def _prune_first(params) -> str:
     if not rows:
         raise GlpError(f"--prune-layers {params.prune_layers}: greedy layer pruning gave no "
                        "model of that depth that did not diverge")
-    best = max(rows, key=lambda r: (r["selection_value"], -r["seed"]))
-    return best["model_dir"]
+    return chosen(rows)["model_dir"]
 
 
 def _input_row(job: Job, checkpoint: Checkpoint) -> dict:

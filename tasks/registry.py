@@ -45,6 +45,12 @@ class Registration:
                 "glp.device": str(self.chosen["device"])}
 
 
+def chosen(rows: Iterable[dict]) -> dict:
+    """The registry rule's member of a group: the best selection-split score (ties: the
+    lower seed). The rows are those that did not diverge."""
+    return max(rows, key=lambda r: (r["selection_value"], -r["seed"]))
+
+
 def registrations(rows: Iterable[dict], group: Callable[[dict], Hashable | None],
                   alias: Callable[[Hashable], str]) -> list[Registration]:
     """One registration per group (``group(row)`` is None for rows never registered, such
@@ -54,8 +60,7 @@ def registrations(rows: Iterable[dict], group: Callable[[dict], Hashable | None]
         key = group(row)
         if key is not None and not row["diverged"]:
             groups.setdefault(key, []).append(row)
-    return [Registration(key, alias(key),
-                         max(members, key=lambda r: (r["selection_value"], -r["seed"])), members)
+    return [Registration(key, alias(key), chosen(members), members)
             for key, members in sorted(groups.items(), key=lambda item: item[0], reverse=True)]
 
 
