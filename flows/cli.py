@@ -599,7 +599,8 @@ def _params(values: dict) -> dict:
 
 
 def compare(strategies: str | None, methods: str | None, density: list[float] | None,
-            ratio: list[float] | None, random_orders: int, **options) -> None:
+            ratio: list[float] | None, pruning_epochs: float | None, random_orders: int,
+            **options) -> None:
     """Compare layer strategies, or every compression method, on one model and task.
 
     Takes every option of `glp prune` (except --strategy). --strategies runs layer strategies at every depth; --methods runs layer strategies, width methods (mlpruning, grain), offline ones (lowrank, autoencoder) and compositions (greedy+lowrank, greedy+mlpruning+lowrank, ...), each model timed in PyTorch and onnxruntime (fp32, int8) at batch 1 and 32. Writes the finals (with strategy and method columns) to parquet/finals/ and a markdown report with PNG plots (with --methods: methods.md and two Pareto plots) to reports/ in the run home.
@@ -611,10 +612,11 @@ def compare(strategies: str | None, methods: str | None, density: list[float] | 
               "command": "glp compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
     given = {"strategies": strategies, "methods": methods,
              "densities": tuple(density) if density else None,
-             "ratios": tuple(ratio) if ratio else None}
+             "ratios": tuple(ratio) if ratio else None, "pruning_epochs": pruning_epochs}
     values |= {k: v for k, v in given.items() if v is not None}  # unset: not typed
-    if methods is None and (density or ratio):
-        _fail(f"{'--density' if density else '--ratio'} sizes a width or offline method; "
+    if methods is None and (density or ratio or pruning_epochs is not None):
+        typed = ("--density" if density else "--ratio" if ratio else "--pruning-epochs")
+        _fail(f"{typed} sizes or trains a width or offline method; "
               "give --methods too (e.g. --methods greedy,mlpruning,lowrank)")
     run_command("compare", values, home, verbose)
 
@@ -644,6 +646,10 @@ def _compare_signature() -> inspect.Signature:
         inspect.Parameter("ratio", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             list[float] | None, typer.Option(help="--methods: offline methods' compression "
                                              "ratio (repeat for several) [default: 2 4]")],
+            default=None),
+        inspect.Parameter("pruning_epochs", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+            float | None, typer.Option(help="--methods: width methods' epochs of training "
+                                       "while pruning [default: mlpruning 2, grain 20]")],
             default=None),
         inspect.Parameter("random_orders", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             int, typer.Option(help="random: how many random orders (seeds 0, 1, ...)")],

@@ -54,6 +54,8 @@ class CompareParams(PruneParams):
         "width methods: fractions of the encoder weights to keep"))
     ratios: tuple[float, ...] = Field((2.0, 4.0), min_length=1, description=(
         "offline methods: compression ratios of the compressed module types"))
+    pruning_epochs: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "width methods: epochs of training while pruning (None: mlpruning 2, grain 20)"))
     random_orders: int = Field(3, ge=1, description="random orders (seeds 0, 1, ...)")
     register_models: bool = False
     command: str | None = Field(None, description="the command line, quoted in the report")
@@ -160,6 +162,7 @@ def _compare(params: CompareParams) -> CompareSummary:
     # With --methods, the methods, their sizes and the compression code are in the job id
     # too: another density is another job, with its own rows, MLflow run and report.
     extra = ((parse_methods(params.methods), params.densities, params.ratios,
+              *((params.pruning_epochs,) if params.pruning_epochs is not None else ()),
               code_fingerprint(COMPRESSION_CODE), code_fingerprint(OFFLINE_CODE))
              if params.methods else ())
     job_id = job.identity("compare", labels, params.exhaustive_limit, *extra)
@@ -279,7 +282,7 @@ def compress_params(params: CompareParams, method: str):
     shared = {k: v for k, v in params.model_dump().items()
               if k in PruneParams.model_fields and k not in ("distill", "distill_temperature")}
     size = ({"ratios": params.ratios} if method in OFFLINE_METHODS
-            else {"densities": params.densities})
+            else {"densities": params.densities, "pruning_epochs": params.pruning_epochs})
     return CompressParams(**shared, method=method, **size)
 
 
@@ -388,6 +391,9 @@ def check_sizes_used(params: CompareParams) -> None:
     if "densities" in given and not steps & {"mlpruning", "grain"}:
         raise GlpError(f"--density sizes a width method; --methods {','.join(methods)} has "
                        "none (add mlpruning or grain)")
+    if "pruning_epochs" in given and not steps & {"mlpruning", "grain"}:
+        raise GlpError(f"--pruning-epochs trains a width method; --methods "
+                       f"{','.join(methods)} has none (add mlpruning or grain)")
     if "ratios" in given and not steps & set(OFFLINE_METHODS):
         raise GlpError(f"--ratio sizes an offline method; --methods {','.join(methods)} has "
                        "none (add lowrank or autoencoder)")

@@ -42,6 +42,8 @@ def test_spaces_around_a_step_are_allowed():
 @pytest.mark.parametrize(("options", "message"), [
     ({"methods": "greedy,lowrank", "densities": (0.3,)}, "--density sizes a width method"),
     ({"methods": "greedy,mlpruning", "ratios": (4.0,)}, "--ratio sizes an offline method"),
+    ({"methods": "greedy,lowrank", "pruning_epochs": 3.0},
+     "--pruning-epochs trains a width method"),
     ({"methods": "greedy,mlpruning", "register_models": True}, "--register with --methods"),
     ({"methods": "top,mlpruning", "search": "warm"}, "--methods top,mlpruning has no greedy"),
     ({"methods": "mlpruning", "prefilter_keep": 2}, "--methods mlpruning has no greedy"),
@@ -51,3 +53,14 @@ def test_options_methods_would_ignore_are_refused(options, message):
 
     with pytest.raises(GlpError, match=message):
         preflight(CompareParams(**options))
+
+
+def test_pruning_epochs_reach_every_width_method_and_only_them():
+    from flows.compare import CompareParams, compress_params
+
+    params = CompareParams(methods="greedy,mlpruning,grain,lowrank", pruning_epochs=3.0)
+    assert compress_params(params, "grain").method_config(0.3).epochs == 3.0
+    assert compress_params(params, "mlpruning").method_config(0.3).pruning_epochs == 3.0
+    assert compress_params(params, "lowrank").pruning_epochs is None
+    default = CompareParams(methods="greedy,grain")
+    assert compress_params(default, "grain").method_config(0.3).epochs == 20.0
