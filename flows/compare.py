@@ -181,9 +181,6 @@ def _compare(params: CompareParams) -> CompareSummary:
             rows += _compressed_rows(params, job, methods, rows)
             _time_deployed(job, rows)
         job.write_finals(rows)
-        for row in rows:
-            row.pop("_path", None)
-            row.pop("_checkpoint", None)
         plans: dict[str, list[list[int]]] = {}
         costs: dict[str, dict] = {}
         for outcome in outcomes:
@@ -197,6 +194,8 @@ def _compare(params: CompareParams) -> CompareSummary:
             cost["equivalents"] = round(cost["equivalents"] + outcome.equivalents, 3)
             cost["seconds"] = round(cost["seconds"] + outcome.seconds, 1)
             cost["zero_shot_passes"] += outcome.zero_shot_passes
+        spent = method_costs(rows, costs) if params.methods else {}
+        rows = [written(row) for row in rows]
         seconds = round(time.perf_counter() - started, 1)
         folder = job.home.reports / f"compare-{job.slug}-{data.task}-{job_id}"
         layer_rows = [r for r in rows if r["method"] in (LAYER_METHOD, REFERENCE)]
@@ -209,8 +208,8 @@ def _compare(params: CompareParams) -> CompareSummary:
             from glp.pick import models
 
             report |= write_methods_report(
-                folder, models([written(r) for r in rows]), data.metric,
-                costs=method_costs(rows, costs), subject=f"{data.task} · {params.model}",
+                folder, models(rows), data.metric,
+                costs=spent, subject=f"{data.task} · {params.model}",
                 home=job.home.root)
         log_report(job.tracking_uri, job.parent_run_id, folder)
         end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
@@ -365,11 +364,14 @@ def _time_deployed(job: Job, rows: list[dict]) -> None:
 def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
     """Per method: the compute seconds of its final models' fine-tunes and compressions
     (one seed's work counted once per plan and seed), plus a layer strategy's search, and
-    that time in unpruned fine-tunes."""
+    that time in unpruned fine-tunes. A composition also counts what it was built on: the
+    steps before its last (``_prior_seconds`` of its rows, flows/methods.py) and, when it
+    starts with greedy, greedy's search and finals."""
     reference = [r["fine_tune_seconds"] for r in rows
                  if r["strategy"] == REFERENCE and r.get("fine_tune_seconds")]
     unit = sum(reference) / len(reference) if reference else None
     costs: dict[str, dict] = {}
+    prior: dict[str, float] = {}
     for row in rows:
         if row["strategy"] == REFERENCE:
             continue
@@ -377,7 +379,12 @@ def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
             row["strategy"], row["variant"])
         cost = costs.setdefault(name, {"seconds": search.get(name, {}).get("seconds", 0.0)})
         cost["seconds"] += row.get("fine_tune_seconds") or 0.0
-    for cost in costs.values():
+        prior.setdefault(name, row.get("_prior_seconds") or 0.0)
+    for name, cost in costs.items():
+        if "+" in name:
+            built_on = costs.get("greedy", {}).get("seconds", 0.0) if name.startswith(
+                "greedy+") else 0.0
+            cost["seconds"] += prior[name] + built_on
         cost["equivalents"] = cost["seconds"] / unit if unit else float("nan")
     return costs
 

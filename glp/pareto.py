@@ -306,9 +306,9 @@ def write_methods_report(folder: Path | str, models: Sequence[Model], metric: st
                   "Compute time of its final fine-tunes and compressions (and a layer "
                   "strategy's search) as measured when each was computed, shared cached work "
                   "counted for each method that uses it; equivalents: that time over the "
-                  "unpruned model's fine-tune. Not counted: the teacher's fine-tune (the "
-                  "unpruned model's own), and for a composition the steps before its last "
-                  "(greedy's search and finals, an earlier compression): add their rows.", ""]
+                  "unpruned model's fine-tune. A composition counts what it was built on: "
+                  "greedy's search and finals, and every compression before its last step. "
+                  "Not counted: the teacher's fine-tune (the unpruned model's own).", ""]
         lines += _markdown_table(("method", "seconds", "fine-tune equivalents"), [
             [name, f"{c['seconds']:.0f}", f"{c['equivalents']:.2f}"] for name, c in costs.items()])
     paths["methods"] = _write(folder / "methods.md", "\n".join(lines) + "\n")

@@ -64,3 +64,24 @@ def test_pruning_epochs_reach_every_width_method_and_only_them():
     assert compress_params(params, "lowrank").pruning_epochs is None
     default = CompareParams(methods="greedy,grain")
     assert compress_params(default, "grain").method_config(0.3).epochs == 20.0
+
+
+def test_a_composition_costs_what_it_was_built_on():
+    from flows.compare import method_costs
+
+    def row(strategy, method, seconds, **extra):
+        return {"strategy": strategy, "method": method, "variant": "",
+                "fine_tune_seconds": seconds, **extra}
+
+    rows = [row("unpruned", "unpruned", 10.0),
+            row("greedy", "layers", 10.0), row("greedy", "layers", 10.0),
+            row("mlpruning", "mlpruning", 30.0),
+            row("greedy+mlpruning", "greedy+mlpruning", 20.0, _prior_seconds=0.0),
+            row("greedy+mlpruning+lowrank", "greedy+mlpruning+lowrank", 1.0,
+                _prior_seconds=40.0)]
+    costs = method_costs(rows, {"greedy": {"seconds": 100.0}})
+    assert costs["greedy"]["seconds"] == 120.0
+    assert costs["mlpruning"]["seconds"] == 30.0
+    assert costs["greedy+mlpruning"]["seconds"] == 140.0  # greedy's 120 + its own 20
+    assert costs["greedy+mlpruning+lowrank"]["seconds"] == 161.0  # + the mlpruning step's 40
+    assert costs["greedy+mlpruning+lowrank"]["equivalents"] == 16.1
