@@ -599,7 +599,7 @@ def _params(values: dict) -> dict:
 
 
 def compare(strategies: str | None, methods: str | None, density: list[float] | None,
-            ratio: list[float] | None, pruning_epochs: float | None, random_orders: int,
+            ratio: list[float] | None, pruning_epochs: list[str] | None, random_orders: int,
             **options) -> None:
     """Compare layer strategies, or every compression method, on one model and task.
 
@@ -612,12 +612,14 @@ def compare(strategies: str | None, methods: str | None, density: list[float] | 
               "command": "glp compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
     given = {"strategies": strategies, "methods": methods,
              "densities": tuple(density) if density else None,
-             "ratios": tuple(ratio) if ratio else None, "pruning_epochs": pruning_epochs}
+             "ratios": tuple(ratio) if ratio else None,
+             "pruning_epochs": tuple(pruning_epochs) if pruning_epochs else None}
     values |= {k: v for k, v in given.items() if v is not None}  # unset: not typed
-    if methods is None and (density or ratio or pruning_epochs is not None):
-        typed = ("--density" if density else "--ratio" if ratio else "--pruning-epochs")
-        _fail(f"{typed} sizes or trains a width or offline method; "
-              "give --methods too (e.g. --methods greedy,mlpruning,lowrank)")
+    if methods is None and (density or ratio or pruning_epochs):
+        typed = ("--density sizes a width method" if density else
+                 "--ratio sizes an offline method" if ratio else
+                 "--pruning-epochs trains a width method")
+        _fail(f"{typed}; give --methods too (e.g. --methods greedy,mlpruning,lowrank)")
     run_command("compare", values, home, verbose)
 
 
@@ -648,8 +650,10 @@ def _compare_signature() -> inspect.Signature:
                                              "ratio (repeat for several) [default: 2 4]")],
             default=None),
         inspect.Parameter("pruning_epochs", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-            float | None, typer.Option(help="--methods: width methods' epochs of training "
-                                       "while pruning [default: mlpruning 2, grain 20]")],
+            list[str] | None, typer.Option(help="--methods: width methods' epochs of "
+                                           "training while pruning: EPOCHS for all, or "
+                                           "METHOD=EPOCHS, e.g. grain=3 (repeat for "
+                                           "several) [default: mlpruning 2, grain 20]")],
             default=None),
         inspect.Parameter("random_orders", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             int, typer.Option(help="random: how many random orders (seeds 0, 1, ...)")],

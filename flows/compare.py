@@ -54,11 +54,19 @@ class CompareParams(PruneParams):
         "width methods: fractions of the encoder weights to keep"))
     ratios: tuple[float, ...] = Field((2.0, 4.0), min_length=1, description=(
         "offline methods: compression ratios of the compressed module types"))
-    pruning_epochs: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
-        "width methods: epochs of training while pruning (None: mlpruning 2, grain 20)"))
+    pruning_epochs: tuple[str, ...] = Field((), description=(
+        "width methods' epochs of training while pruning: EPOCHS for every width method "
+        "or METHOD=EPOCHS, e.g. grain=3 (unset: mlpruning 2, grain 20)"))
     random_orders: int = Field(3, ge=1, description="random orders (seeds 0, 1, ...)")
     register_models: bool = False
     command: str | None = Field(None, description="the command line, quoted in the report")
+
+    @field_validator("pruning_epochs", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        """Accept one value (``"grain=3"``, ``3``) as well as several."""
+        return (str(value),) if isinstance(value, str | int | float) else tuple(
+            str(v) for v in value)
 
     @field_validator("strategies", "methods", mode="before")
     @classmethod
@@ -162,7 +170,7 @@ def _compare(params: CompareParams) -> CompareSummary:
     # With --methods, the methods, their sizes and the compression code are in the job id
     # too: another density is another job, with its own rows, MLflow run and report.
     extra = ((parse_methods(params.methods), params.densities, params.ratios,
-              *((params.pruning_epochs,) if params.pruning_epochs is not None else ()),
+              *((sorted(pruning_epochs(params).items()),) if params.pruning_epochs else ()),
               code_fingerprint(COMPRESSION_CODE), code_fingerprint(OFFLINE_CODE))
              if params.methods else ())
     job_id = job.identity("compare", labels, params.exhaustive_limit, *extra)
@@ -281,8 +289,39 @@ def compress_params(params: CompareParams, method: str):
     shared = {k: v for k, v in params.model_dump().items()
               if k in PruneParams.model_fields and k not in ("distill", "distill_temperature")}
     size = ({"ratios": params.ratios} if method in OFFLINE_METHODS
-            else {"densities": params.densities, "pruning_epochs": params.pruning_epochs})
+            else {"densities": params.densities,
+                  "pruning_epochs": pruning_epochs(params).get(method)})
     return CompressParams(**shared, method=method, **size)
+
+
+WIDTH = ("mlpruning", "grain")
+
+
+def pruning_epochs(params: CompareParams) -> dict[str, float]:
+    """``--pruning-epochs`` per width method of ``--methods``: ``3`` sets every one,
+    ``grain=3`` one; a GlpError names a value that is malformed or would be ignored."""
+    steps = {s for name in parse_methods(params.methods) for s in name.split("+")}
+    used = [m for m in WIDTH if m in steps]
+    chosen: dict[str, float] = {}
+    for value in params.pruning_epochs:
+        method, _, number = value.rpartition("=")
+        method = method.strip().lower()
+        try:
+            epochs = float(number)
+        except ValueError:
+            epochs = float("nan")
+        if not epochs > 0 or epochs == float("inf"):
+            raise GlpError(f"--pruning-epochs {value!r}: expected EPOCHS > 0 or "
+                           "METHOD=EPOCHS, e.g. 3 or grain=3")
+        if method and method not in WIDTH:
+            raise GlpError(f"--pruning-epochs {value!r}: {method!r} is not a width method; "
+                           f"choose {' or '.join(WIDTH)}")
+        if method and method not in used or not used:
+            raise GlpError(f"--pruning-epochs {value!r} trains a width method; --methods "
+                           f"{','.join(parse_methods(params.methods))} has "
+                           f"{'no ' + method if method else 'none'} (add mlpruning or grain)")
+        chosen |= {m: epochs for m in ([method] if method else used)}
+    return chosen
 
 
 def check_compressors(params: CompareParams, model_path: str) -> None:
@@ -398,9 +437,7 @@ def check_sizes_used(params: CompareParams) -> None:
     if "densities" in given and not steps & {"mlpruning", "grain"}:
         raise GlpError(f"--density sizes a width method; --methods {','.join(methods)} has "
                        "none (add mlpruning or grain)")
-    if "pruning_epochs" in given and not steps & {"mlpruning", "grain"}:
-        raise GlpError(f"--pruning-epochs trains a width method; --methods "
-                       f"{','.join(methods)} has none (add mlpruning or grain)")
+    pruning_epochs(params)
     if "ratios" in given and not steps & set(OFFLINE_METHODS):
         raise GlpError(f"--ratio sizes an offline method; --methods {','.join(methods)} has "
                        "none (add lowrank or autoencoder)")

@@ -81,6 +81,12 @@ def _compare(tmp_path, *args):
         (["--random-orders", "0"], "--random-orders"),
         (["--task", "nope"], "unknown task 'nope'"),
         (["--prefilter-keep", "-1"], "--prefilter-keep"),
+        (["--density", "0.3"], "--density sizes a width method; give --methods too"),
+        (["--ratio", "4"], "--ratio sizes an offline method; give --methods too"),
+        (["--pruning-epochs", "3"], "--pruning-epochs trains a width method; give --methods"),
+        (["--methods", "greedy,lowrank", "--pruning-epochs", "grain=3"],
+         "--pruning-epochs 'grain=3' trains a width method; --methods greedy,lowrank has no "
+         "grain"),
     ],
 )
 def test_compare_bad_input_is_one_line_and_nonzero(tmp_path, args, expected):

@@ -43,7 +43,13 @@ def test_spaces_around_a_step_are_allowed():
     ({"methods": "greedy,lowrank", "densities": (0.3,)}, "--density sizes a width method"),
     ({"methods": "greedy,mlpruning", "ratios": (4.0,)}, "--ratio sizes an offline method"),
     ({"methods": "greedy,lowrank", "pruning_epochs": 3.0},
-     "--pruning-epochs trains a width method"),
+     "--pruning-epochs '3.0' trains a width method; --methods greedy,lowrank has none"),
+    ({"methods": "greedy,mlpruning", "pruning_epochs": "grain=3"},
+     "--pruning-epochs 'grain=3' trains a width method; --methods greedy,mlpruning has no "
+     "grain"),
+    ({"methods": "grain", "pruning_epochs": "lowrank=3"}, "'lowrank' is not a width method"),
+    ({"methods": "grain", "pruning_epochs": "grain=0"}, "expected EPOCHS > 0 or METHOD="),
+    ({"methods": "grain", "pruning_epochs": "three"}, "expected EPOCHS > 0 or METHOD="),
     ({"methods": "greedy,mlpruning", "register_models": True}, "--register with --methods"),
     ({"methods": "top,mlpruning", "search": "warm"}, "--methods top,mlpruning has no greedy"),
     ({"methods": "mlpruning", "prefilter_keep": 2}, "--methods mlpruning has no greedy"),
@@ -62,8 +68,11 @@ def test_pruning_epochs_reach_every_width_method_and_only_them():
     assert compress_params(params, "grain").method_config(0.3).epochs == 3.0
     assert compress_params(params, "mlpruning").method_config(0.3).pruning_epochs == 3.0
     assert compress_params(params, "lowrank").pruning_epochs is None
-    default = CompareParams(methods="greedy,grain")
+    default = CompareParams(methods="greedy,grain,greedy+mlpruning")
     assert compress_params(default, "grain").method_config(0.3).epochs == 20.0
+    one = default.model_copy(update={"pruning_epochs": ("GRAIN=3",)})
+    assert compress_params(one, "grain").method_config(0.3).epochs == 3.0
+    assert compress_params(one, "mlpruning").method_config(0.3).pruning_epochs == 2.0
 
 
 def test_a_composition_costs_what_it_was_built_on():
