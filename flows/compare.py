@@ -65,6 +65,8 @@ class CompareParams(PruneParams):
     @classmethod
     def _one_or_many(cls, value):
         """Accept one value (``"grain=3"``, ``3``) as well as several."""
+        if value is None:
+            return ()
         return (str(value),) if isinstance(value, str | int | float) else tuple(
             str(v) for v in value)
 
@@ -140,8 +142,10 @@ def preflight(params: CompareParams) -> str:
 
         check_compressors(params, resolve_model(params.model))
         names = ", ".join(parse_methods(params.methods))
+        trained = "".join(f" ({m}: {e:g} pruning epochs)"
+                          for m, e in pruning_epochs(params).items())
         return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers, keep "
-                f"{', '.join(f'{d:g}' for d in params.densities)} in width, ratio "
+                f"{', '.join(f'{d:g}' for d in params.densities)} in width{trained}, ratio "
                 f"{', '.join(f'{r:g}' for r in params.ratios)} offline, of {params.model} on "
                 f"{data.spec.name} ({len(data.train):,} train / {len(data.dev):,} dev rows, "
                 f"{data.spec.metric}, {params.seeds} seed(s))")
@@ -170,7 +174,7 @@ def _compare(params: CompareParams) -> CompareSummary:
     # With --methods, the methods, their sizes and the compression code are in the job id
     # too: another density is another job, with its own rows, MLflow run and report.
     extra = ((parse_methods(params.methods), params.densities, params.ratios,
-              *((sorted(pruning_epochs(params).items()),) if params.pruning_epochs else ()),
+              *pruning_identity(params),
               code_fingerprint(COMPRESSION_CODE), code_fingerprint(OFFLINE_CODE))
              if params.methods else ())
     job_id = job.identity("compare", labels, params.exhaustive_limit, *extra)
@@ -218,7 +222,7 @@ def _compare(params: CompareParams) -> CompareSummary:
             report |= write_methods_report(
                 folder, models(rows), data.metric,
                 costs=spent, subject=f"{data.task} · {params.model}",
-                home=job.home.root)
+                home=job.home.root, command=params.command)
         log_report(job.tracking_uri, job.parent_run_id, folder)
         end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
                     metrics={"fine_tunes_computed": job.counts["computed"],
@@ -298,11 +302,14 @@ WIDTH = ("mlpruning", "grain")
 
 
 def pruning_epochs(params: CompareParams) -> dict[str, float]:
-    """``--pruning-epochs`` per width method of ``--methods``: ``3`` sets every one,
-    ``grain=3`` one; a GlpError names a value that is malformed or would be ignored."""
+    """``--pruning-epochs`` per width method of ``--methods``: ``3`` sets every one and
+    ``grain=3`` one (over a bare number, whatever the order); a GlpError names a value that
+    is malformed, given twice, or would be ignored."""
     steps = {s for name in parse_methods(params.methods) for s in name.split("+")}
     used = [m for m in WIDTH if m in steps]
-    chosen: dict[str, float] = {}
+    every: dict[str, float] = {}
+    one: dict[str, float] = {}
+    typed: dict[str, str] = {}
     for value in params.pruning_epochs:
         method, _, number = value.rpartition("=")
         method = method.strip().lower()
@@ -316,12 +323,29 @@ def pruning_epochs(params: CompareParams) -> dict[str, float]:
         if method and method not in WIDTH:
             raise GlpError(f"--pruning-epochs {value!r}: {method!r} is not a width method; "
                            f"choose {' or '.join(WIDTH)}")
-        if method and method not in used or not used:
+        if (method and method not in used) or not used:
             raise GlpError(f"--pruning-epochs {value!r} trains a width method; --methods "
                            f"{','.join(parse_methods(params.methods))} has "
-                           f"{'no ' + method if method else 'none'} (add mlpruning or grain)")
-        chosen |= {m: epochs for m in ([method] if method else used)}
-    return chosen
+                           f"{'no ' + method if method else 'none'} "
+                           f"(add {method or 'mlpruning or grain'})")
+        if (method or "*") in typed:
+            raise GlpError(f"--pruning-epochs {typed[method or '*']!r} and {value!r}: "
+                           f"{'one value per method' if method else 'one bare number'}, "
+                           "please")
+        typed[method or "*"] = value
+        (one if method else every).update({m: epochs for m in ([method] if method else used)})
+    return every | one
+
+
+def pruning_identity(params: CompareParams) -> tuple:
+    """What ``--pruning-epochs`` changes, for the job id: the values that differ from the
+    methods' defaults (typing a default is the same job)."""
+    from glp.grain import GrainConfig
+    from glp.mlpruning import MLPruningConfig
+
+    default = {"mlpruning": MLPruningConfig().pruning_epochs, "grain": GrainConfig().epochs}
+    changed = sorted((m, e) for m, e in pruning_epochs(params).items() if e != default[m])
+    return (changed,) if changed else ()
 
 
 def check_compressors(params: CompareParams, model_path: str) -> None:
@@ -404,8 +428,9 @@ def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
     """Per method: the compute seconds of its final models' fine-tunes and compressions
     (one seed's work counted once per plan and seed), plus a layer strategy's search, and
     that time in unpruned fine-tunes. A composition also counts what it was built on: the
-    steps before its last (``_prior_seconds`` of its rows, flows/methods.py) and, when it
-    starts with greedy, greedy's search and finals."""
+    steps before its last, at the size it used (``_prior_seconds`` of its rows,
+    flows/methods.py), and when it starts with greedy, greedy's search and its finals at
+    the depth the composition starts from."""
     reference = [r["fine_tune_seconds"] for r in rows
                  if r["strategy"] == REFERENCE and r.get("fine_tune_seconds")]
     unit = sum(reference) / len(reference) if reference else None
@@ -419,11 +444,15 @@ def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
         cost = costs.setdefault(name, {"seconds": search.get(name, {}).get("seconds", 0.0)})
         cost["seconds"] += row.get("fine_tune_seconds") or 0.0
         prior.setdefault(name, row.get("_prior_seconds") or 0.0)
+    greedy = [r for r in rows if r["strategy"] == "greedy" and r["method"] == LAYER_METHOD
+              and not r["variant"]]
+    deepest = [r for r in greedy if r["depth"] == min(g["depth"] for g in greedy)]
+    greedy_seconds = search.get("greedy", {}).get("seconds", 0.0) + sum(
+        r.get("fine_tune_seconds") or 0.0 for r in deepest)
     for name, cost in costs.items():
         if "+" in name:
-            built_on = costs.get("greedy", {}).get("seconds", 0.0) if name.startswith(
-                "greedy+") else 0.0
-            cost["seconds"] += prior[name] + built_on
+            cost["seconds"] += prior[name] + (greedy_seconds if name.startswith("greedy+")
+                                              else 0.0)
         cost["equivalents"] = cost["seconds"] / unit if unit else float("nan")
     return costs
 

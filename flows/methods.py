@@ -99,15 +99,14 @@ def run_chain(name: str, teacher: Checkpoint, greedy_rows: Callable[[], list[dic
     if steps[0] == "greedy":
         source, steps = best_checkpoint(greedy_rows(), f"--methods {name}: greedy"), steps[1:]
     rows: list[dict] = []
-    prior = 0.0  # the compute of the steps before the last (greedy's is the flow's)
+    prior = 0.0  # the compute of the earlier steps' size it uses (greedy's: the flow's)
     for index, method in enumerate(steps):
         rows = step(method, source)
         if index < len(steps) - 1:
-            prior += sum(r.get("fine_tune_seconds") or 0.0 for r in rows)
             first = rows[0].get("target_density", rows[0].get("target_ratio"))
-            source = best_checkpoint(
-                [r for r in rows if r.get("target_density", r.get("target_ratio")) == first],
-                f"--methods {name}: {method}")
+            used = [r for r in rows if r.get("target_density", r.get("target_ratio")) == first]
+            prior += sum(r.get("fine_tune_seconds") or 0.0 for r in used)
+            source = best_checkpoint(used, f"--methods {name}: {method}")
     if "+" in name:
         for row in rows:
             row["strategy"], row["method"], row["_prior_seconds"] = name, name, prior

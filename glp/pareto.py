@@ -260,11 +260,12 @@ def _write(path: Path, text: str) -> Path:
 
 def write_methods_report(folder: Path | str, models: Sequence[Model], metric: str,
                          costs: Mapping[str, Mapping[str, Any]] | None = None,
-                         subject: str = "", home: Path | str | None = None
-                         ) -> dict[str, Path]:
+                         subject: str = "", home: Path | str | None = None,
+                         command: str | None = None) -> dict[str, Path]:
     """``methods.md``, ``methods.csv`` and the two Pareto plots in ``folder``; their paths
     (keys ``methods``, ``methods_csv``, ``pareto_latency``, ``pareto_parameters``).
-    Each file is written under a temporary name and renamed, the markdown last."""
+    ``command``, when given, is quoted under the title. Each file is written under a
+    temporary name and renamed, the markdown last."""
     import csv
     import io
 
@@ -282,6 +283,7 @@ def write_methods_report(folder: Path | str, models: Sequence[Model], metric: st
                                              metric=metric, x="parameters",
                                              title=f"{metric} vs parameters{suffix}")
     lines = [f"# Every method{suffix}", "",
+             *([f"Made by `{command}`.", ""] if command else []),
              "![metric vs latency](pareto_latency.png)", "",
              "![metric vs parameters](pareto_parameters.png)", "",
              "## Which method wins where", "",

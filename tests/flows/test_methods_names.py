@@ -82,15 +82,57 @@ def test_a_composition_costs_what_it_was_built_on():
         return {"strategy": strategy, "method": method, "variant": "",
                 "fine_tune_seconds": seconds, **extra}
 
-    rows = [row("unpruned", "unpruned", 10.0),
-            row("greedy", "layers", 10.0), row("greedy", "layers", 10.0),
+    rows = [row("unpruned", "unpruned", 10.0, depth=6),
+            row("greedy", "layers", 7.0, depth=5),
+            row("greedy", "layers", 10.0, depth=4), row("greedy", "layers", 10.0, depth=4),
             row("mlpruning", "mlpruning", 30.0),
             row("greedy+mlpruning", "greedy+mlpruning", 20.0, _prior_seconds=0.0),
             row("greedy+mlpruning+lowrank", "greedy+mlpruning+lowrank", 1.0,
                 _prior_seconds=40.0)]
     costs = method_costs(rows, {"greedy": {"seconds": 100.0}})
-    assert costs["greedy"]["seconds"] == 120.0
+    assert costs["greedy"]["seconds"] == 127.0
     assert costs["mlpruning"]["seconds"] == 30.0
-    assert costs["greedy+mlpruning"]["seconds"] == 140.0  # greedy's 120 + its own 20
+    # greedy's search (100) and finals at the depth it starts from (20), and its own 20
+    assert costs["greedy+mlpruning"]["seconds"] == 140.0
     assert costs["greedy+mlpruning+lowrank"]["seconds"] == 161.0  # + the mlpruning step's 40
     assert costs["greedy+mlpruning+lowrank"]["equivalents"] == 16.1
+
+
+def test_an_intermediate_step_counts_only_the_size_the_next_one_uses():
+    from flows.methods import run_chain
+
+    def step(method, source):
+        return [{"target_density": d, "fine_tune_seconds": 10.0, "diverged": False,
+                 "_checkpoint": f"{method}-{d}-{seed}", "selection_value": 0.5, "seed": seed}
+                for d in (0.5, 0.3) for seed in (40, 41)]
+
+    rows = run_chain("mlpruning+lowrank", "teacher", list, step)
+    assert {r["_prior_seconds"] for r in rows} == {20.0}  # density 0.5's two seeds
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    (("grain=5", "3"), {"mlpruning": 3.0, "grain": 5.0}),
+    (("3", "grain=5"), {"mlpruning": 3.0, "grain": 5.0}),
+    (("mlpruning=1",), {"mlpruning": 1.0}),
+])
+def test_a_method_s_pruning_epochs_win_over_a_bare_number_in_any_order(values, expected):
+    from flows.compare import CompareParams, pruning_epochs
+
+    params = CompareParams(methods="mlpruning,grain", pruning_epochs=values)
+    assert pruning_epochs(params) == expected
+
+
+@pytest.mark.parametrize("values", [("grain=5", "grain=3"), ("3", "4")])
+def test_pruning_epochs_given_twice_are_refused(values):
+    from flows.compare import CompareParams, pruning_epochs
+
+    with pytest.raises(GlpError, match=f"--pruning-epochs '{values[0]}' and '{values[1]}'"):
+        pruning_epochs(CompareParams(methods="mlpruning,grain", pruning_epochs=values))
+
+
+def test_typing_a_default_pruning_epochs_is_the_same_job():
+    from flows.compare import CompareParams, pruning_identity
+
+    assert pruning_identity(CompareParams(methods="grain", pruning_epochs="grain=20")) == ()
+    assert pruning_identity(CompareParams(methods="grain,mlpruning", pruning_epochs="2")) == (
+        [("grain", 2.0)],)

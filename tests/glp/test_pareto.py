@@ -69,8 +69,10 @@ def test_the_report_names_each_bucket_winner_where_it_lies(tmp_path):
     home = tmp_path / "home"
     models = [_model("unpruned", 0.90, 60.0), _model("greedy", 0.88, 30.0, depth=3)]
     models[1] = Model(**{**models[1].__dict__, "model_dir": str(home / "artifacts" / "m")})
-    paths = write_methods_report(tmp_path / "out", models, "accuracy", home=home)
+    paths = write_methods_report(tmp_path / "out", models, "accuracy", home=home,
+                                 command="glp compare --methods greedy")
     text = paths["methods"].read_text()
     assert "`artifacts/m` (in the run home)" in text and str(home) not in text
+    assert "Made by `glp compare --methods greedy`." in text
     assert paths["pareto_latency"].read_bytes()[:4] == b"\x89PNG"
     assert len(paths["methods_csv"].read_text().splitlines()) == 3
