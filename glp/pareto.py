@@ -309,8 +309,9 @@ def write_methods_report(folder: Path | str, models: Sequence[Model], metric: st
                   "strategy's search) as measured when each was computed, shared cached work "
                   "counted for each method that uses it; equivalents: that time over the "
                   "unpruned model's fine-tune. A composition counts what it was built on: "
-                  "greedy's search and finals, and every compression before its last step. "
-                  "Not counted: the teacher's fine-tune (the unpruned model's own).", ""]
+                  "greedy's search and its finals at the depth it starts from, and each "
+                  "earlier compression step at the size it passed on. Not counted: the "
+                  "teacher's fine-tune (the unpruned model's own).", ""]
         lines += _markdown_table(("method", "seconds", "fine-tune equivalents"), [
             [name, f"{c['seconds']:.0f}", f"{c['equivalents']:.2f}"] for name, c in costs.items()])
     paths["methods"] = _write(folder / "methods.md", "\n".join(lines) + "\n")
