@@ -21,8 +21,9 @@ for task in ${TASKS[@]}; do
   esac
   budget=(--task "$task" --remove 2 --train-limit "$limit" --epochs "$epochs" --lr "$lr"
           --batch-size "$batch" --max-length "$length" --seeds 3 --home "$HOME_DIR")
+  grain=(); case ",$METHODS," in *,grain,*) grain=(--pruning-epochs grain=3) ;; esac
   .venv/bin/glp compare "${budget[@]}" --methods "$METHODS" --density 0.5 --density 0.3 \
-    --ratio 2 --ratio 4 --pruning-epochs grain=3
+    --ratio 2 --ratio 4 "${grain[@]}"
   report=$(ls -td "$HOME_DIR"/reports/compare-*-"$task"-* | head -1)
   rm -rf "docs/results/methods/$task" && mkdir -p "docs/results/methods/$task"
   cp "$report"/methods.* "$report"/pareto_*.png "docs/results/methods/$task/"
