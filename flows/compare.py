@@ -30,7 +30,7 @@ from flows.job import (
 from flows.methods import compressors, layer_strategies, parse_methods, run_chain
 from flows.runners import run_on_task_runner
 from glp import GlpError
-from glp.names import LAYER_METHOD, OFFLINE_METHODS, REFERENCE
+from glp.names import LAYER_METHOD, OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
 from glp.provenance import code_fingerprint
 from glp.report import label, write_report
 from glp.search import STRATEGIES, Strategy
@@ -298,18 +298,13 @@ def compress_params(params: CompareParams, method: str):
     return CompressParams(**shared, method=method, **size)
 
 
-WIDTH = ("mlpruning", "grain")
-
-
 def pruning_epochs(params: CompareParams) -> dict[str, float]:
     """``--pruning-epochs`` per width method of ``--methods``: ``3`` sets every one and
     ``grain=3`` one (over a bare number, whatever the order); a GlpError names a value that
     is malformed, given twice, or would be ignored."""
     steps = {s for name in parse_methods(params.methods) for s in name.split("+")}
-    used = [m for m in WIDTH if m in steps]
-    every: dict[str, float] = {}
-    one: dict[str, float] = {}
-    typed: dict[str, str] = {}
+    used = [m for m in WIDTH_METHODS if m in steps]
+    given: dict[str, tuple[str, float]] = {}  # method, or "" for a bare number: (typed, epochs)
     for value in params.pruning_epochs:
         method, _, number = value.rpartition("=")
         method = method.strip().lower()
@@ -320,21 +315,20 @@ def pruning_epochs(params: CompareParams) -> dict[str, float]:
         if not epochs > 0 or epochs == float("inf"):
             raise GlpError(f"--pruning-epochs {value!r}: expected EPOCHS > 0 or "
                            "METHOD=EPOCHS, e.g. 3 or grain=3")
-        if method and method not in WIDTH:
+        if method and method not in WIDTH_METHODS:
             raise GlpError(f"--pruning-epochs {value!r}: {method!r} is not a width method; "
-                           f"choose {' or '.join(WIDTH)}")
+                           f"choose {' or '.join(WIDTH_METHODS)}")
         if (method and method not in used) or not used:
             raise GlpError(f"--pruning-epochs {value!r} trains a width method; --methods "
                            f"{','.join(parse_methods(params.methods))} has "
                            f"{'no ' + method if method else 'none'} "
                            f"(add {method or 'mlpruning or grain'})")
-        if (method or "*") in typed:
-            raise GlpError(f"--pruning-epochs {typed[method or '*']!r} and {value!r}: "
+        if method in given:
+            raise GlpError(f"--pruning-epochs {given[method][0]!r} and {value!r}: "
                            f"{'one value per method' if method else 'one bare number'}, "
                            "please")
-        typed[method or "*"] = value
-        (one if method else every).update({m: epochs for m in ([method] if method else used)})
-    return every | one
+        given[method] = (value, epochs)
+    return {m: given.get(m, given.get(""))[1] for m in used if m in given or "" in given}
 
 
 def pruning_identity(params: CompareParams) -> tuple:
@@ -446,7 +440,8 @@ def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
         prior.setdefault(name, row.get("_prior_seconds") or 0.0)
     greedy = [r for r in rows if r["strategy"] == "greedy" and r["method"] == LAYER_METHOD
               and not r["variant"]]
-    deepest = [r for r in greedy if r["depth"] == min(g["depth"] for g in greedy)]
+    depth = min((r["depth"] for r in greedy), default=None)  # L - --remove
+    deepest = [r for r in greedy if r["depth"] == depth]
     greedy_seconds = search.get("greedy", {}).get("seconds", 0.0) + sum(
         r.get("fine_tune_seconds") or 0.0 for r in deepest)
     for name, cost in costs.items():
@@ -463,7 +458,7 @@ def check_sizes_used(params: CompareParams) -> None:
     methods = parse_methods(params.methods)
     steps = {step for name in methods for step in name.split("+")}
     given = params.model_fields_set
-    if "densities" in given and not steps & {"mlpruning", "grain"}:
+    if "densities" in given and not steps & set(WIDTH_METHODS):
         raise GlpError(f"--density sizes a width method; --methods {','.join(methods)} has "
                        "none (add mlpruning or grain)")
     pruning_epochs(params)
