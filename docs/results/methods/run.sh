@@ -5,7 +5,7 @@
 # glp prune --distill at the same budget (it reuses the comparison's search and finals).
 # Usage: bash docs/results/methods/run.sh [task ...]   (default: sst2)
 # GLP_METHODS overrides the methods. GRAIN trains 3 epochs (--pruning-epochs grain=3; its
-# reference 20 are hours per model on a 2-core CPU), as in docs/results/grain.
+# reference 20 would take about 2 hours per task here), as in docs/results/grain.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 HOME_DIR="${GLP_RESULTS_HOME:-.glp-methods}"
