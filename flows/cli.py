@@ -661,7 +661,7 @@ def _compare_signature() -> inspect.Signature:
         inspect.Parameter("register_compare", inspect.Parameter.KEYWORD_ONLY,
                           annotation=Annotated[bool, typer.Option(
                               "--register/--no-register",
-                              help="register every strategy's final models")],
+                              help="register every strategy's and method's final models")],
                           default=False),
     ]
     keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared]

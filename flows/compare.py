@@ -190,7 +190,8 @@ def _compare(params: CompareParams) -> CompareSummary:
         if params.register_models:
             _register_all(params, job, rows, outcomes)
         if params.methods:
-            rows += _compressed_rows(params, job, methods, rows)
+            rows += _compressed_rows(params, job, methods, rows,
+                                     register=params.register_models)
             _time_deployed(job, rows)
         job.write_finals(rows)
         plans: dict[str, list[list[int]]] = {}
@@ -359,8 +360,10 @@ def check_compressors(params: CompareParams, model_path: str) -> None:
 
 
 def _compressed_rows(params: CompareParams, job: Job, methods: tuple[str, ...],
-                     layer_rows: list[dict]) -> list[dict]:
-    """Every compressor and composition, from the shared teacher (flows/methods.py)."""
+                     layer_rows: list[dict], register: bool = False) -> list[dict]:
+    """Every compressor and composition, from the shared teacher (flows/methods.py); with
+    ``register``, each under its own registered name (:func:`method_registry_name`), one
+    ONNX version per size, as ``glp compress`` registers them."""
     from flows import compress as width
     from flows import offline
 
@@ -381,8 +384,22 @@ def _compressed_rows(params: CompareParams, job: Job, methods: tuple[str, ...],
 
     rows: list[dict] = []
     for name in methods:
-        rows += run_chain(name, teacher, greedy_rows, step)
+        chain = run_chain(name, teacher, greedy_rows, step)
+        if register:
+            last = name.split("+")[-1]
+            registrar = offline._register if last in OFFLINE_METHODS else width._register
+            registrar(job, method_registry_name(job.slug, job.data.task, name, params.remove),
+                      chain)
+        rows += chain
     return rows
+
+
+def method_registry_name(slug: str, task: str, method: str, remove: int) -> str:
+    """``glp-<model>-<task>-<method>``, the name ``glp compress --method`` registers under;
+    a composition names its steps, greedy by the layers it removed, as ``glp compress
+    --prune-layers`` does: ``greedy+mlpruning`` at --remove 2 is ``…-greedy2-mlpruning``."""
+    steps = [f"greedy{remove}" if step == "greedy" else step for step in method.split("+")]
+    return f"glp-{slug}-{task}-{'-'.join(steps)}"
 
 
 DEPLOYED_COLUMNS = {"torch b1": "latency_b1_ms", "torch b32": "latency_ms",
@@ -453,8 +470,7 @@ def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
 
 
 def check_sizes_used(params: CompareParams) -> None:
-    """Refuse what --methods would silently ignore: a size no chosen method uses, and
-    registering (``glp compress`` registers width and offline models, one method each)."""
+    """Refuse what --methods would silently ignore: a size no chosen method uses."""
     methods = parse_methods(params.methods)
     steps = {step for name in methods for step in name.split("+")}
     given = params.model_fields_set
@@ -465,8 +481,3 @@ def check_sizes_used(params: CompareParams) -> None:
     if "ratios" in given and not steps & set(OFFLINE_METHODS):
         raise GlpError(f"--ratio sizes an offline method; --methods {','.join(methods)} has "
                        "none (add lowrank or autoencoder)")
-    if params.register_models and compressors(methods):
-        raise GlpError("--register with --methods: compare registers layer strategies only; "
-                       "register a width or offline model with glp compress --method "
-                       f"{compressors(methods)[0].split('+')[-1]} (the same budget reuses "
-                       "this comparison's cache)")

@@ -441,7 +441,8 @@ def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:
                   "glp.parameters": str(chosen["parameters"]),
                   "glp.stored_bytes": str(chosen["stored_bytes"]),
                   "glp.plan_key": Plan.from_json(chosen["plan"]).key},
-            description=(f"{job.params.source_model or job.params.model} compressed offline "
+            description=(f"{getattr(job.params, 'source_model', None) or job.params.model} "
+                         "compressed offline "
                          f"by {chosen['method']} ({chosen['variant']}), no fine-tuning, on "
                          f"{job.data.task}; dev {job.data.metric} {chosen['value']:.4f} "
                          f"(seed {chosen['seed']}, chosen by the selection split); ONNX"))

@@ -89,6 +89,47 @@ def test_a_second_run_computes_nothing_and_duplicates_no_row(compared):
     assert len(_finals(home)) == len(first.finals)
 
 
+def test_register_puts_every_method_in_the_registry_once(compared, tiny_bert):
+    """--register on the comparison's cache: nothing recomputed, each compressor and
+    composition under its own name with one ONNX version per size, and no row added."""
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from flows.job import model_slug
+
+    home, first, _ = compared
+    rows_before = len(_finals(home))
+    registered = compare(_params(tiny_bert, home, register_models=True))
+    assert registered.computed == 0 and registered.job_id == first.job_id
+    client = MlflowClient(tracking_uri=registered.tracking_uri,
+                          registry_uri=registered.tracking_uri)
+    stem = f"glp-{model_slug(str(tiny_bert))}-sst2"
+    budgets = {"mlpruning": ["density-60"], "lowrank": ["ratio-2"],
+               "greedy1-lowrank": ["ratio-2"], "greedy1-mlpruning-lowrank": ["ratio-2"]}
+    for method, expected in budgets.items():
+        versions = client.search_model_versions(f"name = '{stem}-{method}'")
+        assert sorted(v.tags["glp.budget"] for v in versions) == expected, method
+        assert client.get_model_version_by_alias(f"{stem}-{method}", "best").tags[
+            "glp.flavor"] == "onnx"
+    assert client.search_model_versions(f"name = '{stem}-greedy'")  # the layer strategies too
+    rows = _finals(home)
+    assert len(rows) == rows_before
+    composed = [r for r in rows if r["method"] == "greedy+lowrank"]
+    assert all(r["registered_model"] == f"{stem}-greedy1-lowrank" for r in composed)
+    # The composition's ONNX version serves without glp.
+    mlflow.set_tracking_uri(registered.tracking_uri)
+    mlflow.set_registry_uri(registered.tracking_uri)
+    served = mlflow.pyfunc.load_model(f"models:/{stem}-greedy1-lowrank@best")
+    ids = np.array([[101, 1037, 2986, 2143, 102]], dtype=np.int64)
+    out = served.predict({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                          "token_type_ids": np.zeros_like(ids)})
+    assert out["logits"].shape == (1, 2)
+    # Registering again adds no version.
+    compare(_params(tiny_bert, home, register_models=True))
+    assert len(client.search_model_versions(f"name = '{stem}-mlpruning'")) == 1
+
+
 def test_methods_and_strategies_together_are_refused():
     from flows.compare import preflight
     from glp import GlpError

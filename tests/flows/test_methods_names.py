@@ -50,7 +50,6 @@ def test_spaces_around_a_step_are_allowed():
     ({"methods": "grain", "pruning_epochs": "lowrank=3"}, "'lowrank' is not a width method"),
     ({"methods": "grain", "pruning_epochs": "grain=0"}, "expected EPOCHS > 0 or METHOD="),
     ({"methods": "grain", "pruning_epochs": "three"}, "expected EPOCHS > 0 or METHOD="),
-    ({"methods": "greedy,mlpruning", "register_models": True}, "--register with --methods"),
     ({"methods": "top,mlpruning", "search": "warm"}, "--methods top,mlpruning has no greedy"),
     ({"methods": "mlpruning", "prefilter_keep": 2}, "--methods mlpruning has no greedy"),
 ])
@@ -136,3 +135,15 @@ def test_typing_a_default_pruning_epochs_is_the_same_job():
     assert pruning_identity(CompareParams(methods="grain", pruning_epochs="grain=20")) == ()
     assert pruning_identity(CompareParams(methods="grain,mlpruning", pruning_epochs="2")) == (
         [("grain", 2.0)],)
+
+
+@pytest.mark.parametrize(("method", "name"), [
+    ("mlpruning", "glp-tiny-sst2-mlpruning"),  # glp compress --method mlpruning's name
+    ("lowrank", "glp-tiny-sst2-lowrank"),
+    ("greedy+mlpruning", "glp-tiny-sst2-greedy2-mlpruning"),  # as --prune-layers 2 names it
+    ("greedy+mlpruning+lowrank", "glp-tiny-sst2-greedy2-mlpruning-lowrank"),
+])
+def test_each_compressor_registers_under_the_name_glp_compress_uses(method, name):
+    from flows.compare import method_registry_name
+
+    assert method_registry_name("tiny", "sst2", method, 2) == name
