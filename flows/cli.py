@@ -624,10 +624,11 @@ def compare(strategies: str | None, methods: str | None, density: list[float] | 
 
 
 def _compare_signature() -> inspect.Signature:
-    """``prune``'s options without --strategy and --register, plus --strategies and
+    """``prune``'s options without --strategy, --register and --registered-model (each
+    strategy and method is registered under its own name), plus --strategies and
     --random-orders; one definition of the shared options for both commands."""
     shared = [p for name, p in inspect.signature(prune, eval_str=True).parameters.items()
-              if name not in ("strategy", "register")]
+              if name not in ("strategy", "register", "registered_model")]
     extra = [
         inspect.Parameter("strategies", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             str | None, typer.Option(help="comma-separated: " + ", ".join(STRATEGY_NAMES)

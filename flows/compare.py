@@ -129,6 +129,10 @@ def strategies_of(params: CompareParams) -> list[Strategy]:
 
 def preflight(params: CompareParams) -> str:
     """Check the inputs before any run starts; a one-line description of the comparison."""
+    if params.registered_model:
+        raise GlpError(f"--registered-model {params.registered_model}: compare registers each "
+                       "strategy and method under its own name (glp-<model>-<task>-<method>); "
+                       "leave it out, or name one model with glp prune or glp compress")
     if params.methods and "strategies" in params.model_fields_set:
         raise GlpError("--strategies and --methods: give one (--methods takes layer "
                        "strategies too, e.g. --methods greedy,top,mlpruning)")
@@ -388,18 +392,25 @@ def _compressed_rows(params: CompareParams, job: Job, methods: tuple[str, ...],
         if register:
             last = name.split("+")[-1]
             registrar = offline._register if last in OFFLINE_METHODS else width._register
-            registrar(job, method_registry_name(job.slug, job.data.task, name, params.remove),
-                      chain)
+            registrar(job, method_registry_name(job.slug, job.data.task, name, params.remove,
+                                                params.densities[0]), chain)
         rows += chain
     return rows
 
 
-def method_registry_name(slug: str, task: str, method: str, remove: int) -> str:
-    """``glp-<model>-<task>-<method>``, the name ``glp compress --method`` registers under;
-    a composition names its steps, greedy by the layers it removed, as ``glp compress
-    --prune-layers`` does: ``greedy+mlpruning`` at --remove 2 is ``…-greedy2-mlpruning``."""
-    steps = [f"greedy{remove}" if step == "greedy" else step for step in method.split("+")]
-    return f"glp-{slug}-{task}-{'-'.join(steps)}"
+def method_registry_name(slug: str, task: str, method: str, remove: int,
+                         density: float) -> str:
+    """``glp-<model>-<task>-<method>``, the name ``glp compress --method`` registers a single
+    method under. A composition names its steps and the size each passed on, since the
+    versions' aliases name only the last step's size: greedy by the layers it removed (as
+    ``glp compress --prune-layers`` does), a width step by the density it kept (the first
+    ``--density``), so ``greedy+mlpruning+lowrank`` at --remove 2 and --density 0.5 is
+    ``…-greedy2-mlpruning50-lowrank``."""
+    steps = method.split("+")
+    named = [f"greedy{remove}" if step == "greedy" else
+             f"{step}{round(density * 100):02d}" if index < len(steps) - 1 else step
+             for index, step in enumerate(steps)]
+    return f"glp-{slug}-{task}-{'-'.join(named)}"
 
 
 DEPLOYED_COLUMNS = {"torch b1": "latency_b1_ms", "torch b32": "latency_ms",

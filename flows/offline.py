@@ -442,10 +442,14 @@ def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:
                   "glp.stored_bytes": str(chosen["stored_bytes"]),
                   "glp.plan_key": Plan.from_json(chosen["plan"]).key},
             description=(f"{getattr(job.params, 'source_model', None) or job.params.model} "
-                         "compressed offline "
-                         f"by {chosen['method']} ({chosen['variant']}), no fine-tuning, on "
+                         f"compressed {how(chosen['method'], chosen['variant'])} on "
                          f"{job.data.task}; dev {job.data.metric} {chosen['value']:.4f} "
                          f"(seed {chosen['seed']}, chosen by the selection split); ONNX"))
+
+    def how(method: str, variant: str) -> str:
+        if "+" not in method:
+            return f"offline by {method} ({variant}), no fine-tuning,"
+        return f"by {method} ({variant}; its last, offline step not fine-tuned)"
 
     plan = registrations(rows, ratio_of, ratio_label)
     return register_all(job.tracking_uri, name, plan, register, rows, ratio_of)

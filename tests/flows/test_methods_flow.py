@@ -106,7 +106,7 @@ def test_register_puts_every_method_in_the_registry_once(compared, tiny_bert):
                           registry_uri=registered.tracking_uri)
     stem = f"glp-{model_slug(str(tiny_bert))}-sst2"
     budgets = {"mlpruning": ["density-60"], "lowrank": ["ratio-2"],
-               "greedy1-lowrank": ["ratio-2"], "greedy1-mlpruning-lowrank": ["ratio-2"]}
+               "greedy1-lowrank": ["ratio-2"], "greedy1-mlpruning60-lowrank": ["ratio-2"]}
     for method, expected in budgets.items():
         versions = client.search_model_versions(f"name = '{stem}-{method}'")
         assert sorted(v.tags["glp.budget"] for v in versions) == expected, method

@@ -140,10 +140,20 @@ def test_typing_a_default_pruning_epochs_is_the_same_job():
 @pytest.mark.parametrize(("method", "name"), [
     ("mlpruning", "glp-tiny-sst2-mlpruning"),  # glp compress --method mlpruning's name
     ("lowrank", "glp-tiny-sst2-lowrank"),
-    ("greedy+mlpruning", "glp-tiny-sst2-greedy2-mlpruning"),  # as --prune-layers 2 names it
-    ("greedy+mlpruning+lowrank", "glp-tiny-sst2-greedy2-mlpruning-lowrank"),
+    ("greedy+lowrank", "glp-tiny-sst2-greedy2-lowrank"),  # glp compress --prune-layers 2's
+    ("greedy+mlpruning", "glp-tiny-sst2-greedy2-mlpruning"),
+    # a middle step's size is in the name: the aliases name only the last step's
+    ("greedy+mlpruning+lowrank", "glp-tiny-sst2-greedy2-mlpruning50-lowrank"),
+    ("mlpruning+lowrank", "glp-tiny-sst2-mlpruning50-lowrank"),
 ])
-def test_each_compressor_registers_under_the_name_glp_compress_uses(method, name):
+def test_each_compressor_registers_under_its_own_name(method, name):
     from flows.compare import method_registry_name
 
-    assert method_registry_name("tiny", "sst2", method, 2) == name
+    assert method_registry_name("tiny", "sst2", method, 2, 0.5) == name
+
+
+def test_one_registered_name_for_a_whole_comparison_is_refused():
+    from flows.compare import CompareParams, preflight
+
+    with pytest.raises(GlpError, match="--registered-model mine: compare registers each"):
+        preflight(CompareParams(methods="greedy,mlpruning", registered_model="mine"))
