@@ -299,6 +299,15 @@ def print_counts(summary) -> None:
                   f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
 
 
+def print_registered(summary) -> None:
+    """With --register: every name the comparison registered, in the order of its rows."""
+    names = list(dict.fromkeys(r["registered_model"] for r in summary.finals
+                               if r.get("registered_model")))
+    if names:
+        console.print(f"registered:     {', '.join(names)} "
+                      f"(models:/NAME@best; a layer strategy's ONNX twin is NAME-onnx)")
+
+
 def print_comparison(summary) -> None:
     """The mean ± std table per strategy and depth, and where the report is."""
     import pandas as pd
@@ -308,6 +317,7 @@ def print_comparison(summary) -> None:
     if "report" not in summary.report:  # --methods without a layer strategy
         print_methods(summary)
         print_counts(summary)
+        print_registered(summary)
         console.print(f"every method:   {summary.report['methods']}")
         console.print(f"Pareto plots:   {summary.report['pareto_latency']}")
         console.print(f"                {summary.report['pareto_parameters']}")
@@ -330,6 +340,7 @@ def print_comparison(summary) -> None:
     if "methods" in summary.report:
         print_methods(summary)
     print_counts(summary)
+    print_registered(summary)
     console.print(f"report:         {summary.report['report']}")
     if "methods" in summary.report:
         console.print(f"every method:   {summary.report['methods']}")

@@ -256,3 +256,24 @@ def test_pick_moves_an_alias_in_the_registry(picked_home):
     assert code == 0, err
     assert "alias @production of glp-g now points at version 2" in out
     assert str(client.get_model_version_by_alias("glp-g", "production").version) == "2"
+
+
+def test_compare_prints_every_name_it_registered(monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from flows import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=300))
+    finals = [{"registered_model": None}, {"registered_model": "glp-m-sst2-greedy"},
+              {"registered_model": "glp-m-sst2-greedy"},
+              {"registered_model": "glp-m-sst2-greedy2-mlpruning"}, {}]
+    cli.print_registered(SimpleNamespace(finals=finals))
+    assert out.getvalue().startswith(
+        "registered:     glp-m-sst2-greedy, glp-m-sst2-greedy2-mlpruning (models:/NAME@best")
+    out.truncate(0)
+    cli.print_registered(SimpleNamespace(finals=finals[:1]))
+    assert out.getvalue() == ""  # nothing registered: no line
