@@ -385,7 +385,8 @@ class Job:
     def version_tags(self) -> dict[str, str]:
         """What every registered version of this job records about its inputs."""
         return {"glp.base_model_fingerprint": self.model_fp, "glp.version": glp.__version__,
-                "glp.data_fingerprint": self.data_fingerprint}
+                "glp.data_fingerprint": self.data_fingerprint,
+                "glp.selection_fingerprint": self.data.fingerprints["selection"]}
 
     @property
     def data_fingerprint(self) -> str:

@@ -257,11 +257,13 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
 @task(name="update-aliases", **_RETRY)
 def update_aliases(tracking_uri: str, name: str, proposals: dict[str, str]) -> dict[str, str]:
     """Point each alias (``best``, ``depth-4``, ...) at its proposed version, unless the
-    version it points at now scored better on the same metric, by the selection-split mean
-    (``glp.selection_mean``; the dev set only reports, it never chooses).
+    version it points at now scored better on the same metric and the same selection rows,
+    by the selection-split mean (``glp.selection_mean``; the dev set only reports, it never
+    chooses).
 
     So ``best`` moves when a newer run registers a better model and stays when it does
-    not. Returns where every alias points afterwards.
+    not; a run scored on other selection rows (another budget) is not comparable, and the
+    newer registration takes the alias. Returns where every alias points afterwards.
     """
     client = client_for(tracking_uri)
     placed = {}
@@ -283,9 +285,12 @@ def update_aliases(tracking_uri: str, name: str, proposals: dict[str, str]) -> d
 
 def _scored_better(current: dict, new: dict) -> bool:
     """Whether the current version's selection-split mean is at least the new one's, on
-    the same metric."""
-    key = "glp.selection_mean"
-    if current.get("glp.metric") != new.get("glp.metric") or key not in current:
+    the same metric and the same selection rows (``glp.selection_fingerprint``: another
+    ``--train-limit``, training file, selection fraction or split seed draws other rows,
+    and means on other rows say nothing about each other)."""
+    key, rows = "glp.selection_mean", "glp.selection_fingerprint"
+    if (current.get("glp.metric") != new.get("glp.metric") or key not in current
+            or not current.get(rows) or current.get(rows) != new.get(rows)):
         return False  # not comparable: the newer registration wins
     return float(current[key]) >= float(new.get(key, "-inf"))
 

@@ -86,7 +86,7 @@ def test_mlflow_runs_and_registry(two_runs):
     assert best.tags["glp.removed_layers"]
     for tag in ("glp.model", "glp.metric", "glp.data_fingerprint", "glp.version",
                 "glp.base_model_fingerprint", "glp.order", "glp.metric_mean",
-                "glp.selection_mean", "glp.device"):
+                "glp.selection_mean", "glp.selection_fingerprint", "glp.device"):
         assert best.tags[tag], tag
     # The registered seed and `best` are chosen by the selection split, never by dev.
     finals = _rows(home, "finals")

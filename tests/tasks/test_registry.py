@@ -16,14 +16,15 @@ def registry(tmp_path):
     source = tmp_path / "model"
     source.mkdir()
 
-    def add(mean: float, metric: str = "accuracy", dev: float | None = None) -> str:
+    def add(mean: float, metric: str = "accuracy", dev: float | None = None,
+            selection: str = "rows-a") -> str:
         # The selection-split mean decides; the dev mean only reports (1 - mean by
         # default, so that a test would fail if the dev mean decided).
         dev = 1 - mean if dev is None else dev
         version = client.create_model_version(
             "m", source=str(source),
             tags={"glp.metric": metric, "glp.selection_mean": f"{mean:.6f}",
-                  "glp.metric_mean": f"{dev:.6f}"})
+                  "glp.metric_mean": f"{dev:.6f}", "glp.selection_fingerprint": selection})
         return str(version.version)
 
     return uri, client, add
@@ -64,6 +65,29 @@ def test_a_different_metric_is_not_comparable(registry):
     update_aliases.fn(uri, "m", {"best": first})
     other = add(0.10, metric="mcc")
     assert update_aliases.fn(uri, "m", {"best": other})["best"] == other
+
+
+def test_means_on_other_selection_rows_are_not_comparable(registry):
+    # A run at another --train-limit (or training file, selection fraction, split seed)
+    # scores on other selection rows: its mean says nothing against this one's, so the newer
+    # registration wins, as for another metric; on the same rows the better mean wins.
+    uri, client, add = registry
+    full = add(0.90, selection="rows-a")
+    update_aliases.fn(uri, "m", {"best": full})
+    trial = add(0.70, selection="rows-b")
+    assert update_aliases.fn(uri, "m", {"best": trial})["best"] == trial
+    again = add(0.60, selection="rows-b")
+    assert update_aliases.fn(uri, "m", {"best": again})["best"] == trial
+
+
+def test_a_version_without_its_selection_rows_is_not_comparable(registry):
+    uri, client, add = registry
+    old = client.create_model_version(  # registered before versions named their rows
+        "m", source=client.get_model_version("m", add(0.1)).source,
+        tags={"glp.metric": "accuracy", "glp.selection_mean": "0.990000"})
+    update_aliases.fn(uri, "m", {"best": str(old.version)})
+    new = add(0.80)
+    assert update_aliases.fn(uri, "m", {"best": new})["best"] == new
 
 
 def test_re_running_the_same_version_is_a_no_op(registry):
