@@ -206,6 +206,7 @@ def test_refused_up_front_in_a_new_home(name, files, tiny_bert, tmp_path):
     assert not home.exists()  # nothing created: no folders, no store
 
 
+@pytest.mark.slow  # its home comes from a real glp prune in a subprocess
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_refused_without_touching_an_existing_home(name, files, tiny_bert, existing_home):
     cases = _cases(files, tiny_bert)
@@ -217,6 +218,7 @@ def test_refused_without_touching_an_existing_home(name, files, tiny_bert, exist
     assert _snapshot(existing_home) == before
 
 
+@pytest.mark.slow  # the real command in a subprocess
 def test_a_rejected_command_leaves_nothing_in_the_working_directory(tmp_path):
     # The real command, in a terminal 60 columns wide, with the default home ./.glp.
     done = _subprocess("prune", "--task", "nope", "--train-limit", "10", cwd=tmp_path)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from glp.provenance import code_fingerprint, source_closure
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -40,6 +42,7 @@ def _fingerprint_in(root: Path) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.slow  # four subprocesses on a copy of the source
 def test_editing_a_library_function_changes_the_fingerprint(tmp_path):
     """A real edit of a copy of the source: glp/train.py (imported by tasks.training
     through no direct line of the task's own body) changes it; glp/report.py does not."""

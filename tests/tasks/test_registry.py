@@ -97,6 +97,7 @@ def test_re_running_the_same_version_is_a_no_op(registry):
         assert update_aliases.fn(uri, "m", {"best": version}) == {"best": version}
 
 
+@pytest.mark.slow  # four subprocesses
 def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
     import subprocess
     import sys
