@@ -3,7 +3,7 @@
 Removing L-L' of L encoder layers cannot make a model L/L' times faster: the embeddings,
 the pooler and classifier (and, end to end, the tokenizer) still run. This script times
 the model at every depth L..1 and with no encoder layer at all (the fixed part F), all
-interleaved in one run (glp.bench), at batch 1 and 32 and lengths 32 and 128. From the
+interleaved in one run (glp.deploy.bench), at batch 1 and 32 and lengths 32 and 128. From the
 full model's time T(L), one layer costs b = (T(L) - F) / L, so the best depth L' can do is
 
     bound(L') = T(L) / (F + L' * b)
@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glp.bench import bench
-from glp.data import load_glue_split
-from glp.models import load_tokenizer, resolve_model
-from glp.surgery import encoder_layers, remove_layers
+from glp.core.anatomy import encoder_layers
+from glp.core.models import load_tokenizer, resolve_model
+from glp.core.surgery import remove_layers
+from glp.deploy.bench import bench
+from glp.training.data import load_glue_split
 
 
 def depth_models(model: nn.Module) -> dict[str, nn.Module]:

@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import glp.train as train
+import glp.training.train as train
 import tasks.training as training
 from flows.job import PruneParams
-from glp.config import FineTuneConfig
-from glp.models import model_fingerprint, resolve_model
+from glp.core.models import model_fingerprint, resolve_model
+from glp.training.config import FineTuneConfig
 from tasks.data import prepare_data
 from tasks.home import RunHome
 

@@ -1,5 +1,5 @@
 """CPU latency of compressed models against their teacher: PyTorch and onnxruntime, batch 1
-and 32, all models timed in one interleaved run (glp.bench.measure_latency).
+and 32, all models timed in one interleaved run (glp.deploy.bench.measure_latency).
 
 Reads a run home's ``parquet/finals`` and takes, from the latest job of each kind, the
 first seed's model of every budget: the unpruned teacher, each MLPruning density (with and
@@ -26,11 +26,11 @@ import pyarrow.dataset as ds
 import torch
 
 import glp
-from glp.bench import latency_batch, measure_latency
-from glp.data import load_glue_split, tokenize
-from glp.export import OnnxModel, export_onnx
-from glp.models import load_tokenizer
-from glp.plan import Plan
+from glp.core.models import load_tokenizer
+from glp.core.plan import Plan
+from glp.deploy.bench import latency_batch, measure_latency
+from glp.deploy.export import OnnxModel, export_onnx
+from glp.training.data import load_glue_split, tokenize
 
 
 def pick_models(home: Path) -> dict[str, dict]:
@@ -72,7 +72,7 @@ def width_label(row: dict) -> str:
 def block_sparse(model: torch.nn.Module, size: int) -> torch.nn.Module:
     """The model with every encoder matrix whose shape the block size divides stored as
     BSR (those with partial edge blocks stay dense)."""
-    from glp.surgery import encoder_layers
+    from glp.core.anatomy import encoder_layers
 
     for linear in encoder_layers(model).modules():
         if isinstance(linear, torch.nn.Linear) and not (
@@ -106,7 +106,7 @@ def onnx_accuracy(model: OnnxModel, dev, batch_size: int = 64) -> float:
     """Accuracy of an exported graph on the dev rows (what int8 quantisation costs)."""
     import numpy as np
 
-    from glp.train import _collate, _columns
+    from glp.training.train import _collate, _columns
 
     columns = _columns(dev)
     correct = 0

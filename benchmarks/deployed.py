@@ -2,8 +2,8 @@
 
 The embedded MiniLM at every depth 6..1 (the top layers removed: every layer has the same
 shape, so which ones does not matter for the time), each saved as glp saves a pruned model,
-exported to ONNX fp32 and dynamic int8 (glp.export), and timed in PyTorch eager and in
-onnxruntime, all 18 interleaved in one run (glp.bench) at batch 1 and 32 and lengths 32 and
+exported to ONNX fp32 and dynamic int8 (glp.deploy.export), and timed in PyTorch eager and in
+onnxruntime, all 18 interleaved in one run (glp.deploy.bench) at batch 1 and 32 and lengths 32 and
 128, synthetic batches without padding. Reported: each one's median and its speed-up over
 the unpruned PyTorch model, the number a user replacing that model gets.
 
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.amdahl import depth_models
-from glp.bench import bench
-from glp.checkpoint import save_pretrained
-from glp.export import OnnxModel, export_onnx
-from glp.models import load_tokenizer, resolve_model
-from glp.surgery import encoder_layers
+from glp.core.anatomy import encoder_layers
+from glp.core.checkpoint import save_pretrained
+from glp.core.models import load_tokenizer, resolve_model
+from glp.deploy.bench import bench
+from glp.deploy.export import OnnxModel, export_onnx
 
 RUNTIMES = ("torch", "onnx", "onnx int8")
 

@@ -22,19 +22,19 @@ from pathlib import Path
 
 import torch
 
-from glp.autoencoder import AutoencoderConfig, fold_linear, train_autoencoder
-from glp.checkpoint import (
+from glp.core.checkpoint import (
     CODES_ATTR,
     load_pretrained,
     save_pretrained,
     saved_parameters,
     stored_bytes,
 )
-from glp.lowrank import fisher_factors, fisher_information, ranks_for_ratio
-from glp.metrics import selection_score
-from glp.plan import EMBEDDINGS, ROLES
-from glp.surgery import apply_plan, plan_of_model
-from glp.train import evaluate
+from glp.core.plan import EMBEDDINGS, ROLES, plan_of_model
+from glp.core.surgery import apply_plan
+from glp.methods.autoencoder import AutoencoderConfig, fold_linear, train_autoencoder
+from glp.methods.lowrank import fisher_factors, fisher_information, ranks_for_ratio
+from glp.training.metrics import selection_score
+from glp.training.train import evaluate
 from tasks.data import DataSource, prepare_data
 from tasks.home import RunHome
 from tasks.training import _tokenizer, tokenized
@@ -158,7 +158,7 @@ def main() -> None:
                     handle.write(json.dumps(row) + "\n")
                 print({k: v for k, v in row.items() if k != "teacher"}, flush=True)
     if timed:
-        from glp.bench import latency_batch, measure_latency
+        from glp.deploy.bench import latency_batch, measure_latency
 
         batch = latency_batch(dev, batch_size=32, pad_id=teacher.config.pad_token_id or 0)
         measured = measure_latency({"input": teacher, **timed}, batch, repeats=20)

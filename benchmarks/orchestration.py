@@ -5,7 +5,7 @@ max length 64, lr 1e-4, 1 seed) two ways, each a whole fresh process (imports in
 
 - ``flow``: ``glp prune`` in a fresh run home (Prefect's ephemeral server, cached tasks,
   MLflow runs and registry, Parquet, checkpoints, ONNX registration, latency);
-- ``library``: a loop over the candidates with ``glp.train`` (fine-tune on the fit split,
+- ``library``: a loop over the candidates with ``glp.training.train`` (fine-tune on the fit split,
   score on the selection split, keep the best), then the unpruned and the pruned final
   models fine-tuned on the training rows and scored on dev: the same fine-tunes and
   evaluations, nothing else.
@@ -32,11 +32,11 @@ import sys
 from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
-from glp.config import FineTuneConfig
-from glp.data import limit_examples, load_glue_split, split_for_selection, tokenize
-from glp.models import load_tokenizer, resolve_model
-from glp.surgery import remove_layers
-from glp.train import evaluate, fine_tune
+from glp.training.config import FineTuneConfig
+from glp.training.data import limit_examples, load_glue_split, split_for_selection, tokenize
+from glp.core.models import load_tokenizer, resolve_model
+from glp.core.surgery import remove_layers
+from glp.training.train import evaluate, fine_tune
 
 limit = int(sys.argv[1])
 path = resolve_model(None)

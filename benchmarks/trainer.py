@@ -4,7 +4,7 @@ The same model (the embedded MiniLM with a fresh 2-class head), the same SST-2 r
 same settings (batch 32, max length 64, 1 epoch, lr 1e-4, linear decay, no warm-up, no
 weight decay, gradient clipping at 1.0, fp32 on the CPU, seed 0), three ways:
 
-- ``glp``: :func:`glp.train.fine_tune` (dynamic padding, length-grouped batches);
+- ``glp``: :func:`glp.training.train.fine_tune` (dynamic padding, length-grouped batches);
 - ``trainer``: ``transformers.Trainer`` with its defaults (random batches, dynamic padding);
 - ``trainer grouped``: the Trainer with ``train_sampling_strategy="group_by_length"``.
 
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from glp.config import FineTuneConfig
-from glp.data import load_glue_split, tokenize
-from glp.models import load_tokenizer, resolve_model
-from glp.train import evaluate, fine_tune
+from glp.core.models import load_tokenizer, resolve_model
+from glp.training.config import FineTuneConfig
+from glp.training.data import load_glue_split, tokenize
+from glp.training.train import evaluate, fine_tune
 
 
 def fresh_model(path: str):

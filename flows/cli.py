@@ -34,7 +34,7 @@ from rich.progress import (
 from rich.table import Table
 
 from glp import GlpError
-from glp.names import OFFLINE_METHODS, STRATEGY_NAMES, WIDTH_METHODS
+from glp.methods.names import OFFLINE_METHODS, STRATEGY_NAMES, WIDTH_METHODS
 from tasks import progress
 from tasks.home import RunHome, configure_environment
 
@@ -312,7 +312,7 @@ def print_comparison(summary) -> None:
     """The mean ± std table per strategy and depth, and where the report is."""
     import pandas as pd
 
-    from glp.report import summarize
+    from glp.report.tables import summarize
 
     if "report" not in summary.report:  # --methods without a layer strategy
         print_methods(summary)
@@ -354,8 +354,8 @@ def print_comparison(summary) -> None:
 
 def print_methods(summary) -> None:
     """Every method's models, fastest first, and the best of each speed-up bucket."""
-    from glp.pareto import buckets, method_of, size_of, table
-    from glp.pick import models
+    from glp.report.pareto import buckets, method_of, size_of, table
+    from glp.report.pick import models
 
     found = models(summary.finals)
     shown = Table(title=f"Every method: dev {summary.metric}, CPU latency (ms) and speed-up "
@@ -782,7 +782,7 @@ def export(
     = True,
 ) -> None:
     """Export a saved (compressed) model to ONNX, to run under onnxruntime without glp."""
-    from glp.export import compare_with_torch, export_onnx
+    from glp.deploy.export import compare_with_torch, export_onnx
 
     if not onnx:
         _fail("glp export needs a format: --onnx")
@@ -823,7 +823,7 @@ def bench(
 
     import torch
 
-    from glp.bench import bench as run_bench
+    from glp.deploy.bench import bench as run_bench
 
     batch_size, length = batch_size or [1, 32], length or [32, 128]
     for name, values, low in (("--batch-size", batch_size, 1), ("--length", length, 1),
@@ -861,7 +861,7 @@ def _bench_models(specs: list[str], threads: int, onnx: bool, tmp: Path, home):
     """name -> model to time (PyTorch, and ONNX fp32/int8 graphs exported to ``tmp``), and
     the smallest vocabulary among them (every batch must fit every model)."""
     import glp
-    from glp.export import OnnxModel, export_onnx
+    from glp.deploy.export import OnnxModel, export_onnx
 
     timed, vocab = {}, None
     for index, spec in enumerate(specs):
@@ -914,8 +914,8 @@ def pick(
     the closest model, exit 1.
     """
 
-    from glp.pick import Budget, closest, models, plan_summary
-    from glp.pick import pick as choose
+    from glp.report.pick import Budget, closest, models, plan_summary
+    from glp.report.pick import pick as choose
 
     run_home = RunHome.resolve(home)
     try:

@@ -30,10 +30,10 @@ from flows.job import (
 from flows.methods import compressors, layer_strategies, parse_methods, run_chain
 from flows.runners import run_on_task_runner
 from glp import GlpError
-from glp.names import LAYER_METHOD, OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
-from glp.provenance import code_fingerprint
-from glp.report import label, write_report
-from glp.search import STRATEGIES, Strategy
+from glp.core.provenance import code_fingerprint
+from glp.methods.layers.search import STRATEGIES, Strategy
+from glp.methods.names import LAYER_METHOD, OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
+from glp.report.tables import label, write_report
 from tasks.compression import CODE as COMPRESSION_CODE
 from tasks.offline import CODE as OFFLINE_CODE
 from tasks.records import written
@@ -142,7 +142,7 @@ def preflight(params: CompareParams) -> str:
     strategies = strategies_of(params)
     num_layers, data = check_inputs(params, strategies)
     if params.methods:
-        from glp.models import resolve_model
+        from glp.core.models import resolve_model
 
         check_compressors(params, resolve_model(params.model))
         names = ", ".join(parse_methods(params.methods))
@@ -221,8 +221,8 @@ def _compare(params: CompareParams) -> CompareSummary:
             meta=_meta(params, job, seconds),
         ) if plans else {}
         if params.methods:
-            from glp.pareto import write_methods_report
-            from glp.pick import models
+            from glp.report.pareto import write_methods_report
+            from glp.report.pick import models
 
             report |= write_methods_report(
                 folder, models(rows), data.metric,
@@ -339,8 +339,8 @@ def pruning_epochs(params: CompareParams) -> dict[str, float]:
 def pruning_identity(params: CompareParams) -> tuple:
     """What ``--pruning-epochs`` changes, for the job id: the values that differ from the
     methods' defaults (typing a default is the same job)."""
-    from glp.grain import GrainConfig
-    from glp.mlpruning import MLPruningConfig
+    from glp.methods.grain import GrainConfig
+    from glp.methods.mlpruning import MLPruningConfig
 
     default = {"mlpruning": MLPruningConfig().pruning_epochs, "grain": GrainConfig().epochs}
     changed = sorted((m, e) for m, e in pruning_epochs(params).items() if e != default[m])
@@ -423,7 +423,7 @@ def _time_deployed(job: Job, rows: list[dict]) -> None:
     """One model per plan (the first seed that did not diverge: the same plan is the same
     architecture), all timed together in PyTorch and onnxruntime (fp32, int8) at batch 1
     and 32, interleaved; every row of a plan gets its numbers."""
-    from glp.checkpoint import stored_bytes
+    from glp.core.checkpoint import stored_bytes
     from tasks.analysis import measure_deployed
 
     timed: dict[str, object] = {}

@@ -20,12 +20,13 @@ from pydantic import BaseModel, Field
 from flows.job import Job, PruneParams, _finite, check_inputs
 from flows.offline import run_offline
 from flows.runners import run_on_task_runner
-from glp import GlpError, grain
-from glp.grain import GrainConfig
-from glp.mlpruning import MLPruningConfig, check_density
-from glp.names import OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
-from glp.plan import Plan, density_of
-from glp.provenance import code_fingerprint
+from glp import GlpError
+from glp.core.plan import Plan, density_of
+from glp.core.provenance import code_fingerprint
+from glp.methods import grain
+from glp.methods.grain import GrainConfig
+from glp.methods.mlpruning import MLPruningConfig, check_density
+from glp.methods.names import OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
 from tasks.compression import CODE as COMPRESSION_CODE
 from tasks.compression import (
     Compressed,
@@ -161,7 +162,7 @@ def preflight_offline(params: CompressParams) -> str:
         num_layers, data = check_inputs(params.model_copy(update={"model": None}), [])
     else:
         num_layers, data = check_inputs(params, [])
-        from glp.models import resolve_model
+        from glp.core.models import resolve_model
 
         what = params.model or "the embedded default"
         check_sizes(resolve_model(params.model), params, configs)
@@ -177,7 +178,7 @@ def preflight(params: CompressParams) -> str:
     if params.method in OFFLINE_METHODS:
         return preflight_offline(params)
     num_layers, data = check_inputs(params, [])
-    from glp.models import resolve_model
+    from glp.core.models import resolve_model
 
     check_method(params, resolve_model(params.model))
     densities = ", ".join(f"{d:g}" for d in params.densities)

@@ -20,21 +20,19 @@ from pydantic import BaseModel, Field, field_validator
 import glp
 from flows.runners import parse_task_runner
 from glp import GlpError
-from glp.checkpoint import saved_parameters
-from glp.config import FineTuneConfig, stable_hash
-from glp.data import TaskData
-from glp.models import (
+from glp.core.checkpoint import saved_parameters
+from glp.core.hashing import stable_hash
+from glp.core.models import (
     DEFAULT_MODEL,
     check_supported,
     check_weights,
     model_fingerprint,
     num_encoder_layers,
 )
-from glp.models import resolve_model as resolve_model_path
-from glp.names import LAYER_METHOD, REFERENCE
-from glp.plan import Plan
-from glp.provenance import code_fingerprint
-from glp.search import (
+from glp.core.models import resolve_model as resolve_model_path
+from glp.core.plan import Plan
+from glp.core.provenance import code_fingerprint
+from glp.methods.layers.search import (
     FULL,
     SEARCHES,
     Budget,
@@ -48,7 +46,10 @@ from glp.search import (
     plan_of,
     removal_order,
 )
-from glp.train import check_precision, resolve_device
+from glp.methods.names import LAYER_METHOD, REFERENCE
+from glp.training.config import FineTuneConfig
+from glp.training.data import TaskData
+from glp.training.train import check_precision, resolve_device
 from tasks import progress
 from tasks.analysis import SimilarityRequest, layer_similarity, measure_latencies
 from tasks.data import DataRef, DataSource, checked_train, load_source, prepare_data

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from glp import GlpError
-from glp.names import OFFLINE_METHODS, STRATEGY_NAMES, WIDTH_METHODS
+from glp.methods.names import OFFLINE_METHODS, STRATEGY_NAMES, WIDTH_METHODS
 from tasks.registry import chosen
 from tasks.training import Checkpoint
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from flows.job import Job, _finite
 from glp import GlpError
-from glp.checkpoint import read_plan, stored_bytes
-from glp.config import stable_hash
-from glp.names import REFERENCE
-from glp.plan import EMBEDDINGS, OFFLINE_ROLES, Plan, density_of
-from glp.provenance import code_fingerprint
+from glp.core.checkpoint import read_plan, stored_bytes
+from glp.core.hashing import stable_hash
+from glp.core.plan import EMBEDDINGS, OFFLINE_ROLES, Plan, density_of
+from glp.core.provenance import code_fingerprint
+from glp.methods.names import REFERENCE
 from tasks.offline import CODE as OFFLINE_CODE
 from tasks.offline import OFFLINE_METHODS, OfflineRequest, compress_offline
 from tasks.records import final_row, written
@@ -106,7 +106,7 @@ def check_offline(params) -> list[dict]:
             raise GlpError(f"--ratio {ratio:g}: a compression ratio must be > 1 (10 keeps "
                            "a tenth of each compressed module type)")
     if params.method == "autoencoder":
-        from glp.autoencoder import DECODERS
+        from glp.core.codes import DECODERS
 
         if params.decoder not in DECODERS:
             raise GlpError(f"--decoder {params.decoder!r}: choose one of {', '.join(DECODERS)}")
@@ -157,9 +157,10 @@ def check_sizes(model_path: str, params, configs: list[dict]) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from glp.autoencoder import AutoencoderConfig, latent_size
-    from glp.lowrank import matrices, ranks_for_ratio
-    from glp.surgery import apply_plan
+    from glp.core.factors import matrices
+    from glp.core.surgery import apply_plan
+    from glp.methods.autoencoder import AutoencoderConfig, latent_size
+    from glp.methods.lowrank import ranks_for_ratio
 
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
@@ -240,7 +241,7 @@ def input_checkpoint(path: str, fingerprint: str, device: str) -> Checkpoint:
     """The given fine-tuned model as a checkpoint (nothing computed here)."""
     from transformers import AutoConfig
 
-    from glp.surgery import kept_layers, removed_layers
+    from glp.core.anatomy import kept_layers, removed_layers
 
     config = AutoConfig.from_pretrained(path)
     return Checkpoint(key=stable_hash("input", fingerprint), path=path, base_path=path,

@@ -1,7 +1,7 @@
 """The ``prune`` flow: search a removal order, then fine-tune and register a model per depth.
 
 Each greedy iteration is a set of tasks (fine-tune candidate, evaluate candidate,
-select layer); the search itself is the strategy from ``glp.search``, which only sees
+select layer); the search itself is the strategy from ``glp.methods.layers.search``, which only sees
 a scoring function. Candidates of one iteration are submitted together, so a Dask or
 Ray task runner runs them in parallel; the default runner runs one at a time, which is
 fastest on a small machine (each fine-tune already uses every core).

@@ -14,12 +14,12 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from glp.bench import latency_batch, measure_latency
-from glp.config import stable_hash
-from glp.models import load_classifier
-from glp.provenance import code_fingerprint
-from glp.surgery import remove_layers
-from glp.zeroshot import LayerSimilarity, hidden_state_similarity
+from glp.core.hashing import stable_hash
+from glp.core.models import load_classifier
+from glp.core.provenance import code_fingerprint
+from glp.core.surgery import remove_layers
+from glp.deploy.bench import latency_batch, measure_latency
+from glp.methods.layers.zeroshot import LayerSimilarity, hidden_state_similarity
 from tasks.data import DataRef
 from tasks.home import RunHome
 from tasks.training import CACHED, REQUEST_CACHE, Checkpoint, load_trained, tokenized
@@ -132,7 +132,7 @@ def measure_deployed(checkpoints: list[Checkpoint], data: DataRef, split: str,
     """CPU latency of every checkpoint as it would be deployed: in PyTorch and exported to
     ONNX (fp32 and int8, under ``artifacts/onnx/<key>/``), at batch 1 and 32 of ``split``
     rows, all models and runtimes interleaved round-robin at each batch size."""
-    from glp.export import OnnxModel, export_onnx
+    from glp.deploy.export import OnnxModel, export_onnx
 
     dataset, tokenizer = tokenized(data, split, checkpoints[0].base_path, max_length, home)
     threads = torch.get_num_threads()

@@ -6,7 +6,7 @@ model briefly (and, with level 3, trains its block masks). Each saves a model di
 (safetensors + ``glp_plan.json`` + tokenizer) under ``artifacts/pruned/<key>`` or
 ``artifacts/compressed/<key>``, and each
 is keyed by everything that decides its result: the teacher's key, the data, the settings,
-the budget, the seed, the device type and the code (:func:`glp.provenance.code_fingerprint`
+the budget, the seed, the device type and the code (:func:`glp.core.provenance.code_fingerprint`
 of this module's closure), so a re-run or a resumed run repeats no finished phase.
 """
 
@@ -19,15 +19,23 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from glp import GlpError, grain
-from glp.checkpoint import load_pretrained
-from glp.config import FineTuneConfig, stable_hash
-from glp.grain import GrainConfig
-from glp.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
-from glp.mlpruning import MLPruningConfig, distil, train_block_masks, train_width_masks, with_blocks
-from glp.plan import Plan
-from glp.provenance import code_fingerprint
-from glp.surgery import kept_layers
+from glp import GlpError
+from glp.core.anatomy import kept_layers
+from glp.core.checkpoint import load_pretrained
+from glp.core.hashing import stable_hash
+from glp.core.plan import Plan
+from glp.core.provenance import code_fingerprint
+from glp.methods import grain
+from glp.methods.grain import GrainConfig
+from glp.methods.mlpruning import (
+    MLPruningConfig,
+    distil,
+    train_block_masks,
+    train_width_masks,
+    with_blocks,
+)
+from glp.training.config import FineTuneConfig
+from glp.training.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from tasks import faults, progress
 from tasks.data import DataRef
 from tasks.home import RunHome
@@ -130,7 +138,7 @@ def _result(request, key, model, path, phases, shift, remaining, diverged,
         examples=request.data.sizes[request.split], seconds=round(seconds, 3),
         final_loss=phases[-1]["final_loss"], diverged=diverged, device=request.device,
         flow_run_id=_current_flow_run())
-    from glp.surgery import plan_of_model
+    from glp.core.plan import plan_of_model
 
     plan = plan or plan_of_model(model)
     return Compressed(checkpoint=checkpoint, plan=plan.to_json(),

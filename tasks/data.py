@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from glp import GlpError
-from glp.data import (
+from glp.training.data import (
     TaskData,
     check_labels,
     fingerprint,
@@ -105,7 +105,7 @@ def _read_source(source: DataSource) -> TaskData:
 def checked_train(data: TaskData, train_limit: int | None, split_seed: int
                   ) -> datasets.Dataset:
     """The training rows a run uses (``train_limit`` of them, deterministically), after
-    checking that a model can learn them and be judged on the dev rows (glp.data's
+    checking that a model can learn them and be judged on the dev rows (glp.training.data's
     ``check_labels``)."""
     train = limit_examples(data.train, train_limit, seed=split_seed)
     check_labels(train, data.dev, data.spec, limited=train_limit is not None)

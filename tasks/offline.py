@@ -19,11 +19,12 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
 from glp import GlpError
-from glp.config import FineTuneConfig, stable_hash
-from glp.names import OFFLINE_METHODS
-from glp.plan import EMBEDDINGS, ROLES
-from glp.provenance import code_fingerprint
-from glp.surgery import kept_layers
+from glp.core.anatomy import kept_layers
+from glp.core.hashing import stable_hash
+from glp.core.plan import EMBEDDINGS, ROLES
+from glp.core.provenance import code_fingerprint
+from glp.methods.names import OFFLINE_METHODS
+from glp.training.config import FineTuneConfig
 from tasks import faults, progress
 from tasks.compression import Compressed, _load
 from tasks.data import DataRef
@@ -86,8 +87,8 @@ class OfflineRequest(BaseModel, frozen=True):
 
 
 def _selection_scorer(request: OfflineRequest, dataset):
-    from glp.metrics import selection_score
-    from glp.train import evaluate
+    from glp.training.metrics import selection_score
+    from glp.training.train import evaluate
 
     def score(model) -> float:
         metrics = evaluate(model, dataset, is_regression=request.data.is_regression,
@@ -104,12 +105,12 @@ def run_compress_offline(request: OfflineRequest) -> Compressed:
     settings = request.settings
     key = request.key()
     model = _load(request.model.path, "input model's")
-    from glp.surgery import plan_of_model
-    from glp.train import resolve_device
+    from glp.core.plan import plan_of_model
+    from glp.training.train import resolve_device
 
     model.to(resolve_device(request.device))
     base = plan_of_model(model)
-    from glp.lowrank import matrices
+    from glp.core.factors import matrices
 
     broken = [k for k, m in matrices(model, settings.modules).items()
               if not m.weight.isfinite().all()]
@@ -122,8 +123,8 @@ def run_compress_offline(request: OfflineRequest) -> Compressed:
     phases = []
     diverged = False
     if request.method == "lowrank":
-        from glp.lowrank import fisher_factors, fisher_information, ranks_for_ratio
-        from glp.surgery import apply_plan
+        from glp.core.surgery import apply_plan
+        from glp.methods.lowrank import fisher_factors, fisher_information, ranks_for_ratio
 
         ranks = ranks_for_ratio(model, settings.modules, settings.ratio)
         factor = "svd"
@@ -166,8 +167,8 @@ def run_compress_offline(request: OfflineRequest) -> Compressed:
 
 def _autoencoder(model, base, request: OfflineRequest, settings: OfflineConfig, dataset,
                  label: str):
-    from glp.autoencoder import AutoencoderConfig, fold_linear, train_autoencoder
-    from glp.checkpoint import CODES_ATTR
+    from glp.core.checkpoint import CODES_ATTR
+    from glp.methods.autoencoder import AutoencoderConfig, fold_linear, train_autoencoder
 
     config = AutoencoderConfig(ratio=settings.ratio, decoder=settings.decoder,
                                epochs=settings.epochs, batch_size=settings.batch_size,

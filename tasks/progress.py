@@ -80,7 +80,8 @@ def check_stop() -> None:
 
 
 def step_callback(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    """A training-step callback for ``glp.train.fine_tune`` and the function that closes it."""
+    """A training-step callback for ``glp.training.train.fine_tune`` and the function that
+    closes it."""
     reporter = get_reporter()
     handle = reporter.begin("steps", label, None)
 

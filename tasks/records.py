@@ -79,7 +79,7 @@ FINALS = pa.schema([
     ("selection_value", pa.float64()),  # chooses the registered seed and `best`
     ("method", pa.string()),  # layers, mlpruning, ... (unpruned for the reference)
     ("distilled", pa.bool_()),  # fine-tuned with distillation from the unpruned model
-    ("plan", pa.string()),  # the compression plan as JSON (glp.plan.Plan)
+    ("plan", pa.string()),  # the compression plan as JSON (glp.core.plan.Plan)
     ("parameters", pa.int64()),  # non-zero parameters of the whole model
     ("encoder_density", pa.float64()),  # fraction of the base encoder's weights kept
     ("target_density", pa.float64()),  # the density asked for (width methods)

@@ -230,7 +230,7 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
     import onnx
     import onnxruntime
 
-    from glp.export import export_onnx
+    from glp.deploy.export import export_onnx
 
     client = client_for(tracking_uri)
     found, versions = _find_version(client, name, job_id, "glp.budget", budget)

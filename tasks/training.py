@@ -5,7 +5,7 @@ model's content hash, the split's content fingerprint, the removed layers, the
 fine-tune settings that change weights (not ``eval_batch_size``), the seed, the device
 type, and the code that runs it: the source of this module and of every glp and tasks
 module it imports, with the torch and transformers versions
-(:func:`glp.provenance.code_fingerprint`). A finished fine-tune is therefore never
+(:func:`glp.core.provenance.code_fingerprint`). A finished fine-tune is therefore never
 repeated by a re-run, a resumed run or a retry, and neither a changed input nor a
 changed library reuses a stale result.
 
@@ -27,17 +27,19 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-import glp.search
+import glp.methods.layers.search
 from glp import GlpError
-from glp.checkpoint import load_pretrained, read_plan, save_pretrained
-from glp.config import FineTuneConfig, stable_hash
-from glp.data import tokenize
-from glp.metrics import selection_score
-from glp.mlpruning import distil_layers
-from glp.models import load_classifier, load_tokenizer, strip_remote_code
-from glp.provenance import code_fingerprint
-from glp.surgery import kept_layers, remove_layers
-from glp.train import evaluate, fine_tune
+from glp.core.anatomy import kept_layers
+from glp.core.checkpoint import load_pretrained, read_plan, save_pretrained
+from glp.core.hashing import stable_hash
+from glp.core.models import load_classifier, load_tokenizer, strip_remote_code
+from glp.core.provenance import code_fingerprint
+from glp.core.surgery import remove_layers
+from glp.methods.mlpruning import distil_layers
+from glp.training.config import FineTuneConfig
+from glp.training.data import tokenize
+from glp.training.metrics import selection_score
+from glp.training.train import evaluate, fine_tune
 from tasks import faults, progress
 from tasks.data import DataRef, read_split
 from tasks.home import RunHome
@@ -372,4 +374,4 @@ def evaluate_final(checkpoint: Checkpoint, data: DataRef, split: str,
 @task(name="select-layer", cache_policy=NO_CACHE)
 def select_layer(candidates: list[tuple[int, float]]) -> int:
     """The layer to remove next (best score; ties go to the highest index)."""
-    return glp.search.select_layer(candidates)
+    return glp.methods.layers.search.select_layer(candidates)

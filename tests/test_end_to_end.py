@@ -108,8 +108,8 @@ def test_compress_minilm_reloads_and_runs_as_onnx_without_glp(method, tmp_path):
     import torch
 
     import glp
-    from glp.models import load_tokenizer
-    from glp.plan import Plan
+    from glp.core.models import load_tokenizer
+    from glp.core.plan import Plan
 
     home = tmp_path / "home"
     done = _glp(home, *COMPRESS, *METHODS[method])
@@ -140,7 +140,7 @@ def test_lowrank_compresses_a_registered_pruned_minilm(runs):
     """Greedy layer pruning, then Fisher-weighted SVD of what remains, from the registry:
     one plan with the removed layer and the ranks, smaller and reloadable."""
     import glp
-    from glp.plan import Plan
+    from glp.core.plan import Plan
 
     home, _, _ = runs
     uri = "models:/glp-all-minilm-l6-v2-sst2-greedy@depth-5"
@@ -158,4 +158,4 @@ def test_lowrank_compresses_a_registered_pruned_minilm(runs):
     assert row["parameters"] < given["parameters"] and row["model"] == uri
     assert row["stored_bytes"] < given["stored_bytes"] and row["target_ratio"] == 4.0
     model = glp.load_pretrained(row["model_dir"])
-    assert len(glp.surgery.encoder_layers(model)) == 5
+    assert len(glp.core.surgery.encoder_layers(model)) == 5

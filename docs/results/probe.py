@@ -13,10 +13,10 @@ import time
 import torch
 
 from flows.job import DEFAULT_DATA_DIR
-from glp.config import FineTuneConfig
-from glp.data import get_task, limit_examples, load_glue_split, tokenize
-from glp.models import load_classifier, load_tokenizer, resolve_model
-from glp.train import evaluate, fine_tune
+from glp.core.models import load_classifier, load_tokenizer, resolve_model
+from glp.training.config import FineTuneConfig
+from glp.training.data import get_task, limit_examples, load_glue_split, tokenize
+from glp.training.train import evaluate, fine_tune
 
 
 def main(task: str, limit: str, lr: str, length: str, epochs: str = "1", batch: str = "32") -> None:

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 import glp
 from flows.compress import CompressParams, compress
-from glp.plan import Plan
+from glp.core.plan import Plan
 
 pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
 
@@ -50,7 +50,7 @@ def test_rows_carry_method_plan_size_and_model_dir(two_runs, tiny_bert):
         assert row["encoder_density"] <= row["target_density"] + 1e-9
         assert row["parameters"] < reference[0]["parameters"]
         model = glp.load_pretrained(row["model_dir"])  # tokenizer outputs in, logits out
-        tokenizer = glp.models.load_tokenizer(row["model_dir"])
+        tokenizer = glp.core.models.load_tokenizer(row["model_dir"])
         with torch.no_grad():
             logits = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
         assert logits.shape == (1, 2)

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 import glp
 from flows.compress import CompressParams, compress
-from glp.plan import Plan
+from glp.core.plan import Plan
 
 pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
 
@@ -43,7 +43,7 @@ def test_grain_rows_reload_register_and_repeat_from_cache(two_runs):
         assert row["parameters"] < reference["parameters"]
         assert row["latency_ms"] > 0
         model = glp.load_pretrained(row["model_dir"])
-        tokenizer = glp.models.load_tokenizer(row["model_dir"])
+        tokenizer = glp.core.models.load_tokenizer(row["model_dir"])
         with torch.no_grad():
             assert model(**tokenizer(["a fine film"], return_tensors="pt")).logits.shape == (1, 2)
     # the teacher and 2 densities x (grain, fine-tune-compressed: nothing left to do)

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 import glp
 from flows.compress import CompressParams, compress
 from glp import GlpError
-from glp.autoencoder import CODES_FILE
-from glp.plan import Plan
+from glp.core.codes import CODES_FILE
+from glp.core.plan import Plan
 
 pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
 
@@ -32,7 +32,7 @@ def _finals(home, job_id=None):
 
 def _logits(model_dir):
     model = glp.load_pretrained(model_dir)
-    tokenizer = glp.models.load_tokenizer(model_dir)
+    tokenizer = glp.core.models.load_tokenizer(model_dir)
     with torch.no_grad():
         return model(**tokenizer(["a fine film", "dull"], return_tensors="pt",
                                  padding=True)).logits
@@ -133,13 +133,13 @@ def test_a_grain_model_is_refused_up_front_where_offline_cannot_apply(plan, modu
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     from flows.offline import check_offline, check_sizes
-    from glp.surgery import apply_plan
+    from glp.core.surgery import apply_plan
 
     model = AutoModelForSequenceClassification.from_config(BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
         intermediate_size=37, max_position_embeddings=64))
     apply_plan(model, plan)
-    glp.checkpoint.save_pretrained(model, tmp_path / "grain")
+    glp.core.checkpoint.save_pretrained(model, tmp_path / "grain")
     params = CompressParams(model=str(tmp_path / "grain"), method="lowrank", ratios=(2.0,),
                             modules=modules, home=str(tmp_path / "home"))
     with pytest.raises(GlpError, match=expected):

@@ -141,26 +141,26 @@ def test_a_changed_learning_rate_recomputes_everything(harness, tiny_bert, two_r
 
 def test_a_changed_library_source_recomputes_everything(harness, tiny_bert, two_runs,
                                                          monkeypatch):
-    """An edit of glp/train.py (or any module a fine-tune runs) changes the code
+    """An edit of glp/training/train.py (or any module a fine-tune runs) changes the code
     fingerprint in every cache key; simulated here through the fingerprint's input, the
     source of the modules (tests/glp/test_provenance.py edits real files)."""
-    import glp.provenance
+    import glp.core.provenance
 
     home, first, _ = two_runs
-    real = glp.provenance.source_closure
+    real = glp.core.provenance.source_closure
 
     def edited(*modules):
         closure = real(*modules)
         edited_train = home / "edited_train.py"
-        edited_train.write_text(closure["glp.train"].read_text() + "\n# an edit\n")
-        return {**closure, "glp.train": edited_train}
+        edited_train.write_text(closure["glp.training.train"].read_text() + "\n# an edit\n")
+        return {**closure, "glp.training.train": edited_train}
 
-    monkeypatch.setattr(glp.provenance, "source_closure", edited)
-    glp.provenance.clear_cache()
+    monkeypatch.setattr(glp.core.provenance, "source_closure", edited)
+    glp.core.provenance.clear_cache()
     try:
         changed = prune(_params(tiny_bert, home, register_models=False))
     finally:
-        glp.provenance.clear_cache()
+        glp.core.provenance.clear_cache()
     assert (changed.computed, changed.reused) == (8, 0)
     # A new job: its own MLflow run and registered versions, not a rewrite of the old.
     assert changed.job_id != first.job_id
@@ -174,7 +174,7 @@ def test_every_candidate_starts_from_the_pre_trained_weights(harness, tiny_bert,
     from transformers import AutoModel
 
     import tasks.training
-    from glp.surgery import encoder_layers, kept_layers
+    from glp.core.anatomy import encoder_layers, kept_layers
 
     pretrained = AutoModel.from_pretrained(tiny_bert)
     original = [layer.state_dict() for layer in encoder_layers(pretrained)]
@@ -203,7 +203,7 @@ def test_a_pair_task_and_a_regression_task_run_end_to_end(harness, tiny_bert, tm
     assert all(c["metric"] == metric for c in summary.candidates)
     assert summary.versions.get("depth-2") and summary.versions.get("best")
     if task == "stsb":  # one regression output, a real-valued score
-        from glp.models import load_classifier
+        from glp.core.models import load_classifier
 
         path = next((tmp_path / "artifacts" / "finals").glob("*/config.json")).parent
         model = load_classifier(path, num_labels=1, is_regression=True)

@@ -61,7 +61,7 @@ def test_warm_candidates_start_from_the_shared_fine_tuned_model(
     import torch
 
     import tasks.training
-    from glp.surgery import encoder_layers, kept_layers
+    from glp.core.anatomy import encoder_layers, kept_layers
 
     starts = []
     real = tasks.training.fine_tune

@@ -9,8 +9,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from glp import GlpError
-from glp.bench import Latency, latency_batch, measure_latency
-from glp.surgery import remove_layers
+from glp.core.surgery import remove_layers
+from glp.deploy.bench import Latency, latency_batch, measure_latency
 
 LENGTHS = [5, 9, 3, 7, 12, 4]
 

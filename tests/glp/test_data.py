@@ -1,4 +1,4 @@
-"""Tests for glp.data: GLUE parsing, user data, subsets, fingerprints and tokenising."""
+"""Tests for glp.training.data: GLUE parsing, user data, subsets, fingerprints and tokenising."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from transformers import BertTokenizerFast
 
 from glp import GlpError
-from glp.data import (
+from glp.training.data import (
     GLUE_TASKS,
     TaskData,
     fingerprint,
@@ -515,7 +515,7 @@ def test_a_non_finite_regression_label_is_refused(tmp_path: Path) -> None:
 
 
 def test_check_labels_refuses_one_class_and_unseen_dev_labels(tmp_path: Path) -> None:
-    from glp.data import check_labels
+    from glp.training.data import check_labels
 
     train = _user(tmp_path, "train", pd.DataFrame({"t": list("abcd"), "l": ["x", "y"] * 2}))
     dev = _user(tmp_path, "dev", pd.DataFrame({"t": list("abc"), "l": ["x", "z", "z"]}))

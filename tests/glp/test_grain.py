@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from glp import GlpError
-from glp.checkpoint import load_pretrained, read_plan, save_pretrained
-from glp.config import FineTuneConfig
-from glp.export import export_onnx, onnx_logits
-from glp.grain import (
+from glp.core.anatomy import encoder_layers
+from glp.core.checkpoint import load_pretrained, read_plan, save_pretrained
+from glp.core.plan import Plan
+from glp.core.surgery import apply_plan
+from glp.deploy.export import export_onnx, onnx_logits
+from glp.methods.grain import (
     DimMasks,
     GrainConfig,
     GrainObjective,
@@ -25,8 +27,7 @@ from glp.grain import (
     prune,
     schedule,
 )
-from glp.plan import Plan
-from glp.surgery import apply_plan, encoder_layers
+from glp.training.config import FineTuneConfig
 from tests.glp.test_mlpruning import toy_dataset
 from tests.glp.test_surgery import FAMILIES, batch, n_params, tiny_model
 
@@ -276,7 +277,7 @@ def test_a_layer_without_query_key_dimensions_saves_reloads_and_exports(tmp_path
 
 
 def test_dimensions_then_low_rank_ffn_is_one_plan_that_round_trips(tmp_path):
-    from glp.lowrank import ranks_for_ratio
+    from glp.methods.lowrank import ranks_for_ratio
 
     model = tiny_model("bert", layers=2)
     width = Plan(2, qk={0: (0, 1, 9)}, vo={0: (1, 9)}, neurons={1: (0, 3, 4)})

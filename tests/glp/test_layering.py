@@ -11,7 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "glp"
 FORBIDDEN = frozenset({"prefect", "mlflow", "tasks", "flows"})
-MODULES = "glp, glp.data, glp.train, glp.search, glp.surgery, glp.models, glp.metrics, glp.config"
+MODULES = ("glp, glp.training.data, glp.training.train, glp.methods.layers.search, "
+           "glp.core.surgery, glp.core.models, glp.training.metrics, glp.training.config")
 
 
 def imported_roots(tree: ast.AST) -> list[tuple[int, str]]:
@@ -52,7 +53,7 @@ def test_the_check_flags_a_module_that_imports_orchestration(tmp_path: Path) -> 
         "def run():\n"
         "    from flows.prune import prune\n"
         "from .tasks import helper\n"  # relative: a glp submodule, not the tasks package
-        "import prefectlike, glp.train\n",  # only the exact top-level names are forbidden
+        "import prefectlike, glp.training.train\n",  # only the exact top-level names are forbidden
         encoding="utf-8",
     )
     assert violations(module) == [
@@ -62,7 +63,7 @@ def test_the_check_flags_a_module_that_imports_orchestration(tmp_path: Path) -> 
         "line 7: flows",
     ]
     clean = tmp_path / "clean.py"
-    clean.write_text("import numpy\nfrom glp.train import fine_tune\n", encoding="utf-8")
+    clean.write_text("import numpy\nfrom glp.training.train import fine_tune\n", encoding="utf-8")
     assert violations(clean) == []
 
 

@@ -1,4 +1,4 @@
-"""Tests for glp.metrics against hand-computed values."""
+"""Tests for glp.training.metrics against hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from glp import GlpError
-from glp.metrics import METRICS, compute_metrics, selection_score
+from glp.training.metrics import METRICS, compute_metrics, selection_score
 
 
 def _logits(pred_ids: list[int], num_classes: int) -> np.ndarray:

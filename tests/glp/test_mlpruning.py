@@ -11,9 +11,10 @@ import torch
 from datasets import Dataset
 
 from glp import GlpError
-from glp.checkpoint import load_pretrained, save_pretrained
-from glp.config import FineTuneConfig
-from glp.mlpruning import (
+from glp.core.anatomy import encoder_layers, role_module
+from glp.core.checkpoint import load_pretrained, save_pretrained
+from glp.core.surgery import apply_plan
+from glp.methods.mlpruning import (
     MLPruningConfig,
     TopK,
     WidthMasks,
@@ -24,7 +25,7 @@ from glp.mlpruning import (
     prune_width,
     shift_to_target,
 )
-from glp.surgery import apply_plan, encoder_layers, role_module
+from glp.training.config import FineTuneConfig
 from tests.glp.test_surgery import FAMILIES, batch, tiny_model
 
 
@@ -166,8 +167,8 @@ def _kl_to(teacher, student, dataset) -> float:
 
 
 def test_a_layer_pruned_model_distilled_from_the_teacher_moves_to_its_predictions():
-    from glp.surgery import remove_layers
-    from glp.train import fine_tune
+    from glp.core.surgery import remove_layers
+    from glp.training.train import fine_tune
 
     data = toy_dataset()
     config = FineTuneConfig(learning_rate=3e-3, batch_size=16, epochs=3)
@@ -189,7 +190,7 @@ def test_a_layer_pruned_model_distilled_from_the_teacher_moves_to_its_prediction
 
 
 def test_a_layer_pruned_model_is_cut_in_width_in_its_remaining_layers(tmp_path):
-    from glp.surgery import remove_layers
+    from glp.core.surgery import remove_layers
 
     teacher = tiny_model("bert")
     remove_layers(teacher, (1,))  # greedy first, then width: one plan

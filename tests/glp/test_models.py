@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModel, BertConfig, BertModel
 
 from glp import GlpError
-from glp.models import (
+from glp.core.anatomy import encoder_layers, kept_layers
+from glp.core.models import (
     DEFAULT_MODEL,
     SUPPORTED_MODEL_TYPES,
     check_supported,
@@ -23,7 +24,7 @@ from glp.models import (
     num_encoder_layers,
     resolve_model,
 )
-from glp.surgery import encoder_layers, kept_layers, remove_layers
+from glp.core.surgery import remove_layers
 
 
 def tiny_bert_config(layers: int = 3) -> BertConfig:
@@ -360,7 +361,7 @@ def _saved_bert(tmp_path):
 
 
 def test_custom_model_code_needs_an_explicit_trust(tmp_path):
-    from glp.models import strip_remote_code
+    from glp.core.models import strip_remote_code
 
     path = _saved_bert(tmp_path)
     config = json.loads((path / "config.json").read_text())
@@ -374,7 +375,7 @@ def test_custom_model_code_needs_an_explicit_trust(tmp_path):
 
 
 def test_weights_are_checked_before_a_run(tmp_path):
-    from glp.models import check_weights
+    from glp.core.models import check_weights
 
     path = _saved_bert(tmp_path)
     check_weights(path)

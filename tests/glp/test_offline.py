@@ -10,14 +10,7 @@ import pytest
 import torch
 
 from glp import GlpError
-from glp.autoencoder import (
-    CODES_FILE,
-    AutoencoderConfig,
-    fold_linear,
-    latent_size,
-    train_autoencoder,
-)
-from glp.checkpoint import (
+from glp.core.checkpoint import (
     CODES_ATTR,
     load_pretrained,
     read_plan,
@@ -25,16 +18,12 @@ from glp.checkpoint import (
     saved_parameters,
     stored_bytes,
 )
-from glp.lowrank import (
-    LowRankLinear,
-    fisher_column_weights,
-    matrices,
-    rank_for_ratio,
-    ranks_for_ratio,
-    svd_factors,
-)
-from glp.plan import OFFLINE_ROLES, ROLES, Plan
-from glp.surgery import apply_plan
+from glp.core.codes import CODES_FILE
+from glp.core.factors import LowRankLinear, matrices, svd_factors
+from glp.core.plan import OFFLINE_ROLES, ROLES, Plan
+from glp.core.surgery import apply_plan
+from glp.methods.autoencoder import AutoencoderConfig, fold_linear, latent_size, train_autoencoder
+from glp.methods.lowrank import fisher_column_weights, rank_for_ratio, ranks_for_ratio
 from tests.glp.test_grain import assert_round_trip
 from tests.glp.test_surgery import FAMILIES, batch, n_params, tiny_model
 
@@ -141,7 +130,7 @@ def test_latent_size_meets_the_ratio():
     for decoder in ("nonlinear", "linear"):
         config = AutoencoderConfig(ratio=10, decoder=decoder)
         latent, hidden = latent_size(2304, 384, config)
-        from glp.autoencoder import _storage
+        from glp.methods.autoencoder import _storage
 
         assert _storage(2304, 384, latent, hidden) <= 2304 * 384 / 10
         assert _storage(2304, 384, latent + 1, [s * (latent + 1) for s in
@@ -213,6 +202,6 @@ def test_shared_factors_are_never_computed_per_matrix():
     with pytest.raises(GlpError, match="shared factor"):
         apply_plan(model, plan)  # factor="svd" cannot compute a factor shared by 4 layers
     with pytest.raises(GlpError, match="block-pruned and coded"):
-        from glp.plan import BlockMask
+        from glp.core.plan import BlockMask
 
         Plan(4, blocks={"0.key": BlockMask(16, 2, 2, "f")}, coded={"key": {"latent": 2}})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from glp.pareto import buckets, frontier, method_of, sentences, size_of, speedups
-from glp.pick import Model
+from glp.report.pareto import buckets, frontier, method_of, sentences, size_of, speedups
+from glp.report.pick import Model
 
 
 def _model(strategy, mean, latency, *, std=0.01, method="layers", variant="", depth=6,
@@ -64,7 +64,7 @@ def test_names_and_sizes_read_as_a_user_asked():
 
 
 def test_the_report_names_each_bucket_winner_where_it_lies(tmp_path):
-    from glp.pareto import write_methods_report
+    from glp.report.pareto import write_methods_report
 
     home = tmp_path / "home"
     models = [_model("unpruned", 0.90, 60.0), _model("greedy", 0.88, 30.0, depth=3)]

@@ -1,4 +1,4 @@
-"""Choosing a model by budget from final rows (glp.pick): fake rows, no models."""
+"""Choosing a model by budget from final rows (glp.report.pick): fake rows, no models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from glp import GlpError
-from glp.pick import Budget, closest, models, pick
+from glp.report.pick import Budget, closest, models, pick
 
 
 def row(strategy, depth, seed, value, *, latency=None, params=None, selection=None,
@@ -121,7 +121,7 @@ def test_bad_budgets_are_refused(kwargs, message):
 
 
 def test_a_plan_is_summarised_in_counts_not_indices():
-    from glp.pick import plan_summary
+    from glp.report.pick import plan_summary
 
     assert plan_summary({"removed": [3, 5]}) == "layers removed: 3, 5"
     text = plan_summary({"removed": [], "heads": {"1": [0, 2], "0": [1, 2, 3]},

@@ -12,18 +12,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from glp import GlpError
-from glp.checkpoint import load_pretrained, read_plan, save_pretrained
-from glp.export import export_onnx, onnx_logits
-from glp.plan import PLAN_FILE, BlockMask, Plan
-from glp.surgery import (
-    apply_plan,
-    encoder_layers,
-    head_size,
-    num_heads,
-    prune_linear,
-    remove_layers,
-    role_module,
-)
+from glp.core.anatomy import encoder_layers, head_size, num_heads, role_module
+from glp.core.checkpoint import load_pretrained, read_plan, save_pretrained
+from glp.core.plan import PLAN_FILE, BlockMask, Plan
+from glp.core.surgery import apply_plan, prune_linear, remove_layers
+from glp.deploy.export import export_onnx, onnx_logits
 from tests.glp.test_surgery import FAMILIES, batch, n_params, tiny_model
 
 

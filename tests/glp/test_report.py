@@ -12,7 +12,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from glp import GlpError
-from glp.report import (
+from glp.report.tables import (
     SUMMARY_COLUMNS,
     label,
     plot_metric_vs_latency,
@@ -197,7 +197,7 @@ def test_plots_handle_missing_latency_and_empty(tmp_path, finals):
 
 def test_identical_strategies_stay_visible_in_the_plot(tmp_path, finals):
     # exhaustive found exactly greedy's sets and scores: its line must not hide greedy's.
-    import glp.report as report
+    import glp.report.tables as report
 
     greedy = finals[finals["strategy"] == "greedy"]
     same = pd.concat([finals[finals["strategy"] != "exhaustive"],
@@ -270,7 +270,7 @@ def test_render_markdown_without_greedy_or_top(finals):
 
 
 def test_module_imports_no_heavy_dependencies():
-    code = ("import sys, glp.report; "
+    code = ("import sys, glp.report.tables; "
             "print(sorted(m for m in ('torch', 'prefect', 'mlflow', 'matplotlib.pyplot') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -279,7 +279,7 @@ def test_module_imports_no_heavy_dependencies():
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, finals, monkeypatch):
-    import glp.report as report
+    import glp.report.tables as report
 
     paths = write_report(tmp_path, finals, NUM_LAYERS, {}, {}, {"metric": "accuracy"})
     before = paths["report"].read_text(encoding="utf-8")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from glp import GlpError
-from glp.search import (
+from glp.methods.layers.search import (
     STRATEGIES,
     Budget,
     CandidateScored,
@@ -28,7 +28,7 @@ from glp.search import (
     select_layer,
     validate_budget,
 )
-from glp.zeroshot import LayerSimilarity
+from glp.methods.layers.zeroshot import LayerSimilarity
 
 # The cost of removing each layer of a 6-layer model: the cheapest go first.
 PENALTY = {0: 9.0, 1: 1.0, 2: 5.0, 3: 0.5, 4: 3.0, 5: 7.0}

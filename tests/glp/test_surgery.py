@@ -20,8 +20,9 @@ from transformers import (
 )
 
 from glp import GlpError
-from glp.models import check_supported, num_encoder_layers
-from glp.surgery import encoder_layers, kept_layers, remove_layers, removed_layers
+from glp.core.anatomy import encoder_layers, kept_layers, removed_layers
+from glp.core.models import check_supported, num_encoder_layers
+from glp.core.surgery import remove_layers
 
 COMMON = dict(
     vocab_size=100,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from glp.config import FineTuneConfig
-from glp.train import TrainStats, _epoch_batches, evaluate, fine_tune, predict, total_steps
+from glp.training.config import FineTuneConfig
+from glp.training.train import TrainStats, _epoch_batches, evaluate, fine_tune, predict, total_steps
 
 VOCAB = 100
 SIGNAL = 5  # the label is whether this token occurs
@@ -332,7 +332,7 @@ def test_a_finite_fine_tune_is_not_diverged_and_records_its_device(data, init) -
 
 def test_device_specs() -> None:
     from glp import GlpError
-    from glp.train import check_precision, resolve_device
+    from glp.training.train import check_precision, resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"

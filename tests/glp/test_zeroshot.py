@@ -12,14 +12,15 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from glp import GlpError
-from glp.data import tokenize
-from glp.surgery import encoder_layers, remove_layers
-from glp.zeroshot import (
+from glp.core.anatomy import encoder_layers
+from glp.core.surgery import remove_layers
+from glp.methods.layers.zeroshot import (
     LayerSimilarity,
     angular_distances,
     block_influence,
     hidden_state_similarity,
 )
+from glp.training.data import tokenize
 
 SENTENCES = [
     "the film was a delight from start to finish",

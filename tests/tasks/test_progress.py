@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from glp.config import FineTuneConfig
-from glp.train import fine_tune
+from glp.training.config import FineTuneConfig
+from glp.training.train import fine_tune
 from tasks import progress
 
 

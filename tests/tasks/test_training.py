@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import tasks.training
-from glp.config import FineTuneConfig
+from glp.training.config import FineTuneConfig
 from tasks.data import DataRef
 from tasks.faults import retry_unless_hopeless
 from tasks.home import RunHome

@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 from transformers import AutoConfig
 
 from benchmarks.compressed_latency import width_label
-from glp.plan import Plan
+from glp.core.plan import Plan
 
 
 def describe(plan: Plan, layers: int, heads: int, size: int, neurons: int) -> list[str]:

@@ -22,11 +22,11 @@ import pyarrow.dataset as ds
 import torch
 
 import glp
-from glp.data import load_glue_split, tokenize
-from glp.models import load_tokenizer
-from glp.plan import Plan
-from glp.surgery import apply_plan
-from glp.train import _collate, _columns, evaluate
+from glp.core.models import load_tokenizer
+from glp.core.plan import Plan
+from glp.core.surgery import apply_plan
+from glp.training.data import load_glue_split, tokenize
+from glp.training.train import _collate, _columns, evaluate
 
 
 def sizes_for(config, density: float) -> tuple[int, int, float]:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from glp import GlpError
-from glp.train import _collate, _columns
+from glp.core.errors import GlpError
+from glp.training.train import _collate, _columns
 
 # Tokens per chunk when forming the per-token (K+1)x(K+1) cosine matrices: bounds the
 # working memory at (K+1)^2 * _TOKEN_CHUNK float64 values (25 MB for K=24) per step.
@@ -102,11 +102,11 @@ def hidden_state_similarity(
 
     Args:
         model: a transformers sequence-classification model (BERT-like; possibly pruned by
-            :func:`glp.surgery.remove_layers`) that returns ``hidden_states`` when called
+            :func:`glp.core.surgery.remove_layers`) that returns ``hidden_states`` when called
             with ``output_hidden_states=True``.
         dataset: a tokenised ``datasets.Dataset`` (``input_ids``, ``attention_mask``,
             optionally ``token_type_ids``; ``labels`` is ignored), as made by
-            :func:`glp.data.tokenize`.
+            :func:`glp.training.data.tokenize`.
         batch_size: rows per forward pass.
         max_examples: use at most this many rows from the start; ``None`` uses all.
 
@@ -127,7 +127,7 @@ def hidden_state_similarity(
     columns = _columns(_first_rows(dataset, max_examples))
     if "attention_mask" not in columns:
         raise GlpError(
-            "the dataset has no attention_mask column; tokenise it with glp.data.tokenize"
+            "the dataset has no attention_mask column; tokenise it with glp.training.data.tokenize"
         )
     columns.pop("labels", None)
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0

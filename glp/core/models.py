@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from glp import GlpError
+from glp.core.errors import GlpError
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: they take seconds to import
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase

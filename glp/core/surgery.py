@@ -12,22 +12,30 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from glp import GlpError
-from glp.models import num_encoder_layers, unsupported_reason
+from glp.core.anatomy import (
+    KEPT_KEY,
+    PLAN_ATTR,
+    REMOVED_KEY,
+    encoder_layers,
+    family_of,
+    get_module,
+    kept_layers,
+    layer_configs,
+    layer_container,
+    num_heads,
+    removed_layers,
+    role_module,
+    set_module,
+)
+from glp.core.errors import GlpError
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig, PreTrainedModel
 
-KEPT_KEY = "glp_kept_layers"
-REMOVED_KEY = "glp_removed_layers"
 
-# Attributes under which a layer container holds the layer list, by family: BERT, RoBERTa,
-# XLM-R, ELECTRA, MPNet and DeBERTa-v2 use ``encoder.layer``; DistilBERT ``transformer.layer``.
-_CONTAINERS = ("encoder", "transformer")
 
 # Config lists with one entry per layer (none of the supported families has one today, but
 # transformers 5 adds ``layer_types`` to more and more configs); they are pruned alongside.
@@ -47,80 +55,14 @@ _LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")
 _CONTAINER_COUNT_ATTRS = ("n_layers", "num_layers", "num_hidden_layers")
 
 
-def _container(model: nn.Module) -> nn.Module:
-    from torch import nn
-
-    config = getattr(model, "config", None)
-    if config is not None:
-        reason = unsupported_reason(config)
-        if reason is not None:
-            raise GlpError(reason)
-    base = getattr(model, "base_model", model)
-    for name in _CONTAINERS:
-        container = getattr(base, name, None)
-        if isinstance(getattr(container, "layer", None), nn.ModuleList):
-            return container
-    model_type = getattr(config, "model_type", type(model).__name__)
-    raise GlpError(
-        f"model type '{model_type}' has no encoder layer list (looked for "
-        f"{' / '.join(n + '.layer' for n in _CONTAINERS)} on {type(base).__name__}); "
-        "glp prunes encoders such as bert, roberta, distilbert"
-    )
 
 
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The encoder's list of layer modules, for any supported family.
-
-    Args:
-        model: a transformers model (a base model or one with a task head).
-
-    Returns:
-        The live ``nn.ModuleList`` (not a copy).
-
-    Raises:
-        GlpError: the model type is not supported or has no encoder layer list.
-    """
-    return _container(model).layer
 
 
-def _configs(model: nn.Module) -> list[PretrainedConfig]:
-    # The head model and its base model share one config object in every supported family;
-    # should they ever differ, both must describe the pruned shape.
-    configs = {}
-    for owner in (model, getattr(model, "base_model", model)):
-        config = getattr(owner, "config", None)
-        if config is not None:
-            configs[id(config)] = config
-    return list(configs.values())
 
 
-def kept_layers(model_or_config: nn.Module | PretrainedConfig) -> list[int]:
-    """Original indices of the layers a model still has (all of them if never pruned).
-
-    Args:
-        model_or_config: a model or its config.
-
-    Returns:
-        Sorted original layer indices, one per current layer.
-    """
-    config = getattr(model_or_config, "config", model_or_config)
-    record = getattr(config, KEPT_KEY, None)
-    if record is None:
-        return list(range(num_encoder_layers(config)))
-    return [int(i) for i in record]
 
 
-def removed_layers(model_or_config: nn.Module | PretrainedConfig) -> list[int]:
-    """Original indices of the layers removed so far (empty if never pruned).
-
-    Args:
-        model_or_config: a model or its config.
-
-    Returns:
-        Sorted original layer indices.
-    """
-    config = getattr(model_or_config, "config", model_or_config)
-    return sorted(int(i) for i in (getattr(config, REMOVED_KEY, None) or []))
 
 
 def _validate(layers: Iterable[int], n: int) -> list[int]:
@@ -181,7 +123,7 @@ def remove_layers(model: PreTrainedModel, layers: Iterable[int]) -> PreTrainedMo
     """
     from torch import nn
 
-    container = _container(model)
+    container = layer_container(model)
     current = container.layer
     n = len(current)
     to_remove = _validate(layers, n)
@@ -208,7 +150,7 @@ def remove_layers(model: PreTrainedModel, layers: Iterable[int]) -> PreTrainedMo
         if getattr(container, attr, None) == n:
             setattr(container, attr, len(keep_positions))
 
-    for cfg in _configs(model):
+    for cfg in layer_configs(model):
         _update_config(cfg, n, keep_positions, new_kept, new_removed)
     return model
 
@@ -235,46 +177,11 @@ def _update_config(
 # --- width: heads, FFN neurons and weight blocks ---------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Family:
-    """Where a family keeps a layer's attention and FFN matrices (paths from the layer)."""
-
-    attention: str  # the module holding the head count and the projections
-    projections: tuple[str, ...]  # on ``attention``: sliced by rows, per head
-    output: str  # the attention output matrix: sliced by columns
-    ffn_in: str  # rows = FFN neurons
-    ffn_out: str  # columns = FFN neurons
-    head_count: str = "num_attention_heads"
 
 
-_BERT_LIKE = _Family("attention.self", ("query", "key", "value"), "attention.output.dense",
-                     "intermediate.dense", "output.dense")
-FAMILIES: dict[str, _Family] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "electra": _BERT_LIKE,
-    "distilbert": _Family("attention", ("q_lin", "k_lin", "v_lin"), "attention.out_lin",
-                          "ffn.lin1", "ffn.lin2", head_count="n_heads"),
-    "mpnet": _Family("attention.attn", ("q", "k", "v"), "attention.attn.o",
-                     "intermediate.dense", "output.dense"),
-    # pos_key_proj / pos_query_proj project the shared relative embeddings per head.
-    "deberta-v2": _Family("attention.self",
-                          ("query_proj", "key_proj", "value_proj", "pos_key_proj",
-                           "pos_query_proj"),
-                          "attention.output.dense", "intermediate.dense", "output.dense"),
-}
-
-PLAN_ATTR = "glp_plan"
-"""The attribute under which a model remembers the plan applied to it."""
 
 
-def _family(model: nn.Module) -> _Family:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise GlpError(f"model type '{model_type}' has no width surgery; supported: "
-                       f"{', '.join(FAMILIES)}")
-    return FAMILIES[model_type]
+
 
 
 def prune_linear(linear: nn.Linear, index: Sequence[int], dim: int = 0) -> nn.Linear:
@@ -304,59 +211,29 @@ def prune_linear(linear: nn.Linear, index: Sequence[int], dim: int = 0) -> nn.Li
     return new
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
 
 
-def _set(module: nn.Module, path: str, value: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(_get(module, parent) if parent else module, name, value)
 
 
-def role_module(model: nn.Module, layer: nn.Module, role: str) -> nn.Linear:
-    """The ``nn.Linear`` of a layer for a role (query, key, value, output, ffn_in, ffn_out)."""
-    family = _family(model)
-    if role in ("query", "key", "value"):
-        name = family.projections[("query", "key", "value").index(role)]
-        return getattr(_get(layer, family.attention), name)
-    return _get(layer, {"output": family.output, "ffn_in": family.ffn_in,
-                        "ffn_out": family.ffn_out}[role])
 
 
-def head_projections(model: nn.Module, layer: nn.Module) -> list[nn.Linear]:
-    """Every per-head projection of a layer's attention (query, key, value, and DeBERTa's
-    relative-position projections where the layer has them): their rows go with a head."""
-    import torch
-
-    attention = _get(layer, _family(model).attention)
-    return [getattr(attention, name) for name in _family(model).projections
-            if isinstance(getattr(attention, name, None), torch.nn.Linear)]
 
 
-def head_size(model: nn.Module) -> int:
-    """The per-head width of a model's attention (the same in every layer)."""
-    layer = encoder_layers(model)[0]
-    return int(_get(layer, _family(model).attention).attention_head_size)
 
 
-def num_heads(model: nn.Module) -> int:
-    config = model.config
-    return int(getattr(config, "n_heads", None) or config.num_attention_heads)
 
 
 def _slice_heads(model: nn.Module, layer: nn.Module, heads: Sequence[int]) -> None:
     import torch
 
-    family = _family(model)
-    attention = _get(layer, family.attention)
+    family = family_of(model)
+    attention = get_module(layer, family.attention)
     size = int(attention.attention_head_size)
     rows = [h * size + i for h in heads for i in range(size)]
     for name in family.projections:
         if isinstance(getattr(attention, name, None), torch.nn.Linear):
             setattr(attention, name, prune_linear(getattr(attention, name), rows, dim=0))
-    _set(layer, family.output, prune_linear(_get(layer, family.output), rows, dim=1))
+    set_module(layer, family.output, prune_linear(get_module(layer, family.output), rows, dim=1))
     setattr(attention, family.head_count, len(heads))
     if hasattr(attention, "all_head_size"):
         attention.all_head_size = len(heads) * size
@@ -365,15 +242,15 @@ def _slice_heads(model: nn.Module, layer: nn.Module, heads: Sequence[int]) -> No
 
 def _slice_dims(model: nn.Module, layer: nn.Module, qk: Sequence[int] | None,
                 vo: Sequence[int] | None) -> None:
-    """Keep per head its own query/key and value/output dimensions (see glp.attention)."""
+    """Keep per head its own query/key and value/output dimensions (see glp.core.attention)."""
     import math
 
     import torch
 
-    from glp.attention import GatherLinear, ScatterLinear, layout
+    from glp.core.attention import GatherLinear, ScatterLinear, layout
 
-    family = _family(model)
-    attention = _get(layer, family.attention)
+    family = family_of(model)
+    attention = get_module(layer, family.attention)
     size, heads = int(attention.attention_head_size), num_heads(model)
     every = range(heads * size)
     qk = list(every) if qk is None else list(qk)
@@ -396,7 +273,8 @@ def _slice_dims(model: nn.Module, layer: nn.Module, qk: Sequence[int] | None,
         setattr(attention, name, ScatterLinear(prune_linear(linear, rows, dim=0), slots,
                                                len(kept) * width, scale if scaled else 1.0))
     rows, slots = plan["vo"]
-    _set(layer, family.output, GatherLinear(prune_linear(_get(layer, family.output), rows,
+    output = get_module(layer, family.output)
+    set_module(layer, family.output, GatherLinear(prune_linear(output, rows,
                                                          dim=1), slots))
     setattr(attention, family.head_count, len(kept))
     attention.attention_head_size = width
@@ -427,9 +305,10 @@ def _take_position_bias(model: nn.Module, attention: nn.Module, heads: Sequence[
 
 
 def _slice_neurons(model: nn.Module, layer: nn.Module, neurons: Sequence[int]) -> None:
-    family = _family(model)
-    _set(layer, family.ffn_in, prune_linear(_get(layer, family.ffn_in), neurons, dim=0))
-    _set(layer, family.ffn_out, prune_linear(_get(layer, family.ffn_out), neurons, dim=1))
+    family = family_of(model)
+    set_module(layer, family.ffn_in, prune_linear(get_module(layer, family.ffn_in), neurons, dim=0))
+    ffn_out = get_module(layer, family.ffn_out)
+    set_module(layer, family.ffn_out, prune_linear(ffn_out, neurons, dim=1))
 
 
 def block_grid(shape: Sequence[int], size: int) -> tuple[int, int]:
@@ -438,7 +317,7 @@ def block_grid(shape: Sequence[int], size: int) -> tuple[int, int]:
 
 
 def block_element_mask(mask, shape: Sequence[int]):
-    """A 0/1 float tensor of ``shape`` from a :class:`glp.plan.BlockMask`."""
+    """A 0/1 float tensor of ``shape`` from a :class:`glp.core.plan.BlockMask`."""
     import torch
 
     rows, cols = block_grid(shape, mask.size)
@@ -456,12 +335,12 @@ def zeroed_weights(mask, shape: Sequence[int]) -> int:
 
 
 def apply_plan(model: PreTrainedModel, plan, factor="svd") -> PreTrainedModel:
-    """Cut a model to a :class:`glp.plan.Plan`, in place: slice heads and FFN neurons,
+    """Cut a model to a :class:`glp.core.plan.Plan`, in place: slice heads and FFN neurons,
     zero pruned weight blocks, remove layers (physically, see :func:`remove_layers`), then
     factorise the matrices the plan gives a rank.
 
     ``factor`` chooses the factors' values: ``"svd"`` (truncated SVD of the weights), a
-    :data:`glp.lowrank.FactorFn`, or None (structure only: the weights are loaded next).
+    :data:`glp.methods.lowrank.FactorFn`, or None (structure only: the weights are loaded next).
     A model already cut to the plan's width (a width-pruned model) only gets the ranks.
 
     The model must be the plan's base architecture (it may already miss some of the
@@ -528,17 +407,8 @@ def apply_plan(model: PreTrainedModel, plan, factor="svd") -> PreTrainedModel:
 def _apply_offline(model: PreTrainedModel, plan, factor) -> None:
     if not plan.ranks:
         return
-    from glp.lowrank import apply_ranks, plain_factors
+    from glp.core.factors import apply_ranks, plain_factors
 
     apply_ranks(model, plan.ranks, plan.shared, plain_factors if factor == "svd" else factor)
 
 
-def plan_of_model(model: nn.Module):
-    """The plan a model was cut to (a layers-only plan from its config record if none)."""
-    from glp.plan import Plan
-
-    plan = getattr(model, PLAN_ATTR, None)
-    if plan is not None:
-        return plan
-    return Plan.layers(len(kept_layers(model)) + len(removed_layers(model)),
-                       removed_layers(model))

@@ -21,8 +21,8 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from glp import GlpError
-from glp.names import REFERENCE
+from glp.core.errors import GlpError
+from glp.methods.names import REFERENCE
 
 
 @dataclass(frozen=True)

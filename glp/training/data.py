@@ -22,9 +22,9 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from glp import GlpError
-from glp.config import stable_hash
-from glp.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+from glp.core.errors import GlpError
+from glp.core.hashing import stable_hash
+from glp.training.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
 logger = logging.getLogger(__name__)
 

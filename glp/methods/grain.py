@@ -27,8 +27,8 @@ does everything, as the reference (airaria/GRAIN, ``FineISPruner``) does:
 - **Embeddings**: optionally factorised by truncated SVD before training (the reference
   uses 192 dimensions); the factors train with the rest.
 
-At the end the masks become a plan (:class:`glp.plan.Plan` ``qk``/``vo``/``neurons``)
-and the model is sliced to it; :mod:`glp.attention` runs its uneven heads.
+At the end the masks become a plan (:class:`glp.core.plan.Plan` ``qk``/``vo``/``neurons``)
+and the model is sliced to it; :mod:`glp.core.attention` runs its uneven heads.
 
 Deviations: every remaining layer keeps at least one value/output dimension and one FFN
 neuron (the reference can empty a sublayer and bypass it), and the last pruning step
@@ -44,22 +44,28 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from glp import GlpError
-from glp.config import FineTuneConfig
-from glp.plan import EMBEDDINGS, Plan
-from glp.surgery import (
+from glp.core.anatomy import (
     PLAN_ATTR,
-    apply_plan,
     encoder_layers,
     head_projections,
     head_size,
     kept_layers,
     num_heads,
-    plan_of_model,
     removed_layers,
     role_module,
 )
-from glp.train import Objective, StepCallback, TrainStats, fine_tune, model_device, resolve_device
+from glp.core.errors import GlpError
+from glp.core.plan import EMBEDDINGS, Plan, plan_of_model
+from glp.core.surgery import apply_plan
+from glp.training.config import FineTuneConfig
+from glp.training.train import (
+    Objective,
+    StepCallback,
+    TrainStats,
+    fine_tune,
+    model_device,
+    resolve_device,
+)
 
 
 @dataclass(frozen=True)

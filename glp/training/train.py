@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glp import GlpError
-from glp.config import PRECISIONS, FineTuneConfig
-from glp.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, compute_metrics
+from glp.core.errors import GlpError
+from glp.training.config import PRECISIONS, FineTuneConfig
+from glp.training.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, compute_metrics
 
 StepCallback = Callable[[int, int], None]
 """Called after every optimisation step with (steps done, total steps)."""

@@ -30,12 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from glp import GlpError
-from glp.config import FineTuneConfig
-from glp.plan import ROLES, BlockMask, Plan
-from glp.surgery import (
-    apply_plan,
-    block_grid,
+from glp.core.anatomy import (
     encoder_layers,
     head_projections,
     head_size,
@@ -44,7 +39,11 @@ from glp.surgery import (
     removed_layers,
     role_module,
 )
-from glp.train import (
+from glp.core.errors import GlpError
+from glp.core.plan import ROLES, BlockMask, Plan
+from glp.core.surgery import apply_plan, block_grid
+from glp.training.config import FineTuneConfig
+from glp.training.train import (
     Objective,
     StepCallback,
     TrainStats,

@@ -7,7 +7,7 @@ of its matrices (block-sparse pruning). Every index is an index of the *base* mo
 thing wherever it is stored, and plans compose: removing layers, then width, is the
 union of the two plans. Layer removal is the plan with only ``removed`` set.
 
-``glp.surgery.apply_plan`` slices a model to a plan; ``glp.checkpoint`` saves a model with
+``glp.core.surgery.apply_plan`` slices a model to a plan; ``glp.core.checkpoint`` saves a model with
 its plan and rebuilds it from config + plan; this module only describes and counts.
 """
 
@@ -18,8 +18,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from glp import GlpError
-from glp.config import stable_hash
+from glp.core.anatomy import EMBEDDINGS, PLAN_ATTR, ROLES, kept_layers, removed_layers
+from glp.core.errors import GlpError
+from glp.core.hashing import stable_hash
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -28,12 +29,6 @@ PLAN_FILE = "glp_plan.json"
 """The file beside ``config.json`` that holds a saved model's plan."""
 
 FORMAT = 1
-
-ROLES = ("query", "key", "value", "output", "ffn_in", "ffn_out")
-"""The matrices of a layer that block masks can name."""
-
-EMBEDDINGS = "embeddings"
-"""The word-embedding matrix, as offline compression names it (next to :data:`ROLES`)."""
 
 OFFLINE_ROLES = (*ROLES, EMBEDDINGS)
 """The module types offline compression (low rank, autoencoder) can compress."""
@@ -409,7 +404,8 @@ def _counts(config, plan: Plan) -> dict[str, int]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from glp.surgery import apply_plan, encoder_layers, kept_layers, role_module, zeroed_weights
+    from glp.core.anatomy import encoder_layers, kept_layers, role_module
+    from glp.core.surgery import apply_plan, zeroed_weights
 
     def encoder_params(model) -> int:
         return sum(p.numel() for p in encoder_layers(model).parameters())
@@ -428,3 +424,14 @@ def _counts(config, plan: Plan) -> dict[str, int]:
             zeroed += zeroed_weights(mask, linear.weight.shape)
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "encoder": encoder_params(model), "encoder_base": base, "zeroed": zeroed}
+
+
+def plan_of_model(model) -> Plan:
+    """The plan a model was cut to (a layers-only plan from its config record if none)."""
+    plan = getattr(model, PLAN_ATTR, None)
+    if plan is not None:
+        return plan
+    return Plan.layers(len(kept_layers(model)) + len(removed_layers(model)),
+                       removed_layers(model))
+
+

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from glp import GlpError
-from glp.names import STRATEGY_NAMES
+from glp.core.errors import GlpError
+from glp.methods.names import STRATEGY_NAMES
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ MIN_FRACTION = 0.01
 Record = CandidateScored | LayerSelected | SubsetChosen | LayerScored
 # score(removal_sets) for the full budget, score(removal_sets, budget) for any other
 Scorer = Callable[..., Sequence[Any]]
-SimilarityFn = Callable[[tuple[int, ...]], Any]  # removed layers -> glp.zeroshot.LayerSimilarity
+# removed layers -> glp.methods.layers.zeroshot.LayerSimilarity
+SimilarityFn = Callable[[tuple[int, ...]], Any]
 Selector = Callable[[Sequence[tuple[int, float]]], int]
 
 
@@ -313,7 +314,7 @@ class GreedyLayerPruning(Strategy):
         layers = [layer for layer in range(num_layers) if layer not in order]
         if not self.prefilter_keep or self.prefilter_keep >= len(layers):
             return layers, []
-        from glp.zeroshot import block_influence
+        from glp.methods.layers.zeroshot import block_influence
 
         removed = tuple(sorted(order))
         influence = block_influence(_need_similarity(similarity, "pre-filtered greedy")(removed))
@@ -465,7 +466,7 @@ class BlockInfluence(Strategy):
 
     def search(self, num_layers, remove, score, select=select_layer, similarity=None):
         self.validate(num_layers, remove)
-        from glp.zeroshot import block_influence
+        from glp.methods.layers.zeroshot import block_influence
 
         influence = block_influence(_need_similarity(similarity, self.name)(()))
         scores = dict(enumerate(influence))
@@ -486,7 +487,7 @@ class AngularDistance(Strategy):
 
     def search(self, num_layers, remove, score, select=select_layer, similarity=None):
         self.validate(num_layers, remove)
-        from glp.zeroshot import angular_distances
+        from glp.methods.layers.zeroshot import angular_distances
 
         sim = _need_similarity(similarity, self.name)(())
         for count in range(1, remove + 1):
@@ -502,7 +503,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (GreedyLayerPruning, TopLayerPruning, BottomLayerPruning, RandomLayerPruning,
                 ExhaustiveSearch, BlockInfluence, AngularDistance)
 }
-assert tuple(STRATEGIES) == STRATEGY_NAMES, "glp.names.STRATEGY_NAMES lists every strategy"
+assert tuple(STRATEGIES) == STRATEGY_NAMES, "glp.methods.names.STRATEGY_NAMES lists every strategy"
 
 
 def get_strategy(name: str, options: StrategyOptions | None = None) -> Strategy:

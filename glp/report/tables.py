@@ -7,7 +7,7 @@ writes the files; the caller decides where they go next (MLflow, a CI artefact, 
 Figures are drawn with :class:`matplotlib.figure.Figure` directly, so no pyplot backend
 is selected and nothing global is touched: this works headless and in threads.
 
-Every metric glp reports is "higher is better" (see :mod:`glp.metrics`).
+Every metric glp reports is "higher is better" (see :mod:`glp.training.metrics`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from glp import GlpError
-from glp.names import REFERENCE, STRATEGY_NAMES, WIDTH_METHODS
+from glp.core.errors import GlpError
+from glp.methods.names import REFERENCE, STRATEGY_NAMES, WIDTH_METHODS
 
 __all__ = [
     "COST_KEYS",

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from glp import GlpError
-from glp.train import _collate, _columns, model_device
+from glp.core.errors import GlpError
+from glp.training.train import _collate, _columns, model_device
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def latency_batch(dataset: Any, batch_size: int = 32, pad_id: int = 0) -> dict[s
     reproducible across runs and models.
 
     Args:
-        dataset: a tokenised ``datasets.Dataset`` (see :func:`glp.data.tokenize`).
+        dataset: a tokenised ``datasets.Dataset`` (see :func:`glp.training.data.tokenize`).
         batch_size: rows to take (fewer if the dataset is smaller).
         pad_id: the tokenizer's padding id for ``input_ids``.
 

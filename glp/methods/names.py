@@ -11,7 +11,8 @@ LAYER_METHOD = "layers"
 
 STRATEGY_NAMES: tuple[str, ...] = ("greedy", "top", "bottom", "random", "exhaustive",
                                    "block-influence", "angular")
-"""Layer strategies, in display order (``glp.search.STRATEGIES`` has one class for each)."""
+"""Layer strategies, in display order (``glp.methods.layers.search.STRATEGIES`` has one class
+for each)."""
 
 WIDTH_METHODS: dict[str, str] = {
     "mlpruning": "MLPruning (Yao et al. 2021): heads, FFN neurons, blocks; learnable Top-k "

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from glp import GlpError
+from glp.core.errors import GlpError
 
 __all__ = [
     "CLASSIFICATION_METRICS",

@@ -4,8 +4,8 @@ A cached fine-tune must be recomputed when the code that produced it changes, no
 when its inputs do. ``code_fingerprint("tasks.training")`` hashes the source of that
 module and of every first-party module it imports, directly or through others (found
 by reading their ``import`` statements, so nothing is executed), together with the
-versions of torch and transformers. Editing ``glp/train.py`` or ``glp/surgery.py``
-therefore changes the key of every fine-tune, while editing ``glp/report.py``, which no
+versions of torch and transformers. Editing ``glp/training/train.py`` or ``glp/core/surgery.py``
+therefore changes the key of every fine-tune, while editing ``glp/report/tables.py``, which no
 fine-tune runs, changes none.
 """
 
@@ -47,13 +47,13 @@ def _imported_names(path: Path, module: str) -> set[str]:
             else:
                 source = node.module or ""
             names.add(source)
-            # ``from glp import train`` imports the module glp.train.
+            # ``from glp.training import train`` imports the module glp.training.train.
             names.update(f"{source}.{alias.name}" for alias in node.names)
     found = set()
     for name in names:
         if name.split(".")[0] not in FIRST_PARTY:
             continue
-        # ``import glp.train`` also runs glp/__init__.py.
+        # ``import glp.training.train`` also runs glp/__init__.py.
         parts = name.split(".")
         found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return found

@@ -1,6 +1,6 @@
 """The cross-method report: every method's models on one quality/speed/size picture.
 
-Input: the models of one comparison (:func:`glp.pick.models`: a job's plan, its seeds
+Input: the models of one comparison (:func:`glp.report.pick.models`: a job's plan, its seeds
 pooled). Output, under one folder: ``methods.csv`` (a row per model), two Pareto plots
 (the dev metric against the measured CPU latency, and against the parameters, every
 method in its own colour, the frontier drawn and its members ringed) and ``methods.md``:
@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from glp.names import REFERENCE
-from glp.pick import Model
+from glp.methods.names import REFERENCE
+from glp.report.pick import Model
 
 BUCKETS = (1.5, 2.0, 3.0, 6.0)
 """Speed-up buckets of the table: the best model at least this much faster."""

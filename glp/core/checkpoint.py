@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from glp import GlpError
-from glp.plan import PLAN_FILE, Plan
+from glp.core.errors import GlpError
+from glp.core.plan import PLAN_FILE, Plan
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -29,8 +29,9 @@ def save_pretrained(model: PreTrainedModel, directory: str | os.PathLike[str],
     Returns:
         The directory.
     """
-    from glp.models import _quiet_loading
-    from glp.surgery import PLAN_ATTR, plan_of_model
+    from glp.core.anatomy import PLAN_ATTR
+    from glp.core.models import _quiet_loading
+    from glp.core.plan import plan_of_model
 
     target = Path(directory)
     plan = getattr(model, PLAN_ATTR, None)
@@ -41,7 +42,7 @@ def save_pretrained(model: PreTrainedModel, directory: str | os.PathLike[str],
         state = extra.setdefault("state_dict", _unique_state(model))
         from safetensors.torch import save_file
 
-        from glp.autoencoder import CODES_FILE, coded_weight_names
+        from glp.core.codes import CODES_FILE, coded_weight_names
 
         codes = getattr(model, CODES_ATTR, None) or {}
         missing = sorted(set(plan.coded) - set(codes))
@@ -133,8 +134,8 @@ def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: boo
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from glp.models import _quiet_loading, check_supported
-    from glp.surgery import apply_plan
+    from glp.core.models import _quiet_loading, check_supported
+    from glp.core.surgery import apply_plan
 
     path = Path(directory)
     if not (path / "config.json").is_file():
@@ -151,7 +152,7 @@ def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: boo
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise GlpError(f"'{directory}' has a width plan but no safetensors weights")
-    from glp.autoencoder import CODES_FILE
+    from glp.core.codes import CODES_FILE
 
     files = [f for f in files if f.name != CODES_FILE]
     model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
@@ -175,7 +176,7 @@ def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: boo
                for n in names}
     coded = set()
     if plan.coded:
-        from glp.autoencoder import coded_weight_names
+        from glp.core.codes import coded_weight_names
 
         coded = coded_weight_names(model, list(plan.coded))
     missing = [k for k in result.missing_keys
@@ -184,7 +185,7 @@ def load_pretrained(directory: str | os.PathLike[str], *, trust_remote_code: boo
         raise GlpError(f"the weights in '{directory}' do not match its plan: missing "
                        f"{missing[:4]}, unexpected {result.unexpected_keys[:4]}")
     if plan.coded:
-        from glp.autoencoder import decode_into
+        from glp.core.codes import decode_into
 
         if not (path / CODES_FILE).is_file():
             raise GlpError(f"'{directory}' has a coded plan but no {CODES_FILE}")

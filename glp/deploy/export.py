@@ -15,7 +15,7 @@ import os
 import warnings
 from pathlib import Path
 
-from glp import GlpError
+from glp.core.errors import GlpError
 
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -52,7 +52,7 @@ def export_onnx(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     """
     import torch
 
-    from glp.checkpoint import load_pretrained
+    from glp.core.checkpoint import load_pretrained
 
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
@@ -122,8 +122,8 @@ def compare_with_torch(model_dir: str | os.PathLike[str], onnx_path: str | os.Pa
     import numpy as np
     import torch
 
-    from glp.checkpoint import load_pretrained
-    from glp.models import load_tokenizer
+    from glp.core.checkpoint import load_pretrained
+    from glp.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     batch = tokenizer(list(texts), padding=True, return_tensors="pt")
@@ -138,7 +138,7 @@ def compare_with_torch(model_dir: str | os.PathLike[str], onnx_path: str | os.Pa
 class OnnxModel:
     """An exported graph behind a model's calling convention: ``model(**inputs).logits``.
 
-    For timing side by side with PyTorch models (:func:`glp.bench.measure_latency`): it
+    For timing side by side with PyTorch models (:func:`glp.deploy.bench.measure_latency`): it
     takes the same tensors and answers ``eval()``/``train()``/``parameters()`` like a module.
     """
 
