@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from glp.core.errors import GlpError
-from glp.training.train import _collate, _columns, model_device
+from glp.training.data import collate
+from glp.training.train import model_device
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def latency_batch(dataset: Any, batch_size: int = 32, pad_id: int = 0) -> dict[s
     if len(dataset) == 0:
         raise GlpError("cannot build a latency batch from an empty dataset")
     rows = dataset.select(range(min(batch_size, len(dataset))))
-    batch = _collate(_columns(rows), range(len(rows)), pad_id)
+    batch = collate(rows, range(len(rows)), pad_id)
     batch.pop("labels", None)
     return batch
 

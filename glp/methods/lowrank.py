@@ -105,13 +105,12 @@ def fisher_information(model: nn.Module, dataset, keys: Iterable[str], *,
 
     The model's weights are not changed (gradients only; the model is left in eval mode).
     """
-    from glp.training.train import _collate, _columns, _to, model_device
+    from glp.training.data import collate
+    from glp.training.train import model_device
 
     wanted = matrices(model, {k.partition(".")[2] or k for k in keys})
     wanted = {k: v for k, v in wanted.items() if k in set(keys)}
-    columns = _columns(dataset)
-    count = len(columns["input_ids"]) if max_examples is None else min(
-        max_examples, len(columns["input_ids"]))
+    count = len(dataset) if max_examples is None else min(max_examples, len(dataset))
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     device = model_device(model)
     fisher = {k: torch.zeros_like(m.weight, dtype=torch.float32) for k, m in wanted.items()}
@@ -125,8 +124,8 @@ def fisher_information(model: nn.Module, dataset, keys: Iterable[str], *,
             p.requires_grad_(True)
         batches = range(0, count, batch_size)
         for step, start in enumerate(batches):
-            batch = _to(_collate(columns, list(range(start, min(start + batch_size, count))),
-                                 pad_id), device)
+            batch = collate(dataset, range(start, min(start + batch_size, count)), pad_id,
+                            device=device)
             loss = model(**batch).loss
             grads = torch.autograd.grad(loss, list(params.values()))
             for key, grad in zip(params, grads, strict=True):

@@ -8,15 +8,16 @@ tasks only) and ``label`` (int64 class index, or float32 for regression).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -26,6 +27,9 @@ from glp.core.errors import GlpError
 from glp.core.hashing import stable_hash
 from glp.training.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "TaskData",
     "TaskSpec",
+    "collate",
     "fingerprint",
     "get_task",
     "limit_examples",
@@ -781,3 +786,61 @@ def tokenize(
         keep_in_memory=cache_file is None,
         desc="tokenising",
     )
+
+
+# --------------------------------------------------------------------------- batching
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@functools.cache
+def _padding_collator(pad_id: int, with_attention_mask: bool) -> Any:
+    # Padding needs only the padding token, not the model's vocabulary: the tokenizer
+    # behind the collator holds that one token. Without attention_mask among its input
+    # names, rows that have no mask get none (transformers would make one).
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+
+    names = ["input_ids", "attention_mask"] if with_attention_mask else ["input_ids"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"[PAD]": pad_id}, unk_token="[PAD]")),
+        pad_token="[PAD]",
+        model_input_names=names,
+    )
+    return DataCollatorWithPadding(tokenizer)
+
+
+def collate(
+    dataset: datasets.Dataset,
+    indices: Iterable[int],
+    pad_id: int,
+    *,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rows of a tokenised dataset as one batch, padded to its longest row.
+
+    transformers' ``DataCollatorWithPadding`` pads on the right: ``input_ids`` with
+    ``pad_id``, ``attention_mask`` and ``token_type_ids`` with 0.
+
+    Args:
+        dataset: a tokenised dataset (see :func:`tokenize`); only the model inputs and
+            ``labels`` are taken.
+        indices: the rows, in batch order.
+        pad_id: the padding id of ``input_ids`` (the model's ``config.pad_token_id``).
+        device: where the tensors go; None or the CPU keeps them on the CPU.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``token_type_ids`` (those the dataset has) as
+        int64 tensors of shape (rows, longest row), and ``labels`` when the dataset has
+        them (int64 class indices, or float32 for regression).
+    """
+    names = [name for name in (*_MODEL_INPUTS, "labels") if name in dataset.column_names]
+    columns = dataset[list(indices)]  # one read of the rows, as lists
+    rows = [dict(zip(names, values, strict=True))
+            for values in zip(*(columns[name] for name in names), strict=True)]
+    padder = _padding_collator(int(pad_id), "attention_mask" in names)
+    batch = dict(padder(rows))
+    if device is not None and device.type != "cpu":
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+    return batch

@@ -1,7 +1,8 @@
 """Fine-tune and evaluate a sequence classifier: a plain, seeded torch loop.
 
 AdamW with linear decay (optional warm-up), gradient-norm clipping at 1.0 (as the HF
-Trainer), dynamic padding, and batches grouped by length to cut padding on CPU. The
+Trainer), dynamic padding (see :func:`glp.training.data.collate`), and batches grouped by
+length to cut padding on CPU. The
 model and every batch go to one device (``resolve_device``: ``auto`` picks CUDA when
 there is one), optionally under bf16/fp16 autocast on a GPU. For a fixed seed the loop
 is deterministic on CPU: the same model, data and config give the same weights and
@@ -21,13 +22,11 @@ import torch
 
 from glp.core.errors import GlpError
 from glp.training.config import PRECISIONS, FineTuneConfig
+from glp.training.data import collate
 from glp.training.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, compute_metrics
 
 StepCallback = Callable[[int, int], None]
 """Called after every optimisation step with (steps done, total steps)."""
-
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
 
 @dataclass(frozen=True)
 class TrainStats:
@@ -94,35 +93,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's parameters are (the CPU for a model without parameters)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _columns(dataset) -> dict[str, list]:
-    """The tokenised columns as plain lists (one conversion, then cheap indexing)."""
-    names = [c for c in (*_MODEL_INPUTS, "labels") if c in dataset.column_names]
-    return {name: dataset[name] for name in names}
-
-
-def _collate(columns: dict[str, list], indices: Sequence[int], pad_id: int) -> dict:
-    """Pad a batch to its longest member (dynamic padding)."""
-    width = max(len(columns["input_ids"][i]) for i in indices)
-    batch = {}
-    for name in _MODEL_INPUTS:
-        if name not in columns:
-            continue
-        fill = pad_id if name == "input_ids" else 0
-        rows = [columns[name][i] + [fill] * (width - len(columns[name][i])) for i in indices]
-        batch[name] = torch.tensor(rows, dtype=torch.long)
-    if "labels" in columns:
-        labels = [columns["labels"][i] for i in indices]
-        dtype = torch.float32 if isinstance(labels[0], float) else torch.long
-        batch["labels"] = torch.tensor(labels, dtype=dtype)
-    return batch
 
 
 def _epoch_batches(
@@ -242,8 +212,7 @@ def fine_tune(
     check_precision(config.precision, target)
     torch.manual_seed(seed)
     model.to(target)
-    columns = _columns(dataset)
-    lengths = [len(ids) for ids in columns["input_ids"]]
+    lengths = [len(ids) for ids in dataset["input_ids"]]
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     steps = total_steps(len(lengths), config)
     objective = objective or Objective()
@@ -259,7 +228,7 @@ def fine_tune(
     batches = _batches_forever(lengths, config, seed)
     for step in range(steps):
         indices = next(batches)
-        batch = _to(_collate(columns, indices, pad_id), target)
+        batch = collate(dataset, indices, pad_id, device=target)
         with _autocast(config.precision, target):
             outputs = model(**batch, **objective.forward_kwargs())
             parts = objective.losses(model, outputs, batch, step, steps)
@@ -296,17 +265,17 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 128,
     if device is not None:
         model.to(resolve_device(device))
     target = model_device(model)
-    columns = _columns(dataset)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     # Sorting by length makes batches tight; the output is put back in input order.
-    order = sorted(range(len(columns["input_ids"])), key=lambda i: len(columns["input_ids"][i]))
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     model.eval()
     outputs = np.zeros((len(order), model.config.num_labels), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        batch = _collate(columns, indices, pad_id)
+        batch = collate(dataset, indices, pad_id, device=target)
         batch.pop("labels", None)
-        outputs[indices] = model(**_to(batch, target)).logits.float().cpu().numpy()
+        outputs[indices] = model(**batch).logits.float().cpu().numpy()
     return outputs
 
 

@@ -8,14 +8,17 @@ import os
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from transformers import BertTokenizerFast
 
 from glp import GlpError
 from glp.training.data import (
     GLUE_TASKS,
     TaskData,
+    collate,
     fingerprint,
     get_task,
     limit_examples,
@@ -529,3 +532,84 @@ def test_check_labels_refuses_one_class_and_unseen_dev_labels(tmp_path: Path) ->
         check_labels(only_x, None, data.spec, limited=True)
     same = load_user_data(train, train, text_columns="t", label_column="l")
     check_labels(same.train, same.dev, same.spec)  # fine: nothing raised
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _reference_batch(ds: datasets.Dataset, indices: list[int], pad_id: int) -> dict:
+    """The padding glp wrote by hand before transformers' collator: right-padded to the
+    longest row, ``pad_id`` in ``input_ids`` and 0 in the masks; labels as they are."""
+    width = max(len(ds[i]["input_ids"]) for i in indices)
+    batch = {}
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        if name in ds.column_names:
+            fill = pad_id if name == "input_ids" else 0
+            rows = [ds[i][name] + [fill] * (width - len(ds[i][name])) for i in indices]
+            batch[name] = torch.tensor(rows, dtype=torch.long)
+    if "labels" in ds.column_names:
+        labels = [ds[i]["labels"] for i in indices]
+        dtype = torch.float32 if isinstance(labels[0], float) else torch.long
+        batch["labels"] = torch.tensor(labels, dtype=dtype)
+    return batch
+
+
+def _assert_same_batch(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def _token_rows(n: int, regression: bool, seed: int = 0) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(5, 99, size=int(rng.integers(1, 20))).tolist() for _ in range(n)]
+    rows = {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids],
+            "token_type_ids": [rng.integers(0, 2, size=len(r)).tolist() for r in ids],
+            "labels": [float(rng.normal()) if regression else int(rng.integers(0, 3))
+                       for _ in ids],
+            "note": ["not a model input"] * n}
+    features = datasets.Features(
+        {k: datasets.List(datasets.Value("int64"))
+         for k in ("input_ids", "attention_mask", "token_type_ids")}
+        | {"labels": datasets.Value("float32" if regression else "int64"),
+           "note": datasets.Value("string")})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_collate_pads_on_the_right_with_the_padding_id() -> None:
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [[2, 7, 3], [2, 8, 9, 10, 3]], "attention_mask": [[1] * 3, [1] * 5],
+        "token_type_ids": [[0, 0, 1], [0, 0, 0, 1, 1]], "labels": [1, 0]})
+    batch = collate(ds, [1, 0], pad_id=1)
+    assert batch["input_ids"].tolist() == [[2, 8, 9, 10, 3], [2, 7, 3, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]
+    assert batch["labels"].tolist() == [0, 1]
+    assert all(t.dtype == torch.long and t.device.type == "cpu" for t in batch.values())
+
+
+@pytest.mark.parametrize("regression", [False, True])
+@pytest.mark.parametrize("dropped", [(), ("token_type_ids",), ("labels",), ("attention_mask",),
+                                     ("attention_mask", "token_type_ids")])
+def test_collate_gives_the_batches_of_the_hand_written_padding(regression, dropped) -> None:
+    ds = _token_rows(40, regression).remove_columns(list(dropped))
+    rng = np.random.default_rng(1)
+    for pad_id in (0, 1, 7):
+        for size in (1, 2, 9, 40):
+            indices = rng.permutation(len(ds))[:size].tolist()
+            batch = collate(ds, indices, pad_id)
+            _assert_same_batch(batch, _reference_batch(ds, indices, pad_id))
+    # Only model inputs and labels, and no attention mask made up for rows without one.
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"} - set(dropped)
+
+
+def test_collate_equals_the_tokenizers_own_padding(tiny_tokenizer: BertTokenizerFast) -> None:
+    out = tokenize(_pairs(), tiny_tokenizer, max_length=16, tokenizer_key="tiny")
+    padded = tiny_tokenizer(list(_pairs()["text_a"]), list(_pairs()["text_b"]), truncation=True,
+                            max_length=16, padding=True, return_tensors="pt")
+    batch = collate(out, range(len(out)), tiny_tokenizer.pad_token_id)
+    assert batch["attention_mask"].tolist()[0][-1] == 0  # the first pair is padded
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(batch[name], padded[name]), name
+    assert batch["labels"].tolist() == [1, 0]

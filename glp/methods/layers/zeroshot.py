@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from glp.core.errors import GlpError
-from glp.training.train import _collate, _columns
+from glp.training.data import collate
 
 # Tokens per chunk when forming the per-token (K+1)x(K+1) cosine matrices: bounds the
 # working memory at (K+1)^2 * _TOKEN_CHUNK float64 values (25 MB for K=24) per step.
@@ -79,7 +79,7 @@ def _as_matrix(rows: Any) -> Matrix:
 
 
 def _first_rows(dataset: Any, max_examples: int | None) -> Any:
-    # Only the rows used are converted to lists (``_columns`` reads whole columns).
+    # Only the rows used are read (sorting them by length reads a whole column).
     if max_examples is not None and len(dataset) > max_examples:
         return dataset.select(range(max_examples))
     return dataset
@@ -124,16 +124,16 @@ def hidden_state_similarity(
         raise GlpError(f"max_examples must be at least 1 or None, got {max_examples!r}")
     if len(dataset) == 0:
         raise GlpError("cannot measure hidden-state similarity on an empty dataset")
-    columns = _columns(_first_rows(dataset, max_examples))
-    if "attention_mask" not in columns:
+    rows = _first_rows(dataset, max_examples)
+    if "attention_mask" not in rows.column_names:
         raise GlpError(
             "the dataset has no attention_mask column; tokenise it with glp.training.data.tokenize"
         )
-    columns.pop("labels", None)
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     device = next(model.parameters()).device
     # Length-sorted batches waste little on padding; the sums do not depend on the order.
-    order = sorted(range(len(columns["input_ids"])), key=lambda i: len(columns["input_ids"][i]))
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
 
     was_training = model.training
     model.eval()
@@ -142,8 +142,8 @@ def hidden_state_similarity(
         ang_sum: torch.Tensor | None = None
         tokens = 0
         for start in range(0, len(order), batch_size):
-            batch = _collate(columns, order[start : start + batch_size], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = collate(rows, order[start : start + batch_size], pad_id, device=device)
+            batch.pop("labels", None)
             hidden = model(**batch, output_hidden_states=True).hidden_states
             if hidden is None:
                 raise GlpError(
