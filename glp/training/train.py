@@ -1,8 +1,8 @@
 """Fine-tune and evaluate a sequence classifier: a plain, seeded torch loop.
 
-AdamW with linear decay (optional warm-up), gradient-norm clipping at 1.0 (as the HF
-Trainer), dynamic padding (see :func:`glp.training.data.collate`), and batches grouped by
-length to cut padding on CPU. The
+AdamW with transformers' linear schedule (an optional warm-up from 0, then decay to 0)
+and gradient-norm clipping at 1.0, as the HF Trainer; dynamic padding (see
+:func:`glp.training.data.collate`), and batches grouped by length to cut padding on CPU. The
 model and every batch go to one device (``resolve_device``: ``auto`` picks CUDA when
 there is one), optionally under bf16/fp16 autocast on a GPU. For a fixed seed the loop
 is deterministic on CPU: the same model, data and config give the same weights and
@@ -134,15 +134,6 @@ def _optimizer(model: torch.nn.Module, config: FineTuneConfig) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
-def _linear_schedule(optimizer, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def total_steps(num_examples: int, config: FineTuneConfig) -> int:
     """Optimisation steps for a dataset size (fractional epochs round up)."""
     return max(1, math.ceil(config.epochs * math.ceil(num_examples / config.batch_size)))
@@ -206,6 +197,8 @@ def fine_tune(
         The number of steps and examples, the wall time, the last batch's loss, the
         device, and whether the loss diverged (then training stopped at that step).
     """
+    from transformers import get_linear_schedule_with_warmup
+
     if len(dataset) == 0:
         raise ValueError("cannot fine-tune on an empty dataset")
     target = resolve_device(device)
@@ -219,7 +212,7 @@ def fine_tune(
     optimizer = _optimizer(model, config)
     for group in objective.param_groups():
         optimizer.add_param_group({"weight_decay": 0.0, **group})
-    scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * steps), steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
     # Loss scaling for fp16 only; disabled, the scaler passes everything straight through.
     scaler = torch.amp.GradScaler(target.type, enabled=config.precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -305,6 +305,60 @@ def test_gradients_are_clipped_at_1_by_default(data, init, monkeypatch) -> None:
     assert calls == []  # off means off
 
 
+def _learning_rates(model, data, config, monkeypatch) -> list[float]:
+    """The learning rate of every optimisation step of a fine-tune (read as AdamW steps)."""
+    rates = []
+    real = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    fine_tune(model, data, config, seed=1)
+    monkeypatch.undo()
+    return rates
+
+
+def _linear_factor(step: int, warmup: int, total: int) -> float:
+    """The schedule glp's loop had before transformers' (the reference for the decay)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@pytest.mark.parametrize(("epochs", "batch_size"), [(1.0, 8), (2.5, 8), (0.3, 16), (1.7, 5)])
+def test_without_warm_up_the_learning_rate_decays_linearly_to_0_as_before(
+    data, init, monkeypatch, epochs, batch_size
+) -> None:
+    config = FineTuneConfig(learning_rate=1e-3, batch_size=batch_size, epochs=epochs)
+    steps = total_steps(len(data), config)
+    rates = _learning_rates(copy.deepcopy(init), data, config, monkeypatch)
+    assert rates == [1e-3 * _linear_factor(s, 0, steps) for s in range(steps)]  # exactly
+    assert rates[0] == 1e-3 and rates[-1] == 1e-3 / steps
+
+
+@pytest.mark.parametrize(("warmup_ratio", "epochs"), [(0.1, 2.5), (0.1, 1.3), (0.25, 1.7)])
+def test_the_warm_up_starts_at_0_and_then_decays_as_before(
+    data, init, monkeypatch, warmup_ratio, epochs
+) -> None:
+    config = FineTuneConfig(learning_rate=1e-3, batch_size=8, epochs=epochs,
+                            warmup_ratio=warmup_ratio)
+    steps = total_steps(len(data), config)
+    warmup = int(warmup_ratio * steps)
+    assert warmup >= 1
+    rates = _learning_rates(copy.deepcopy(init), data, config, monkeypatch)
+    assert len(rates) == steps
+    # transformers' warm-up (as the HF Trainer's) rises from 0: step s of the warm-up runs
+    # at s / warmup of the peak, the rate the hand-written schedule gave step s - 1.
+    assert rates[:warmup] == [1e-3 * s / warmup for s in range(warmup)]
+    assert rates[1:warmup] == [1e-3 * _linear_factor(s, warmup, steps) for s in range(warmup - 1)]
+    # From the peak on, the same decay as before, step for step.
+    assert rates[warmup:] == [1e-3 * _linear_factor(s, warmup, steps)
+                              for s in range(warmup, steps)]
+    assert rates[warmup] == 1e-3
+
+
 def test_a_non_finite_loss_stops_the_fine_tune_as_diverged(data, init) -> None:
     model = copy.deepcopy(init)
     config = FineTuneConfig(learning_rate=1e30, batch_size=16, epochs=3.0, max_grad_norm=None)
