@@ -106,13 +106,12 @@ def onnx_accuracy(model: OnnxModel, dev, batch_size: int = 64) -> float:
     """Accuracy of an exported graph on the dev rows (what int8 quantisation costs)."""
     import numpy as np
 
-    from glp.training.train import _collate, _columns
+    from glp.training.data import collate
 
-    columns = _columns(dev)
     correct = 0
     for start in range(0, len(dev), batch_size):
         indices = range(start, min(start + batch_size, len(dev)))
-        batch = _collate(columns, indices, 0)
+        batch = collate(dev, indices, 0)
         labels = batch.pop("labels").numpy()
         correct += int((np.argmax(model(**batch).logits, axis=-1) == labels).sum())
     return correct / len(dev)

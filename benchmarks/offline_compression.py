@@ -31,8 +31,8 @@ from glp.core.checkpoint import (
 )
 from glp.core.plan import EMBEDDINGS, ROLES, plan_of_model
 from glp.core.surgery import apply_plan
-from glp.methods.autoencoder import AutoencoderConfig, fold_linear, train_autoencoder
-from glp.methods.lowrank import fisher_factors, fisher_information, ranks_for_ratio
+from glp.methods.autoencoder.compress import AutoencoderConfig, fold_linear, train_autoencoder
+from glp.methods.lowrank.svd import fisher_factors, fisher_information, ranks_for_ratio
 from glp.training.metrics import selection_score
 from glp.training.train import evaluate
 from tasks.data import DataSource, prepare_data

@@ -34,11 +34,10 @@ from rich.progress import (
 from rich.table import Table
 
 from glp import GlpError
-from glp.methods.names import OFFLINE_METHODS, STRATEGY_NAMES, WIDTH_METHODS
+from glp.methods import compressors, get_method
+from glp.methods import names as method_names
 from tasks import progress
 from tasks.home import RunHome, configure_environment
-
-ALL_STRATEGY_NAMES = STRATEGY_NAMES
 
 app = typer.Typer(
     name="glp",
@@ -200,6 +199,21 @@ def start_services(tracking_uri: str) -> None:
             thread.join()
 
 
+def user_message(exc: GlpError, values: dict) -> str:
+    """The error as the user typed it: a parameter named by the library (``beta 1.0: ...``)
+    becomes the option of the command (``--ema 1.0: ...``)."""
+    from glp.core.errors import ParamError
+
+    if not isinstance(exc, ParamError):
+        return str(exc)
+    chosen = [m for m in compressors() if m.name == values.get("method")] or compressors()
+    for method in chosen:
+        for option, field in method.options().items():
+            if field.name == exc.param:
+                return exc.for_option(f"--{option.replace('_', '-')}")
+    return exc.for_option(OPTION_NAMES.get(exc.param, f"--{exc.param.replace('_', '-')}"))
+
+
 def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> None:
     """Validate, run the ``prune`` or ``compare`` flow with progress bars, print the summary.
 
@@ -254,7 +268,7 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
         # Only now, with every input checked, is anything written.
         run_home.ensure_writable()
     except GlpError as exc:
-        _fail(str(exc))
+        _fail(user_message(exc, values))
     console.print(f"[bold]glp[/bold] {described}")
     console.print(f"run home: {run_home.root}")
     bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -267,7 +281,7 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
         with bars:
             summary = flow(params)
     except GlpError as exc:
-        _fail(str(exc))
+        _fail(user_message(exc, values))
     except TerminationSignal:  # Prefect kept the signal (a cancel from its runner)
         raise Terminated() from None
     except Exception as exc:  # a task failed after its retries: say so, keep what finished
@@ -292,7 +306,7 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> N
 def print_counts(summary) -> None:
     """How many fine-tunes were computed and reused, the wall time and the job."""
     total = summary.computed + summary.reused
-    what = ("compressions" if getattr(summary, "method", None) in OFFLINE_METHODS
+    what = ("compressions" if getattr(summary, "method", None) in method_names("offline")
             else "fine-tunes")
     console.print(f"{what}: [bold]{summary.computed}[/bold] computed, "
                   f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
@@ -528,7 +542,7 @@ def prune(
     metric: Annotated[str | None, typer.Option(help="selection metric: accuracy, f1, mcc, "
                                                "pearson, spearman")] = None,
     remove: Annotated[int, typer.Option(help="encoder layers to remove")] = 2,
-    strategy: Annotated[str, typer.Option(help=", ".join(STRATEGY_NAMES))] = "greedy",
+    strategy: Annotated[str, typer.Option(help=", ".join(method_names("layers")))] = "greedy",
     prefilter_keep: Annotated[int, typer.Option(help="greedy: fine-tune only the m candidates "
                                                 "with the lowest block influence [0: all]")]
     = 0,
@@ -642,7 +656,7 @@ def _compare_signature() -> inspect.Signature:
               if name not in ("strategy", "register", "registered_model")]
     extra = [
         inspect.Parameter("strategies", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-            str | None, typer.Option(help="comma-separated: " + ", ".join(STRATEGY_NAMES)
+            str | None, typer.Option(help="comma-separated: " + ", ".join(method_names("layers"))
                                      + " [default: all]")],
             default=None),
         inspect.Parameter("methods", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
@@ -691,76 +705,89 @@ SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "search", "search_fract
 """``prune`` options that mean nothing to a width method (compress has its own --seeds)."""
 
 
-def compress(method: str, density: list[float], ratio: list[float], modules: list[str],
-             **options) -> None:
-    """Compress a model: in width (MLPruning or GRAIN, to a --density) or offline (lowrank, autoencoder, to a --ratio, no fine-tuning).
+def compress(method: str, density: list[float] | None, ratio: list[float] | None,
+             prune_layers: int, **options) -> None:
+    """Compress a model with one method: in width (to a --density) or offline (to a --ratio, no fine-tuning).
 
-    Takes `glp prune`'s model, data and budget options. Width methods start from the fine-tuned unpruned model (the teacher). Offline methods compress --model as it is: a fine-tuned model directory or models:/NAME@alias (a pre-trained model is fine-tuned first; --prune-layers K prunes K layers greedily first). Each model is saved with its plan (glp.load_pretrained reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
+    Takes `glp prune`'s model, data and budget options, and each method's own (generated from its parameters, glp.methods). --model is compressed as it is when it is fine-tuned for a task (a directory or models:/NAME@alias), else fine-tuned first; --prune-layers K prunes K layers greedily first. Each model is saved with its plan (glp.load_pretrained reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
     """  # noqa: E501 - one line, so that --help wraps it to the terminal
     home, verbose = options.pop("home"), options.pop("verbose")
     options["register"] = options.pop("register_compress")
-    values = {**_params(options), "method": method, "densities": tuple(density),
-              "ratios": tuple(ratio), "modules": tuple(modules)}
+    own = {name: options.pop(name) for name in method_options()}
+    values = {**_params(options), "method": method, "prune_layers": prune_layers,
+              "options": {k: v for k, v in own.items() if v is not None}}
+    if density:
+        values["densities"] = tuple(density)
+    if ratio:
+        values["ratios"] = tuple(ratio)
     run_command("compress", values, home, verbose)
 
 
+def method_options() -> dict[str, list[tuple[str, object]]]:
+    """Every compressor's own parameters by option name: (method, dataclass field) pairs."""
+    import dataclasses
+
+    found: dict[str, list[tuple[str, object]]] = {}
+    for method in compressors():
+        for option, field in method.options().items():
+            if option != method.budget:
+                found.setdefault(option, []).append((method.name, field))
+    for option, users in found.items():
+        assert option not in SEARCH_ONLY and option not in RENAMED, option
+        assert all(isinstance(f, dataclasses.Field) for _, f in users)
+    return found
+
+
+def _option_type(method_name: str, field) -> object:
+    """The CLI type of a parameter field (tuples become repeatable options)."""
+    import typing
+
+    hint = typing.get_type_hints(get_method(method_name).params)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType) \
+        else hint
+    if typing.get_origin(base) is tuple:
+        return list[typing.get_args(base)[0]] | None
+    return base | None
+
+
 def _compress_signature() -> inspect.Signature:
+    """``prune``'s model, data and budget options (not the search's), the method and its
+    sizes, and every compressor's own parameters, generated from their dataclasses (one
+    definition of each option: glp.methods)."""
     shared = [p for name, p in inspect.signature(prune, eval_str=True).parameters.items()
               if name not in SEARCH_ONLY]
+
     def option(name, annotation, default, help_text, *flags):
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                  annotation=Annotated[annotation, typer.Option(*flags,
                                                                                help=help_text)])
+
+    def defaults(users) -> str:
+        shown = [f"{m} {f.default!r}" if isinstance(f.default, str) else
+                 f"{m} {','.join(f.default) if isinstance(f.default, tuple) else f.default}"
+                 for m, f in users]
+        return "; ".join(shown)
+
     extra = [
         option("method", str, "mlpruning", "the method: " + ", ".join(
-            [*WIDTH_METHODS, *OFFLINE_METHODS])),
-        option("density", list[float], [0.5], "fraction of encoder weights to keep (repeat "
-               "for several: --density 0.5 --density 0.3)"),
+            method_names(("width", "offline")))),
+        option("density", list[float] | None, None, "width methods: fraction of the encoder "
+               "weights to keep (repeat for several: --density 0.5 --density 0.3) "
+               "[default: the method's]"),
+        option("ratio", list[float] | None, None, "offline methods: compression ratio of each "
+               "compressed module type (repeat for several) [default: the method's]"),
         option("seeds", int, 1, "seeds per compressed model (40, 41, ...)"),
-        option("pruning_epochs", float | None, None, "epochs of training while pruning "
-               "(default: mlpruning 2 of masked training, grain 20 for the whole run)"),
-        option("temperature", float | None, None, "distillation temperature (default: "
-               "mlpruning 2, grain 8)"),
-        option("final_epochs", float, 1.0, "epochs of the distillation fine-tune after "
-               "slicing (0: none)"),
-        option("block_size", int, 0, "level 3: block width of block-sparse pruning, e.g. 16 or "
-               "32 (0: off)"),
-        option("block_density", float, 0.5, "level 3: fraction of blocks kept"),
-        option("block_epochs", float, 1.0, "level 3: epochs of block-mask training"),
-        option("mask_lr", float | None, None, "learning rate of mask scores and thresholds "
-               "(default: scaled to the run's steps)"),
-        option("grain_start", float, 0.2, "grain: pruning starts at this fraction of the "
-               "steps"),
-        option("grain_end", float, 0.4, "grain: the density is reached at this fraction of "
-               "the steps (cubic schedule); the rest trains the pruned model"),
-        option("ema", float, 0.998, "grain: moving average of the importance scores"),
-        option("head_regulariser", float, 0.3, "grain: head-structure regulariser: a "
-               "head's value/output scores are damped by tanh(kept fraction / this); larger "
-               "empties whole heads sooner"),
-        option("kd_weight", float, 1.0, "grain: weight of the logit distillation loss"),
-        option("hard_weight", float, 0.0, "grain: weight of the hard-label loss"),
-        option("hidden_weight", float, 1.0, "grain: weight of the hidden-state MSE (0: off)"),
-        option("embedding_rank", int, 192, "grain: SVD rank of the word embeddings (0: off; "
-               "skipped where it saves nothing)"),
-        option("ratio", list[float], [10.0], "offline: compression ratio of each compressed "
-               "module type (repeat for several: --ratio 4 --ratio 10)"),
-        option("modules", list[str], ["query,key,value,output,ffn_in,ffn_out"], "offline: "
-               "module types to compress, comma-separated, from query, key, value, output, "
-               "ffn_in, ffn_out, embeddings, or all"),
-        option("fisher", bool, False, "lowrank: Fisher-weighted SVD (Fisher information of "
-               "the task loss on the selection split)"),
-        option("decoder", str, "nonlinear", "autoencoder: nonlinear (the reference; saves "
-               "storage) or linear (thin layers; also saves time)"),
-        option("ae_epochs", int, 20, "autoencoder: training epochs (the best by the "
-               "selection split is kept)"),
-        option("ae_batch_size", int, 16, "autoencoder: rows per batch"),
-        option("ae_eval_every", int, 1, "autoencoder: epochs between selection-split "
-               "evaluations (the last epoch is always evaluated)"),
-        option("prune_layers", int, 0, "offline: remove this many layers by greedy layer "
-               "pruning first, then compress the pruned model"),
-        option("register_compress", bool, True, "register each density's or ratio's model (ONNX)",
+        option("prune_layers", int, 0, "remove this many layers by greedy layer pruning "
+               "first, then compress the pruned model"),
+        option("register_compress", bool, True, "register each size's model (ONNX)",
                "--register/--no-register"),
     ]
+    for name, users in method_options().items():
+        help_text = users[0][1].metadata.get("help", "")
+        owners = ", ".join(m for m, _ in users)
+        extra.append(option(name, _option_type(*users[0]), None,
+                            f"{owners}: {help_text} [default: {defaults(users)}]"))
     keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared]
     return inspect.Signature(extra + keyword)
 
@@ -867,7 +894,7 @@ def _bench_models(specs: list[str], threads: int, onnx: bool, tmp: Path, home):
     for index, spec in enumerate(specs):
         path = spec
         if spec.startswith("models:/"):
-            from flows.offline import download_registered
+            from flows.sources import download_registered
 
             run_home = RunHome.resolve(home)
             path = download_registered(spec, run_home.tracking_uri, run_home, option="glp bench",

@@ -17,6 +17,14 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
+from flows.comparison import (
+    check_compressors,
+    check_sizes_used,
+    compressed_method_rows,
+    compressor_steps,
+    pruning_epochs,
+    pruning_identity,
+)
 from flows.job import (
     Job,
     PruneParams,
@@ -27,15 +35,13 @@ from flows.job import (
     register_depths,
     strategy_for,
 )
-from flows.methods import compressors, layer_strategies, parse_methods, run_chain
+from flows.methods import compressor_names, layer_strategies, parse_methods
 from flows.runners import run_on_task_runner
 from glp import GlpError
-from glp.core.provenance import code_fingerprint
+from glp.methods import LAYER_METHOD, REFERENCE, get_method
 from glp.methods.layers.search import STRATEGIES, Strategy
-from glp.methods.names import LAYER_METHOD, OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
 from glp.report.tables import label, write_report
-from tasks.compression import CODE as COMPRESSION_CODE
-from tasks.offline import CODE as OFFLINE_CODE
+from tasks.methods import method_fingerprint
 from tasks.records import written
 from tasks.tracking import end_job_run, log_report
 
@@ -48,15 +54,16 @@ class CompareParams(PruneParams):
 
     strategies: tuple[str, ...] = Field(ALL_STRATEGIES, description="strategies to compare")
     methods: tuple[str, ...] = Field((), description=(
-        "methods to compare instead of --strategies: layer strategies, mlpruning, grain, "
-        "lowrank, autoencoder and compositions such as greedy+lowrank (flows/methods.py)"))
+        "methods to compare instead of --strategies: any registered method (layer "
+        "strategies, mlpruning, grain, lowrank, autoencoder, ...) and compositions such as "
+        "greedy+lowrank (flows/methods.py)"))
     densities: tuple[float, ...] = Field((0.5, 0.3), min_length=1, description=(
         "width methods: fractions of the encoder weights to keep"))
     ratios: tuple[float, ...] = Field((2.0, 4.0), min_length=1, description=(
         "offline methods: compression ratios of the compressed module types"))
     pruning_epochs: tuple[str, ...] = Field((), description=(
-        "width methods' epochs of training while pruning: EPOCHS for every width method "
-        "or METHOD=EPOCHS, e.g. grain=3 (unset: mlpruning 2, grain 20)"))
+        "the epochs of training while pruning of the methods that take --pruning-epochs: "
+        "EPOCHS for every one or METHOD=EPOCHS, e.g. grain=3 (unset: each method's own)"))
     random_orders: int = Field(3, ge=1, description="random orders (seeds 0, 1, ...)")
     register_models: bool = False
     command: str | None = Field(None, description="the command line, quoted in the report")
@@ -179,12 +186,12 @@ def _compare(params: CompareParams) -> CompareSummary:
     # too: another density is another job, with its own rows, MLflow run and report.
     extra = ((parse_methods(params.methods), params.densities, params.ratios,
               *pruning_identity(params),
-              code_fingerprint(COMPRESSION_CODE), code_fingerprint(OFFLINE_CODE))
+              *(method_fingerprint(get_method(m)) for m in compressor_steps(params)))
              if params.methods else ())
     job_id = job.identity("compare", labels, params.exhaustive_limit, *extra)
     job.start(job_id, f"compare-{job.slug}-{data.task}-remove{params.remove}",
               tags={"glp.strategy": "compare", "glp.strategies": ",".join(labels)})
-    methods = compressors(parse_methods(params.methods)) if params.methods else ()
+    methods = compressor_names(parse_methods(params.methods)) if params.methods else ()
     try:
         outcomes = [job.search(strategy) for strategy in strategies]
         plans_needed = final_plans(outcomes)
@@ -194,7 +201,7 @@ def _compare(params: CompareParams) -> CompareSummary:
         if params.register_models:
             _register_all(params, job, rows, outcomes)
         if params.methods:
-            rows += _compressed_rows(params, job, methods, rows,
+            rows += compressed_method_rows(params, job, methods, rows,
                                      register=params.register_models)
             _time_deployed(job, rows)
         job.write_finals(rows)
@@ -291,128 +298,6 @@ def _register_all(params: CompareParams, job: Job, rows: list[dict], outcomes) -
                             f"{name}-kd", outcome, distilled=True)
 
 
-def compress_params(params: CompareParams, method: str):
-    """``glp compress``'s parameters for one method, with this comparison's budget."""
-    from flows.compress import CompressParams
-
-    shared = {k: v for k, v in params.model_dump().items()
-              if k in PruneParams.model_fields and k not in ("distill", "distill_temperature")}
-    size = ({"ratios": params.ratios} if method in OFFLINE_METHODS
-            else {"densities": params.densities,
-                  "pruning_epochs": pruning_epochs(params).get(method)})
-    return CompressParams(**shared, method=method, **size)
-
-
-def pruning_epochs(params: CompareParams) -> dict[str, float]:
-    """``--pruning-epochs`` per width method of ``--methods``: ``3`` sets every one and
-    ``grain=3`` one (over a bare number, whatever the order); a GlpError names a value that
-    is malformed, given twice, or would be ignored."""
-    steps = {s for name in parse_methods(params.methods) for s in name.split("+")}
-    used = [m for m in WIDTH_METHODS if m in steps]
-    given: dict[str, tuple[str, float]] = {}  # method, or "" for a bare number: (typed, epochs)
-    for value in params.pruning_epochs:
-        method, _, number = value.rpartition("=")
-        method = method.strip().lower()
-        try:
-            epochs = float(number)
-        except ValueError:
-            epochs = float("nan")
-        if not epochs > 0 or epochs == float("inf"):
-            raise GlpError(f"--pruning-epochs {value!r}: expected EPOCHS > 0 or "
-                           "METHOD=EPOCHS, e.g. 3 or grain=3")
-        if method and method not in WIDTH_METHODS:
-            raise GlpError(f"--pruning-epochs {value!r}: {method!r} is not a width method; "
-                           f"choose {' or '.join(WIDTH_METHODS)}")
-        if (method and method not in used) or not used:
-            raise GlpError(f"--pruning-epochs {value!r} trains a width method; --methods "
-                           f"{','.join(parse_methods(params.methods))} has "
-                           f"{'no ' + method if method else 'none'} "
-                           f"(add {method or 'mlpruning or grain'})")
-        if method in given:
-            raise GlpError(f"--pruning-epochs {given[method][0]!r} and {value!r}: "
-                           f"{'one value per method' if method else 'one bare number'}, "
-                           "please")
-        given[method] = (value, epochs)
-    return {m: given.get(m, given.get(""))[1] for m in used if m in given or "" in given}
-
-
-def pruning_identity(params: CompareParams) -> tuple:
-    """What ``--pruning-epochs`` changes, for the job id: the values that differ from the
-    methods' defaults (typing a default is the same job)."""
-    from glp.methods.grain import GrainConfig
-    from glp.methods.mlpruning import MLPruningConfig
-
-    default = {"mlpruning": MLPruningConfig().pruning_epochs, "grain": GrainConfig().epochs}
-    changed = sorted((m, e) for m, e in pruning_epochs(params).items() if e != default[m])
-    return (changed,) if changed else ()
-
-
-def check_compressors(params: CompareParams, model_path: str) -> None:
-    """Every compressor's budget, checked on the base model before anything runs."""
-    from flows.compress import check_method
-    from flows.offline import check_offline, check_sizes
-
-    for name in compressors(parse_methods(params.methods)):
-        for method in name.split("+"):
-            if method == "greedy":
-                continue
-            values = compress_params(params, method)
-            if method in OFFLINE_METHODS:
-                check_sizes(model_path, values, check_offline(values))
-            else:
-                check_method(values, model_path)
-
-
-def _compressed_rows(params: CompareParams, job: Job, methods: tuple[str, ...],
-                     layer_rows: list[dict], register: bool = False) -> list[dict]:
-    """Every compressor and composition, from the shared teacher (flows/methods.py); with
-    ``register``, each under its own registered name (:func:`method_registry_name`), one
-    ONNX version per size, as ``glp compress`` registers them."""
-    from flows import compress as width
-    from flows import offline
-
-    if not methods:
-        return []
-    teacher = job.teacher_checkpoint()
-    depth = job.num_layers - params.remove
-
-    def greedy_rows() -> list[dict]:
-        return [r for r in layer_rows if r["strategy"] == "greedy" and not r["variant"]
-                and r["depth"] == depth]
-
-    def step(method: str, source) -> list[dict]:
-        values = compress_params(params, method)
-        if method in OFFLINE_METHODS:
-            return offline._compressed(job, values, offline.check_offline(values), source)
-        return width._compressed(job, values, width.check_method(values, source.path), source)
-
-    rows: list[dict] = []
-    for name in methods:
-        chain = run_chain(name, teacher, greedy_rows, step)
-        if register:
-            last = name.split("+")[-1]
-            registrar = offline._register if last in OFFLINE_METHODS else width._register
-            registrar(job, method_registry_name(job.slug, job.data.task, name, params.remove,
-                                                params.densities[0]), chain)
-        rows += chain
-    return rows
-
-
-def method_registry_name(slug: str, task: str, method: str, remove: int,
-                         density: float) -> str:
-    """``glp-<model>-<task>-<method>``, the name ``glp compress --method`` registers a single
-    method under. A composition names its steps and the size each passed on, since the
-    versions' aliases name only the last step's size: greedy by the layers it removed (as
-    ``glp compress --prune-layers`` does), a width step by the density it kept (the first
-    ``--density``), so ``greedy+mlpruning+lowrank`` at --remove 2 and --density 0.5 is
-    ``…-greedy2-mlpruning50-lowrank``."""
-    steps = method.split("+")
-    named = [f"greedy{remove}" if step == "greedy" else
-             f"{step}{round(density * 100):02d}" if index < len(steps) - 1 else step
-             for index, step in enumerate(steps)]
-    return f"glp-{slug}-{task}-{'-'.join(named)}"
-
-
 DEPLOYED_COLUMNS = {"torch b1": "latency_b1_ms", "torch b32": "latency_ms",
                     "onnx b1": "onnx_b1_ms", "onnx b32": "onnx_b32_ms",
                     "int8 b1": "int8_b1_ms", "int8 b32": "int8_b32_ms"}
@@ -478,17 +363,3 @@ def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
                                               else 0.0)
         cost["equivalents"] = cost["seconds"] / unit if unit else float("nan")
     return costs
-
-
-def check_sizes_used(params: CompareParams) -> None:
-    """Refuse what --methods would silently ignore: a size no chosen method uses."""
-    methods = parse_methods(params.methods)
-    steps = {step for name in methods for step in name.split("+")}
-    given = params.model_fields_set
-    if "densities" in given and not steps & set(WIDTH_METHODS):
-        raise GlpError(f"--density sizes a width method; --methods {','.join(methods)} has "
-                       "none (add mlpruning or grain)")
-    pruning_epochs(params)
-    if "ratios" in given and not steps & set(OFFLINE_METHODS):
-        raise GlpError(f"--ratio sizes an offline method; --methods {','.join(methods)} has "
-                       "none (add lowrank or autoencoder)")

@@ -1,101 +1,86 @@
-"""The ``compress`` flow: width compression (MLPruning) of one model on one task, at one or
-more densities, with the same final protocol, MLflow runs, registry and Parquet as ``prune``.
+"""The ``compress`` flow: one registered method (``glp compress --method``) on one model and
+task, at one or more sizes, with the same final protocol, MLflow runs, registry and Parquet
+as ``prune``. Every method goes through the same path; none is named here.
 
-Tasks: the teacher is the unpruned final model (``fine-tune-final``, shared with ``glp
-prune``'s reference row), then per density and seed ``prune-width`` (masked distillation
-training and slicing), ``fine-tune-compressed`` (a short distillation fine-tune, and level 3
-block masks if asked) and ``evaluate-final`` on the dev set (the report) and the selection
-split (which chooses the registered seed and ``best``). Every model is saved with its plan
-and registered as ONNX, so ``models:/NAME@density-30`` serves without glp.
+The model to compress (:mod:`flows.sources`): ``--model`` as it is when it is fine-tuned
+for a task (a directory or ``models:/NAME@alias``), else its fine-tune on the task (the
+``fine-tune-final`` task of ``glp prune``'s reference row); ``--prune-layers K`` first
+removes K layers by greedy layer pruning. It is also the teacher of a method that distils.
+Then per size and seed the ``compress-model`` task (:mod:`tasks.methods`), and
+``evaluate-final`` on the dev set (the report) and the selection split (which chooses the
+registered seed and ``best``). Every model is saved with its plan and registered as ONNX
+with the size's alias (``density-30``, ``ratio-4``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from flows.job import Job, PruneParams, _finite, check_inputs
-from flows.offline import run_offline
+from flows.job import Job, PruneParams, _finite
 from flows.runners import run_on_task_runner
+from flows.sources import input_checkpoint, is_fine_tuned, registry_name, resolve_model
 from glp import GlpError
+from glp.core.checkpoint import read_plan, stored_bytes
 from glp.core.plan import Plan, density_of
-from glp.core.provenance import code_fingerprint
-from glp.methods import grain
-from glp.methods.grain import GrainConfig
-from glp.methods.mlpruning import MLPruningConfig, check_density
-from glp.methods.names import OFFLINE_METHODS, REFERENCE, WIDTH_METHODS
-from tasks.compression import CODE as COMPRESSION_CODE
-from tasks.compression import (
+from glp.methods import REFERENCE, Method, budget_label, compressors, get_method
+from tasks.methods import (
     Compressed,
-    CompressRequest,
-    fine_tune_compressed,
+    MethodRequest,
+    compress_model,
+    method_fingerprint,
     not_evaluated,
-    prune_width,
 )
 from tasks.records import final_row, written
 from tasks.registry import Registration, register_all, registrations
 from tasks.tracking import FINAL, end_job_run, log_child_run, register_onnx
+from tasks.training import Checkpoint
 
-METHODS = {**WIDTH_METHODS, **OFFLINE_METHODS}
+
+def option_names() -> dict[str, list[str]]:
+    """Every compressor's parameters by option name: the methods that take each."""
+    found: dict[str, list[str]] = {}
+    for method in compressors():
+        for option in method.options():
+            if option != method.budget:
+                found.setdefault(option, []).append(method.name)
+    return found
 
 
 class CompressParams(PruneParams):
-    """``prune``'s model, data and budget options, plus the method and its budget."""
+    """``prune``'s model, data and budget options, plus the method, its sizes and options."""
 
-    method: str = Field("mlpruning", description=", ".join(METHODS))
-    densities: tuple[float, ...] = Field((0.5,), min_length=1, description=(
-        "fractions of encoder weights to keep, e.g. 0.5 0.3 0.2"))
-    pruning_epochs: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
-        "epochs of training while pruning (None: mlpruning 2, grain 20)"))
-    temperature: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
-        "distillation temperature (None: mlpruning 2, grain 8)"))
-    final_epochs: float = Field(1.0, ge=0, allow_inf_nan=False)
-    block_size: int = Field(0, ge=0, description="level 3 block width (0 = off)")
-    block_density: float = Field(0.5, gt=0, le=1, allow_inf_nan=False)
-    block_epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
-    mask_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
-    # grain (the reference's settings: airaria/GRAIN scripts/run_glue.sh)
-    grain_start: float = Field(0.2, ge=0, lt=1, allow_inf_nan=False)
-    grain_end: float = Field(0.4, ge=0, le=1, allow_inf_nan=False)
-    ema: float = Field(0.998, ge=0, lt=1, allow_inf_nan=False)
-    head_regulariser: float = Field(0.3, gt=0, allow_inf_nan=False)
-    kd_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
-    hard_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
-    hidden_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
-    embedding_rank: int = Field(192, ge=0)
+    method: str = Field("mlpruning", description="the compression method (glp.methods)")
+    densities: tuple[float, ...] | None = Field(None, min_length=1, description=(
+        "a width method's sizes: fractions of the encoder weights to keep [default: the "
+        "method's]"))
+    ratios: tuple[float, ...] | None = Field(None, min_length=1, description=(
+        "an offline method's sizes: compression ratios [default: the method's]"))
+    options: dict[str, Any] = Field(default_factory=dict, description=(
+        "the method's own parameters by option name, e.g. {\"ema\": 0.99} for grain"))
     seeds: int = Field(1, ge=1, description="seeds per compressed model (40, 41, ...)")
-    # offline methods (lowrank, autoencoder)
-    ratios: tuple[float, ...] = Field((10.0,), min_length=1, description=(
-        "compression ratios of the compressed module types, e.g. 4 10 20"))
-    modules: tuple[str, ...] = Field(("query", "key", "value", "output", "ffn_in", "ffn_out"),
-                                     description="module types to compress")
-    fisher: bool = Field(False, description="lowrank: Fisher-weighted SVD")
-    decoder: str = Field("nonlinear", description="autoencoder: nonlinear or linear")
-    ae_epochs: int = Field(20, ge=1)
-    ae_batch_size: int = Field(16, ge=1)
-    ae_eval_every: int = Field(1, ge=1)
     prune_layers: int = Field(0, ge=0, description=(
-        "offline methods: remove this many layers by greedy layer pruning first"))
+        "remove this many layers by greedy layer pruning first, then compress that model"))
     source_model: str | None = None  # what --model named (a registry URI), when resolved
 
-    def method_config(self, density: float) -> MLPruningConfig | GrainConfig:
-        given = {"temperature": self.temperature} if self.temperature is not None else {}
-        if self.method == "grain":
-            if self.pruning_epochs is not None:
-                given["epochs"] = self.pruning_epochs
-            return GrainConfig(density=density, start=self.grain_start, end=self.grain_end,
-                               beta=self.ema, head_alpha=self.head_regulariser,
-                               kd_weight=self.kd_weight, hard_weight=self.hard_weight,
-                               hidden_weight=self.hidden_weight,
-                               embedding_rank=self.embedding_rank, **given)
-        if self.pruning_epochs is not None:
-            given["pruning_epochs"] = self.pruning_epochs
-        return MLPruningConfig(density=density, final_epochs=self.final_epochs,
-                               block_size=self.block_size, block_density=self.block_density,
-                               block_epochs=self.block_epochs, mask_lr=self.mask_lr, **given)
+    @model_validator(mode="before")
+    @classmethod
+    def _method_options(cls, values):
+        """A method's option given at the top level (``{"ema": 0.99}``) joins ``options``."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        known = set(option_names())
+        given = {k: values.pop(k) for k in list(values) if k in known and k not in
+                 cls.model_fields}
+        if given:
+            values["options"] = {**dict(values.get("options") or {}), **given}
+        return values
 
 
 class CompressSummary(BaseModel):
@@ -115,143 +100,174 @@ class CompressSummary(BaseModel):
     tracking_uri: str
 
 
-def density_label(density: float) -> str:
-    """The budget's registry alias: ``density-30`` keeps 30% of the encoder weights
-    (MLflow aliases may not contain a dot)."""
-    return f"density-{round(density * 100):02d}"
-
-
-def check_method(params: CompressParams, model_path: str
-                 ) -> list[MLPruningConfig | GrainConfig]:
-    """The method's settings per density, or a GlpError naming the option."""
-    if params.method not in METHODS:
-        raise GlpError(f"--method {params.method!r}: choose one of {', '.join(METHODS)}")
-    if params.method in OFFLINE_METHODS:
-        return []
-    from flows.offline import check_unused
-
-    check_unused(params, offline=False)
-    configs = [params.method_config(d) for d in params.densities]
-    labels = [density_label(d) for d in params.densities]
+def method_params(method: Method, sizes: tuple[float, ...] | None,
+                  options: dict[str, Any]) -> list:
+    """The method's parameters at each size (its default size when none is given)."""
+    taken = method.options()
+    for option in options:
+        if option not in taken:
+            users = option_names().get(option, [])
+            owner = f"an option of {' and '.join(users)}" if users else "not an option"
+            raise GlpError(f"--{option.replace('_', '-')} is {owner}; --method {method.name} "
+                           f"does not use it")
+    chosen = [method.make_params(options)] if sizes is None else [
+        method.make_params(options, **{method.budget: size}) for size in sizes]
+    labels = [method.label(p) for p in chosen]
     for label in labels:
-        clash = [d for d, other in zip(params.densities, labels, strict=True) if other == label]
+        clash = [getattr(p, method.budget) for p, other in zip(chosen, labels, strict=True)
+                 if other == label]
         if len(clash) > 1:
-            raise GlpError(f"--density {' and '.join(f'{d:g}' for d in clash)}: the densities "
-                           f"must differ by at least 0.01 (each gets its own registry alias, "
-                           f"here both {label})")
+            raise GlpError(f"--{method.budget} {' and '.join(f'{c:g}' for c in clash)}: each "
+                           f"size gets its own registry alias, here both {label}; give sizes "
+                           "that differ")
+    return chosen
+
+
+def check_method(params: CompressParams) -> tuple[Method, list]:
+    """The method and its parameters per size, or a GlpError naming the option."""
+    method = get_method(params.method, ("width", "offline"))
+    other = {"density": "ratios", "ratio": "densities"}[method.budget]
+    if getattr(params, other) is not None:
+        typed = "--density" if other == "densities" else "--ratio"
+        raise GlpError(f"{typed} does not size {method.name}; it is sized by "
+                       f"--{method.budget}")
+    sizes = params.densities if method.budget == "density" else params.ratios
+    return method, method_params(method, sizes, params.options)
+
+
+def check_on_model(method: Method, configs: list, model_path: str) -> None:
+    """Every size checked against the model's shapes (on the meta device), before any run."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(model_path)
-    import torch
+    from glp.core.checkpoint import read_plan
+    from glp.core.surgery import apply_plan
 
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
-    check = grain.check_density if params.method == "grain" else check_density
-    for method_config in configs:
-        check(model, method_config.density)
-    return configs
-
-
-def preflight_offline(params: CompressParams) -> str:
-    from flows.offline import check_offline, check_sizes
-
-    configs = check_offline(params)
-    uri = params.model and params.model.startswith("models:/")
-    if uri:  # checked when the flow downloads it (the registry is in the run home)
-        what = params.model
-        num_layers, data = check_inputs(params.model_copy(update={"model": None}), [])
-    else:
-        num_layers, data = check_inputs(params, [])
-        from glp.core.models import resolve_model
-
-        what = params.model or "the embedded default"
-        check_sizes(resolve_model(params.model), params, configs)
-    ratios = ", ".join(f"{r:g}" for r in params.ratios)
-    first = f", after greedy pruning of {params.prune_layers} layers" if params.prune_layers else ""
-    return (f"{params.method}: compress {', '.join(configs[0]['modules'])} of {what}{first} "
-            f"at ratio {ratios}, no fine-tuning, on {data.spec.name} ({len(data.train):,} "
-            f"train / {len(data.dev):,} dev rows, selection by {data.spec.metric})")
+        model = AutoModelForSequenceClassification.from_config(
+            AutoConfig.from_pretrained(model_path))
+    plan = read_plan(model_path)
+    if plan is not None and not plan.is_layers_only:  # a compressed input: its widths
+        apply_plan(model, plan, factor=None)
+    if plan is not None:
+        model.glp_plan = plan
+    for config in configs:
+        method.check_model(model, config)
 
 
 def preflight(params: CompressParams) -> str:
     """Check every input before anything runs; a one-line description of the job."""
-    if params.method in OFFLINE_METHODS:
-        return preflight_offline(params)
-    num_layers, data = check_inputs(params, [])
-    from glp.core.models import resolve_model
+    from flows.job import check_inputs
 
-    check_method(params, resolve_model(params.model))
-    densities = ", ".join(f"{d:g}" for d in params.densities)
-    return (f"{params.method}: keep {densities} of the encoder weights of {params.model} "
-            f"({num_layers} layers) on {data.spec.name} ({len(data.train):,} train / "
+    method, configs = check_method(params)
+    uri = params.model and params.model.startswith("models:/")
+    num_layers, data = check_inputs(params.model_copy(update={"model": None}) if uri
+                                    else params, [])
+    what = params.model or "the embedded default"
+    if not uri:
+        from glp.core.models import resolve_model
+
+        check_on_model(method, configs, resolve_model(params.model))
+    sizes = ", ".join(f"{getattr(c, method.budget):g}" for c in configs)
+    first = (f", after greedy pruning of {params.prune_layers} layers"
+             if params.prune_layers else "")
+    return (f"{method.name}: compress {what}{first} to {method.budget} {sizes} "
+            f"({method.family}) on {data.spec.name} ({len(data.train):,} train / "
             f"{len(data.dev):,} dev rows, selection by {data.spec.metric})")
 
 
 @flow(name="glp-compress", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def compress(params: CompressParams) -> CompressSummary:
-    """Width compression of one model on one task, end to end (see the module docstring)."""
+    """One compression method on one model and task, end to end (see the module docstring).
+
+    ``params.task_runner`` picks where the compressions run (flows/runners.py)."""
     return run_on_task_runner(_compress, params, "glp-compress")
+
+
+INPUT = "input"
+"""The strategy of the row that scores the model given to compress, as it came."""
+
+
+def job_source(job: Job) -> tuple[Callable[[], Checkpoint], Callable[[], list[dict]]]:
+    """The model to compress (and teach from), and its reference rows, both computed once
+    the job's MLflow run exists: the input as it is when it is fine-tuned (scored like a
+    final model), else the unpruned model's fine-tune (the reference row of seed 40; a
+    diverged one is refused)."""
+    if is_fine_tuned(job.model_path):
+        source = input_checkpoint(job.model_path, job.model_fp, job.device)
+        return (lambda: source), (lambda: [input_row(job, source)])
+    return job.teacher_checkpoint, lambda: job.finals([(REFERENCE, "", job.num_layers, ())])
+
+
+def input_row(job: Job, checkpoint: Checkpoint) -> dict:
+    """The input model's finals row: scored on the dev and selection splits as it came."""
+    evaluation, selection = (
+        job._evaluate_final.submit(checkpoint, job.data, split, job.finetune, job.home,
+                                   job.device).result() for split in ("dev", "selection"))
+    plan = read_plan(checkpoint.path) or Plan.layers(
+        len(checkpoint.kept) + len(checkpoint.removed), checkpoint.removed)
+    return _row(job, None, None, "", Compressed(checkpoint=checkpoint, plan=plan.to_json(),
+                                                 phases=[]), evaluation, selection, INPUT)
 
 
 def _compress(params: CompressParams) -> CompressSummary:
     started = time.perf_counter()
-    if params.method in OFFLINE_METHODS:
-        return run_offline(params, started, CompressSummary)
+    method, configs = check_method(params)
+    params = resolve_model(params)
     job = Job(params, [])
-    configs = check_method(params, job.model_path)
+    check_on_model(method, configs, job.model_path)
+    source_of, reference_of = job_source(job)
     data = job.data
-    # The method's code is in the job id too (the layer code already is): a changed method
-    # is a new job, with new registered versions, not a rewrite of the old ones.
-    job_id = job.identity("compress", params.method, [c.__dict__ for c in configs],
-                          code_fingerprint(COMPRESSION_CODE))
-    name = params.registered_model or f"glp-{job.slug}-{data.task}-{params.method}"
-    job.start(job_id, f"{params.method}-{job.slug}-{data.task}",
-              tags={"glp.method": params.method, "glp.strategy": params.method})
+    # The method's code is in the job id: a changed method is a new job, with new
+    # registered versions, not a rewrite of the old ones.
+    job_id = job.identity("compress", method.name, [c.__dict__ for c in configs],
+                          method_fingerprint(method), is_fine_tuned(job.model_path))
+    name = params.registered_model or registry_name(params, data.task, method, configs[0])
+    job.start(job_id, f"{method.name}-{job.slug}-{data.task}",
+              tags={"glp.method": method.name, "glp.strategy": method.name})
     try:
-        reference = job.finals([(REFERENCE, "", job.num_layers, ())])
-        teacher = job._fine_tune_final.submit(job.request((), "train", job.seeds[0])).result()
-        rows = _compressed(job, params, configs, teacher)
-        teacher_row = next(r for r in reference if r["seed"] == job.seeds[0])
-        job.time_budgets(teacher_row["_checkpoint"], reference, rows, "target_density")
-        versions = _register(job, name, rows) if params.register_models else {}
+        reference = reference_of()
+        source = source_of()
+        rows = compressed_rows(job, method, configs, source)
+        job.time_budgets(source, [r for r in reference if r["cache_key"] == source.key],
+                         rows, f"target_{method.budget}")
+        versions = register_sizes(job, name, rows, method) if params.register_models else {}
         job.write_finals(reference + rows)
         seconds = round(time.perf_counter() - started, 1)
         end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
-                    metrics={"fine_tunes_computed": job.counts["computed"],
-                             "fine_tunes_reused": job.counts["reused"], "seconds": seconds})
+                    metrics={"compressions_computed": job.counts["computed"],
+                             "compressions_reused": job.counts["reused"], "seconds": seconds})
     except BaseException as exc:
         job.abort(exc)
         raise
-    finals = [written(r) for r in reference + rows]
     return CompressSummary(
-        job_id=job_id, parent_run_id=job.parent_run_id, method=params.method, task=data.task,
-        metric=data.metric, num_layers=job.num_layers, finals=finals,
+        job_id=job_id, parent_run_id=job.parent_run_id, method=method.name, task=data.task,
+        metric=data.metric, num_layers=job.num_layers,
+        finals=[written(r) for r in reference + rows],
         registered_model=name if versions else None, versions=versions,
         computed=job.counts["computed"], reused=job.counts["reused"], seconds=seconds,
         home=str(job.home.root), tracking_uri=job.tracking_uri)
 
 
-def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig | GrainConfig],
-                teacher) -> list[dict]:
-    """Every (density, seed): pruned, fine-tuned, evaluated, logged; one row each."""
-    stored = {"result_storage": job.home.results}
-    prune_task = prune_width.with_options(**stored)
-    finish_task = fine_tune_compressed.with_options(**stored)
-    handle = job.reporter.begin("finals", "compressed models", len(configs) * len(job.seeds))
+def compressed_rows(job: Job, method: Method, configs: list, source: Checkpoint,
+                    name: str | None = None) -> list[dict]:
+    """Every (size, seed) of one method from ``source``: compressed, evaluated on the dev
+    and selection splits, logged; one finals row each (``name``: the rows' method)."""
+    import dataclasses
+
+    task = compress_model.with_options(result_storage=job.home.results)
+    seeds = job.seeds[:1] if method.deterministic else job.seeds
+    handle = job.reporter.begin("finals", "compressed models", len(configs) * len(seeds))
     futures = {}
     for config in configs:
-        for seed in job.seeds:
-            request = CompressRequest(teacher=teacher, data=job.data, split="train",
-                                      config=job.finetune, method=params.method,
-                                      method_config=dict(config.__dict__), seed=seed,
-                                      home=job.home, device=job.device)
-            pruned = prune_task.submit(request)
-            done = finish_task.submit(request, pruned)
-            futures[config.density, seed] = (done, pruned)
+        for seed in seeds:
+            request = MethodRequest(source=source, data=job.data, config=job.finetune,
+                                    method=method.name, params=dataclasses.asdict(config),
+                                    seed=seed, home=job.home, device=job.device)
+            futures[method.label(config), seed] = (config, task.submit(request))
     rows = []
-    for count, ((density, seed), (done_future, pruned_future)) in enumerate(futures.items()):
-        compressed: Compressed = done_future.result()
-        job._count(pruned_future.result().checkpoint)
+    for count, ((variant, _seed), (config, future)) in enumerate(futures.items()):
+        compressed: Compressed = future.result()
         checkpoint = compressed.checkpoint
         job._count(checkpoint)
         if checkpoint.diverged or checkpoint.path is None:  # nothing to evaluate: NaN scores
@@ -262,59 +278,75 @@ def _compressed(job: Job, params: CompressParams, configs: list[MLPruningConfig 
                 job._evaluate_final.submit(checkpoint, job.data, split, job.finetune,
                                            job.home, job.device).result()
                 for split in ("dev", "selection"))
-        diverged = checkpoint.diverged or evaluation.diverged or selection.diverged
-        plan = compressed.plan_object
-        counts = plan.parameter_counts(job.base_config)
-        encoder_density = density_of(counts)
-        parameters = counts["parameters"] - counts["zeroed"]  # non-zero, as in Parquet
-        run_id = log_child_run(
-            job.tracking_uri, job.parent_run_id, job.job_id, FINAL, checkpoint.key,
-            f"{params.method}-{density_label(density)}-seed{seed}",
-            params={"density": density, "seed": seed, "device": checkpoint.device,
-                    "plan_kind": plan.kind, "threshold_shift": compressed.threshold_shift,
-                    "kept_by_thresholds": round(compressed.remaining_after_training, 4)},
-            metrics={**_finite(evaluation.metrics),
-                     **{f"selection_{k}": v for k, v in _finite(selection.metrics).items()},
-                     "parameters": parameters, "encoder_density": encoder_density,
-                     "fine_tune_seconds": checkpoint.seconds},
-            tags={**job.common_tags, "glp.density": f"{density:g}",
-                  "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key},
-            texts={"plan.json": plan.to_json()})
-        who = {"job_id": job.job_id, "strategy": params.method,
-               "variant": density_label(density), "model": params.model,
-               "task": job.data.task, "method": params.method}
-        rows.append(final_row(
-            who, run_id=run_id, parent_run_id=job.parent_run_id, checkpoint=checkpoint,
-            evaluation=evaluation, selection=selection, diverged=diverged, plan=plan,
-            parameters=parameters, encoder_density=encoder_density,
-            train_examples=job.data.sizes["train"],
-            reused=checkpoint.flow_run_id != job.flow_run_id, target_density=density))
+        rows.append(_row(job, method, config, variant, compressed, evaluation, selection,
+                         name or method.name))
         job.reporter.update(handle, count + 1)
     job.reporter.end(handle)
     return rows
 
 
-def _register(job: Job, name: str, rows: list[dict]) -> dict[str, str]:
-    """One ONNX version per density (aliases ``density-NN`` and ``best``), by the rule of
-    :mod:`tasks.registry`: chosen by the selection split, never diverged."""
+def _row(job: Job, method: Method | None, config, variant: str, compressed: Compressed, evaluation,
+         selection, name: str) -> dict:
+    checkpoint, plan = compressed.checkpoint, compressed.plan_object
+    diverged = checkpoint.diverged or evaluation.diverged or selection.diverged
+    counts = plan.parameter_counts(job.base_config)
+    encoder_density = density_of(counts)
+    parameters = counts["parameters"] - counts["zeroed"]  # non-zero, as in Parquet
+    budget = method.budget if method else None
+    size = getattr(config, budget) if budget else None
+    stored = stored_bytes(checkpoint.path) if checkpoint.path else None
+    modules = getattr(config, "modules", None)
+    seconds = "fine_tune_seconds" if method and "train" in method.needs else "compress_seconds"
+    run_id = log_child_run(
+        job.tracking_uri, job.parent_run_id, job.job_id, FINAL, checkpoint.key,
+        f"{name}-{variant}-seed{checkpoint.seed}" if method else name,
+        params={**({budget: size} if budget else {}), "seed": checkpoint.seed,
+                "device": checkpoint.device, "plan_kind": plan.kind, **compressed.details,
+                **({"modules": ",".join(modules)} if modules else {})},
+        metrics={**_finite(evaluation.metrics),
+                 **{f"selection_{k}": v for k, v in _finite(selection.metrics).items()},
+                 "parameters": parameters, "encoder_density": encoder_density,
+                 seconds: checkpoint.seconds, **({"stored_bytes": stored} if stored else {})},
+        tags={**job.common_tags, **({f"glp.{budget}": f"{size:g}"} if budget else {}),
+              "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key},
+        texts={"plan.json": plan.to_json()})
+    who = {"job_id": job.job_id, "strategy": name, "variant": variant,
+           "model": getattr(job.params, "source_model", None) or job.params.model,
+           "task": job.data.task, "method": name}
+    return final_row(
+        who, run_id=run_id, parent_run_id=job.parent_run_id, checkpoint=checkpoint,
+        evaluation=evaluation, selection=selection, diverged=diverged, plan=plan,
+        parameters=parameters, encoder_density=encoder_density,
+        train_examples=job.data.sizes["train"], reused=checkpoint.flow_run_id != job.flow_run_id,
+        stored_bytes=stored, **({f"target_{budget}": size} if budget else {}))
 
-    def density_of(row: dict) -> float | None:
-        return row.get("target_density")
+
+def register_sizes(job: Job, name: str, rows: list[dict], method: Method) -> dict[str, str]:
+    """One ONNX version per size (aliases ``density-30`` / ``ratio-4`` and ``best``), by the
+    rule of :mod:`tasks.registry`: chosen by the selection split, never diverged."""
+    column = f"target_{method.budget}"
+
+    def size_of(row: dict) -> float | None:
+        return row.get(column)
 
     def register(registration: Registration) -> str:
-        chosen, density = registration.chosen, registration.group
+        chosen = registration.chosen
+        trained = "fine-tuned" if "train" in method.needs else "not fine-tuned"
+        model = getattr(job.params, "source_model", None) or job.params.model
         return register_onnx(
             job.tracking_uri, chosen["run_id"], chosen["model_dir"], name, job.job_id,
             registration.alias,
             tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
-                  "glp.method": chosen["method"], "glp.density": f"{density:g}",
+                  "glp.method": chosen["method"],
+                  f"glp.{method.budget}": f"{registration.group:g}",
                   "glp.encoder_density": f"{chosen['encoder_density']:.4f}",
                   "glp.parameters": str(chosen["parameters"]),
+                  "glp.stored_bytes": str(chosen.get("stored_bytes")),
                   "glp.plan_key": Plan.from_json(chosen["plan"]).key},
-            description=(f"{job.params.model} compressed by {chosen['method']} to "
-                         f"{chosen['encoder_density']:.3f} of its encoder weights, fine-tuned "
-                         f"on {job.data.task}; dev {job.data.metric} {chosen['value']:.4f} "
-                         f"(seed {chosen['seed']}, chosen by the selection split); ONNX"))
+            description=(f"{model} compressed by {chosen['method']} ({chosen['variant']}; "
+                         f"its last step {trained}) on {job.data.task}; dev "
+                         f"{job.data.metric} {chosen['value']:.4f} (seed {chosen['seed']}, "
+                         "chosen by the selection split); ONNX"))
 
-    plan = registrations(rows, density_of, density_label)
-    return register_all(job.tracking_uri, name, plan, register, rows, density_of)
+    plan = registrations(rows, size_of, lambda size: budget_label(method.budget, size))
+    return register_all(job.tracking_uri, name, plan, register, rows, size_of)

@@ -32,6 +32,7 @@ from glp.core.models import (
 from glp.core.models import resolve_model as resolve_model_path
 from glp.core.plan import Plan
 from glp.core.provenance import code_fingerprint
+from glp.methods import LAYER_METHOD, REFERENCE
 from glp.methods.layers.search import (
     FULL,
     SEARCHES,
@@ -46,7 +47,6 @@ from glp.methods.layers.search import (
     plan_of,
     removal_order,
 )
-from glp.methods.names import LAYER_METHOD, REFERENCE
 from glp.training.config import FineTuneConfig
 from glp.training.data import TaskData
 from glp.training.train import check_precision, resolve_device
@@ -63,6 +63,7 @@ from tasks.records import (
     written,
 )
 from tasks.registry import Registration, register_all, registrations
+from tasks.search import select_layer
 from tasks.tracking import (
     CANDIDATE,
     FINAL,
@@ -82,7 +83,6 @@ from tasks.training import (
     evaluate_final,
     fine_tune_final,
     score_candidate,
-    select_layer,
 )
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "glue"

@@ -1,13 +1,15 @@
 """Every compression method in one comparison: ``glp compare --methods``.
 
-A method is a layer strategy (``greedy``, ``top``, ...), a width method (``mlpruning``,
-``grain``), an offline one (``lowrank``, ``autoencoder``) or a composition of these, written
-with ``+`` and applied left to right as one plan: ``greedy+lowrank`` compresses greedy's
-best model of ``L - remove`` layers by truncated SVD, ``greedy+mlpruning+lowrank`` prunes
-that model in width first. Width and offline methods start from the unpruned model
-fine-tuned with the first final seed (the reference row's own fine-tune, so one teacher
-serves every method); a composition's later step starts from the best seed (by the
-selection split) of the step before at its first budget, which is also its teacher.
+A method is any registered one (:mod:`glp.methods`): a layer strategy (``greedy``,
+``top``, ...), a width or an offline method, or a composition of these written with ``+``
+and applied left to right as one plan: ``greedy+lowrank`` compresses greedy's best model of
+``L - remove`` layers by truncated SVD, ``greedy+mlpruning+lowrank`` prunes that model in
+width first. What may follow what is each method's declaration (``followed_by``,
+``first_only``). A compressor starts from the comparison's source model (the unpruned model
+fine-tuned with the first final seed, the reference row's own fine-tune, or the input as it
+is when it is fine-tuned), so one teacher serves every method; a composition's later step
+starts from the best seed (by the selection split) of the step before at its first size,
+which is also its teacher.
 
 Every task is the one ``glp prune`` and ``glp compress`` run, cached the same way: a
 teacher, a candidate or a compressed model that two methods share is computed once.
@@ -18,65 +20,67 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from glp import GlpError
-from glp.methods.names import OFFLINE_METHODS, STRATEGY_NAMES, WIDTH_METHODS
+from glp.methods import compressors, get_method, is_method, names
 from tasks.registry import chosen
 from tasks.training import Checkpoint
 
-COMPRESSORS = (*WIDTH_METHODS, *OFFLINE_METHODS)
-"""The methods that compress a given model (not layer strategies)."""
 EXAMPLES = ("greedy+lowrank", "greedy+mlpruning", "greedy+mlpruning+lowrank")
 
 
 def parse_methods(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``"greedy,top,mlpruning,greedy+lowrank"`` (or a list): known, unique names in the
     given order, or a GlpError naming the bad one and what would be valid."""
-    names = value.split(",") if isinstance(value, str) else list(value)
-    names = [n.strip().lower() for n in names if n.strip()]
-    valid = f"{', '.join((*STRATEGY_NAMES, *COMPRESSORS))}, or compositions such as " \
-            f"{', '.join(EXAMPLES)}"
-    if not names:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [n.strip().lower() for n in items if n.strip()]
+    valid = f"{', '.join(names())}, or compositions such as {', '.join(EXAMPLES)}"
+    if not items:
         raise GlpError(f"--methods: no method given; choose from {valid}")
-    names = ["+".join(step.strip() for step in name.split("+")) for name in names]
-    for name in names:
+    items = ["+".join(step.strip() for step in name.split("+")) for name in items]
+    for name in items:
         steps = name.split("+")
-        if len(steps) == 1:
-            if name not in STRATEGY_NAMES and name not in COMPRESSORS:
-                raise GlpError(f"--methods {name}: unknown method; choose from {valid}")
-            continue
-        first, rest = steps[0], steps[1:]
-        if first != "greedy" and first not in COMPRESSORS or any(
-                s not in COMPRESSORS for s in rest):
-            raise GlpError(f"--methods {name}: a composition is greedy or a compressor, "
-                           f"then compressors ({', '.join(COMPRESSORS)}), e.g. "
-                           f"{', '.join(EXAMPLES)}")
-        widths = [s for s in steps if s in WIDTH_METHODS]
-        offline = [i for i, s in enumerate(steps) if s in OFFLINE_METHODS]
-        if len(widths) > 1 or len(offline) > 1:
-            raise GlpError(f"--methods {name}: one width method and one offline method at "
-                           "most (a model cut in width is not cut again)")
-        if offline and offline[0] != len(steps) - 1:
-            raise GlpError(f"--methods {name}: the offline method comes last (its factorised "
-                           "matrices are not pruned again)")
-        if "grain" in steps[1:]:
-            raise GlpError(f"--methods {name}: GRAIN starts from the unpruned model; it can "
-                           "only come first")
-        if "grain" in steps and offline:
-            raise GlpError(f"--methods {name}: GRAIN cuts inside the attention heads and "
-                           "factorises the embeddings; offline compression does not apply "
-                           "after it here")
-    return tuple(dict.fromkeys(names))
+        for step in steps:
+            if not is_method(step):
+                raise GlpError(f"--methods {name}: unknown method {step!r}; choose from "
+                               f"{valid}")
+        if len(steps) > 1:
+            check_composition(name, steps)
+    return tuple(dict.fromkeys(items))
+
+
+def check_composition(name: str, steps: list[str]) -> None:
+    """Refuse a composition whose methods cannot follow each other, as they declare."""
+    first = get_method(steps[0])
+    if first.family == "layers" and first.name != "greedy":
+        raise GlpError(f"--methods {name}: a composition starts with greedy (the layer "
+                       "strategy whose models are fine-tuned at every depth) or a compressor, "
+                       f"then compressors ({', '.join(m.name for m in compressors())}), e.g. "
+                       f"{', '.join(EXAMPLES)}")
+    for before, after in zip(steps, steps[1:], strict=False):
+        earlier, later = get_method(before), get_method(after)
+        if later.family == "layers":
+            raise GlpError(f"--methods {name}: {after} is a layer strategy; it can only "
+                           "come first (greedy)")
+        if later.first_only:
+            raise GlpError(f"--methods {name}: {after} starts from the unpruned model; it "
+                           "can only come first")
+        if later.family not in earlier.followed_by:
+            allowed = ", ".join(earlier.followed_by) or "nothing"
+            article = "an" if later.family[0] in "aeiou" else "a"
+            raise GlpError(f"--methods {name}: {article} {later.family} method cannot follow "
+                           f"{before} (it may be followed by: {allowed})")
 
 
 def layer_strategies(methods: tuple[str, ...]) -> tuple[str, ...]:
     """The layer strategies the methods need: those named, and greedy for a composition."""
-    needed = [m for m in methods if m in STRATEGY_NAMES]
+    needed = [m for m in methods if is_method(m, "layers")]
     if any(m.startswith("greedy+") for m in methods) and "greedy" not in needed:
         needed.insert(0, "greedy")
     return tuple(needed)
 
 
-def compressors(methods: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(m for m in methods if m not in STRATEGY_NAMES)
+def compressor_names(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """The compressors and compositions among ``methods`` (everything but layer strategies)."""
+    return tuple(m for m in methods if not is_method(m, "layers"))
 
 
 def best_checkpoint(rows: list[dict], what: str) -> Checkpoint:
@@ -89,13 +93,12 @@ def best_checkpoint(rows: list[dict], what: str) -> Checkpoint:
     return chosen(alive)["_checkpoint"]
 
 
-def run_chain(name: str, teacher: Checkpoint, greedy_rows: Callable[[], list[dict]],
+def run_chain(name: str, source: Checkpoint, greedy_rows: Callable[[], list[dict]],
               step: Callable[[str, Checkpoint], list[dict]]) -> list[dict]:
     """One compressor or composition: each step compresses the best model of the one
     before (greedy: its deepest pruned depth's best seed), and the last step's rows are the
     method's, named after the whole composition."""
     steps = name.split("+")
-    source = teacher
     if steps[0] == "greedy":
         source, steps = best_checkpoint(greedy_rows(), f"--methods {name}: greedy"), steps[1:]
     rows: list[dict] = []
@@ -103,8 +106,9 @@ def run_chain(name: str, teacher: Checkpoint, greedy_rows: Callable[[], list[dic
     for index, method in enumerate(steps):
         rows = step(method, source)
         if index < len(steps) - 1:
-            first = rows[0].get("target_density", rows[0].get("target_ratio"))
-            used = [r for r in rows if r.get("target_density", r.get("target_ratio")) == first]
+            column = f"target_{get_method(method).budget}"
+            first = rows[0][column]
+            used = [r for r in rows if r[column] == first]
             prior += sum(r.get("fine_tune_seconds") or 0.0 for r in used)
             source = best_checkpoint(used, f"--methods {name}: {method}")
     if "+" in name:

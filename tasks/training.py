@@ -24,10 +24,9 @@ from pathlib import Path
 
 import prefect.runtime.flow_run
 from prefect import task
-from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import BaseModel
 
-import glp.methods.layers.search
 from glp import GlpError
 from glp.core.anatomy import kept_layers
 from glp.core.checkpoint import load_pretrained, read_plan, save_pretrained
@@ -35,9 +34,9 @@ from glp.core.hashing import stable_hash
 from glp.core.models import load_classifier, load_tokenizer, strip_remote_code
 from glp.core.provenance import code_fingerprint
 from glp.core.surgery import remove_layers
-from glp.methods.mlpruning import distil_layers
 from glp.training.config import FineTuneConfig
 from glp.training.data import tokenize
+from glp.training.distill import distil_layers
 from glp.training.metrics import selection_score
 from glp.training.train import evaluate, fine_tune
 from tasks import faults, progress
@@ -369,9 +368,3 @@ def evaluate_final(checkpoint: Checkpoint, data: DataRef, split: str,
     """Score a final model on a split: the dev set (the report) or the selection split
     (which chooses the registered seed and the ``best`` alias)."""
     return run_evaluation(checkpoint, data, split, config, home, device)
-
-
-@task(name="select-layer", cache_policy=NO_CACHE)
-def select_layer(candidates: list[tuple[int, float]]) -> int:
-    """The layer to remove next (best score; ties go to the highest index)."""
-    return glp.methods.layers.search.select_layer(candidates)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from glp.core.errors import GlpError
+from glp.core.errors import GlpError, ParamError
 from glp.core.models import num_encoder_layers, unsupported_reason
 
 if TYPE_CHECKING:
@@ -18,6 +19,9 @@ ROLES = ("query", "key", "value", "output", "ffn_in", "ffn_out")
 
 EMBEDDINGS = "embeddings"
 """The word-embedding matrix, as offline compression names it (next to :data:`ROLES`)."""
+
+OFFLINE_ROLES = (*ROLES, EMBEDDINGS)
+"""Every module type offline compression can compress."""
 
 KEPT_KEY = "glp_kept_layers"
 
@@ -193,3 +197,17 @@ def num_heads(model: nn.Module) -> int:
     return int(getattr(config, "n_heads", None) or config.num_attention_heads)
 
 
+
+
+def parse_roles(values: Iterable[str] | str) -> tuple[str, ...]:
+    """Module types as given (names, comma lists, ``all``), checked, in the plan's order."""
+    names: list[str] = []
+    for value in [values] if isinstance(values, str) else values:
+        names += [v.strip() for v in str(value).split(",") if v.strip()]
+    if "all" in names:
+        return OFFLINE_ROLES
+    bad = [n for n in names if n not in OFFLINE_ROLES]
+    if bad or not names:
+        raise ParamError("modules", ",".join(bad or names) or repr(""),
+                         f"from {', '.join(OFFLINE_ROLES)} or all (comma-separated)")
+    return tuple(r for r in OFFLINE_ROLES if r in names)

@@ -12,9 +12,6 @@ from torch import nn
 from glp.core.errors import GlpError
 from glp.core.factors import matrices
 
-DECODERS = ("nonlinear", "linear")
-
-
 CODES_FILE = "glp_codes.safetensors"
 """The file beside the weights that holds a coded model's codes, norms and decoders."""
 

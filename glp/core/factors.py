@@ -225,3 +225,4 @@ def matrices(model: nn.Module, roles: Iterable[str]) -> dict[str, nn.Module]:
     return out
 
 
+

@@ -18,8 +18,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from glp.core.anatomy import EMBEDDINGS, PLAN_ATTR, ROLES, kept_layers, removed_layers
-from glp.core.errors import GlpError
+from glp.core.anatomy import (
+    EMBEDDINGS,
+    OFFLINE_ROLES,
+    PLAN_ATTR,
+    ROLES,
+    kept_layers,
+    removed_layers,
+)
+from glp.core.errors import GlpError, ParamError
 from glp.core.hashing import stable_hash
 
 if TYPE_CHECKING:
@@ -30,7 +37,6 @@ PLAN_FILE = "glp_plan.json"
 
 FORMAT = 1
 
-OFFLINE_ROLES = (*ROLES, EMBEDDINGS)
 """The module types offline compression (low rank, autoencoder) can compress."""
 
 
@@ -435,3 +441,23 @@ def plan_of_model(model) -> Plan:
                        removed_layers(model))
 
 
+
+
+ATTENTION_ROLES = ("query", "key", "value", "output")
+
+
+def check_factorisable(plan: Plan | None, roles: Iterable[str]) -> None:
+    """Refuse what offline compression cannot do to a compressed model: matrices already
+    factorised or coded, and the attention matrices of a layer cut inside its heads."""
+    if plan is None:
+        return
+    if plan.ranks or plan.coded:
+        done = sorted({k.partition(".")[2] or k for k in (*plan.ranks, *plan.coded)})
+        raise GlpError(f"this model already has factorised matrices ({', '.join(done)}); "
+                       "compress a model without (for GRAIN, an embedding rank of 0 keeps "
+                       "the embeddings whole)")
+    attention = [m for m in roles if m in ATTENTION_ROLES]
+    if (plan.qk or plan.vo) and attention:
+        raise ParamError("modules", ",".join(attention), (
+            "other matrices, e.g. ffn_in,ffn_out (this model was pruned inside its attention "
+            "heads, whose matrices have per-head widths)"))

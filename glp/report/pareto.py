@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from glp.methods.names import REFERENCE
+from glp.methods import REFERENCE
 from glp.report.pick import Model
 
 BUCKETS = (1.5, 2.0, 3.0, 6.0)

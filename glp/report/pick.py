@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from glp.core.errors import GlpError
-from glp.methods.names import REFERENCE
+from glp.methods import REFERENCE
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from glp.core.errors import GlpError
-from glp.methods.names import REFERENCE, STRATEGY_NAMES, WIDTH_METHODS
+from glp.methods import REFERENCE
+from glp.methods import names as method_names
 
 __all__ = [
     "COST_KEYS",
@@ -54,7 +55,6 @@ COST_KEYS: tuple[str, ...] = ("fine_tunes", "equivalents", "seconds", "zero_shot
 # spread over variants, e.g. random orders).
 _POOLED = frozenset({"random", REFERENCE})
 # Display order of strategies in tables and legends; unknown ones follow alphabetically.
-_ORDER: tuple[str, ...] = (REFERENCE, *STRATEGY_NAMES, *WIDTH_METHODS)
 _DPI = 120
 _MISSING = "—"
 # Keys of ``meta`` that render_markdown places itself; every other key is a setting.
@@ -90,8 +90,9 @@ def _blank(value: Any) -> bool:
 def _label_key(text: str) -> tuple[int, str, str]:
     """Sort key of a display label: canonical strategy order, then the variant."""
     base, _, variant = str(text).partition(" (")
-    rank = _ORDER.index(base) if base in _ORDER else len(_ORDER)
-    return (rank, base if rank == len(_ORDER) else "", variant)
+    order = (REFERENCE, *method_names())  # the registry's order; unknown ones follow
+    rank = order.index(base) if base in order else len(order)
+    return (rank, base if rank == len(order) else "", variant)
 
 
 def _sorted_labels(labels: Iterable[str]) -> list[str]:

@@ -46,9 +46,9 @@ def test_grain_rows_reload_register_and_repeat_from_cache(two_runs):
         tokenizer = glp.core.models.load_tokenizer(row["model_dir"])
         with torch.no_grad():
             assert model(**tokenizer(["a fine film"], return_tensors="pt")).logits.shape == (1, 2)
-    # the teacher and 2 densities x (grain, fine-tune-compressed: nothing left to do)
-    assert (first.computed, first.reused) == (5, 0)
-    assert (second.computed, second.reused) == (0, 5) and second.job_id == first.job_id
+    # the teacher and 2 densities (one compress-model task each)
+    assert (first.computed, first.reused) == (3, 0)
+    assert (second.computed, second.reused) == (0, 3) and second.job_id == first.job_id
     assert len(rows) == 3  # no duplicates
     client = MlflowClient(tracking_uri=first.tracking_uri, registry_uri=first.tracking_uri)
     assert set(first.versions) == {"density-50", "density-30", "best"}

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import pytest
 
-from flows.methods import compressors, layer_strategies, parse_methods
+from flows.methods import compressor_names, layer_strategies, parse_methods
 from glp import GlpError
 
 
 def test_methods_are_parsed_in_order_without_duplicates():
     names = parse_methods("greedy, top,MLPruning,lowrank,greedy+lowrank,top")
     assert names == ("greedy", "top", "mlpruning", "lowrank", "greedy+lowrank")
-    assert compressors(names) == ("mlpruning", "lowrank", "greedy+lowrank")
+    assert compressor_names(names) == ("mlpruning", "lowrank", "greedy+lowrank")
     assert layer_strategies(("mlpruning", "greedy+lowrank")) == ("greedy",)
     assert parse_methods(["greedy+mlpruning+lowrank"]) == ("greedy+mlpruning+lowrank",)
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ("greedy,svd", "--methods svd: unknown method; choose from greedy, top"),
+    ("greedy,svd", "--methods svd: unknown method 'svd'; choose from greedy, top"),
     ("", "--methods: no method given"),
-    ("top+lowrank", "a composition is greedy or a compressor"),
-    ("greedy+lowrank+mlpruning", "the offline method comes last"),
-    ("greedy+mlpruning+grain", "one width method and one offline method at most"),
-    ("grain+lowrank", "GRAIN cuts inside the attention heads"),
+    ("top+lowrank", "a composition starts with greedy"),
+    ("greedy+lowrank+mlpruning", "a width method cannot follow lowrank"),
+    ("greedy+mlpruning+mlpruning", "a width method cannot follow mlpruning"),
+    ("grain+lowrank", "an offline method cannot follow grain"),
+    ("greedy+top", "top is a layer strategy; it can only come first"),
 ])
 def test_a_bad_method_is_one_line_naming_it(value, message):
     with pytest.raises(GlpError, match=message.replace("+", r"\+")):
@@ -31,7 +32,7 @@ def test_a_bad_method_is_one_line_naming_it(value, message):
 
 @pytest.mark.parametrize("value", ["greedy+grain"])
 def test_grain_after_another_step_is_refused(value):
-    with pytest.raises(GlpError, match="GRAIN starts from the unpruned model"):
+    with pytest.raises(GlpError, match="grain starts from the unpruned model"):
         parse_methods(value)
 
 
@@ -40,14 +41,16 @@ def test_spaces_around_a_step_are_allowed():
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"methods": "greedy,lowrank", "densities": (0.3,)}, "--density sizes a width method"),
-    ({"methods": "greedy,mlpruning", "ratios": (4.0,)}, "--ratio sizes an offline method"),
+    ({"methods": "greedy,lowrank", "densities": (0.3,)},
+     "--density sizes mlpruning and grain; --methods greedy,lowrank has none of them"),
+    ({"methods": "greedy,mlpruning", "ratios": (4.0,)},
+     "--ratio sizes lowrank and autoencoder; --methods greedy,mlpruning has none of them"),
     ({"methods": "greedy,lowrank", "pruning_epochs": 3.0},
      "--pruning-epochs '3.0' trains a width method; --methods greedy,lowrank has none"),
     ({"methods": "greedy,mlpruning", "pruning_epochs": "grain=3"},
      "--pruning-epochs 'grain=3' trains a width method; --methods greedy,mlpruning has no "
      "grain"),
-    ({"methods": "grain", "pruning_epochs": "lowrank=3"}, "'lowrank' is not a width method"),
+    ({"methods": "grain", "pruning_epochs": "lowrank=3"}, "'lowrank' takes no pruning epochs"),
     ({"methods": "grain", "pruning_epochs": "grain=0"}, "expected EPOCHS > 0 or METHOD="),
     ({"methods": "grain", "pruning_epochs": "three"}, "expected EPOCHS > 0 or METHOD="),
     ({"methods": "top,mlpruning", "search": "warm"}, "--methods top,mlpruning has no greedy"),
@@ -61,17 +64,18 @@ def test_options_methods_would_ignore_are_refused(options, message):
 
 
 def test_pruning_epochs_reach_every_width_method_and_only_them():
-    from flows.compare import CompareParams, compress_params
+    from flows.compare import CompareParams
+    from flows.comparison import method_configs
 
     params = CompareParams(methods="greedy,mlpruning,grain,lowrank", pruning_epochs=3.0)
-    assert compress_params(params, "grain").method_config(0.3).epochs == 3.0
-    assert compress_params(params, "mlpruning").method_config(0.3).pruning_epochs == 3.0
-    assert compress_params(params, "lowrank").pruning_epochs is None
+    assert [c.epochs for c in method_configs(params, "grain")] == [3.0, 3.0]  # 0.5, 0.3
+    assert method_configs(params, "mlpruning")[0].pruning_epochs == 3.0
+    assert [c.ratio for c in method_configs(params, "lowrank")] == [2.0, 4.0]
     default = CompareParams(methods="greedy,grain,greedy+mlpruning")
-    assert compress_params(default, "grain").method_config(0.3).epochs == 20.0
+    assert method_configs(default, "grain")[0].epochs == 20.0
     one = default.model_copy(update={"pruning_epochs": ("GRAIN=3",)})
-    assert compress_params(one, "grain").method_config(0.3).epochs == 3.0
-    assert compress_params(one, "mlpruning").method_config(0.3).pruning_epochs == 2.0
+    assert method_configs(one, "grain")[0].epochs == 3.0
+    assert method_configs(one, "mlpruning")[0].pruning_epochs == 2.0
 
 
 def test_a_composition_costs_what_it_was_built_on():
@@ -115,7 +119,8 @@ def test_an_intermediate_step_counts_only_the_size_the_next_one_uses():
     (("mlpruning=1",), {"mlpruning": 1.0}),
 ])
 def test_a_method_s_pruning_epochs_win_over_a_bare_number_in_any_order(values, expected):
-    from flows.compare import CompareParams, pruning_epochs
+    from flows.compare import CompareParams
+    from flows.comparison import pruning_epochs
 
     params = CompareParams(methods="mlpruning,grain", pruning_epochs=values)
     assert pruning_epochs(params) == expected
@@ -123,14 +128,16 @@ def test_a_method_s_pruning_epochs_win_over_a_bare_number_in_any_order(values, e
 
 @pytest.mark.parametrize("values", [("grain=5", "grain=3"), ("3", "4")])
 def test_pruning_epochs_given_twice_are_refused(values):
-    from flows.compare import CompareParams, pruning_epochs
+    from flows.compare import CompareParams
+    from flows.comparison import pruning_epochs
 
     with pytest.raises(GlpError, match=f"--pruning-epochs '{values[0]}' and '{values[1]}'"):
         pruning_epochs(CompareParams(methods="mlpruning,grain", pruning_epochs=values))
 
 
 def test_typing_a_default_pruning_epochs_is_the_same_job():
-    from flows.compare import CompareParams, pruning_identity
+    from flows.compare import CompareParams
+    from flows.comparison import pruning_identity
 
     assert pruning_identity(CompareParams(methods="grain", pruning_epochs="grain=20")) == ()
     assert pruning_identity(CompareParams(methods="grain,mlpruning", pruning_epochs="2")) == (
@@ -147,7 +154,7 @@ def test_typing_a_default_pruning_epochs_is_the_same_job():
     ("mlpruning+lowrank", "glp-tiny-sst2-mlpruning50-lowrank"),
 ])
 def test_each_compressor_registers_under_its_own_name(method, name):
-    from flows.compare import method_registry_name
+    from flows.comparison import method_registry_name
 
     assert method_registry_name("tiny", "sst2", method, 2, 0.5) == name
 

@@ -122,7 +122,8 @@ def test_layer_pruning_then_low_rank_is_one_plan_and_a_registry_uri_works(lowran
 
 @pytest.mark.parametrize("plan, modules, expected", [
     (Plan(3, qk={0: (1, 2)}, vo={0: (3,)}), ("query", "ffn_in"),
-     "--modules query: this model was pruned inside its attention heads"),
+     "modules query: choose other matrices, e.g. ffn_in,ffn_out \\(this model was pruned "
+     "inside its attention heads"),
     (Plan(3, vo={1: (3,)}).offline({"embeddings": 8}), ("ffn_in",),
      r"already has factorised matrices \(embeddings\)"),
 ])
@@ -132,7 +133,7 @@ def test_a_grain_model_is_refused_up_front_where_offline_cannot_apply(plan, modu
     already: compressing those is refused before anything runs."""
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    from flows.offline import check_offline, check_sizes
+    from flows.compress import check_method, check_on_model
     from glp.core.surgery import apply_plan
 
     model = AutoModelForSequenceClassification.from_config(BertConfig(
@@ -143,4 +144,4 @@ def test_a_grain_model_is_refused_up_front_where_offline_cannot_apply(plan, modu
     params = CompressParams(model=str(tmp_path / "grain"), method="lowrank", ratios=(2.0,),
                             modules=modules, home=str(tmp_path / "home"))
     with pytest.raises(GlpError, match=expected):
-        check_sizes(str(tmp_path / "grain"), params, check_offline(params))
+        check_on_model(*check_method(params), str(tmp_path / "grain"))

@@ -22,8 +22,13 @@ from glp.core.codes import CODES_FILE
 from glp.core.factors import LowRankLinear, matrices, svd_factors
 from glp.core.plan import OFFLINE_ROLES, ROLES, Plan
 from glp.core.surgery import apply_plan
-from glp.methods.autoencoder import AutoencoderConfig, fold_linear, latent_size, train_autoencoder
-from glp.methods.lowrank import fisher_column_weights, rank_for_ratio, ranks_for_ratio
+from glp.methods.autoencoder.compress import (
+    AutoencoderConfig,
+    fold_linear,
+    latent_size,
+    train_autoencoder,
+)
+from glp.methods.lowrank.svd import fisher_column_weights, rank_for_ratio, ranks_for_ratio
 from tests.glp.test_grain import assert_round_trip
 from tests.glp.test_surgery import FAMILIES, batch, n_params, tiny_model
 
@@ -130,7 +135,7 @@ def test_latent_size_meets_the_ratio():
     for decoder in ("nonlinear", "linear"):
         config = AutoencoderConfig(ratio=10, decoder=decoder)
         latent, hidden = latent_size(2304, 384, config)
-        from glp.methods.autoencoder import _storage
+        from glp.methods.autoencoder.compress import _storage
 
         assert _storage(2304, 384, latent, hidden) <= 2304 * 384 / 10
         assert _storage(2304, 384, latent + 1, [s * (latent + 1) for s in

@@ -28,6 +28,26 @@ def test_the_closure_of_a_fine_tune_holds_what_it_runs():
     assert all(path.is_file() and path.suffix == ".py" for path in closure.values())
 
 
+def test_a_fine_tune_s_closure_holds_no_compression_method():
+    """Editing a method (or the registry's other packages) recomputes no fine-tune."""
+    closure = source_closure("tasks.training")
+    assert not [m for m in closure if m.startswith("glp.methods")], sorted(closure)
+
+
+@pytest.mark.parametrize("method", ["mlpruning", "grain", "lowrank", "autoencoder"])
+def test_a_method_s_closure_holds_no_other_method(method):
+    """A compression's key covers its own method and never another one, so editing
+    autoencoder/compress.py recomputes no GRAIN model."""
+    from glp.methods import compressors, get_method
+
+    closure = source_closure("tasks.methods", get_method(method).module)
+    assert get_method(method).module in closure
+    for other in compressors():
+        if other.name != method:
+            assert not [m for m in closure if m.startswith(f"glp.methods.{other.name}")], (
+                other.name, sorted(closure))
+
+
 def test_the_versions_of_torch_and_transformers_are_in_it():
     one = code_fingerprint("tasks.training", versions=VERSIONS)
     other = code_fingerprint("tasks.training", versions={**VERSIONS, "torch": "2.14.0"})
@@ -54,6 +74,10 @@ def test_editing_a_library_function_changes_the_fingerprint(tmp_path):
     before = _fingerprint_in(tmp_path)
     report = tmp_path / "glp" / "report" / "tables.py"
     report.write_text(report.read_text() + "\n# not run by a fine-tune\n")
+    assert _fingerprint_in(tmp_path) == before
+    # An unused function added to another method's module changes nothing here either.
+    other = tmp_path / "glp" / "methods" / "autoencoder" / "compress.py"
+    other.write_text(other.read_text() + "\n\ndef unused():\n    return 0\n")
     assert _fingerprint_in(tmp_path) == before
     train = tmp_path / "glp" / "training" / "train.py"
     train.write_text(train.read_text().replace("def total_steps(", "def total_steps(  ", 1))

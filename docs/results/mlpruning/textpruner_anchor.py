@@ -25,8 +25,8 @@ import glp
 from glp.core.models import load_tokenizer
 from glp.core.plan import Plan
 from glp.core.surgery import apply_plan
-from glp.training.data import load_glue_split, tokenize
-from glp.training.train import _collate, _columns, evaluate
+from glp.training.data import collate, load_glue_split, tokenize
+from glp.training.train import evaluate
 
 
 def sizes_for(config, density: float) -> tuple[int, int, float]:
@@ -67,8 +67,7 @@ def main(home: Path, densities: list[float]) -> None:
         raise SystemExit(f"expected one prepared training split in {home / 'data'}, "
                          f"found {len(train_files)}")
     train = tokenize(read_split(str(train_files[0])), tokenizer, max_length=64)
-    columns = _columns(train)
-    batches = [_collate(columns, range(i, min(i + 32, len(train))), tokenizer.pad_token_id)
+    batches = [collate(train, range(i, min(i + 32, len(train))), tokenizer.pad_token_id)
                for i in range(0, len(train), 32)]
     dev = tokenize(load_glue_split("sst2", Path("data/glue"), "dev"), tokenizer, max_length=64)
     results = []

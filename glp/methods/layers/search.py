@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from glp.core.errors import GlpError
-from glp.methods.names import STRATEGY_NAMES
 
 
 @dataclass(frozen=True)
@@ -503,7 +502,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (GreedyLayerPruning, TopLayerPruning, BottomLayerPruning, RandomLayerPruning,
                 ExhaustiveSearch, BlockInfluence, AngularDistance)
 }
-assert tuple(STRATEGIES) == STRATEGY_NAMES, "glp.methods.names.STRATEGY_NAMES lists every strategy"
+STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
+"""Layer strategies, in display order."""
 
 
 def get_strategy(name: str, options: StrategyOptions | None = None) -> Strategy:

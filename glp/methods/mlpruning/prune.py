@@ -1,28 +1,8 @@
-"""MLPruning (Yao et al., 2021): heads, FFN neurons, then weight blocks, with learnable Top-k.
-
-Each prunable structure (an attention head, an FFN intermediate neuron, a weight block)
-has a learnable importance score, and each group of them (a layer's heads, a layer's
-neurons, a matrix's blocks) a learnable threshold ``t``: the top ``ceil(sigmoid(t) * n)``
-scores survive. The binariser passes gradients straight through to the scores, and the
-sum of the masked gradients to the threshold (the reference's ``TopKBinarizer``). An
-adaptive regulariser pushes the remaining fraction of weights towards the target: the
-squared excess, weighted by ``max(final_lambda * excess^2 / (1 - target)^2, 50)``, or 10
-once the excess is tiny; zero below target. Training distils from the fine-tuned teacher
-(temperature 2, 0.9 distillation + 0.1 hard labels).
-
-Levels 1 and 2 (heads, neurons) are masked during training exactly as slicing would cut
-them (a head's value rows, a neuron's FFN-output column), so the sliced model computes
-what the masked one did. Level 3 zeroes blocks of the remaining matrices: it saves storage
-only with a sparse format and time only with a block-sparse kernel.
-
-Deviation from the reference (which also learns row masks of the attention-output and
-FFN-output matrices): their rows are hidden dimensions on the residual path, which no
-slicing can remove, so glp prunes only structures that make the model smaller.
-"""
+"""MLPruning's algorithm: learnable Top-k masks of heads, FFN neurons and weight blocks,
+trained with distillation (see the package docstring)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,12 +19,14 @@ from glp.core.anatomy import (
     removed_layers,
     role_module,
 )
-from glp.core.errors import GlpError
 from glp.core.plan import ROLES, BlockMask, Plan
 from glp.core.surgery import apply_plan, block_grid
+from glp.methods import Context, Outcome, ParamError, phase_record
+from glp.methods.mlpruning import MLPruningConfig
 from glp.training.config import FineTuneConfig
+from glp.training.distill import Distillation as KnowledgeDistillation
+from glp.training.distill import freeze
 from glp.training.train import (
-    Objective,
     StepCallback,
     TrainStats,
     fine_tune,
@@ -52,55 +34,6 @@ from glp.training.train import (
     resolve_device,
     total_steps,
 )
-
-
-@dataclass(frozen=True)
-class MLPruningConfig:
-    """MLPruning's settings: the reference's, except where a CPU budget needs others.
-
-    The reference trains 20 epochs with a mask learning rate of 1e-2 and thresholds
-    starting at 10 (sigmoid ~1: keep everything). A CPU budget has far fewer steps, in
-    which 1e-2 would barely move the thresholds, so by default (``mask_lr=None``) the
-    mask learning rate is scaled to the run: ``2 * (10 - logit(target)) / steps``, and
-    never below the reference's 1e-2. Whatever the thresholds reached, the final
-    plan meets the budget: one common shift of every threshold (up or down) puts the
-    kept fraction at the largest value not above ``density`` (see ``shift_to_target``).
-    """
-
-    density: float = 0.5  # the fraction of encoder weights to keep (heads + neurons)
-    temperature: float = 2.0
-    alpha_distil: float = 0.9
-    alpha_ce: float = 0.1
-    final_lambda: float = 20000.0
-    mask_lr: float | None = None  # None: scaled to the run's steps (see above)
-    threshold_init: float = 10.0
-    pruning_epochs: float = 2.0  # masked training with distillation
-    final_epochs: float = 1.0  # distillation fine-tune of the sliced model
-    block_size: int = 0  # level 3: 0 = off, else e.g. 16 or 32
-    block_density: float = 0.5  # level 3: the fraction of blocks kept
-    block_epochs: float = 1.0
-
-    MASK_FIELDS = ("density", "temperature", "alpha_distil", "alpha_ce", "final_lambda",
-                   "mask_lr", "threshold_init", "pruning_epochs")
-    """The settings the first phase (head and neuron masks) depends on; the later phases
-    depend on all of them."""
-
-    def phase_settings(self, phase: str) -> dict:
-        """The settings a phase's result depends on (its cache key)."""
-        values = dataclasses.asdict(self)
-        if phase == "prune-width":
-            return {k: values[k] for k in self.MASK_FIELDS}
-        return values
-
-    def __post_init__(self):
-        for name in ("density", "block_density"):
-            value = getattr(self, name)
-            if not 0 < value <= 1 or not math.isfinite(value):
-                raise GlpError(f"--{name.replace('_', '-')} {value}: choose a fraction in "
-                               "(0, 1], e.g. 0.5, 0.3 or 0.2")
-        if self.block_size < 0:
-            raise GlpError(f"--block-size {self.block_size}: 0 (off) or a block width such "
-                           "as 16 or 32")
 
 
 class TopK(torch.autograd.Function):
@@ -353,15 +286,16 @@ class _BlockMasking(nn.Module):
         return weight * full[: weight.shape[0], : weight.shape[1]].to(weight.dtype)
 
 
-class Distillation(Objective):
-    """0.9 x distillation (KL at temperature T, times T^2) + 0.1 x the task loss, plus the
-    adaptive regulariser of the masks when there are masks."""
+class Distillation(KnowledgeDistillation):
+    """Knowledge distillation (:class:`glp.training.distill.Distillation`, MLPruning's
+    weights and temperature), plus the adaptive regulariser of the masks when there are
+    masks, whose scores and thresholds train at their own learning rate."""
 
     def __init__(self, teacher: nn.Module | None, config: MLPruningConfig,
                  masks: WidthMasks | BlockMasks | None = None, target: float = 1.0,
                  mask_lr: float = 1e-2):
-        self.teacher, self.config, self.masks, self.target = teacher, config, masks, target
-        self.mask_lr = mask_lr
+        super().__init__(teacher, config.temperature, config.alpha_distil, config.alpha_ce)
+        self.config, self.masks, self.target, self.mask_lr = config, masks, target, mask_lr
 
     def param_groups(self) -> list[dict]:
         if self.masks is None:
@@ -369,23 +303,10 @@ class Distillation(Objective):
         return [{"params": list(self.masks.params), "lr": self.mask_lr}]
 
     def loss(self, model, outputs, batch, step, steps):
-        c = self.config
-        loss = outputs.loss
-        if self.teacher is not None:
-            with torch.no_grad():
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                teacher_logits = self.teacher(**inputs).logits
-            if outputs.logits.shape[-1] == 1:  # regression: match the teacher's scores
-                distil = nn.functional.mse_loss(outputs.logits, teacher_logits)
-            else:
-                distil = nn.functional.kl_div(
-                    nn.functional.log_softmax(outputs.logits / c.temperature, dim=-1),
-                    nn.functional.softmax(teacher_logits / c.temperature, dim=-1),
-                    reduction="batchmean") * c.temperature**2
-            loss = c.alpha_distil * distil + c.alpha_ce * loss
+        loss = super().loss(model, outputs, batch, step, steps)
         if self.masks is not None:
             loss = loss + adaptive_regulariser(self.masks.remaining(), self.target,
-                                               c.final_lambda)
+                                               self.config.final_lambda)
         return loss
 
 
@@ -415,22 +336,21 @@ def _phase(finetune: FineTuneConfig, epochs: float) -> FineTuneConfig:
     return finetune.__class__(**{**finetune.to_dict(), "epochs": epochs})
 
 
-def _freeze(teacher: nn.Module, device: str) -> nn.Module:
-    teacher.eval().to(resolve_device(device))
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    return teacher
+_freeze = freeze
 
 
-def check_density(model: nn.Module, density: float) -> None:
+def check_density(model: nn.Module, density: float | MLPruningConfig) -> None:
     """Refuse a density below what one head and one neuron per layer keep."""
+    if isinstance(density, MLPruningConfig):
+        density = density.density
     masks = WidthMasks(model)
     smallest = masks.density(MIN_SHIFT)
     masks.remove()
     if smallest > density:
-        raise GlpError(f"--density {density}: this model keeps at least {smallest:.3f} of "
-                       "its encoder weights with one head and one FFN neuron per layer; "
-                       f"choose a density in [{math.ceil(smallest * 100) / 100:.2f}, 1]")
+        lowest = math.ceil(smallest * 100) / 100
+        raise ParamError("density", density, (
+            f"a density in [{lowest:.2f}, 1] (this model keeps at least {smallest:.3f} of "
+            "its encoder weights with one head and one FFN neuron per layer)"))
 
 
 def train_width_masks(model: nn.Module, teacher: nn.Module, dataset,
@@ -468,19 +388,6 @@ def distil(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConf
     _freeze(teacher, device)
     return fine_tune(model, dataset, _phase(finetune, config.final_epochs), seed=seed,
                      device=device, objective=Distillation(teacher, config), on_step=on_step)
-
-
-def distil_layers(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
-                  *, seed: int, temperature: float = 2.0, device: str = "cpu",
-                  on_step: StepCallback | None = None) -> TrainStats:
-    """A layer-pruned model's whole fine-tune with knowledge distillation from ``teacher``
-    (the unpruned fine-tuned model): ``finetune`` as for any final model, the loss 0.9 x
-    the teacher's soft targets at ``temperature`` + 0.1 x the hard labels (MLPruning's
-    objective, which DistilBERT's task distillation also uses)."""
-    _freeze(teacher, device)
-    objective = Distillation(teacher, MLPruningConfig(temperature=temperature))
-    return fine_tune(model, dataset, finetune, seed=seed, device=device,
-                     objective=objective, on_step=on_step)
 
 
 def train_block_masks(model: nn.Module, teacher: nn.Module, dataset,
@@ -527,3 +434,47 @@ def prune_width(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTun
 
 def with_blocks(plan: Plan, blocks: dict[str, BlockMask]) -> Plan:
     return Plan(plan.num_layers, plan.removed, plan.heads, plan.neurons, blocks)
+
+
+def run(context: Context, config: MLPruningConfig) -> Outcome:
+    """MLPruning of ``context.model`` (a copy of the fine-tuned teacher), in place, as the
+    registry calls it: masked training of heads and neurons with distillation, slicing, a
+    distillation fine-tune of the sliced model, and with ``config.block_size`` the block
+    masks (level 3). A diverged phase ends the run; its plan is the one it was heading for.
+    """
+    model, label = context.model, f"mlpruning density {config.density}"
+    teacher = context.teacher()
+    on_step, close = context.progress(f"{label}: masks")
+    try:
+        result = train_width_masks(model, teacher, context.train, context.config, config,
+                                   seed=context.seed, device=context.device, on_step=on_step)
+    finally:
+        close()
+    stats = result.stats["heads+neurons"]
+    phases = [phase_record("heads+neurons", stats)]
+    details = {"threshold_shift": result.shift,
+               "kept_by_thresholds": round(result.remaining_after_training, 4)}
+    if stats.diverged:
+        return Outcome(model, result.plan, phases, True, details)
+    model.to("cpu")  # each phase starts from the CPU, as a model loaded from disk would
+    if config.final_epochs:
+        on_step, close = context.progress(f"{label}: fine-tune")
+        try:
+            stats = distil(model, teacher, context.train, context.config, config,
+                           seed=context.seed + 1, device=context.device, on_step=on_step)
+        finally:
+            close()
+        phases.append(phase_record("fine-tune", stats))
+    plan = result.plan
+    if config.block_size and not any(p["diverged"] for p in phases):
+        on_step, close = context.progress(f"{label}: blocks")
+        try:
+            masks, stats = train_block_masks(model, teacher, context.train, context.config,
+                                             config, seed=context.seed + 2,
+                                             device=context.device, on_step=on_step)
+        finally:
+            close()
+        plan = with_blocks(plan, masks)
+        model.glp_plan = plan
+        phases.append(phase_record("blocks", stats))
+    return Outcome(model, plan, phases, any(p["diverged"] for p in phases), details)

@@ -1,39 +1,5 @@
-"""GRAIN (Yang et al., ACL 2023): gradient-based intra-attention pruning with distillation.
-
-The structures are each head's query/key dimensions, each head's value/output dimensions
-and the FFN intermediate neurons. One training run from a copy of the fine-tuned teacher
-does everything, as the reference (airaria/GRAIN, ``FineISPruner``) does:
-
-- **Importance**: a first-order Taylor estimate per structure, ``|sum(weight x grad)|``
-  over the structure's matrix (the query row and bias for a query/key dimension, the
-  attention output column for a value/output dimension, the FFN output column for a
-  neuron), smoothed by an exponential moving average (beta 0.998).
-- **Gradient separation**: the scores are gathered after the prediction (logit
-  distillation) loss alone is back-propagated; the hidden-state matching loss is
-  back-propagated afterwards and never enters them.
-- **Head-structure regulariser**: a value/output dimension's score update is multiplied
-  by ``tanh(kept fraction of its head / 0.3)``, so that dimensions of a head that is
-  mostly gone lose importance and whole heads empty out (``IS_alpha_head``); the
-  same with ``1e-4`` per layer (attention and FFN) only guards the last ones.
-- **Schedule**: the kept fraction falls from 1 to the target on a cubic curve between
-  20% and 40% of the steps, with a pruning step at every optimisation step (pruned
-  structures stay pruned); the remaining steps train the pruned (masked) model.
-  Pruning is global: one ranking across layers and structure kinds, each structure
-  weighted by the parameters it carries.
-- **Distillation**: cross-entropy against the teacher's soft labels at temperature 8 (KD
-  weight 1, hard-label weight 0), plus the mean squared error between student and
-  teacher hidden states of layers 0, 2, 4, ... through learnable linear maps that start
-  as the identity (discarded afterwards).
-- **Embeddings**: optionally factorised by truncated SVD before training (the reference
-  uses 192 dimensions); the factors train with the rest.
-
-At the end the masks become a plan (:class:`glp.core.plan.Plan` ``qk``/``vo``/``neurons``)
-and the model is sliced to it; :mod:`glp.core.attention` runs its uneven heads.
-
-Deviations: every remaining layer keeps at least one value/output dimension and one FFN
-neuron (the reference can empty a sublayer and bypass it), and the last pruning step
-reaches the target exactly (the reference stops one step before the end of the window).
-"""
+"""GRAIN's algorithm: Taylor importance of intra-head dimensions and neurons, pruned on a
+cubic schedule during distillation with gradient separation (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -57,6 +23,8 @@ from glp.core.anatomy import (
 from glp.core.errors import GlpError
 from glp.core.plan import EMBEDDINGS, Plan, plan_of_model
 from glp.core.surgery import apply_plan
+from glp.methods import Context, Outcome, ParamError, phase_record
+from glp.methods.grain import GrainConfig
 from glp.training.config import FineTuneConfig
 from glp.training.train import (
     Objective,
@@ -66,58 +34,6 @@ from glp.training.train import (
     model_device,
     resolve_device,
 )
-
-
-@dataclass(frozen=True)
-class GrainConfig:
-    """GRAIN's settings, defaulting to the reference's (scripts/run_glue.sh)."""
-
-    # The fraction of the encoder layers' weights kept, as MLPruning's --density (the
-    # reference's end_weights_ratio counts the prunable matrices only; glp converts, see
-    # DimMasks.prunable_target, so LayerNorms and output biases count as kept).
-    density: float = 0.05
-    epochs: float = 20.0  # the whole run: pruning window and training after it
-    start: float = 0.2  # pruning starts at this fraction of the steps
-    end: float = 0.4  # ... and reaches the density here
-    beta: float = 0.998  # EMA of the importance scores
-    head_alpha: float = 0.3  # head-structure regulariser (IS_alpha_head)
-    alpha: float = 1e-4  # the same per layer, for attention and FFN (IS_alpha)
-    temperature: float = 8.0
-    kd_weight: float = 1.0
-    hard_weight: float = 0.0
-    hidden_weight: float = 1.0  # hidden-state MSE (0: off); layers 0, 2, 4, ...
-    embedding_rank: int = 192  # SVD of the word embeddings (0: off)
-    gradient_separation: bool = True  # scores from the prediction loss only
-
-    def __post_init__(self):
-        checks = [
-            ("density", 0 < self.density <= 1, "a fraction in (0, 1], e.g. 0.2, 0.1 or 0.05"),
-            ("epochs", self.epochs > 0, "a positive number of epochs"),
-            ("start", 0 <= self.start < 1, "a fraction of the steps in [0, 1)"),
-            ("end", self.start <= self.end <= 1,
-             f"a fraction from --grain-start ({self.start:g}) to 1"),
-            ("beta", 0 <= self.beta < 1, "in [0, 1), e.g. 0.998"),
-            ("head_alpha", self.head_alpha > 0, "a positive number, e.g. 0.3"),
-            ("alpha", self.alpha > 0, "a positive number, e.g. 1e-4"),
-            ("temperature", self.temperature > 0, "a positive temperature, e.g. 8"),
-            ("kd_weight", self.kd_weight >= 0, "a weight >= 0"),
-            ("hard_weight", self.hard_weight >= 0, "a weight >= 0"),
-            ("hidden_weight", self.hidden_weight >= 0, "a weight >= 0"),
-            ("embedding_rank", self.embedding_rank >= 0, "0 (off) or a rank such as 192"),
-        ]
-        for name, ok, valid in checks:
-            value = getattr(self, name)
-            if not ok or (isinstance(value, float) and not math.isfinite(value)):
-                raise GlpError(f"--{OPTION_NAMES.get(name, name).replace('_', '-')} {value}: "
-                               f"choose {valid}")
-        if self.kd_weight == 0 and self.hard_weight == 0:
-            raise GlpError("--kd-weight 0 with --hard-weight 0: the prediction loss would be "
-                           "zero and give no importance scores; set one of them above 0")
-
-
-OPTION_NAMES = {"start": "grain_start", "end": "grain_end", "beta": "ema",
-                "head_alpha": "head_regulariser", "epochs": "pruning_epochs"}
-"""The CLI option of each setting whose name differs (``--grain-start`` for ``start``)."""
 
 
 def schedule(step: int, steps: int, config: GrainConfig, target: float) -> float:
@@ -397,16 +313,19 @@ def embedding_rank(model: nn.Module, rank: int) -> int:
     return rank if rank * (vocab + hidden) < vocab * hidden else 0
 
 
-def check_density(model: nn.Module, density: float) -> None:
+def check_density(model: nn.Module, density: float | GrainConfig) -> None:
     """Refuse a density below what one value dimension and one neuron per layer keep."""
+    if isinstance(density, GrainConfig):
+        density = density.density
     masks = DimMasks(model)
     masks.remove()
     smallest = (masks.fixed + len(masks.layers) * (masks.unit["vo"] + masks.unit["ffn"])) \
         / masks.base
     if smallest > density:
-        raise GlpError(f"--density {density}: this model keeps at least {smallest:.4f} of "
-                       "its encoder weights with one value dimension and one FFN neuron per "
-                       f"layer; choose a density in [{math.ceil(smallest * 1000) / 1000:.3f}, 1]")
+        lowest = math.ceil(smallest * 1000) / 1000
+        raise ParamError("density", density, (
+            f"a density in [{lowest:.3f}, 1] (this model keeps at least {smallest:.4f} of its "
+            "encoder weights with one value dimension and one FFN neuron per layer)"))
 
 
 def prune(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
@@ -440,3 +359,18 @@ def prune(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfi
         apply_plan(model, width)
         setattr(model, PLAN_ATTR, plan)
     return result
+
+
+def run(context: Context, config: GrainConfig) -> Outcome:
+    """GRAIN of ``context.model`` (a copy of the fine-tuned teacher), as the registry calls
+    it: one run that prunes and distils, then slicing (see :func:`prune`)."""
+    on_step, close = context.progress(f"grain density {config.density}: prune + distil")
+    try:
+        result = prune(context.model, context.teacher(), context.train, context.config,
+                       config, seed=context.seed, device=context.device, on_step=on_step)
+    finally:
+        close()
+    stats = result.stats["grain"]
+    return Outcome(context.model, result.plan, [phase_record("grain", stats)], stats.diverged,
+                   {"threshold_shift": 0.0,
+                    "kept_by_thresholds": round(result.density_reached, 4)})

@@ -1,29 +1,5 @@
-"""Autoencoder compression of weight matrices (Banaei et al., Findings of EACL 2023).
-
-Following the reference code (MohammadrezaBanaei/auto-encoder-based-transformer-compression):
-the rows of one module type's matrices, from every layer, are stacked ("concatenated"
-mode: the layers are compressed together) and a small autoencoder is trained on them. Each
-row is stored as its latent code; the decoder turns codes back into rows, and each decoded
-row is rescaled to the original row's norm (``enforce_norm``; the norms are stored too).
-The loss is ``0.9091 x cosine distance + 0.0909 x RMSE``, Adam at 1e-3 with the learning
-rate times 0.8 every 10 epochs, batches of 16 rows. The latent size is the largest whose
-storage (codes + decoder + norms) is at most ``1/ratio`` of the matrices.
-
-Two decoders:
-
-- ``nonlinear`` (the reference's default): latent ``x -> 2x -> 4x -> m`` with LeakyReLU and
-  a final tanh, encoder ``m -> 8x -> 4x -> x``. The model keeps its dense matrices: the
-  checkpoint stores the codes, norms and decoder (``glp_codes.safetensors``) instead of
-  the matrices, and ``glp.load_pretrained`` decodes them once. It saves storage, not time.
-- ``linear``: a linear decoder ``W_rows = diag(a) (C D^T + 1 b^T)`` factorises exactly: the
-  layer computes ``x -> [D^T; b^T] x`` (one ``(x+1) x m`` matrix shared by all layers of the
-  type) then ``-> diag(a) [C_l, 1]``, so the model is smaller and faster, like low rank,
-  but with the input-side factor shared across layers.
-
-Deviation: the reference stops early on masked-LM perplexity on WikiText-103 (not
-available offline); glp keeps the epoch whose decoded weights score best on the task's
-selection split (``evaluate``), or, without one, the lowest reconstruction loss.
-"""
+"""The autoencoder of a module type's matrices: training, latent sizes, folding a linear
+decoder into thin layers (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -36,7 +12,6 @@ from torch import nn
 
 from glp.core.codes import (
     CODES_FILE,
-    DECODERS,
     Coded,
     _assign,
     _mlp,
@@ -48,6 +23,8 @@ from glp.core.codes import (
 from glp.core.errors import GlpError
 from glp.core.factors import LowRankEmbedding, LowRankLinear, matrices
 from glp.core.plan import EMBEDDINGS, ROLES
+from glp.methods import Context, Outcome
+from glp.methods.autoencoder import DECODERS, AutoencoderParams
 
 
 @dataclass(frozen=True)
@@ -77,10 +54,6 @@ class AutoencoderConfig:
             raise GlpError(f"--ratio {self.ratio:g}: a compression ratio must be > 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise GlpError("the autoencoder needs at least 1 epoch and a batch of 1 row")
-
-
-
-
 
 
 def _storage(rows: int, width: int, latent: int, hidden: Sequence[int]) -> int:
@@ -116,16 +89,10 @@ def latent_size(rows: int, width: int, config: AutoencoderConfig) -> tuple[int, 
     return best, hidden(best)
 
 
-
-
-
-
 def _loss(output: torch.Tensor, target: torch.Tensor, config: AutoencoderConfig):
     cosine = 1.0 - nn.functional.cosine_similarity(output, target, dim=-1, eps=1e-6)
     rmse = (output - target).pow(2).mean().sqrt()
     return config.cosine_weight * cosine.mean() + config.l2_weight * rmse
-
-
 
 
 def train_autoencoder(model: nn.Module, role: str, config: AutoencoderConfig,
@@ -217,8 +184,6 @@ def train_autoencoder(model: nn.Module, role: str, config: AutoencoderConfig,
     return coded
 
 
-
-
 def fold_linear(model: nn.Module, coded: Coded) -> dict[str, int]:
     """Replace a linearly coded role's matrices by thin factors (exact): every layer gets
     ``first`` = ``[D^T; b^T]`` (shared) and ``second`` = ``diag(a) [C_l, 1]``.
@@ -269,9 +234,63 @@ def fold_linear(model: nn.Module, coded: Coded) -> dict[str, int]:
     return ranks
 
 
-
-
-
-
 __all__ = ["CODES_FILE", "DECODERS", "AutoencoderConfig", "Coded", "decode_into",
            "fold_linear", "latent_size", "train_autoencoder", "ROLES"]
+
+
+def config_for(params: AutoencoderParams, seed: int = 0) -> AutoencoderConfig:
+    return AutoencoderConfig(ratio=params.ratio, decoder=params.decoder, epochs=params.epochs,
+                             batch_size=params.batch_size, eval_every=params.eval_every,
+                             seed=seed)
+
+
+def check(model: nn.Module, params: AutoencoderParams) -> None:
+    """Refuse a model or a ratio this method cannot compress (on a meta-device copy)."""
+    from glp.core.plan import check_factorisable, plan_of_model
+
+    check_factorisable(plan_of_model(model), params.modules)
+    config = config_for(params)
+    for role in params.modules:
+        found = matrices(model, [role]).values()
+        rows = sum(m.weight.shape[0] for m in found)
+        latent_size(rows, next(iter(found)).weight.shape[1], config)
+
+
+def run(context: Context, params: AutoencoderParams) -> Outcome:
+    """One autoencoder per module type of ``context.model``, in place; the epoch kept is
+    the one whose decoded weights score best on the selection split."""
+    from glp.core.checkpoint import CODES_ATTR
+    from glp.core.plan import plan_of_model
+
+    model, base = context.model, plan_of_model(context.model)
+    config = config_for(params, context.seed)
+    ranks, shared, coded, codes, phases = {}, [], {}, {}, []
+    for role in params.modules:
+        on_step, close = context.progress(f"autoencoder ratio {params.ratio:g}: {role}")
+        try:
+            result = train_autoencoder(
+                model, role, config, evaluate=lambda: context.score(model),
+                on_epoch=lambda epoch, total, loss, value, step=on_step: step(epoch, total))
+        except GlpError as exc:
+            if "diverged" not in str(exc):
+                raise
+            phases.append({"phase": role, "steps": 0, "seconds": 0.0,
+                           "final_loss": float("nan"), "diverged": True})
+            return Outcome(model, base, phases, diverged=True)
+        finally:
+            close()
+        phases.append({"phase": role, "steps": result.epochs,
+                       "seconds": round(result.seconds, 3),
+                       "final_loss": result.losses[result.best_epoch - 1],
+                       "diverged": False, "latent": result.latent,
+                       "best_epoch": result.best_epoch, "stored": result.stored})
+        if params.decoder == "linear":
+            ranks.update(fold_linear(model, result))
+            if role != EMBEDDINGS:
+                shared.append(role)
+        else:
+            coded[role] = {"latent": result.latent, "hidden": result.hidden}
+            codes[role] = result
+    setattr(model, CODES_ATTR, codes)
+    plan = base.offline(ranks, shared, coded)
+    return Outcome(model, plan, phases)

@@ -1,25 +1,4 @@
-"""Low-rank factorisation of weight matrices: truncated SVD and Fisher-weighted SVD.
-
-A rank-``r`` plan entry replaces one ``nn.Linear`` (``out x in``) by two thin ones,
-``in -> r`` (no bias) then ``r -> out`` (the original bias): ``r * (in + out)`` weights
-instead of ``in * out``, and as many fewer multiply-adds, so the model is smaller *and*
-faster once ``r < in * out / (in + out)``. The word embeddings (``V x d``) become a
-``V x r`` lookup followed by an ``r -> d`` projection (smaller, not faster: a lookup costs
-nothing).
-
-Two ways to choose the factors, both with no fine-tuning afterwards ("offline"):
-
-- **SVD**: the best rank-``r`` approximation in Frobenius norm (Eckart-Young).
-- **Fisher-weighted SVD** (Hsu et al., ICLR 2022): the task does not care about every
-  weight equally. The empirical Fisher information of each weight (its squared gradient
-  of the task loss, summed over the selection split) is summed per input dimension, and
-  the factorisation minimises ``||(W - AB) diag(sqrt(I))||``: closed form, an SVD of
-  ``W diag(sqrt(I))`` with the weighting undone on the input-side factor. For the word
-  embeddings the weighting is per hidden dimension (the columns of ``E``).
-
-Ratios: a module type compressed at ratio ``R`` stores ``1/R`` of its weights, so a
-``n x m`` matrix gets ``r = floor(n * m / (R * (n + m)))`` (the reference code's rule).
-"""
+"""Truncated SVD and Fisher-weighted SVD of a model's matrices (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -38,6 +17,8 @@ from glp.core.factors import (
     plain_factors,
     svd_factors,
 )
+from glp.methods import Context, Outcome
+from glp.methods.lowrank import LowRankParams
 
 
 def rank_for_ratio(shape: Iterable[int], ratio: float) -> int:
@@ -55,16 +36,12 @@ def rank_for_ratio(shape: Iterable[int], ratio: float) -> int:
     return rank
 
 
-
-
 def fisher_column_weights(fisher: torch.Tensor) -> torch.Tensor:
     """Per-column weights ``sqrt(sum of Fisher over rows)``, floored so that no column's
     weight is zero (a dimension the split never exercised keeps a small say)."""
     importance = fisher.to(torch.float64).sum(0).sqrt()
     floor = importance.max() * 1e-3 if importance.max() > 0 else torch.tensor(1.0)
     return importance.clamp_min(floor)
-
-
 
 
 def fisher_factors(fisher: Mapping[str, torch.Tensor]) -> FactorFn:
@@ -76,18 +53,6 @@ def fisher_factors(fisher: Mapping[str, torch.Tensor]) -> FactorFn:
         return svd_factors(weight, rank, fisher_column_weights(fisher[key]))
 
     return factor
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def ranks_for_ratio(model: nn.Module, roles: Iterable[str], ratio: float) -> dict[str, int]:
@@ -141,3 +106,38 @@ def fisher_information(model: nn.Module, dataset, keys: Iterable[str], *,
 __all__ = ["LowRankEmbedding", "LowRankLinear", "apply_ranks", "fisher_factors",
            "fisher_information", "matrices", "plain_factors", "rank_for_ratio",
            "ranks_for_ratio", "svd_factors"]
+
+
+def check(model: nn.Module, params: LowRankParams) -> None:
+    """Refuse a model or a ratio this method cannot compress (on a meta-device copy)."""
+    from glp.core.plan import check_factorisable, plan_of_model
+
+    check_factorisable(plan_of_model(model), params.modules)
+    ranks_for_ratio(model, params.modules, params.ratio)
+
+
+def run(context: Context, params: LowRankParams) -> Outcome:
+    """Truncated (or Fisher-weighted) SVD of ``context.model``'s matrices, in place."""
+    import time
+
+    from glp.core.plan import plan_of_model
+    from glp.core.surgery import apply_plan
+
+    started = time.perf_counter()
+    model = context.model
+    ranks = ranks_for_ratio(model, params.modules, params.ratio)
+    factor = "svd"
+    if params.fisher:
+        on_step, close = context.progress(f"lowrank ratio {params.ratio:g}: Fisher information")
+        try:
+            fisher = fisher_information(model, context.selection, list(ranks),
+                                        batch_size=context.config.batch_size,
+                                        max_examples=params.fisher_examples, on_step=on_step)
+        finally:
+            close()
+        factor = fisher_factors(fisher)
+    plan = plan_of_model(model).offline(ranks)
+    apply_plan(model, plan, factor)
+    return Outcome(model, plan, [{"phase": "fisher-svd" if params.fisher else "svd",
+                                  "steps": 0, "seconds": round(time.perf_counter() - started, 3),
+                                  "final_loss": 0.0, "diverged": False}])
