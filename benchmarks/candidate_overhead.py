@@ -19,7 +19,7 @@ from pathlib import Path
 
 import glp.training.train as train
 import tasks.training as training
-from flows.job import PruneParams
+from flows.params import PruneParams
 from glp.core.models import model_fingerprint, resolve_model
 from glp.training.config import FineTuneConfig
 from tasks.data import prepare_data

@@ -821,7 +821,7 @@ def export(
             difference = compare_with_torch(model_dir, path)
             message += f"; max |logit difference| vs PyTorch {difference:.2e}"
     except GlpError as exc:
-        _fail(str(exc))
+        _fail(user_message(exc, {}))
     console.print(message)
 
 
@@ -866,7 +866,7 @@ def bench(
             shapes = [(b, n) for b in batch_size for n in length]
             rows = run_bench(timed, shapes, vocab, repeats=repeats)
     except GlpError as exc:
-        _fail(str(exc))
+        _fail(user_message(exc, {}))
     import onnxruntime
 
     console.print(f"threads {threads}, torch {torch.__version__}, onnxruntime "
@@ -948,7 +948,7 @@ def pick(
     try:
         budget = Budget(max_latency_ms, min_speedup, min_metric, max_parameters)
     except GlpError as exc:
-        _fail(str(exc))
+        _fail(user_message(exc, {}))
     finals = run_home.parquet / "finals"
     if not finals.is_dir():
         _fail(f"--home {run_home.root}: no final models there (no parquet/finals); run glp "
@@ -1107,7 +1107,7 @@ def serve(
         code = serve_all(run_home.root, port=port, host=host, pool=pool, deploy=deploy,
                          allow_remote=allow_remote, limit=limit, ui=ui, echo=console.print)
     except GlpError as exc:
-        _fail(str(exc))
+        _fail(user_message(exc, {}))
     raise typer.Exit(code)
 
 

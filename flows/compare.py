@@ -25,17 +25,10 @@ from flows.comparison import (
     pruning_epochs,
     pruning_identity,
 )
-from flows.job import (
-    Job,
-    PruneParams,
-    check_inputs,
-    check_search,
-    distilled_variant,
-    final_plans,
-    register_depths,
-    strategy_for,
-)
+from flows.job import Job, distilled_variant, final_plans
 from flows.methods import compressor_names, layer_strategies, parse_methods
+from flows.params import PruneParams, check_inputs, check_search, strategy_for
+from flows.registration import register_depths
 from flows.runners import run_on_task_runner
 from glp import GlpError
 from glp.methods import LAYER_METHOD, REFERENCE, get_method

@@ -22,7 +22,8 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, model_validator
 
-from flows.job import Job, PruneParams, _finite
+from flows.job import Job, _finite
+from flows.params import PruneParams
 from flows.runners import run_on_task_runner
 from flows.sources import input_checkpoint, is_fine_tuned, registry_name, resolve_model
 from glp import GlpError
@@ -157,7 +158,7 @@ def check_on_model(method: Method, configs: list, model_path: str) -> None:
 
 def preflight(params: CompressParams) -> str:
     """Check every input before anything runs; a one-line description of the job."""
-    from flows.job import check_inputs
+    from flows.params import check_inputs
 
     method, configs = check_method(params)
     uri = params.model and params.model.startswith("models:/")
@@ -229,8 +230,7 @@ def _compress(params: CompressParams) -> CompressSummary:
         reference = reference_of()
         source = source_of()
         rows = compressed_rows(job, method, configs, source)
-        job.time_budgets(source, [r for r in reference if r["cache_key"] == source.key],
-                         rows, f"target_{method.budget}")
+        job.time_budgets(source, reference, rows, f"target_{method.budget}")
         versions = register_sizes(job, name, rows, method) if params.register_models else {}
         job.write_finals(reference + rows)
         seconds = round(time.perf_counter() - started, 1)

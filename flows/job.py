@@ -9,301 +9,51 @@ fine-tune: the tasks are cached by what decides their result, not by who asked.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import prefect.runtime.flow_run
-from pydantic import BaseModel, Field, field_validator
 
 import glp
-from flows.runners import parse_task_runner
+from flows.params import FINAL_SEED_BASE, PruneParams, check_model, check_options, model_slug
+from flows.search import JobSearch, SearchOutcome, _finite
 from glp import GlpError
 from glp.core.checkpoint import saved_parameters
 from glp.core.hashing import stable_hash
 from glp.core.models import (
-    DEFAULT_MODEL,
-    check_supported,
-    check_weights,
     model_fingerprint,
-    num_encoder_layers,
 )
-from glp.core.models import resolve_model as resolve_model_path
 from glp.core.plan import Plan
 from glp.core.provenance import code_fingerprint
 from glp.methods import LAYER_METHOD, REFERENCE
 from glp.methods.layers.search import (
-    FULL,
-    SEARCHES,
-    Budget,
-    CandidateScored,
-    LayerScored,
-    LayerSelected,
     Strategy,
-    StrategyOptions,
-    SubsetChosen,
-    get_strategy,
-    plan_of,
-    removal_order,
 )
-from glp.training.config import FineTuneConfig
-from glp.training.data import TaskData
-from glp.training.train import check_precision, resolve_device
 from tasks import progress
-from tasks.analysis import SimilarityRequest, layer_similarity, measure_latencies
-from tasks.data import DataRef, DataSource, checked_train, load_source, prepare_data
+from tasks.analysis import layer_similarity, measure_latencies
+from tasks.data import DataRef, prepare_data
 from tasks.home import RunHome
 from tasks.records import (
-    candidate_row,
     final_row,
     record_rows,
-    score_row,
-    selection_row,
     written,
 )
-from tasks.registry import Registration, register_all, registrations
-from tasks.search import select_layer
 from tasks.tracking import (
-    CANDIDATE,
     FINAL,
     end_job_run,
     log_child_run,
     log_run_metrics,
-    register_model,
-    register_onnx,
     start_job_run,
 )
 from tasks.training import (
     CODE,
     Checkpoint,
     FineTuneRequest,
-    Scored,
     Teacher,
     evaluate_final,
     fine_tune_final,
     score_candidate,
 )
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "glue"
-FINAL_SEED_BASE = 40  # the paper's final seeds are 40..44
 
-
-class PruneParams(BaseModel):
-    """Everything a pruning job depends on (validated by Prefect when the flow starts)."""
-
-    model: str = Field(DEFAULT_MODEL, description="local model directory or hub id")
-    task: str | None = Field("sst2", description="a GLUE task name (ignored with train_file)")
-    data_dir: str | None = Field(None, description="folder of GLUE task folders")
-    train_file: str | None = None
-    dev_file: str | None = None
-    text_columns: tuple[str, ...] = ()
-    label_column: str = "label"
-    task_type: str = "classification"
-    metric: str | None = None
-    remove: int = Field(2, ge=1, description="layers to remove")
-    strategy: str = "greedy"
-    prefilter_keep: int = Field(0, ge=0, description="greedy: fine-tune only the m candidates "
-                                "with the lowest block influence (0 = all)")
-    search: str = Field("full", description="greedy: full (the reference protocol), halving "
-                        "(successive halving) or warm (from one fine-tuned full model)")
-    search_fraction: float | None = Field(None, ge=0.01, le=1, allow_inf_nan=False, description=(
-        "greedy: halving's first-rung share of the budget (0.1) or warm's repair (0.25)"))
-    random_seed: int = Field(0, description="random: the seed of the random order")
-    exhaustive_limit: int = Field(64, ge=1, description="exhaustive: most fine-tunes allowed")
-    train_limit: int | None = Field(None, ge=1, description="training examples used")
-    eval_limit: int | None = Field(None, ge=1, description="dev examples used")
-    epochs: float = Field(3.0, gt=0, allow_inf_nan=False)
-    max_length: int = Field(128, ge=8)
-    learning_rate: float = Field(2e-5, gt=0, allow_inf_nan=False)
-    batch_size: int = Field(32, ge=1)
-    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False,
-                                 description="gradient-norm clipping (0 = off)")
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
-    precision: str = Field("fp32", description="fp32, or bf16/fp16 autocast on a GPU")
-    length_grouping: bool = Field(True, description="batches of similar length (faster on CPU)")
-    keep_candidates: bool = Field(False, description="keep every search candidate's weights")
-    trust_remote_code: bool = Field(False, description="allow a model with custom code")
-    seeds: int = Field(5, ge=1, description="seeds per final model (40, 41, ...)")
-    distill: bool = Field(False, description=(
-        "also fine-tune every pruned depth with knowledge distillation from the unpruned "
-        "fine-tuned model (seed 40's), beside the plain fine-tune"))
-    distill_temperature: float = Field(2.0, gt=0, allow_inf_nan=False)
-    search_seed: int = 41
-    split_seed: int = 0
-    selection_fraction: float = Field(0.15, gt=0, lt=1, allow_inf_nan=False)
-    home: str | None = None
-    tracking_uri: str | None = None
-    experiment: str = "glp"
-    registered_model: str | None = None
-    register_models: bool = True
-    task_runner: str = Field("sequential", description=(
-        "where fine-tunes run: sequential, threads:N, dask, dask:N, dask:tcp://HOST:PORT, "
-        "ray, ray:ray://HOST:PORT (flows/runners.py); not part of the job id"))
-
-    @field_validator("task_runner")
-    @classmethod
-    def _check_task_runner(cls, value: str) -> str:
-        return parse_task_runner(value).spec
-
-    def finetune_config(self) -> FineTuneConfig:
-        return FineTuneConfig(
-            learning_rate=self.learning_rate,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            epochs=self.epochs,
-            max_grad_norm=self.max_grad_norm or None,
-            precision=self.precision,
-            length_grouping=self.length_grouping,
-        )
-
-    def strategy_options(self, **overrides) -> StrategyOptions:
-        values = {"seed": self.random_seed, "prefilter_keep": self.prefilter_keep,
-                  "search": self.search, "search_fraction": self.search_fraction,
-                  "exhaustive_limit": self.exhaustive_limit, **overrides}
-        return StrategyOptions(**values)
-
-    def source(self) -> DataSource:
-        return DataSource(
-            task=None if self.train_file else self.task,
-            data_dir=self.data_dir or str(DEFAULT_DATA_DIR),
-            train_file=self.train_file,
-            dev_file=self.dev_file,
-            text_columns=self.text_columns,
-            label_column=self.label_column,
-            task_type=self.task_type,
-            metric=self.metric,
-            name=Path(self.train_file).stem if self.train_file else "custom",
-        )
-
-
-def check_model(params: PruneParams, strategies: list[Strategy]) -> tuple[str, int]:
-    """The local model directory and its layer count, or a GlpError.
-
-    Raises GlpError for an unsupported model, custom model code without
-    ``trust_remote_code``, damaged weights, or a budget a strategy cannot search.
-    """
-    model_path = resolve_model_path(params.model)
-    config = check_supported(model_path, trust_remote_code=params.trust_remote_code)
-    check_weights(model_path)
-    num_layers = num_encoder_layers(config)
-    for strategy in strategies:
-        strategy.validate(num_layers, params.remove)
-    return model_path, num_layers
-
-
-def check_options(params: PruneParams) -> str:
-    """Options that would be silently ignored, and the device; returns the device.
-
-    Raises GlpError naming the option as the user typed it.
-    """
-    given = params.model_fields_set
-    if params.train_file:
-        if "task" in given and params.task:
-            raise GlpError(f"--task {params.task} and --train-file: choose one (a GLUE task "
-                           "or your own data)")
-        if params.data_dir:
-            raise GlpError("--data-dir is the folder of GLUE tasks; with --train-file it "
-                           "would be ignored")
-    else:
-        if params.text_columns or ("label_column" in given
-                                   and params.label_column != "label"):
-            option = "--text-column" if params.text_columns else "--label-column"
-            raise GlpError(f"{option}: a GLUE task ({params.task}) has its own columns; "
-                           f"{option} is for --train-file data")
-        if params.dev_file:
-            raise GlpError("--dev-file is for your own data and needs --train-file; a GLUE "
-                           f"--task ({params.task}) brings its own dev set")
-        for name, option in (("task_type", "--task-type"), ("metric", "--metric")):
-            value = getattr(params, name)
-            if name in given and value is not None:
-                raise GlpError(f"{option} {value}: a GLUE task ({params.task}) has its own "
-                               f"{name.replace('_', ' ')}; {option} is for --train-file data")
-    device = resolve_device(params.device)
-    check_precision(params.precision, device)
-    return str(device)
-
-
-def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, TaskData]:
-    """Every check a run needs before it starts: the options, the device, the model, each
-    strategy's budget, and the data (task, files, columns, labels of the subset that will
-    be used). Returns the layer count and the loaded data."""
-    check_options(params)
-    _, num_layers = check_model(params, strategies)
-    data = load_source(params.source())
-    checked_train(data, params.train_limit, params.split_seed)
-    return num_layers, data
-
-
-def _strategy_names(params: PruneParams) -> list[str]:
-    """The strategies a prune (--strategy) or compare (--strategies) job runs, lower-case."""
-    if getattr(params, "methods", None):  # compare --methods: the layer strategies it runs
-        from flows.methods import layer_strategies, parse_methods
-
-        return list(layer_strategies(parse_methods(params.methods)))
-    value = getattr(params, "strategies", None) or params.strategy
-    names = value.split(",") if isinstance(value, str) else list(value)
-    return [name.strip().lower() for name in names if name.strip()]
-
-
-def _runs_greedy(params: PruneParams) -> bool:
-    return "greedy" in _strategy_names(params)
-
-
-def _strategy_option(params: PruneParams) -> str:
-    if getattr(params, "methods", None):
-        return f"--methods {','.join(params.methods)} has no greedy"
-    if "strategies" in type(params).model_fields:
-        return f"--strategies {','.join(_strategy_names(params))} has no greedy"
-    return f"--strategy is {params.strategy}"
-
-
-def check_search(params: PruneParams) -> None:
-    """--search, --search-fraction and --prefilter-keep, refused in the user's words
-    before any strategy is built."""
-    if params.prefilter_keep and not _runs_greedy(params):
-        raise GlpError(f"--prefilter-keep {params.prefilter_keep}: only the greedy strategy "
-                       f"pre-filters ({_strategy_option(params)})")
-    if params.search not in SEARCHES:
-        raise GlpError(f"--search '{params.search}': choose one of: {', '.join(SEARCHES)}")
-    if params.search_fraction is not None and params.search == "full":
-        raise GlpError(f"--search-fraction {params.search_fraction:g}: the share of the "
-                       "budget is for --search halving or warm (the full search trains "
-                       "every candidate for the whole budget)")
-    if params.search != "full" and not _runs_greedy(params):
-        raise GlpError(f"--search {params.search}: only the greedy strategy searches "
-                       f"({_strategy_option(params)})")
-
-
-def strategy_for(params: PruneParams, name: str, **options) -> Strategy:
-    check_search(params)
-    return get_strategy(name, params.strategy_options(**options))
-
-
-def model_slug(model: str) -> str:
-    base = DEFAULT_MODEL if model == DEFAULT_MODEL else model.rstrip("/").split("/")[-1]
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).lower()
-
-
-@dataclass
-class SearchOutcome:
-    """What one strategy found and what it cost."""
-
-    strategy: Strategy
-    plan: list[tuple[int, tuple[int, ...]]]  # (depth, removed), unpruned first
-    order: list[int]  # the nested removal order ([] for per-size strategies)
-    candidates: list[dict] = field(default_factory=list)
-    selections: list[dict] = field(default_factory=list)
-    scores: list[dict] = field(default_factory=list)
-    fine_tunes: int = 0  # candidate fine-tunes this strategy needs (shared ones included)
-    # the same in whole-budget equivalents: a halving rung or a warm repair counts its
-    # share of the budget, and a warm start's shared fine-tune counts 1
-    equivalents: float = 0.0
-    seconds: float = 0.0  # their fine-tune and evaluation time, as measured when computed
-    zero_shot_passes: int = 0
-
-
-class Job:
+class Job(JobSearch):
     """One job inside a running flow: inputs checked, data prepared, tasks bound to the home."""
 
     def __init__(self, params: PruneParams, strategies: list[Strategy]):
@@ -426,145 +176,6 @@ class Job:
         checkpoint = self.teacher_checkpoint()
         return Teacher(path=checkpoint.path, key=checkpoint.key,
                        temperature=self.params.distill_temperature)
-
-    # ------------------------------------------------------------------ search
-
-    def score(self, removal_sets, budget: Budget = FULL) -> list[Scored]:
-        """Fine-tune and score candidates, all submitted together (parallel runners), for
-        ``budget``'s share of the epochs, from the warm start when it asks for one."""
-        share = "" if budget.fraction == 1 else f" at {budget.fraction:g} of the budget"
-        handle = self.reporter.begin("candidates", f"{len(removal_sets)} candidates{share}",
-                                     len(removal_sets))
-        keep = self.params.keep_candidates
-        requests = [self.request(r, "fit", self.params.search_seed, keep_weights=keep)
-                    for r in removal_sets]
-        if budget != FULL:
-            # rounded: 3.0 * 0.1 is 0.30000000000000004, one step more than 0.3 at times
-            config = dataclasses.replace(
-                self.finetune, epochs=round(self.finetune.epochs * budget.fraction, 9))
-            start = self.warm_start() if budget.warm else None
-            requests = [request.model_copy(update={"config": config}) for request in requests]
-            if start is not None:
-                requests = [request.model_copy(update={
-                    "model_path": start.path,
-                    "model_fingerprint": stable_hash("warm-start", start.key)})
-                    for request in requests]
-        futures = [self._score_candidate.submit(request, "selection") for request in requests]
-        results = []
-        for done, future in enumerate(futures):
-            results.append(future.result())
-            self.reporter.update(handle, done + 1)
-        self.reporter.end(handle)
-        return results
-
-    def warm_start(self) -> Checkpoint:
-        """The fine-tuned unpruned model every warm-start candidate begins from: the fit
-        split, the search seed, the whole budget (a cached task, computed once per job)."""
-        checkpoint = self._warm_start.submit(self.request((), "fit", self.params.search_seed)
-                                             ).result()
-        if checkpoint.key not in self._seen:
-            self.reporter.note(f"warm start: the unpruned model fine-tuned on the fit split "
-                               f"({checkpoint.seconds:.0f} s)")
-            self._count(checkpoint)
-            self.warm_seconds = checkpoint.seconds
-        if not Path(checkpoint.path).is_dir():
-            raise GlpError(f"the warm start's checkpoint {checkpoint.path} is missing; "
-                           "delete the run home's prefect/results to recompute, or restore "
-                           "the artifacts folder")
-        if checkpoint.diverged:
-            raise GlpError("the warm start (the unpruned model fine-tuned on the fit split) "
-                           "diverged; lower --lr, or use --search full or halving")
-        return checkpoint
-
-    def similarity(self, removed: tuple[int, ...]):
-        """Hidden-state similarity of the pre-trained model without ``removed`` (cached)."""
-        request = SimilarityRequest(model_path=self.model_path, model_fingerprint=self.model_fp,
-                                    data=self.data, split="selection", removed=removed,
-                                    max_length=self.finetune.max_length, home=self.home)
-        return self._similarity.submit(request).result().matrices()
-
-    def search(self, strategy: Strategy) -> SearchOutcome:
-        """Run one strategy; log its candidates and write its Parquet parts per iteration."""
-        params, data = self.params, self.data
-        label = strategy.label
-        base = {"job_id": self.job_id, "strategy": strategy.name, "variant": strategy.variant,
-                "model": params.model, "task": data.task}
-        outcome = SearchOutcome(strategy, [], [])
-        pending: dict[str, list[dict]] = {"candidates": [], "scores": []}
-        passes = 0
-
-        def similarity(removed):
-            nonlocal passes
-            passes += 1
-            return self.similarity(removed)
-
-        handle = self.reporter.begin("iterations", f"{label} search", params.remove)
-        records = []
-        for record in strategy.search(self.num_layers, params.remove, self.score,
-                                      select=select_layer, similarity=similarity):
-            records.append(record)
-            if isinstance(record, CandidateScored):
-                pending["candidates"].append(self._candidate_row(base, record))
-                outcome.fine_tunes += 1
-                outcome.equivalents += record.budget
-                outcome.seconds += (record.result.checkpoint.seconds
-                                    + record.result.evaluation.seconds)
-            elif isinstance(record, LayerScored):
-                pending["scores"].append(score_row(base, record))
-            elif isinstance(record, LayerSelected | SubsetChosen):
-                chosen = (list(record.order) if isinstance(record, LayerSelected)
-                          else list(record.removed))
-                iteration = (record.iteration if isinstance(record, LayerSelected)
-                             else record.count - 1)
-                row = selection_row(
-                    base, run_id=self.parent_run_id, iteration=iteration,
-                    layer=getattr(record, "layer", None), order=chosen,
-                    num_layers=self.num_layers, metric=data.metric, value=record.score,
-                    candidates=len(pending["candidates"]),
-                    cache_key=stable_hash(self.job_id, label, chosen))
-                part = f"{label}-iteration-{iteration:03d}"
-                for table, rows in pending.items():
-                    if rows:
-                        record_rows(self.home.parquet, table, self.job_id, part, rows)
-                record_rows(self.home.parquet, "selections", self.job_id, part, [row])
-                outcome.candidates += pending["candidates"]
-                outcome.scores += pending["scores"]
-                pending = {"candidates": [], "scores": []}
-                outcome.selections.append(row)
-                self.reporter.update(handle, iteration + 1)
-                what = (f"remove layer {record.layer}" if isinstance(record, LayerSelected)
-                        else f"remove layers {chosen}")
-                score = f" ({data.metric} {record.score:.4f})" if record.score is not None else ""
-                self.reporter.note(f"{label} {iteration + 1}: {what}{score}")
-        self.reporter.end(handle)
-        outcome.plan = plan_of(records, self.num_layers)
-        outcome.order = list(removal_order(records))
-        if self.warm_seconds is not None and getattr(strategy, "search_kind", "") == "warm":
-            outcome.fine_tunes += 1
-            outcome.equivalents += 1.0
-            outcome.seconds += self.warm_seconds
-        outcome.equivalents = round(outcome.equivalents, 6)
-        outcome.seconds = round(outcome.seconds, 3)
-        outcome.zero_shot_passes = passes
-        return outcome
-
-    def _candidate_row(self, base: dict, record: CandidateScored) -> dict:
-        checkpoint, evaluation = record.result.checkpoint, record.result.evaluation
-        reused = self._count(checkpoint)
-        run_id = log_child_run(
-            self.tracking_uri, self.parent_run_id, self.job_id, CANDIDATE, checkpoint.key,
-            f"candidate-remove-{'-'.join(map(str, record.removed))}"
-            + (f"-at-{record.budget:g}" if record.budget < 1 else ""),
-            params={"iteration": record.iteration, "layer": record.layer,
-                    "removed": list(record.removed), "seed": checkpoint.seed,
-                    "device": checkpoint.device, "budget": record.budget},
-            metrics={**_finite(evaluation.metrics), "fine_tune_seconds": checkpoint.seconds},
-            tags={**self.common_tags, "glp.iteration": record.iteration,
-                  "glp.diverged": str(evaluation.diverged).lower()},
-        )
-        return candidate_row(base, record, run_id=run_id, parent_run_id=self.parent_run_id,
-                             num_layers=self.num_layers, train_examples=self.data.sizes["fit"],
-                             reused=reused)
 
     # ------------------------------------------------------------------ finals
 
@@ -710,56 +321,3 @@ def final_plans(outcomes: list[SearchOutcome]) -> list[tuple[str, str, int, tupl
             elif not entries or entries[0][0] != REFERENCE:
                 entries.insert(0, (REFERENCE, "", depth, removed))
     return entries
-
-
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    """The finite metrics (MLflow would store a diverged model's NaN as a number)."""
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
-
-
-def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,
-                    outcome: SearchOutcome, distilled: bool = False) -> dict[str, str]:
-    """Register one model per pruned depth (aliases ``depth-N`` and ``best``), by the rule
-    of :mod:`tasks.registry`: chosen by the selection split, never diverged. Each is
-    registered twice: as a transformers pipeline in ``name``, and as ONNX in
-    ``name-onnx`` (same versions' models, same aliases) for serving without glp or
-    transformers. Returns the pipeline model's aliases."""
-    data = job.data
-    order = outcome.order or [layer for _, removed in outcome.plan[-1:] for layer in removed]
-
-    def depth_of(row: dict) -> int | None:
-        mine = bool(row.get("distilled")) == distilled  # the plain or the distilled models
-        return None if row["strategy"] == REFERENCE or not mine else row["depth"]
-
-    how = (f"fine-tuned on {data.task} with distillation from the unpruned model"
-           if distilled else f"fine-tuned on {data.task}")
-
-    def register(registration: Registration) -> str:
-        chosen, depth = registration.chosen, registration.group
-        return register_model(
-            job.tracking_uri, chosen["run_id"], chosen["_path"], name, job.job_id, depth,
-            tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
-                  "glp.removed_layers": ",".join(map(str, chosen["removed"])),
-                  "glp.depth": depth, "glp.order": ",".join(map(str, order))},
-            description=(f"{params.model} with layers {chosen['removed']} removed "
-                         f"({depth} layers left), {how}; dev "
-                         f"{data.metric} {chosen['value']:.4f} (seed {chosen['seed']}, chosen "
-                         "by the selection split)"),
-        )
-
-    def register_as_onnx(registration: Registration) -> str:
-        chosen, depth = registration.chosen, registration.group
-        return register_onnx(
-            job.tracking_uri, chosen["run_id"], chosen["_path"], f"{name}-onnx", job.job_id,
-            registration.alias,
-            tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
-                  "glp.removed_layers": ",".join(map(str, chosen["removed"])),
-                  "glp.depth": str(depth), "glp.order": ",".join(map(str, order))},
-            description=f"{params.model} with layers {chosen['removed']} removed, as ONNX")
-
-    plan = registrations(final_rows, depth_of, lambda depth: f"depth-{depth}")
-    aliases = register_all(job.tracking_uri, name, plan, register, final_rows, depth_of)
-    # The ONNX twin: its own registered model, so that each alias names one flavour.
-    register_all(job.tracking_uri, f"{name}-onnx", plan, register_as_onnx,
-                 [dict(row) for row in final_rows], depth_of)
-    return aliases

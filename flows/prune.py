@@ -15,15 +15,9 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from flows.job import (
-    Job,
-    PruneParams,
-    check_inputs,
-    final_plans,
-    model_slug,
-    register_depths,
-    strategy_for,
-)
+from flows.job import Job, final_plans
+from flows.params import PruneParams, check_inputs, model_slug, strategy_for
+from flows.registration import register_depths
 from flows.runners import run_on_task_runner
 from tasks.tracking import end_job_run
 

@@ -93,7 +93,7 @@ def input_checkpoint(path: str, fingerprint: str, device: str) -> Checkpoint:
 def _prune_first(params) -> str:
     """Greedy layer pruning of ``--model`` by ``--prune-layers`` layers (the prune flow, as
     a subflow, cached as usual); the model directory of its best seed at that depth."""
-    from flows.job import PruneParams
+    from flows.params import PruneParams
     from flows.prune import prune
 
     fields = set(PruneParams.model_fields)
@@ -128,7 +128,7 @@ def resolve_model(params):
 def registry_name(params, task: str, method, config) -> str:
     """``glp-<model>-<task>-<method><suffix>`` (``-fisher``, ``-linear``); for a registry
     input, the input's name and alias instead of the model (``glp-…-greedy-depth-4-lowrank``)."""
-    from flows.job import model_slug
+    from flows.params import model_slug
 
     name = method.name + (method.suffix(config) if method.suffix else "")
     source = params.source_model or params.model

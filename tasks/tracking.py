@@ -9,7 +9,6 @@ versions instead of creating second copies.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import time
 from pathlib import Path
@@ -41,14 +40,12 @@ def _create_store_once(tracking_uri: str) -> None:
         return
     path = Path(tracking_uri.removeprefix("sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f"{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-            client.search_experiments(max_results=1)
-            client.search_registered_models(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    from filelock import FileLock
+
+    with FileLock(path.with_name(f"{path.name}.lock")):
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
     _READY.add(tracking_uri)
 
 

@@ -144,7 +144,7 @@ def _cases(files: dict[str, Path], model: Path) -> dict[str, tuple[list[str], st
                                "--task-type 'regresion': choose one of: classification, "
                                "regression"),
         "metric of the other task type": ([*user, "--metric", "spearman"],
-                                          "--metric 'spearman' is not a classification"),
+                                          "--metric 'spearman': choose a classification metric"),
         "one training class": (["--train-file", str(files["one_class"]), "--dev-file",
                                 str(files["train"]), "--text-column", "text"],
                                "the training data one_class.csv holds one class ('1')"),
@@ -164,9 +164,11 @@ def _cases(files: dict[str, Path], model: Path) -> dict[str, tuple[list[str], st
     }
     if not torch.cuda.is_available():
         cases["no CUDA device"] = (["--device", "cuda"],
-                                   "--device 'cuda': this torch build sees no CUDA device")
+                                   "--device 'cuda': choose cpu: this torch build sees no "
+                                   "CUDA device")
         cases["fp16 on a CPU"] = (["--device", "cpu", "--precision", "fp16"],
-                                  "--precision fp16: mixed precision is for a CUDA device")
+                                  "--precision fp16: choose fp32: mixed precision is for a "
+                                  "CUDA device")
     return {name: ([*args] if "--model" in args else ["--model", str(model), *args], text)
             for name, (args, text) in cases.items()}
 
@@ -265,7 +267,8 @@ COMPRESS = ["--task", "sst2", "--train-limit", "40", "--eval-limit", "20", "--ep
     (["--pruning-epochs", "nan"], "--pruning-epochs nan: choose a positive number"),
     (["--lr", "inf"], "--lr inf: input should be a finite number"),
     (["--method", "lowrank", "--ratio", "1"], "--ratio 1.0: choose a compression ratio > 1"),
-    (["--method", "lowrank", "--ratio", "400"], "--ratio 400: a 32x32 matrix would keep rank"),
+    (["--method", "lowrank", "--ratio", "400"],
+     "--ratio 400: choose at most 16.0 (a 32x32 matrix would keep rank"),
     (["--method", "lowrank", "--ratio", "4", "--ratio", "4"],
      "--ratio 4 and 4: each size gets its own registry alias"),
     (["--method", "lowrank", "--modules", "query,pooler"],

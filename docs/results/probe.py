@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from flows.job import DEFAULT_DATA_DIR
+from flows.params import DEFAULT_DATA_DIR
 from glp.core.models import load_classifier, load_tokenizer, resolve_model
 from glp.training.config import FineTuneConfig
 from glp.training.data import get_task, limit_examples, load_glue_split, tokenize

@@ -15,7 +15,7 @@ import os
 import warnings
 from pathlib import Path
 
-from glp.core.errors import GlpError
+from glp.core.errors import GlpError, ParamError
 
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -61,7 +61,7 @@ def export_onnx(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
                        ) from None
     target = Path(out)
     if target.is_dir():
-        raise GlpError(f"--out '{out}' is a directory; give the .onnx file to write")
+        raise ParamError("out", repr(str(out)), "the .onnx file to write, not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     model = load_pretrained(model_dir)
     names = model_inputs(model)
@@ -91,7 +91,8 @@ def export_onnx(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             try:
                 from onnxruntime.quantization import QuantType, quantize_dynamic
             except ImportError:
-                raise GlpError("--int8 needs onnxruntime: pip install onnxruntime") from None
+                raise GlpError("int8 quantisation needs onnxruntime: pip install onnxruntime"
+                               ) from None
             logging.disable(logging.WARNING)  # "consider pre-processing": advice only
             try:
                 quantize_dynamic(str(tmp), str(quantized), weight_type=QuantType.QInt8)

@@ -281,7 +281,25 @@ def compressors() -> tuple[Method, ...]:
     return all_methods(("width", "offline"))
 
 
+def options_markdown() -> str:
+    """Every compressor and its parameters as Markdown (docs/usage.md holds this text; a
+    test keeps it equal to what the dataclasses say)."""
+    lines = []
+    for method in compressors():
+        lines += [f"**{method.name}** ({method.family}, sized by `--{method.budget}`): "
+                  f"{method.summary}", "", "| option | default | meaning |",
+                  "| --- | --- | --- |"]
+        for option, spec in method.options().items():
+            default = spec.default if spec.default is not dataclasses.MISSING else ""
+            if isinstance(default, tuple):
+                default = ",".join(map(str, default))
+            lines.append(f"| `--{option.replace('_', '-')}` | {default} | "
+                         f"{spec.metadata.get('help', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 __all__ = ["BUDGETS", "FAMILIES", "LAYER_METHOD", "NEEDS", "REFERENCE", "Context", "Method",
            "Outcome", "ParamError", "all_methods", "budget_label", "check_number",
-           "compressors", "get_method", "is_method", "names", "param", "phase_record",
-           "register_method", "unregister_method"]
+           "compressors", "get_method", "is_method", "names", "options_markdown", "param",
+           "phase_record", "register_method", "unregister_method"]

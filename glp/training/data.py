@@ -23,7 +23,7 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from glp.core.errors import GlpError
+from glp.core.errors import GlpError, ParamError
 from glp.core.hashing import stable_hash
 from glp.training.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
@@ -554,15 +554,13 @@ def load_user_data(
             bad task type or metric, non-numeric regression labels, or no usable rows.
     """
     if task_type not in ("classification", "regression"):
-        raise GlpError(
-            f"--task-type {task_type!r}: choose one of: classification, regression"
-        )
+        raise ParamError("task_type", repr(task_type), "one of: classification, regression")
     is_regression = task_type == "regression"
     valid = REGRESSION_METRICS if is_regression else CLASSIFICATION_METRICS
     metric = metric or ("spearman" if is_regression else "accuracy")
     if metric not in valid:
-        raise GlpError(f"--metric {metric!r} is not a {task_type} metric; choose one of: "
-                       f"{', '.join(valid)}")
+        raise ParamError("metric", repr(metric), f"a {task_type} metric, one of: "
+                         f"{', '.join(valid)}")
     cols = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
     if len(cols) not in (1, 2):
         raise GlpError(f"--text-column must be given once (one text) or twice (a pair), got "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glp.core.errors import GlpError
+from glp.core.errors import ParamError
 from glp.training.config import PRECISIONS, FineTuneConfig
 from glp.training.data import collate
 from glp.training.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, compute_metrics
@@ -60,26 +60,27 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if text == "cuda" or text.startswith("cuda:"):
         index = text.partition(":")[2] or "0"
         if not index.isdigit():
-            raise GlpError(f"--device {spec!r}: a CUDA device looks like cuda or cuda:N "
-                           "(N = 0, 1, ...)")
+            raise ParamError("device", repr(spec), "a CUDA device as cuda or cuda:N "
+                             "(N = 0, 1, ...)")
         if not torch.cuda.is_available():
-            raise GlpError(f"--device {spec!r}: this torch build sees no CUDA device "
-                           f"(torch {torch.__version__}); use --device cpu, or install a "
-                           "CUDA build of torch (see README, GPU)")
+            raise ParamError("device", repr(spec), (
+                f"cpu: this torch build sees no CUDA device (torch {torch.__version__}); "
+                "or install a CUDA build of torch (see README, GPU)"))
         if int(index) >= torch.cuda.device_count():
-            raise GlpError(f"--device {spec!r}: there are {torch.cuda.device_count()} CUDA "
-                           f"device(s); choose cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise ParamError("device", repr(spec), (
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1} (there are "
+                f"{torch.cuda.device_count()} CUDA devices)"))
         return torch.device(f"cuda:{int(index)}")
-    raise GlpError(f"--device {spec!r}: choose auto, cpu, cuda or cuda:N")
+    raise ParamError("device", repr(spec), "auto, cpu, cuda or cuda:N")
 
 
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse a precision the device cannot autocast to."""
     if precision not in PRECISIONS:
-        raise GlpError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ParamError("precision", repr(precision), f"one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and device.type != "cuda":
-        raise GlpError(f"--precision {precision}: mixed precision is for a CUDA device; "
-                       f"the device is {device} (use --precision fp32)")
+        raise ParamError("precision", precision, f"fp32: mixed precision is for a CUDA "
+                         f"device, and the device is {device}")
 
 
 def _autocast(precision: str, device: torch.device):

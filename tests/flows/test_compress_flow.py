@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 import glp
 from flows.compress import CompressParams, compress
+from glp import GlpError
 from glp.core.plan import Plan
 
 pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
@@ -61,9 +62,9 @@ def test_rows_carry_method_plan_size_and_model_dir(two_runs, tiny_bert):
 
 def test_second_run_is_served_from_cache_without_duplicates(two_runs):
     home, first, second = two_runs
-    # 2 teachers (unpruned finals) + 2 densities x 2 seeds x (prune, fine-tune)
-    assert (first.computed, first.reused) == (10, 0)
-    assert (second.computed, second.reused) == (0, 10)
+    # 2 teachers (unpruned finals) + 2 densities x 2 seeds (one compress-model task each)
+    assert (first.computed, first.reused) == (6, 0)
+    assert (second.computed, second.reused) == (0, 6)
     assert second.job_id == first.job_id
     assert ([r["value"] for r in second.finals] == [r["value"] for r in first.finals])
     assert len(_finals(home)) == 6
@@ -104,7 +105,7 @@ def test_each_density_is_registered_as_onnx_and_serves(two_runs):
 def test_a_changed_density_reuses_the_teacher(harness, tiny_bert, two_runs):
     home, _, _ = two_runs
     third = compress(_params(tiny_bert, home, densities=(0.65,), seeds=1, register_models=False))
-    assert (third.computed, third.reused) == (2, 1)  # prune + fine-tune; the teacher reused
+    assert (third.computed, third.reused) == (1, 1)  # the compression; the teacher reused
 
 
 @pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "electra", "distilbert", "mpnet",
@@ -135,22 +136,21 @@ def test_every_family_compresses_end_to_end(family, harness, tiny_bert, tmp_path
         assert model(input_ids=torch.tensor([[101, 1037, 2986, 102]])).logits.shape == (1, 2)
 
 
-def test_a_diverged_compression_is_a_row_not_a_failed_run(harness, tiny_bert, tmp_path):
-    summary = compress(_params(tiny_bert, tmp_path / "home", learning_rate=1e9, seeds=1,
-                               densities=(0.7,)))
-    rows = [r for r in summary.finals if r["method"] == "mlpruning"]
-    assert len(rows) == 1 and rows[0]["diverged"] and rows[0]["value"] != rows[0]["value"]
-    assert Plan.from_json(rows[0]["plan"]).heads or Plan.from_json(rows[0]["plan"]).neurons
-    assert summary.versions == {}  # nothing diverged is registered
-    assert len(_finals(tmp_path / "home")) == 2
+def test_a_diverged_teacher_is_refused_not_compressed(harness, tiny_bert, tmp_path):
+    """At lr 1e9 the unpruned model's fine-tune diverges: no method starts from it."""
+    with pytest.raises(GlpError, match=r"the unpruned model's fine-tune \(the teacher\) "
+                                       "diverged"):
+        compress(_params(tiny_bert, tmp_path / "home", learning_rate=1e9, seeds=1,
+                         densities=(0.7,)))
 
 
 def test_block_settings_reuse_the_masks_phase(harness, tiny_bert, two_runs):
     home, _, _ = two_runs
     blocks = compress(_params(tiny_bert, home, densities=(0.6,), seeds=1, block_size=8,
                               block_density=0.5, register_models=False))
-    # the teacher and the head/neuron masks are reused; only the last phase is new
-    assert (blocks.computed, blocks.reused) == (1, 2)
+    # the teacher is reused; MLPruning's phases are one compress-model task, so block
+    # settings run the whole method again (one cache path for every method)
+    assert (blocks.computed, blocks.reused) == (1, 1)
     row = next(r for r in blocks.finals if r["method"] == "mlpruning")
     assert Plan.from_json(row["plan"]).blocks and row["parameters"] < next(
         r["parameters"] for r in two_runs[1].finals if r.get("target_density") == 0.6

@@ -96,7 +96,7 @@ def test_register_puts_every_method_in_the_registry_once(compared, tiny_bert):
     import numpy as np
     from mlflow import MlflowClient
 
-    from flows.job import model_slug
+    from flows.params import model_slug
 
     home, first, _ = compared
     rows_before = len(_finals(home))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import flows.job
+import flows.registration
 import tasks.registry
-from flows.job import REFERENCE, SearchOutcome, register_depths
+from flows.job import SearchOutcome
+from flows.registration import register_depths
+from glp.methods import REFERENCE
 
 
 def _row(depth, seed, dev, selection, diverged=False, strategy="greedy"):
@@ -23,14 +25,14 @@ def _register(rows, monkeypatch):
         registered.append((depth, int(tags["glp.seed"]), tags))
         return str(len(registered))
 
-    monkeypatch.setattr(flows.job, "register_model", register_model)
+    monkeypatch.setattr(flows.registration, "register_model", register_model)
     onnx = []
 
     def register_onnx(uri, run_id, path, name, job_id, budget, tags, description):
         onnx.append((name, budget, int(tags["glp.seed"])))
         return str(len(onnx))
 
-    monkeypatch.setattr(flows.job, "register_onnx", register_onnx)
+    monkeypatch.setattr(flows.registration, "register_onnx", register_onnx)
     monkeypatch.setattr(tasks.registry, "update_aliases", lambda uri, name, proposals: proposals)
     job = SimpleNamespace(data=SimpleNamespace(task="sst2", metric="accuracy",
                                                fingerprints={"dev": "x"}),

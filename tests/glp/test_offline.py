@@ -74,7 +74,7 @@ def test_fisher_weighting_minimises_the_weighted_error():
 def test_rank_for_ratio_follows_the_reference_rule_and_refuses_too_much():
     assert rank_for_ratio((384, 384), 10) == 19
     assert rank_for_ratio((1536, 384), 10) == 30
-    with pytest.raises(GlpError, match="--ratio 400"):
+    with pytest.raises(GlpError, match="ratio 400: choose at most"):
         rank_for_ratio((32, 32), 400)
 
 

@@ -392,7 +392,7 @@ def test_device_specs() -> None:
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto") == torch.device(expected)
     assert resolve_device(" AUTO ") == torch.device(expected)
-    with pytest.raises(GlpError, match="--device 'tpu': choose auto, cpu, cuda or cuda:N"):
+    with pytest.raises(GlpError, match="device 'tpu': choose auto, cpu, cuda or cuda:N"):
         resolve_device("tpu")
     with pytest.raises(GlpError, match="cuda or cuda:N"):
         resolve_device("cuda:x")

@@ -20,7 +20,7 @@ from glp.core.codes import (
     decoder_for,
     rows_of,
 )
-from glp.core.errors import GlpError
+from glp.core.errors import GlpError, ParamError
 from glp.core.factors import LowRankEmbedding, LowRankLinear, matrices
 from glp.core.plan import EMBEDDINGS, ROLES
 from glp.methods import Context, Outcome
@@ -49,9 +49,9 @@ class AutoencoderConfig:
         if self.eval_every < 1:
             raise GlpError(f"eval_every {self.eval_every}: evaluate at least every epoch")
         if self.decoder not in DECODERS:
-            raise GlpError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
+            raise ParamError("decoder", repr(self.decoder), f"one of {', '.join(DECODERS)}")
         if not self.ratio > 1:
-            raise GlpError(f"--ratio {self.ratio:g}: a compression ratio must be > 1")
+            raise ParamError("ratio", f"{self.ratio:g}", "a compression ratio > 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise GlpError("the autoencoder needs at least 1 epoch and a batch of 1 row")
 
@@ -83,9 +83,9 @@ def latent_size(rows: int, width: int, config: AutoencoderConfig) -> tuple[int, 
         else:
             high = mid - 1
     if best < 1:
-        raise GlpError(f"--ratio {config.ratio:g}: a {config.decoder} autoencoder of a "
-                       f"{rows}x{width} matrix needs more than 1/{config.ratio:g} of it even "
-                       "at latent size 1; use a smaller ratio")
+        raise ParamError("ratio", f"{config.ratio:g}", (
+            f"a smaller ratio (a {config.decoder} autoencoder of a {rows}x{width} matrix "
+            f"needs more than 1/{config.ratio:g} of it even at latent size 1)"))
     return best, hidden(best)
 
 

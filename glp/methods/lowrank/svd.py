@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from glp.core.errors import GlpError
+from glp.core.errors import GlpError, ParamError
 from glp.core.factors import (
     FactorFn,
     LowRankEmbedding,
@@ -30,9 +30,9 @@ def rank_for_ratio(shape: Iterable[int], ratio: float) -> int:
     n, m = (int(s) for s in shape)
     rank = int(n * m / (ratio * (n + m)))
     if rank < 1:
-        raise GlpError(f"--ratio {ratio:g}: a {n}x{m} matrix would keep rank "
-                       f"{n * m / (ratio * (n + m)):.2f} < 1; the largest ratio it allows is "
-                       f"{n * m / (n + m):.1f}")
+        raise ParamError("ratio", f"{ratio:g}", (
+            f"at most {n * m / (n + m):.1f} (a {n}x{m} matrix would keep rank "
+            f"{n * m / (ratio * (n + m)):.2f} < 1)"))
     return rank
 
 
