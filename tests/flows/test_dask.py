@@ -190,3 +190,26 @@ def test_dask_fine_tunes_ran_in_two_worker_processes(both_runs):
     pids = {pid for pids in runs.values() for pid in pids}
     assert os.getpid() not in pids
     assert len(set(runs["score_candidate"])) == 2  # the candidates ran side by side
+
+
+def test_a_compression_method_runs_on_dask_as_it_does_here(tiny_bert, tmp_path):
+    """compress goes through the same task-runner path as prune: the teacher's fine-tune and
+    truncated SVD on ``dask:2`` give the sequential run's models (scores within float
+    tolerance: a worker runs torch with another thread count)."""
+    from flows.compress import CompressParams, compress
+
+    def run(home, **extra):
+        return compress(CompressParams(
+            model=str(tiny_bert), task="sst2", method="lowrank", ratios=(2.0,), train_limit=80,
+            eval_limit=40, epochs=1.0, max_length=16, learning_rate=1e-3, batch_size=16,
+            seeds=1, register_models=False, home=str(home), **extra))
+
+    with prefect_test_harness(server_startup_timeout=90):
+        sequential = run(tmp_path / "sequential")
+        on_dask = run(tmp_path / "dask", task_runner="dask:2")
+    assert on_dask.job_id == sequential.job_id
+    pairs = list(zip(sequential.finals, on_dask.finals, strict=True))
+    assert [a["method"] for a, _ in pairs] == ["unpruned", "lowrank"]
+    for here, there in pairs:
+        assert here["plan"] == there["plan"]
+        assert abs(here["value"] - there["value"]) < 1e-6
