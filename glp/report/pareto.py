@@ -12,13 +12,12 @@ runtime and batch (PyTorch at batch 32 unless said), measured beside it in one r
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from glp.methods import REFERENCE
+from glp.report.format import markdown_table, score, write_atomic, write_text
 from glp.report.pick import Model
 
 BUCKETS = (1.5, 2.0, 3.0, 6.0)
@@ -110,8 +109,7 @@ def buckets(models: Sequence[Model], thresholds: Iterable[float] = BUCKETS,
 
 
 def _pm(model: Model) -> str:
-    seeds = f"{model.seeds} seed" + ("s" if model.seeds > 1 else "")
-    return f"{model.mean:.4f} ± {model.std:.4f} ({seeds})"
+    return score(model.mean, model.std, model.seeds, counted=True)
 
 
 def _clearly_better(a: Model, b: Model) -> bool:
@@ -155,7 +153,7 @@ def table(models: Sequence[Model], metric: str) -> list[list[str]]:
         m = models[i]
         stored = m.extra.get("stored_bytes")
         density = m.extra.get("encoder_density")
-        rows.append([method_of(m), size_of(m), f"{m.mean:.4f} ± {m.std:.4f}", str(m.seeds),
+        rows.append([method_of(m), size_of(m), score(m.mean, m.std, m.seeds), str(m.seeds),
                      f"{m.parameters:,}" if m.parameters else "—",
                      f"{density:.3f}" if isinstance(density, float) else "—",
                      f"{stored / 1e6:.1f}" if isinstance(stored, int | float) else "—",
@@ -191,10 +189,7 @@ def _x(value: float | None) -> str:
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
-              for row in rows]
-    return lines
+    return markdown_table(header, rows, align=["---"] * len(header))
 
 
 def plot_pareto(models: Sequence[Model], path: Path, *, metric: str, x: str, title: str) -> Path:
@@ -242,20 +237,7 @@ def plot_pareto(models: Sequence[Model], path: Path, *, metric: str, x: str, tit
 
 
 def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    figure.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path
-
-
-def _write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=120))
 
 
 def write_methods_report(folder: Path | str, models: Sequence[Model], metric: str,
@@ -275,7 +257,7 @@ def write_methods_report(folder: Path | str, models: Sequence[Model], metric: st
     rows = table(models, metric)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
-    paths = {"methods_csv": _write(folder / "methods.csv", buffer.getvalue())}
+    paths = {"methods_csv": write_text(folder / "methods.csv", buffer.getvalue())}
     suffix = f" — {subject}" if subject else ""
     paths["pareto_latency"] = plot_pareto(models, folder / "pareto_latency.png", metric=metric,
                                           x="latency", title=f"{metric} vs latency{suffix}")
@@ -314,5 +296,5 @@ def write_methods_report(folder: Path | str, models: Sequence[Model], metric: st
                   "teacher's fine-tune (the unpruned model's own).", ""]
         lines += _markdown_table(("method", "seconds", "fine-tune equivalents"), [
             [name, f"{c['seconds']:.0f}", f"{c['equivalents']:.2f}"] for name, c in costs.items()])
-    paths["methods"] = _write(folder / "methods.md", "\n".join(lines) + "\n")
+    paths["methods"] = write_text(folder / "methods.md", "\n".join(lines) + "\n")
     return paths

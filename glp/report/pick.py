@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from glp.core.errors import GlpError
 from glp.methods import REFERENCE
+from glp.report.format import score
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,68 @@ def pick(candidates: list[Model], budget: Budget) -> tuple[Model | None, list[Mo
         meeting.sort(key=lambda m: (_or(m.latency_ms, math.inf), _or(m.parameters, math.inf),
                                     -m.mean))
     return (meeting[0] if meeting else None), meeting
+
+
+class NothingMeets(GlpError):
+    """No model meets the budget: a result, not a mistake (the command exits 1, not 2)."""
+
+
+FILTERS = (("--task", "task"), ("--model", "model"), ("--job", "job_id"))
+"""The options that narrow a pick, and the column of ``finals`` each one matches."""
+
+
+def choose(rows: list[dict], budget: Budget, where: str, *, task: str | None = None,
+           model: str | None = None, job: str | None = None) -> tuple[Model, list[Model]]:
+    """The model ``budget`` picks from a run home's final rows, and every model that meets it
+    (best first).
+
+    ``task``, ``model`` and ``job`` keep only the rows of that task, base model or job
+    (case-insensitive); what is left must hold one model/task pair. ``where`` names the run
+    home in messages.
+
+    Raises:
+        NothingMeets: no model meets the budget (the message names the closest one).
+        GlpError: a filter matches nothing, several model/task pairs are left, every model
+            diverged, or a speed limit is asked of models with no measured latency.
+    """
+    for (option, column), value in zip(FILTERS, (task, model, job), strict=True):
+        if value is None:
+            continue
+        known = sorted({str(r[column]) for r in rows})
+        rows = [r for r in rows if str(r[column]).lower() == value.lower()]
+        if not rows:
+            raise GlpError(f"{option} {value}: no final models of it in {where}; found: "
+                           f"{', '.join(known)}")
+    subjects = sorted({(r["model"], r["task"]) for r in rows})
+    if len(subjects) > 1:
+        raise GlpError(f"{where} holds models of {len(subjects)} model/task pairs ("
+                       + ", ".join(f"{m} on {t}" for m, t in subjects)
+                       + "); choose one with --model and --task")
+    found = models(rows)
+    if not found:
+        raise GlpError(f"every final model in {where} diverged; nothing can be picked")
+    chosen, meeting = pick(found, budget)
+    if budget.needs_latency and not any(m.latency_ms for m in found):
+        raise GlpError("no final model in this home has a measured latency (glp compare and "
+                       "glp compress measure it; glp bench DIR times any model); use "
+                       "--max-parameters or --min-metric")
+    if chosen is None:
+        near = closest(found, budget)
+        where_near = f"; the closest: {describe(near)}" if near else ""
+        raise NothingMeets(f"no model meets {budget.describe()} ({len(found)} models "
+                           f"searched){where_near}")
+    return chosen, meeting
+
+
+def describe(model: Model) -> str:
+    """A model in one line: its label, job, dev score, size, latency and chosen seed."""
+    latency = (f", {model.latency_ms:.2f} ms at batch {model.latency_batch}"
+               if model.latency_ms else "")
+    speedup = f" ({model.speedup:.2f}x)" if model.speedup else ""
+    params = f", {model.parameters:,} parameters" if model.parameters else ""
+    return (f"{model.label} (job {model.job_id[:12]}): dev {model.metric} "
+            f"{score(model.mean, model.std, model.seeds, counted=True)}{params}{latency}"
+            f"{speedup}; seed {model.chosen_seed}")
 
 
 def closest(candidates: list[Model], budget: Budget) -> Model | None:

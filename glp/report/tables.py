@@ -13,11 +13,9 @@ Every metric glp reports is "higher is better" (see :mod:`glp.training.metrics`)
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +24,7 @@ from matplotlib.figure import Figure
 from glp.core.errors import GlpError
 from glp.methods import REFERENCE
 from glp.methods import names as method_names
+from glp.report.format import markdown_table, score, write_atomic, write_text
 
 __all__ = [
     "COST_KEYS",
@@ -204,17 +203,19 @@ def verdicts(summary: pd.DataFrame, against: str = "top", who: str = "greedy") -
     key names are fixed), ``other_mean``, ``other_std`` (``against``), ``diff`` (who minus
     against; higher is better), ``outcome``: "wins"/"loses" when ``|diff|`` exceeds the
     seed spread ``max(greedy_std, other_std)``, else "ties"; plus ``who``, ``against`` and
-    ``spread``. Sorted by removed count.
+    ``spread``, and ``greedy_seeds``, ``other_seeds`` (the seeds behind each mean; None
+    when ``summary`` has no ``n`` column).
+    Sorted by removed count.
     """
-    def means(name: str) -> dict[int, tuple[float, float]]:
+    def means(name: str) -> dict[int, tuple[float, float, int | None]]:
         rows = summary[summary["label"] == name]
-        return {int(r.removed_layers): (float(r.mean), float(r.std))
+        return {int(r.removed_layers): (float(r.mean), float(r.std), _seeds(r))
                 for r in rows.itertuples(index=False) if not math.isnan(float(r.mean))}
 
     mine, theirs = means(who), means(against)
     result = []
     for removed in sorted(set(mine) & set(theirs)):
-        (m_mean, m_std), (o_mean, o_std) = mine[removed], theirs[removed]
+        (m_mean, m_std, m_seeds), (o_mean, o_std, o_seeds) = mine[removed], theirs[removed]
         m_std, o_std = _zero_nan(m_std), _zero_nan(o_std)
         diff = m_mean - o_mean
         spread = max(m_std, o_std)
@@ -223,39 +224,26 @@ def verdicts(summary: pd.DataFrame, against: str = "top", who: str = "greedy") -
             "removed_layers": removed, "greedy_mean": m_mean, "greedy_std": m_std,
             "other_mean": o_mean, "other_std": o_std, "diff": diff, "outcome": outcome,
             "who": who, "against": against, "spread": spread,
+            "greedy_seeds": m_seeds, "other_seeds": o_seeds,
         })
     return result
+
+
+def _seeds(row: Any) -> int | None:
+    """The seeds behind a summary row's mean (None for a summary without counts)."""
+    n = getattr(row, "n", None)
+    return None if n is None else int(n - getattr(row, "diverged", 0))
 
 
 def _zero_nan(value: float) -> float:
     return 0.0 if math.isnan(value) else value
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` through a temporary file in its folder, then ``os.replace`` it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.chmod(temp, 0o644)  # mkstemp creates 0600; a report is meant to be read
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+# --------------------------------------------------------------------------- files
 
 
 def _save_figure(figure: Figure, path: Path) -> Path:
-    return _atomic_write(path, lambda stream: figure.savefig(
+    return write_atomic(path, lambda stream: figure.savefig(
         stream, format="png", dpi=_DPI, bbox_inches="tight"))
 
 
@@ -408,20 +396,6 @@ def _fmt_int(value: Any) -> str:
     return _MISSING if number is None else f"{round(number):,}"
 
 
-def _cell(text: Any) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]],
-           align: Sequence[str] | None = None) -> list[str]:
-    align = align or ["---"] + ["---:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-             "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def _duration(seconds: Any) -> str:
     try:
         total = float(seconds)
@@ -480,7 +454,7 @@ def _mean_table(summary: pd.DataFrame) -> list[str]:
             best[removed] = float(at["mean"].max())
     cells: dict[tuple[str, int], str] = {}
     for row in summary.itertuples(index=False):
-        text = f"{_fmt(row.mean)} ± {_fmt(_zero_nan(float(row.std)))}"
+        text = _score(row.mean, row.std, row.n - row.diverged)
         if row.diverged == row.n:
             text = f"diverged ({row.n} of {row.n})"
         elif row.label != REFERENCE and best.get(int(row.removed_layers)) == float(row.mean):
@@ -490,14 +464,27 @@ def _mean_table(summary: pd.DataFrame) -> list[str]:
         cells[(row.label, int(row.removed_layers))] = text
     rows = [[name] + [cells.get((name, c), _MISSING) for c in counts]
             for name in _sorted_labels(summary["label"])]
-    return _table(["strategy"] + [str(c) for c in counts], rows)
+    return markdown_table(["strategy"] + [str(c) for c in counts], rows)
+
+
+def _score(mean: Any, std: Any, count: int | None) -> str:
+    """A mean ± std cell; one seed has no spread to show (:func:`glp.report.format.score`).
+    An unknown count (None) shows the spread as given."""
+    if _number(mean) is None:
+        return f"{_MISSING} ± {_MISSING}"
+    return score(float(mean), _zero_nan(float(std)), 0 if count is None else int(count))
 
 
 def _verdict_sentence(v: Mapping[str, Any]) -> str:
     who, against = v["who"], v["against"]
-    head = (f"{v['removed_layers']} removed: {who} {_fmt(v['greedy_mean'])} ± "
-            f"{_fmt(v['greedy_std'])} vs {against} {_fmt(v['other_mean'])} ± "
-            f"{_fmt(v['other_std'])} — ")
+    head = (f"{v['removed_layers']} removed: {who} "
+            f"{_score(v['greedy_mean'], v['greedy_std'], v['greedy_seeds'])} vs "
+            f"{against} {_score(v['other_mean'], v['other_std'], v['other_seeds'])} — ")
+    if v["greedy_seeds"] == v["other_seeds"] == 1:  # no spread was measured
+        difference = (f"difference {v['diff']:+.4f}" if v["outcome"] == "ties"
+                      else f"by {abs(v['diff']):.4f}")
+        verdict = f"ties with {against}" if v["outcome"] == "ties" else v["outcome"]
+        return head + f"{who} {verdict} ({difference}; one seed each, no spread measured)"
     if v["outcome"] == "ties":
         return head + (f"{who} ties with {against} (difference {v['diff']:+.4f}, within "
                        f"the seed spread of {_fmt(v['spread'])})")
@@ -548,8 +535,8 @@ def _plans_section(plans: Mapping[str, Sequence[Sequence[int]]]) -> list[str]:
         "Layer indices count from 0 (the encoder layer next to the embeddings). Each column "
         "is the set removed for that many layers; the order is shown when every set adds "
         "one layer to the previous one.", "",
-    ] + _table(["strategy", "order"] + [f"{k} removed" for k in range(1, width + 1)], rows,
-               align=["---", "---"] + ["---"] * width)
+    ] + markdown_table(["strategy", "order"] + [f"{k} removed" for k in range(1, width + 1)],
+                       rows, align=["---", "---"] + ["---"] * width)
 
 
 def _costs_section(costs: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -566,8 +553,8 @@ def _costs_section(costs: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "What each strategy spent to choose its layers (the final models' fine-tunes are "
         "not included). A fine-tune for a share of the budget (successive halving, a warm "
         "start's repair) counts that share in the whole-budget equivalents.", "",
-    ] + _table(["strategy", "fine-tunes", "whole-budget equivalents", "fine-tune seconds",
-                "zero-shot passes"], rows)
+    ] + markdown_table(["strategy", "fine-tunes", "whole-budget equivalents",
+                        "fine-tune seconds", "zero-shot passes"], rows)
 
 
 def _size_section(summary: pd.DataFrame) -> list[str]:
@@ -593,8 +580,8 @@ def _size_section(summary: pd.DataFrame) -> list[str]:
         "Parameters of the final models and the median forward latency of one batch on the "
         "device named in the settings (over every final model with that many layers "
         "removed).", "",
-    ] + _table(["removed layers", "depth", "parameters", "of unpruned", "median latency (ms)",
-                "speed-up"], rows)
+    ] + markdown_table(["removed layers", "depth", "parameters", "of unpruned",
+                        "median latency (ms)", "speed-up"], rows)
 
 
 def render_markdown(
@@ -673,7 +660,7 @@ def write_report(
         "metric_vs_latency": folder / "metric_vs_latency.png",
         "report": folder / "report.md",
     }
-    _write_text(paths["summary"], summary.to_csv(index=False))
+    write_text(paths["summary"], summary.to_csv(index=False))
     plot_metric_vs_removed(summary, paths["metric_vs_removed"], metric=metric,
                            title=f"{metric} vs removed layers" + (f" — {subject}"
                                                                   if subject else ""))
@@ -683,6 +670,6 @@ def write_report(
         f"{metric} vs removed layers": paths["metric_vs_removed"].name,
         f"{metric} vs latency": paths["metric_vs_latency"].name,
     }
-    _write_text(paths["report"], render_markdown(summary, plans, costs, meta, plots=plots))
+    write_text(paths["report"], render_markdown(summary, plans, costs, meta, plots=plots))
     return {key: paths[key] for key in ("report", "summary", "metric_vs_removed",
                                         "metric_vs_latency")}

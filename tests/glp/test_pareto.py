@@ -76,3 +76,16 @@ def test_the_report_names_each_bucket_winner_where_it_lies(tmp_path):
     assert "Made by `glp compare --methods greedy`." in text
     assert paths["pareto_latency"].read_bytes()[:4] == b"\x89PNG"
     assert len(paths["methods_csv"].read_text().splitlines()) == 3
+
+
+def test_one_seed_reads_1_seed_in_the_report_never_a_spread_of_zero(tmp_path):
+    from glp.report.pareto import table, write_methods_report
+
+    models = [_model("unpruned", 0.90, 60.0), _model("greedy", 0.88, 30.0, depth=3)]
+    models = [Model(**{**m.__dict__, "seeds": 1, "std": 0.0}) for m in models]
+    two = next(line for line in sentences(models, "accuracy") if line.startswith("At ≥2×"))
+    assert "0.8800 (1 seed)" in two and "(0.9000 (1 seed))" in two
+    assert [row[2] for row in table(models, "accuracy")] == ["0.8800 (1 seed)",
+                                                             "0.9000 (1 seed)"]
+    text = write_methods_report(tmp_path, models, "accuracy")["methods"].read_text()
+    assert "± 0.0000" not in text and "| 0.8800 (1 seed) |" in text

@@ -12,6 +12,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from glp import GlpError
+from glp.report.format import write_atomic
 from glp.report.tables import (
     SUMMARY_COLUMNS,
     label,
@@ -298,7 +299,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, finals, monkey
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        report._atomic_write(paths["report"], half)
+        write_atomic(paths["report"], half)
     assert paths["report"].read_text(encoding="utf-8") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
 
@@ -310,3 +311,22 @@ def test_summarize_accepts_parquet_shapes(finals):
         variant=[None if v == "" else v for v in finals["variant"]],
     )
     pd.testing.assert_frame_equal(summarize(shaped, NUM_LAYERS), summarize(finals, NUM_LAYERS))
+
+
+def test_one_seed_reads_1_seed_in_the_report_never_a_spread_of_zero(finals):
+    one = finals[finals["seed"] == SEEDS[0]]
+    text = render_markdown(summarize(one, NUM_LAYERS), {}, {}, {"metric": "accuracy"},
+                           plots={})
+    assert "± 0.0000" not in text
+    assert "| greedy | — | 0.8300 (1 seed) | 0.8200 (1 seed) |" in text  # means - 0.01
+    assert "| random | — | 0.7800 ± 0.0141 | 0.7400 ± 0.0141 |" in text  # two orders
+    assert ("2 removed: greedy 0.8200 (1 seed) vs top 0.7900 (1 seed) — greedy wins (by "
+            "0.0300; one seed each, no spread measured)") in text
+
+
+def test_both_reports_write_markdown_tables_the_same_way():
+    from glp.report.format import markdown_table
+
+    assert markdown_table(["a|b", "n"], [["x\ny", 1]]) == [
+        "| a\\|b | n |", "| --- | ---: |", "| x y | 1 |"]
+    assert markdown_table(["a", "b"], [], align=["---", "---"])[1] == "| --- | --- |"
