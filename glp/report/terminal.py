@@ -63,19 +63,13 @@ def show(console: Console, title: str, header: Sequence[Cell], rows: Iterable[Se
     width = console.width
     key = list(range(min(keys, len(head))))
     if sum(least) + _border(len(head)) <= width:
-        parts = [list(range(len(head)))]
-    else:
-        parts = []
+        parts = [list(range(len(head)))]  # one table, some cells wrapped between words
+    else:  # parts, each column on one line where it fits beside the keys
+        size = list(full)
         for j in range(len(key), len(head)):
-            current = parts[-1] if parts else None
-            if current and sum(least[i] for i in current + [j]) + _border(len(current) + 1) \
-                    <= width:
-                current.append(j)
-            elif sum(least[i] for i in key + [j]) + _border(len(key) + 1) <= width:
-                parts.append(key + [j])
-            else:
-                parts = []
-                break
+            if sum(size[i] for i in key + [j]) + _border(len(key) + 1) > width:
+                size[j] = least[j]
+        parts = _pack(size, key, len(head), width) or _pack(least, key, len(head), width)
     if not parts:
         _records(console, title, head, body, key)
         return
@@ -96,6 +90,21 @@ def show(console: Console, title: str, header: Sequence[Cell], rows: Iterable[Se
         for row in body:
             table.add_row(*(row[j] for j in part))
         console.print(table)
+
+
+def _pack(size: list[int], key: list[int], columns: int, width: int) -> list[list[int]]:
+    """The columns after the keys, in order, in as few parts as ``width`` holds with
+    ``size`` each, every part led by the keys; [] when one column does not fit."""
+    parts: list[list[int]] = []
+    for j in range(len(key), columns):
+        if parts and sum(size[i] for i in parts[-1] + [j]) + _border(len(parts[-1]) + 1) \
+                <= width:
+            parts[-1].append(j)
+        elif sum(size[i] for i in key + [j]) + _border(len(key) + 1) <= width:
+            parts.append(key + [j])
+        else:
+            return []
+    return parts
 
 
 def _records(console: Console, title: str, head: list[Text], body: list[list[Text]],

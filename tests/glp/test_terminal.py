@@ -178,3 +178,20 @@ def test_every_width_keeps_the_table_inside_it(width):
     console, out = _console(width)
     print_summary(console, _summary(seeds=3))
     _readable(out.getvalue(), width)
+
+
+def test_every_method_fits_80_columns_with_its_buckets():
+    from glp.report.terminal import print_methods
+    from tests.glp.test_pick import ROWS
+
+    rows = [{**r, "latency_b1_ms": r["latency_ms"] and r["latency_ms"] / 10,
+             "int8_b1_ms": r["latency_ms"] and r["latency_ms"] / 20} for r in ROWS]
+    summary = SimpleNamespace(finals=rows, metric="accuracy")
+    console, out = _console()
+    print_methods(console, summary)
+    text = out.getvalue()
+    _readable(text)
+    _numbers_whole(text, ["0.8100", "0.7900", "84.00", "67.00", "50.00", "5.00", "1.49"])
+    assert "  ≥1.5×: top (4 layers), accuracy 0.7500 ± 0.0141, 1.52×" in text
+    assert "  ≥2×: greedy (3 layers), accuracy 0.7000 ± 0.0141, 2.00×" in text
+    assert "0.7000 ± 0.0141" in text  # room enough in parts: every score on one line
