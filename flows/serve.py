@@ -4,15 +4,19 @@
 under the run home, creates the process work pool, deploys ``prefect.yaml`` and runs a
 worker until Ctrl-C; then it stops the worker and the server, and whatever they started.
 The helpers (a free port, the environment, start, wait until healthy, stop a process
-tree) are also what the deployment test uses.
+tree) are also what the deployment test uses, and :func:`start_run_server` starts the API
+server that a ``glp prune``/``compare``/``compress`` command's flow runs report to.
 
-This module does not import Prefect. Every Prefect command runs in a subprocess whose
-settings come from its environment (``PREFECT_API_URL``, ``PREFECT_HOME``), so nothing
-depends on the settings the calling process has already loaded.
+Every Prefect command runs in a subprocess whose settings come from its environment
+(``PREFECT_API_URL``, ``PREFECT_HOME``); this process talks to a server only through
+Prefect's own client made for that server's URL (:func:`prefect_client`), so nothing
+depends on the settings the calling process has already loaded. Prefect is imported
+inside the functions: the CLI sets up Prefect's environment before its first import.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -22,12 +26,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from flows.processes import start_process, stop_process
 from glp import GlpError
 from tasks.home import RunHome
 
@@ -38,8 +41,10 @@ DEFAULT_PORT = 4200
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 PRUNE_DEPLOYMENT = "glp-prune/glp-prune-nightly"
 COMPARE_DEPLOYMENT = "glp-compare/glp-compare-weekly"
-# The demo's size (as in prefect.yaml): what a run triggered by hand should pass, since
-# a `params` given with the run replaces the deployment's whole `params` object.
+# The demo's size (`glp demo`, and prefect.yaml's): the embedded MiniLM on 2,000 SST-2
+# examples, 1 epoch, max length 64, lr 1e-4 (2e-5 often stays at the majority class with
+# so little data), 2 of 6 layers. A run triggered by hand passes it whole, since a
+# `params` given with the run replaces the deployment's whole `params` object.
 DEMO_PARAMS = {"task": "sst2", "remove": 2, "train_limit": 2000, "epochs": 1.0,
                "max_length": 64, "learning_rate": 1e-4, "seeds": 1}
 
@@ -128,23 +133,22 @@ def prefect_command(*args: str) -> list[str]:
 # ---------------------------------------------------------------------- the API
 
 
-def api_request(api: str, method: str, path: str, body: Any = None,
-                timeout: float = 10.0) -> Any:
-    """One JSON request to the Prefect REST API (no proxy); raises urllib's HTTPError."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{api}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=timeout) as response:
-        text = response.read()
-    return json.loads(text) if text else None
+@contextlib.contextmanager
+def prefect_client(api: str, timeout: float = 10.0) -> Iterator[Any]:
+    """Prefect's own synchronous client for the server at ``api``, whatever this process's
+    settings say. Its own transport: no proxy (the servers glp starts are local), and a
+    refused connection fails at once instead of being retried (a health check polls)."""
+    import httpx
+    from prefect.client.orchestration import SyncPrefectClient
+
+    settings = {"timeout": timeout, "transport": httpx.HTTPTransport()}
+    with SyncPrefectClient(api, httpx_settings=settings) as client:
+        yield client
 
 
 def is_healthy(api: str) -> bool:
-    try:
-        return api_request(api, "GET", "/health", timeout=2.0) is True
-    except (OSError, ValueError):  # URLError, connection refused, a timeout, bad JSON
-        return False
+    with prefect_client(api, timeout=2.0) as client:
+        return client.api_healthcheck() is None  # the error, when it does not answer
 
 
 def tail(path: Path | None, lines: int = 40) -> str:
@@ -165,31 +169,15 @@ def wait_healthy(api: str, timeout: float = 120.0, process: subprocess.Popen | N
     while not is_healthy(api):
         if process is not None and process.poll() is not None:
             raise GlpError(f"the Prefect server exited with code {process.returncode} before "
-                           f"{api} answered:\n{tail(log)}")
+                           f"{api} answered" + (f":\n{tail(log)}" if log else ""))
         if time.monotonic() - started > timeout:
-            raise GlpError(f"the Prefect server at {api} did not answer within {timeout:.0f} s:"
-                           f"\n{tail(log)}")
+            raise GlpError(f"the Prefect server at {api} did not answer within {timeout:.0f} s"
+                           + (f":\n{tail(log)}" if log else ""))
         time.sleep(0.5)
     return time.monotonic() - started
 
 
 # ---------------------------------------------------------------------- processes
-
-
-def _popen(command: list[str], env: Mapping[str, str], log: Path | None,
-           cwd: Path = REPO_ROOT) -> subprocess.Popen:
-    """A child in its own session, so Ctrl-C reaches only us and we stop it in order."""
-    output: IO[bytes] | None = None
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        output = log.open("ab")
-    try:
-        return subprocess.Popen(command, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                                stdout=output, stderr=subprocess.STDOUT if output else None,
-                                start_new_session=True)
-    finally:
-        if output is not None:
-            output.close()  # the child holds its own descriptor
 
 
 def start_server(home: RunHome, port: int, host: str = "127.0.0.1", *,
@@ -205,7 +193,7 @@ def start_server(home: RunHome, port: int, host: str = "127.0.0.1", *,
     env = env if env is not None else prefect_environment(home, api_url(host, port))
     command = prefect_command("server", "start", "--host", host, "--port", str(port),
                               "--ui" if ui else "--no-ui")
-    return _popen(command, env, log)
+    return start_process(command, env, log, cwd=REPO_ROOT)
 
 
 def start_worker(env: Mapping[str, str], pool: str = DEFAULT_POOL, *, run_once: bool = False,
@@ -220,7 +208,7 @@ def start_worker(env: Mapping[str, str], pool: str = DEFAULT_POOL, *, run_once: 
         args.append("--run-once")
     if limit:
         args += ["--limit", str(limit)]
-    return _popen(prefect_command(*args), env, log)
+    return start_process(prefect_command(*args), env, log, cwd=REPO_ROOT)
 
 
 def run_prefect(args: Sequence[str], env: Mapping[str, str], timeout: float = 300.0,
@@ -240,13 +228,18 @@ def run_prefect(args: Sequence[str], env: Mapping[str, str], timeout: float = 30
 
 
 def ensure_work_pool(api: str, env: Mapping[str, str], pool: str = DEFAULT_POOL) -> bool:
-    """Create the process work pool unless it exists; whether it was created."""
-    try:
-        api_request(api, "GET", f"/work_pools/{pool}")
-        return False
-    except urllib.error.HTTPError as exc:
-        if exc.code != 404:
-            raise
+    """Create the process work pool unless it exists; whether it was created.
+
+    ``prefect work-pool create`` fills in the process worker's default job template.
+    """
+    from prefect.exceptions import ObjectNotFound
+
+    with prefect_client(api) as client:
+        try:
+            client.read_work_pool(pool)
+            return False
+        except ObjectNotFound:
+            pass
     run_prefect(["work-pool", "create", pool, "--type", "process"], env,
                 what=f"creating work pool {pool!r}")
     return True
@@ -271,84 +264,60 @@ def deploy_all(env: Mapping[str, str], pool: str = DEFAULT_POOL,
                        timeout=timeout, what=f"deploying {prefect_file}")
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (Linux), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
+# ---------------------------------------------------------------------- a command's API
 
 
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of every process below ``pid``, from /proc ([] elsewhere)."""
-    children: dict[int, list[int]] = {}
-    with contextlib.suppress(OSError):
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))):
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        if fields := _proc_stat(child):
-            found.append((child, fields[19]))  # field 22 of stat: the start time
-            todo += children.get(child, [])
-    return found
+RUN_SERVER_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "PAUSE_EXPIRATIONS",
+                  "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER")
+"""Server services that only deployments and workers need (Prefect's temporary server
+runs none of them either): a command's own server leaves them off."""
+_run_server: tuple[subprocess.Popen, str] | None = None
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    if pgid == os.getpgrp():
-        return  # never our own group
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def start_run_server() -> tuple[subprocess.Popen, str]:
+    """A Prefect API server for this process's flow runs: the process and its API URL.
 
+    Started once per process (the next call returns the same one while it runs) and
+    stopped when the process exits, after Prefect has sent what it still holds. Returns
+    at once: :func:`wait_healthy` before the first flow run.
 
-def _wait_gone(processes: list[tuple[int, str]], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(
-            (fields := _proc_stat(pid)) and fields[19] == started and fields[0] != "Z"
-            for pid, started in processes):
-        time.sleep(0.2)
-
-
-def stop_process(process: subprocess.Popen | None, grace: float = 20.0,
-                 settle: float = 3.0) -> int | None:
-    """Stop a child started here, and everything it started; its exit code.
-
-    Processes it started in sessions of their own (a worker's flow runs) get SIGTERM
-    first; ``settle`` seconds after they end, the worker has reported their runs as
-    crashed (not left running). Then its process group gets SIGINT (Ctrl-C), and after
-    ``grace`` seconds SIGKILL, as does anything it started that is still there. A pid is
-    only signalled while it has the start time it had when listed (no pid reuse accidents).
+    Why not Prefect's temporary server: Ctrl-C in a terminal sends SIGINT to the whole
+    foreground process group, and the temporary server that Prefect starts for a flow
+    run without ``PREFECT_API_URL`` is a child in that group. It died while the flow still
+    needed it: glp then spent minutes printing connection errors, exited 1 and could leave
+    the MLflow run RUNNING. Prefect has no setting that starts that server in a session of
+    its own, so glp starts the same server itself, through public interfaces only:
+    uvicorn's ``--factory`` serving ``prefect.server.api.server:create_app`` (Prefect's
+    documented app factory, the app ``prefect server start`` serves) in a new session
+    (``start_new_session``), so that only glp gets Ctrl-C and stops its fine-tunes, closes
+    its runs, then stops the server. The flow runs are pointed at it with the setting
+    ``PREFECT_API_URL`` (``prefect.settings.temporary_settings``). As the temporary one did,
+    it serves no UI (``PREFECT_SERVER_UI_ENABLED``) and none of the :data:`RUN_SERVER_OFF`
+    services (``PREFECT_SERVER_SERVICES_<NAME>_ENABLED``), and its database is in
+    ``PREFECT_HOME``.
     """
-    if process is None:
-        return None
-    below = descendants(process.pid)
+    global _run_server
+    if _run_server is not None and _run_server[0].poll() is None:
+        return _run_server
+    from prefect.settings import get_current_settings
 
-    def signal_listed(listed: list[tuple[int, str]], sig: int) -> None:
-        for pid, started in listed:
-            if (fields := _proc_stat(pid)) and fields[19] == started:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    _signal_group(int(fields[2]), sig)
-                    os.kill(pid, sig)
-
-    own_session = _proc_stat(process.pid)
-    isolated = [(pid, started) for pid, started in below if own_session and
-                (fields := _proc_stat(pid)) and fields[3] != own_session[3]]
-    if isolated and process.poll() is None:
-        signal_listed(isolated, signal.SIGTERM)
-        _wait_gone(isolated, grace / 2)
-        time.sleep(settle)  # the worker sees the exit code and reports the crash
-    if process.poll() is None:
-        _signal_group(process.pid, signal.SIGINT)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            process.wait(10)
-    _signal_group(process.pid, signal.SIGKILL)  # members left in its group
-    signal_listed(below, signal.SIGKILL)
-    return process.returncode
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
+    for key, value in {"PREFECT_SERVER_UI_ENABLED": "false",
+                       # glp's flows use no block types: registering all of them on a new
+                       # database took 4 s of the server's start here (15.5 s against 11.2).
+                       "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+                       **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
+                          for name in RUN_SERVER_OFF}}.items():
+        env.setdefault(key, value)
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "--factory",
+               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+               str(port), "--log-level", "error"]
+    process = start_process(command, env, log=None, cwd=REPO_ROOT)
+    # Registered before Prefect's own exit handlers, so it runs after they have drained.
+    atexit.register(stop_process, process, 5.0, 0.0)
+    _run_server = process, api_url("127.0.0.1", port)
+    return _run_server
 
 
 # ---------------------------------------------------------------------- serve

@@ -29,7 +29,22 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def _deployment(api: str, name: str) -> dict:
-    return serve.api_request(api, "GET", f"/deployments/name/{name}")
+    with serve.prefect_client(api) as client:
+        return client.read_deployment_by_name(name).model_dump(mode="json")
+
+
+def _flow_run(api: str, run_id: str) -> dict:
+    with serve.prefect_client(api) as client:
+        return client.read_flow_run(run_id).model_dump(mode="json")
+
+
+def _flow_runs_named(api: str, name: str) -> list[dict]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with serve.prefect_client(api) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[name])))
+    return [run.model_dump(mode="json") for run in runs]
 
 
 def _cron(deployment: dict) -> list[tuple[str, str, bool]]:
@@ -42,7 +57,7 @@ def _wait_for_run(api: str, run_id: str, worker) -> dict:
     deadline = time.monotonic() + RUN_TIMEOUT
     worker_done_at = None
     while True:
-        run = serve.api_request(api, "GET", f"/flow_runs/{run_id}")
+        run = _flow_run(api, run_id)
         if run["state_type"] in FINAL_STATES or time.monotonic() > deadline:
             return run
         if worker.poll() is not None:  # --run-once: it exits when its runs end
@@ -89,8 +104,7 @@ def test_prune_deployment_runs_on_a_process_worker(tiny_bert, tmp_path):
         assert command[:3] == ["prefect", "deployment", "run"]
         name = f"test-{uuid.uuid4().hex[:8]}"
         serve.run_prefect([*command[1:], "--flow-run-name", name], env)
-        runs = serve.api_request(api, "POST", "/flow_runs/filter",
-                                 {"flow_runs": {"name": {"any_": [name]}}})
+        runs = _flow_runs_named(api, name)
         assert len(runs) == 1 and runs[0]["parameters"] == {"params": params}
 
         worker = serve.start_worker(env, run_once=True, log=logs / "worker.log")
