@@ -1,4 +1,5 @@
-"""The ``glp`` command line: prune, demo, ui.
+"""The ``glp`` command line: it parses the options and hands each command to the code that
+does it (flows.launch runs a flow, glp.report.terminal prints the tables).
 
 Prefect reads its settings when it is first imported, so this module sets up the run
 home's environment first and imports the flows only inside the commands.
@@ -6,37 +7,21 @@ home's environment first and imports the flows only inside the commands.
 
 from __future__ import annotations
 
-import functools
 import inspect
-import logging
 import os
 import shlex
-import signal
-import statistics
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
+from flows.launch import console
+from flows.launch import fail as _fail
 from glp import GlpError
 from glp.methods import compressors, get_method
 from glp.methods import names as method_names
-from tasks import progress
 from tasks.home import RunHome, configure_environment
 
 app = typer.Typer(
@@ -47,156 +32,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-# soft_wrap: an error is one line in a log or a pipe, however long.
-err = Console(stderr=True, soft_wrap=True)
-
 # Options whose flow parameter is spelt differently, and the way back for error lines.
 RENAMED = {"text_column": "text_columns", "lr": "learning_rate", "register": "register_models"}
 OPTION_NAMES = {param: f"--{option.replace('_', '-')}" for option, param in RENAMED.items()}
-
-# The demo: the embedded MiniLM on 2,000 SST-2 examples, 1 epoch, max length 64,
-# lr 1e-4 (2e-5 often stays at the majority class with so little data), 2 of 6 layers.
-DEMO = {"task": "sst2", "remove": 2, "train_limit": 2000, "epochs": 1.0, "max_length": 64,
-        "learning_rate": 1e-4, "seeds": 1}
-
-
-class RichReporter:
-    """Progress bars: iterations, candidates and final models stay; training steps come and go."""
-
-    def __init__(self, bars: Progress):
-        self.bars = bars
-        self.kinds: dict[object, str] = {}
-
-    def begin(self, kind: str, label: str, total: int | None) -> object:
-        handle = self.bars.add_task(label, total=total)
-        self.kinds[handle] = kind
-        return handle
-
-    def update(self, handle: object, completed: int, total: int | None = None) -> None:
-        self.bars.update(handle, completed=completed, total=total or None)
-
-    def end(self, handle: object) -> None:
-        if self.kinds.pop(handle, None) == "steps":
-            self.bars.remove_task(handle)  # one bar per fine-tune would flood the screen
-
-    def note(self, message: str) -> None:
-        self.bars.console.print(f"[green]✓[/green] {message}")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
-    raise typer.Exit(code=code)
-
-
-def _quiet(verbose: bool) -> None:
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
-        # The ephemeral API server logs its shutdown of in-flight event flushes as errors.
-        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DATASETS_VERBOSITY", "error")
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
-        warnings.filterwarnings("ignore")
-        logging.getLogger("alembic").setLevel(logging.ERROR)
-        # Once a run is interrupted, every stopped task logs its crash: one line says it.
-        for name in ("prefect.task_runs", "prefect.flow_runs"):
-            logging.getLogger(name).addFilter(lambda record: not progress.stop_requested())
-        import datasets
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-
-
-class Terminated(BaseException):
-    """SIGTERM (a scheduler or ``kill`` asking the command to stop) or SIGHUP (its terminal
-    closed) reached the command."""
-
-    def __init__(self, signum: int = signal.SIGTERM):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
-
-
-def _interrupted(signum: int, run_home: RunHome) -> typer.Exit:
-    name = signal.Signals(signum).name
-    err.print(f"[bold red]interrupted[/bold red] by {name}: finished fine-tunes are cached in "
-              f"{run_home.results}; run the same command again to resume.", highlight=False)
-    return typer.Exit(code=128 + signum)
-
-
-def detach_ephemeral_server() -> None:
-    """Start Prefect's temporary API server in a session of its own.
-
-    Ctrl-C in a terminal sends SIGINT to the whole foreground process group. Without
-    this, the temporary server, a child process of this one, dies with it while the flow
-    still needs it: glp then spent minutes printing connection errors, exited 1 and could
-    leave the MLflow run RUNNING. Outside the group only glp gets the signal, stops its
-    fine-tunes, closes its runs and stops the server itself (Prefect's exit handler).
-    """
-    from prefect.server.api import server
-
-    run = server.SubprocessASGIServer._run_uvicorn_command
-    if getattr(run, "glp_detached", False):
-        return
-
-    def detached(self):
-        popen = server.subprocess.Popen
-        server.subprocess.Popen = functools.partial(popen, start_new_session=True)
-        try:
-            return run(self)
-        finally:
-            server.subprocess.Popen = popen
-
-    detached.glp_detached = True
-    server.SubprocessASGIServer._run_uvicorn_command = detached
-
-
-def start_services(tracking_uri: str) -> None:
-    """Start Prefect's temporary API server in a thread while this one opens the MLflow
-    store and imports what registration needs: on a new home both create their databases,
-    and one after the other they took 12 s + 2.4 s here. Nothing is started before every
-    input has been checked (a refused command writes nothing).
-
-    A server that fails to start here is started again, and reported, by the flow itself.
-    """
-    import threading
-
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    from tasks.tracking import client_for
-
-    thread = None
-    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        from prefect.server.api.server import SubprocessASGIServer
-
-        # glp's flows use no block types: registering every one of them on a new database
-        # took 4 s of the temporary server's start here (15.5 s against 11.2 s).
-        os.environ.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
-        server = SubprocessASGIServer()
-
-        def start() -> None:
-            try:
-                server.start()
-            except Exception:  # noqa: BLE001 - the flow's own start says what went wrong
-                server.stop()  # not a second server beside one that never answered
-
-        thread = threading.Thread(target=start, name="glp-prefect-server", daemon=True)
-        thread.start()
-    try:
-        client_for(tracking_uri)  # creates a new store's tables
-        import onnxruntime  # noqa: F401 - imported here, while the server starts
-        import torch.onnx  # noqa: F401
-    finally:
-        if thread is not None:
-            thread.join()
 
 
 def user_message(exc: GlpError, values: dict) -> str:
@@ -215,305 +53,11 @@ def user_message(exc: GlpError, values: dict) -> str:
 
 
 def run_command(kind: str, values: dict, home: str | None, verbose: bool) -> None:
-    """Validate, run the ``prune`` or ``compare`` flow with progress bars, print the summary.
+    """Run the ``prune``, ``compare`` or ``compress`` flow (flows.launch.run_command), its
+    errors worded with the options of the command line."""
+    from flows.launch import run_command as launch
 
-    SIGTERM, SIGHUP (the terminal closed) and Ctrl-C stop the run within a training step:
-    the running fine-tune is dropped, the parent MLflow run is closed as KILLED, the
-    temporary API server is stopped, and the command exits with 128 + the signal's number
-    (143, 129, 130); the same command resumes.
-    """
-    run_home = RunHome.resolve(home)
-    # Prefect swaps in its own SIGTERM handler while the flow runs and hands the signal
-    # back to this one when the flow has been torn down.
-    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        _run_command(kind, values, run_home, verbose)
-    except Terminated as stop:
-        raise _interrupted(stop.signum, run_home) from None
-    except KeyboardInterrupt:
-        raise _interrupted(signal.SIGINT, run_home) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool) -> None:
-    configure_environment(run_home)
-    _quiet(verbose)
-    from prefect.exceptions import TerminationSignal
-    from pydantic import ValidationError
-
-    if kind == "compare":
-        from flows.compare import CompareParams as Params
-        from flows.compare import compare as flow
-        from flows.compare import preflight
-    elif kind == "compress":
-        from flows.compress import CompressParams as Params
-        from flows.compress import compress as flow
-        from flows.compress import preflight
-    else:
-        from flows.prune import PruneParams as Params
-        from flows.prune import preflight
-        from flows.prune import prune as flow
-
-    try:
-        params = Params(**values, home=str(run_home.root))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
-        option = OPTION_NAMES.get(field, f"--{field.replace('_', '-')}")
-        _fail(f"{option} {first.get('input')!r}: {first['msg'].lower()}")
-    try:
-        described = preflight(params)
-        # Only now, with every input checked, is anything written.
-        run_home.ensure_writable()
-    except GlpError as exc:
-        _fail(user_message(exc, values))
-    console.print(f"[bold]glp[/bold] {described}")
-    console.print(f"run home: {run_home.root}")
-    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
-    progress.set_reporter(RichReporter(bars))
-    detach_ephemeral_server()
-    try:
-        start_services(params.tracking_uri or run_home.tracking_uri)
-        with bars:
-            summary = flow(params)
-    except GlpError as exc:
-        _fail(user_message(exc, values))
-    except TerminationSignal:  # Prefect kept the signal (a cancel from its runner)
-        raise Terminated() from None
-    except Exception as exc:  # a task failed after its retries: say so, keep what finished
-        from tasks.faults import is_full_disk
-
-        if is_full_disk(exc):  # not retried: one line, what to do
-            _fail(f"no space left on the device of {exc.filename or run_home.root}: free some "
-                  f"space (glp gc --home {run_home.root} removes what no run needs) and run "
-                  "the same command again")
-        err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: "
-                  f"{escape(str(exc))}",
-                  highlight=False)
-        err.print(f"Finished fine-tunes are cached in {run_home.results}; run the same "
-                  "command again to resume (--verbose shows the task logs).", highlight=False)
-        raise typer.Exit(code=1) from None
-    finally:
-        progress.set_reporter(None)
-    {"compare": print_comparison, "compress": print_compression}.get(kind, print_summary)(
-        summary)
-
-
-def print_counts(summary) -> None:
-    """How many fine-tunes were computed and reused, the wall time and the job."""
-    total = summary.computed + summary.reused
-    what = ("compressions" if getattr(summary, "method", None) in method_names("offline")
-            else "fine-tunes")
-    console.print(f"{what}: [bold]{summary.computed}[/bold] computed, "
-                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
-                  f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
-
-
-def print_registered(summary) -> None:
-    """With --register: every name the comparison registered, in the order of its rows."""
-    names = list(dict.fromkeys(r["registered_model"] for r in summary.finals
-                               if r.get("registered_model")))
-    if names:
-        console.print(f"registered:     {', '.join(names)} "
-                      f"(models:/NAME@best; a layer strategy's ONNX twin is NAME-onnx)")
-
-
-def print_comparison(summary) -> None:
-    """The mean ± std table per strategy and depth, and where the report is."""
-    import pandas as pd
-
-    from glp.report.tables import summarize
-
-    if "report" not in summary.report:  # --methods without a layer strategy
-        print_methods(summary)
-        print_counts(summary)
-        print_registered(summary)
-        console.print(f"every method:   {summary.report['methods']}")
-        console.print(f"Pareto plots:   {summary.report['pareto_latency']}")
-        console.print(f"                {summary.report['pareto_parameters']}")
-        return
-    layers = [r for r in summary.finals if r.get("method") in ("layers", "unpruned")]
-    table = summarize(pd.DataFrame(layers), summary.num_layers)
-    shown = Table(title=f"dev {summary.metric}: mean ± std over seeds, by layers removed")
-    counts = sorted(table["removed_layers"].unique())
-    shown.add_column("strategy")
-    for count in counts:
-        shown.add_column(str(count), justify="right")
-    for name in dict.fromkeys(table["label"]):
-        cells = []
-        for count in counts:
-            match = table[(table["label"] == name) & (table["removed_layers"] == count)]
-            cells.append("" if match.empty else
-                         f"{match['mean'].iloc[0]:.4f} ± {match['std'].iloc[0]:.4f}")
-        shown.add_row(name, *cells)
-    console.print(shown)
-    if "methods" in summary.report:
-        print_methods(summary)
-    print_counts(summary)
-    print_registered(summary)
-    console.print(f"report:         {summary.report['report']}")
-    if "methods" in summary.report:
-        console.print(f"every method:   {summary.report['methods']}")
-        console.print(f"Pareto plots:   {summary.report['pareto_latency']}")
-        console.print(f"                {summary.report['pareto_parameters']}")
-    console.print(f"plots:          {summary.report['metric_vs_removed']}")
-    console.print(f"                {summary.report['metric_vs_latency']}")
-    console.print(f"Parquet tables: {Path(summary.home) / 'parquet'} (finals/ has a strategy "
-                  "column)")
-
-
-def print_methods(summary) -> None:
-    """Every method's models, fastest first, and the best of each speed-up bucket."""
-    from glp.report.pareto import buckets, method_of, size_of, table
-    from glp.report.pick import models
-
-    found = models(summary.finals)
-    shown = Table(title=f"Every method: dev {summary.metric}, CPU latency (ms) and speed-up "
-                        "over the unpruned model")
-    for column in ("method", "size", f"dev {summary.metric}", "torch b1", "torch b32",
-                   "int8 b1", "int8 b32", "speed-up", "int8 b1 speed-up"):
-        shown.add_column(column, justify="left" if column in ("method", "size") else "right")
-    for row in table(found, summary.metric):
-        shown.add_row(*row[:3], row[7], row[8], row[11], row[12], row[13], row[14])
-    console.print(shown)
-    for bucket in buckets(found):
-        best = bucket["best"]
-        console.print(f"  ≥{bucket['threshold']:g}×: " + (
-            f"{method_of(best)} ({size_of(best)}), {summary.metric} {best.mean:.4f} ± "
-            f"{best.std:.4f}, {bucket['speedup']:.2f}×" if best else "no model that fast"))
-
-
-def print_compression(summary) -> None:
-    """Per density: the encoder density reached, parameters, dev score over seeds, latency
-    and the registered ONNX version; then where to look."""
-    table = Table(title=f"{summary.method}: dev {summary.metric} (mean ± std over seeds)")
-    for column in ("model", "encoder density", "parameters", "stored MB", "layers", "seeds",
-                   f"dev {summary.metric}", "latency ms", "registry"):
-        table.add_column(column, justify="left" if column in ("model", "registry") else "right")
-    groups: dict[str, list[dict]] = {}
-    for row in summary.finals:
-        groups.setdefault(row["variant"] or row["strategy"], []).append(row)
-    inverse = {v: k for k, v in summary.versions.items() if k != "best"}
-    for label, rows in groups.items():
-        values = [r["value"] for r in rows if not r.get("diverged")]
-        spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-        score = f"{statistics.mean(values):.4f}{spread}" if values else ""
-        if len(values) < len(rows):
-            score += f"{' ' if score else ''}[red]{len(rows) - len(values)} of {len(rows)} " \
-                     "diverged[/red]"
-        first = rows[0]
-        version = first.get("model_version")
-        registry = f"v{version} @{inverse.get(version, '')}" if version else ""
-        if version and version == summary.versions.get("best"):
-            registry += " @best"
-        latency, stored = first.get("latency_ms"), first.get("stored_bytes")
-        table.add_row(label, f"{first['encoder_density']:.3f}", f"{first['parameters']:,}",
-                      f"{stored / 1e6:.1f}" if stored else "", str(first["depth"]),
-                      str(len(rows)), score, f"{latency:.1f}" if latency else "", registry)
-    console.print(table)
-    print_counts(summary)
-    home = Path(summary.home)
-    dirs = [r["model_dir"] for r in summary.finals if r["method"] not in ("unpruned", "input")
-            and r.get("model_dir")]
-    if dirs:
-        console.print(f"a model:        glp.load_pretrained(\"{dirs[0]}\")")
-        console.print(f"                glp export {dirs[0]} --onnx --out model.onnx")
-    if summary.registered_model:
-        console.print(f"registered ONNX: [cyan]{summary.registered_model}[/cyan] "
-                      f"(mlflow.pyfunc.load_model(\"models:/{summary.registered_model}@best\"))")
-    console.print(f"MLflow UI:      glp ui --home {home}")
-    console.print(f"Parquet tables: {home / 'parquet'} (finals/: method, plan, parameters, "
-                  "encoder_density, model_dir)")
-
-
-def _score_cell(row: dict) -> str:
-    """A score, or "diverged" for a fine-tune whose loss or metric was not finite."""
-    if row.get("diverged") or row["value"] != row["value"]:
-        return "diverged"
-    budget = row.get("budget", 1.0)
-    return f"{row['value']:.4f}" + (f"@{budget:g}" if budget < 1 else "")
-
-
-def print_summary(summary) -> None:
-    """The pruning order, every candidate's score, the final models, and where to look."""
-    console.print()
-    console.print(f"[bold]Pruning order[/bold] ({summary.strategy}, first removed first): "
-                  f"[cyan]{', '.join(map(str, summary.order))}[/cyan]")
-    if summary.candidates and summary.strategy.startswith("greedy"):
-        full = sum(summary.num_layers - k for k in range(len(summary.order)))
-        console.print(f"search cost: {summary.search_fine_tunes} fine-tunes, "
-                      f"{summary.search_equivalents:g} whole-budget equivalents "
-                      f"({summary.search_equivalents / full:.0%} of the full search's {full})")
-        shares = any(row.get("budget", 1.0) < 1 for row in summary.candidates)
-        table = Table(title=f"Candidates: selection-split {summary.metric} "
-                            "(* = removed in that iteration"
-                            + ("; @share: the last share of the budget it was trained for)"
-                               if shares else ")"))
-        table.add_column("iteration", justify="right")
-        for layer in range(summary.num_layers):
-            table.add_column(f"-L{layer}", justify="right")
-        iterations = sorted({row["iteration"] for row in summary.candidates})
-        for it in iterations:
-            rows = {r["layer"]: r for r in summary.candidates if r["iteration"] == it}
-            cells = []
-            for layer in range(summary.num_layers):
-                if layer not in rows:
-                    cells.append("")
-                    continue
-                mark = "*" if summary.order[it] == layer else ""
-                cells.append(_score_cell(rows[layer]) + mark)
-            table.add_row(str(it + 1), *cells)
-        console.print(table)
-    distilled = any(r.get("distilled") for r in summary.finals)
-    finals = Table(title=f"Final models: dev {summary.metric}"
-                   + (" (kd: distilled from the unpruned model)" if distilled else ""))
-    columns = ("layers", "removed", *(("fine-tune",) if distilled else ()), "seeds",
-               f"dev {summary.metric}", "parameters", "registry")
-    for column in columns:
-        finals.add_column(column, justify="right" if column != "registry" else "left")
-    groups = sorted({(r["depth"], bool(r.get("distilled"))) for r in summary.finals},
-                    key=lambda g: (-g[0], g[1]))
-    inverse = {v: k for k, v in summary.versions.items() if k.startswith("depth-")}
-    best = summary.versions.get("best")
-    for depth, kd in groups:
-        rows = [r for r in summary.finals
-                if r["depth"] == depth and bool(r.get("distilled")) == kd]
-        values = [r["value"] for r in rows if not r.get("diverged")]
-        spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-        score = f"{statistics.mean(values):.4f}{spread}" if values else ""
-        if len(values) < len(rows):  # said in words, never shown as a score of 0.0
-            score += f"{' ' if score else ''}[red]{len(rows) - len(values)} of {len(rows)} " \
-                     "diverged[/red]"
-        version = next((r["model_version"] for r in rows if r.get("model_version")), None)
-        registry = ""
-        if version and kd:
-            registry = f"v{version} of -kd"
-        elif version:
-            registry = f"v{version} @{inverse.get(version, '')}"
-            registry += " @best" if version == best else ""
-        finals.add_row(str(depth), ",".join(map(str, rows[0]["removed"])) or "none (reference)",
-                       *(("kd" if kd else "plain",) if distilled else ()),
-                       str(len(rows)), score,
-                       f"{rows[0]['parameters']:,}" if rows[0]["parameters"] else "",
-                       registry)
-    console.print(finals)
-    print_counts(summary)
-    home = Path(summary.home)
-    if summary.registered_model:
-        console.print(f"registered model: [cyan]{summary.registered_model}[/cyan] "
-                      f"(load with mlflow.transformers.load_model("
-                      f"\"models:/{summary.registered_model}@best\"))")
-        console.print(f"                  and as ONNX: [cyan]{summary.registered_model}-onnx"
-                      "[/cyan] (mlflow.pyfunc, onnxruntime only)")
-        if distilled:
-            console.print(f"distilled:        [cyan]{summary.registered_model}-kd[/cyan] "
-                          "(and -kd-onnx), aliases depth-N and best")
-    console.print(f"MLflow UI:      glp ui --home {home}")
-    console.print(f"Parquet tables: {home / 'parquet'} (candidates/, selections/, finals/)")
+    launch(kind, values, home, verbose, option_names=OPTION_NAMES, explain=user_message)
 
 
 HomeOption = Annotated[
@@ -845,74 +389,36 @@ def bench(
     """CPU latency of models side by side: median and p90 per batch size and length, in
     PyTorch and (with --onnx) onnxruntime fp32 and int8, the models interleaved."""
     import json
-    import os
-    import tempfile
 
-    import torch
-
-    from glp.deploy.bench import bench as run_bench
+    from glp.deploy.runtimes import check_bench, time_models, versions
+    from glp.report.terminal import print_bench
 
     batch_size, length = batch_size or [1, 32], length or [32, 128]
-    for name, values, low in (("--batch-size", batch_size, 1), ("--length", length, 1),
-                              ("--repeats", [repeats], 1), ("--threads", [threads or 1], 1)):
-        bad = [v for v in values if v < low]
-        if bad:
-            _fail(f"{name} {bad[0]}: choose a whole number >= {low}")
     threads = threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            timed, vocab = _bench_models(models, threads, onnx, Path(tmp), home)
-            shapes = [(b, n) for b in batch_size for n in length]
-            rows = run_bench(timed, shapes, vocab, repeats=repeats)
+        check_bench(batch_size, length, repeats, threads)
+        paths = {spec: _local_model(spec, home) for spec in models}
+        rows = time_models(paths, [(b, n) for b in batch_size for n in length],
+                           repeats=repeats, threads=threads, onnx=onnx)
     except GlpError as exc:
         _fail(user_message(exc, {}))
-    import onnxruntime
-
-    console.print(f"threads {threads}, torch {torch.__version__}, onnxruntime "
-                  f"{onnxruntime.__version__}, {repeats} interleaved rounds, synthetic "
-                  "batches (no padding)", highlight=False, soft_wrap=True)
-    width = max(len(r["model"]) for r in rows)
-    for row in rows:
-        console.print(f"{row['model']:<{width}}  batch {row['batch_size']:>3}  length "
-                      f"{row['length']:>4}  median {row['median_ms']:8.2f} ms  p90 "
-                      f"{row['p90_ms']:8.2f} ms", highlight=False, markup=False,
-                      soft_wrap=True)
+    setting = {"threads": threads, **versions()}
+    print_bench(console, rows, f"threads {threads}, torch {setting['torch']}, onnxruntime "
+                f"{setting['onnxruntime']}, {repeats} interleaved rounds, synthetic batches "
+                "(no padding)")
     if out:
-        Path(out).write_text(json.dumps({"threads": threads, "torch": torch.__version__,
-                                         "onnxruntime": onnxruntime.__version__,
-                                         "rows": rows}, indent=1) + "\n")
+        Path(out).write_text(json.dumps({**setting, "rows": rows}, indent=1) + "\n")
 
 
-def _bench_models(specs: list[str], threads: int, onnx: bool, tmp: Path, home):
-    """name -> model to time (PyTorch, and ONNX fp32/int8 graphs exported to ``tmp``), and
-    the smallest vocabulary among them (every batch must fit every model)."""
-    import glp
-    from glp.deploy.export import OnnxModel, export_onnx
+def _local_model(spec: str, home: str | None) -> str:
+    """A model directory, or a registered version downloaded into the run home."""
+    if not spec.startswith("models:/"):
+        return spec
+    from flows.sources import download_registered
 
-    timed, vocab = {}, None
-    for index, spec in enumerate(specs):
-        path = spec
-        if spec.startswith("models:/"):
-            from flows.sources import download_registered
-
-            run_home = RunHome.resolve(home)
-            path = download_registered(spec, run_home.tracking_uri, run_home, option="glp bench",
-                                       use="time")
-        elif not (Path(spec) / "config.json").is_file():
-            raise GlpError(f"{spec}: not a model directory (no config.json); give a "
-                           "directory saved by glp or models:/NAME@alias")
-        name = spec if len(spec) <= 60 else "…" + spec[-59:]
-        model = glp.load_pretrained(path)
-        size = model.get_input_embeddings().num_embeddings
-        vocab = size if vocab is None else min(vocab, size)
-        timed[f"{name} | torch"] = model
-        if onnx:
-            fp32 = export_onnx(path, tmp / f"{index}.onnx")
-            int8 = export_onnx(path, tmp / f"{index}.int8.onnx", int8=True)
-            timed[f"{name} | onnx"] = OnnxModel(fp32, threads=threads, spin=False)
-            timed[f"{name} | onnx int8"] = OnnxModel(int8, threads=threads, spin=False)
-    return timed, vocab
+    run_home = RunHome.resolve(home)
+    return download_registered(spec, run_home.tracking_uri, run_home, option="glp bench",
+                               use="time")
 
 
 @app.command()
@@ -940,87 +446,27 @@ def pick(
     it was not registered, its model directory. Nothing meets the budget: one line naming
     the closest model, exit 1.
     """
-
-    from glp.report.pick import Budget, closest, models, plan_summary
-    from glp.report.pick import pick as choose
+    from glp.report.pick import Budget, NothingMeets, choose
+    from glp.report.terminal import print_pick
+    from tasks.picking import point_alias, read_finals
 
     run_home = RunHome.resolve(home)
     try:
         budget = Budget(max_latency_ms, min_speedup, min_metric, max_parameters)
+        chosen, meeting = choose(read_finals(run_home), budget, str(run_home.root),
+                                 task=task, model=model, job=job)
+    except NothingMeets as exc:
+        _fail(str(exc), code=1)
     except GlpError as exc:
         _fail(user_message(exc, {}))
-    finals = run_home.parquet / "finals"
-    if not finals.is_dir():
-        _fail(f"--home {run_home.root}: no final models there (no parquet/finals); run glp "
-              "prune, compare or compress first")
-    import pyarrow.dataset as ds
-
-    from tasks.records import FINALS
-
-    # The current schema: a home written by an older glp lacks its newer columns (null).
-    rows = ds.dataset(finals, schema=FINALS).to_table().to_pylist()
-    for option, column, value in (("--task", "task", task), ("--model", "model", model),
-                                  ("--job", "job_id", job)):
-        if value is None:
-            continue
-        known = sorted({str(r[column]) for r in rows})
-        rows = [r for r in rows if str(r[column]).lower() == value.lower()]
-        if not rows:
-            _fail(f"{option} {value}: no final models of it in {run_home.root}; found: "
-                  f"{', '.join(known)}")
-    subjects = sorted({(r["model"], r["task"]) for r in rows})
-    if len(subjects) > 1:
-        _fail(f"{run_home.root} holds models of {len(subjects)} model/task pairs ("
-              + ", ".join(f"{m} on {t}" for m, t in subjects)
-              + "); choose one with --model and --task")
-    found = models(rows)
-    if not found:
-        _fail(f"every final model in {run_home.root} diverged; nothing can be picked")
-    chosen, meeting = choose(found, budget)
-    if budget.needs_latency and not any(m.latency_ms for m in found):
-        _fail("no final model in this home has a measured latency (glp compare and glp "
-              "compress measure it; glp bench DIR times any model); use --max-parameters "
-              "or --min-metric")
-    if chosen is None:
-        near = closest(found, budget)
-        where = f"; the closest: {_pick_line(near)}" if near else ""
-        _fail(f"no model meets {budget.describe()} ({len(found)} models searched){where}",
-              code=1)
-    table = Table(title=f"Models that meet {budget.describe()} (best first)")
-    for column in ("model", f"dev {chosen.metric}", "parameters", "latency ms",
-                   "speed-up", "registered"):
-        table.add_column(column, justify="left" if column in ("model", "registered")
-                         else "right")
-    for m in meeting[:10]:
-        table.add_row(m.label, f"{m.mean:.4f} ± {m.std:.4f} ({m.seeds})",
-                      f"{m.parameters:,}" if m.parameters else "",
-                      f"{m.latency_ms:.2f}" if m.latency_ms else "",
-                      f"{m.speedup:.2f}x" if m.speedup else "",
-                      f"{m.registered_model} v{m.model_version}" if m.model_version else "")
-    console.print(table, markup=False)
-    console.print(f"picked: {_pick_line(chosen)}", markup=False, highlight=False,
-                  soft_wrap=True)
-    console.print(f"plan: {plan_summary(chosen.plan)}", markup=False, highlight=False,
-                  soft_wrap=True)
+    print_pick(console, budget, chosen, meeting)
     if alias:
-        if not chosen.model_version:
-            _fail(f"--alias {alias}: the chosen model was not registered (its job ran with "
-                  "--no-register); register it, or load it from its directory")
-        from tasks.tracking import client_for
-
-        client_for(run_home.tracking_uri).set_registered_model_alias(
-            chosen.registered_model, alias, chosen.model_version)
-        console.print(f"alias @{alias} of {chosen.registered_model} now points at version "
-                      f"{chosen.model_version}", markup=False, highlight=False)
+        try:
+            done = point_alias(run_home, chosen, alias)
+        except GlpError as exc:
+            _fail(str(exc))
+        console.print(done, markup=False, highlight=False)
     print(chosen.uri)
-
-
-def _pick_line(m) -> str:
-    latency = (f", {m.latency_ms:.2f} ms at batch {m.latency_batch}" if m.latency_ms else "")
-    speedup = f" ({m.speedup:.2f}x)" if m.speedup else ""
-    params = f", {m.parameters:,} parameters" if m.parameters else ""
-    return (f"{m.label} (job {m.job_id[:12]}): dev {m.metric} {m.mean:.4f} ± {m.std:.4f} over "
-            f"{m.seeds} seed(s){params}{latency}{speedup}; seed {m.chosen_seed}")
 
 
 @app.command()
@@ -1029,7 +475,9 @@ def demo(home: HomeOption = None, verbose: Verbose = False) -> None:
 
     2,000 training examples, 1 epoch, max length 64, lr 1e-4, 2 of 6 layers, 1 seed.
     """
-    run_command("prune", dict(DEMO), home, verbose)
+    from flows.serve import DEMO_PARAMS
+
+    run_command("prune", dict(DEMO_PARAMS), home, verbose)
 
 
 @app.command()
@@ -1046,6 +494,7 @@ def gc(
     the tokenisation cache. Never touches the MLflow store, the registered models or the
     Parquet tables.
     """
+    from glp.report.terminal import print_garbage
     from tasks.home import collect_garbage, folder_size
 
     run_home = RunHome.resolve(home)
@@ -1054,13 +503,8 @@ def gc(
     if not (run_home.artifacts.is_dir() or run_home.mlflow_db.exists()):
         _fail(f"--home {run_home.root}: not a glp run home (no artifacts/ or mlflow.db)")
     before = folder_size(run_home.root)
-    found = collect_garbage(run_home, finals=finals, dry_run=dry_run)
-    for path, size in found:
-        console.print(f"{'would remove' if dry_run else 'removed'} {path} ({size / 1e6:,.1f} MB)")
-    freed = sum(size for _, size in found)
-    after = before - freed
-    console.print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:,.1f} MB; the home "
-                  f"{'would hold' if dry_run else 'holds'} {after / 1e6:,.1f} MB")
+    print_garbage(console, collect_garbage(run_home, finals=finals, dry_run=dry_run), before,
+                  dry_run)
 
 
 @app.command()

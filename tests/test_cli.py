@@ -143,12 +143,17 @@ def test_bench_prints_each_runtime_at_batch_1_and_32(tiny_bert, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("threads 1, torch ")
-    for runtime in ("torch", "onnx", "onnx int8"):
-        for batch in ("batch   1", "batch  32"):
-            assert any(f"| {runtime} " in line and batch in line and "median" in line
-                       and "p90" in line for line in lines), (runtime, batch)
+    assert lines[1] == f"model 1: {tiny_bert}"  # the whole name, once
+    cells = [[c.strip() for c in line.strip("│ ").split("│")] for line in lines
+             if line.startswith("│")]
+    assert {(c[1], c[2], c[3]) for c in cells} == {
+        (runtime, batch, "8") for runtime in ("torch", "onnx", "onnx int8")
+        for batch in ("1", "32")}
+    assert all(c[0] == "model 1" and float(c[4]) > 0 and float(c[5]) > 0 for c in cells)
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3 * 2 and all(r["median_ms"] > 0 for r in rows)
+    assert {r["model"] for r in rows} == {f"{tiny_bert} | {runtime}"
+                                           for runtime in ("torch", "onnx", "onnx int8")}
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -258,22 +263,22 @@ def test_pick_moves_an_alias_in_the_registry(picked_home):
     assert str(client.get_model_version_by_alias("glp-g", "production").version) == "2"
 
 
-def test_compare_prints_every_name_it_registered(monkeypatch):
+def test_compare_prints_every_name_it_registered():
     import io
     from types import SimpleNamespace
 
     from rich.console import Console
 
-    from flows import cli
+    from glp.report.terminal import print_registered
 
     out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=300))
+    console = Console(file=out, width=300)
     finals = [{"registered_model": None}, {"registered_model": "glp-m-sst2-greedy"},
               {"registered_model": "glp-m-sst2-greedy"},
               {"registered_model": "glp-m-sst2-greedy2-mlpruning"}, {}]
-    cli.print_registered(SimpleNamespace(finals=finals))
+    print_registered(console, SimpleNamespace(finals=finals))
     assert out.getvalue().startswith(
         "registered:     glp-m-sst2-greedy, glp-m-sst2-greedy2-mlpruning (models:/NAME@best")
     out.truncate(0)
-    cli.print_registered(SimpleNamespace(finals=finals[:1]))
+    print_registered(console, SimpleNamespace(finals=finals[:1]))
     assert out.getvalue() == ""  # nothing registered: no line

@@ -1,0 +1,246 @@
+"""Running one flow as a command: inputs checked first, then the flow with progress bars on
+its own Prefect API server, Ctrl-C and SIGTERM, one-line errors, and the result printed.
+
+Prefect reads its settings when it is first imported, so this module (like the CLI) imports
+Prefect and the flows only inside its functions, after the run home's environment is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import warnings
+from collections.abc import Callable, Mapping
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from glp import GlpError
+from tasks import progress
+from tasks.home import RunHome, configure_environment
+
+console = Console()
+# soft_wrap: an error is one line in a log or a pipe, however long.
+err = Console(stderr=True, soft_wrap=True)
+
+
+class RichReporter:
+    """Progress bars: iterations, candidates and final models stay; training steps come and go."""
+
+    def __init__(self, bars: Progress):
+        self.bars = bars
+        self.kinds: dict[object, str] = {}
+
+    def begin(self, kind: str, label: str, total: int | None) -> object:
+        handle = self.bars.add_task(label, total=total)
+        self.kinds[handle] = kind
+        return handle
+
+    def update(self, handle: object, completed: int, total: int | None = None) -> None:
+        self.bars.update(handle, completed=completed, total=total or None)
+
+    def end(self, handle: object) -> None:
+        if self.kinds.pop(handle, None) == "steps":
+            self.bars.remove_task(handle)  # one bar per fine-tune would flood the screen
+
+    def note(self, message: str) -> None:
+        self.bars.console.print(f"[green]✓[/green] {message}")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One red line on stderr and the exit code (2: a mistake in the input)."""
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    raise typer.Exit(code=code)
+
+
+def quiet(verbose: bool) -> None:
+    """Without --verbose: only warnings from Prefect, MLflow and Hugging Face, no bars."""
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+        # The API server logs its shutdown of in-flight event flushes as errors.
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        warnings.filterwarnings("ignore")
+        logging.getLogger("alembic").setLevel(logging.ERROR)
+        # Once a run is interrupted, every stopped task logs its crash: one line says it.
+        for name in ("prefect.task_runs", "prefect.flow_runs"):
+            logging.getLogger(name).addFilter(lambda record: not progress.stop_requested())
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler or ``kill`` asking the command to stop) or SIGHUP (its terminal
+    closed) reached the command."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _interrupted(signum: int, run_home: RunHome) -> typer.Exit:
+    name = signal.Signals(signum).name
+    err.print(f"[bold red]interrupted[/bold red] by {name}: finished fine-tunes are cached in "
+              f"{run_home.results}; run the same command again to resume.", highlight=False)
+    return typer.Exit(code=128 + signum)
+
+
+def start_services(tracking_uri: str) -> str | None:
+    """Start the flow runs' own Prefect API server (:func:`flows.serve.start_run_server`)
+    while this process opens the MLflow store and imports what registration needs: on a
+    new home both create their databases, and one after the other they took 12 s + 2.4 s
+    here. Nothing is started before every input has been checked (a refused command
+    writes nothing).
+
+    Returns the server's API URL; None when ``PREFECT_API_URL`` names a server (or
+    Prefect's ephemeral mode is off, and Prefect says what is missing). Raises GlpError
+    when the server does not answer within ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
+
+    from flows.serve import start_run_server, wait_healthy
+    from tasks.tracking import client_for
+
+    server = api = None
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        server, api = start_run_server()
+    client_for(tracking_uri)  # creates a new store's tables
+    import onnxruntime  # noqa: F401 - imported here, while the server starts
+    import torch.onnx  # noqa: F401
+
+    if server is not None:
+        wait_healthy(api, timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
+                     process=server)
+    return api
+
+
+def run_command(kind: str, values: dict, home: str | None, verbose: bool, *,
+                option_names: Mapping[str, str],
+                explain: Callable[[GlpError, dict], str]) -> None:
+    """Validate, run the ``prune``, ``compare`` or ``compress`` flow with progress bars,
+    print its result.
+
+    ``option_names`` names the option of a flow parameter spelt differently, and
+    ``explain`` words a GlpError as the user typed the command (both from the CLI).
+
+    SIGTERM, SIGHUP (the terminal closed) and Ctrl-C stop the run within a training step:
+    the running fine-tune is dropped, the parent MLflow run is closed as KILLED, the API
+    server is stopped, and the command exits with 128 + the signal's number (143, 129,
+    130); the same command resumes.
+    """
+    run_home = RunHome.resolve(home)
+    # Prefect swaps in its own SIGTERM handler while the flow runs and hands the signal
+    # back to this one when the flow has been torn down.
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _run_command(kind, values, run_home, verbose, option_names, explain)
+    except Terminated as stop:
+        raise _interrupted(stop.signum, run_home) from None
+    except KeyboardInterrupt:
+        raise _interrupted(signal.SIGINT, run_home) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,
+                 option_names: Mapping[str, str],
+                 explain: Callable[[GlpError, dict], str]) -> None:
+    configure_environment(run_home)
+    quiet(verbose)
+    from prefect.exceptions import TerminationSignal
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from pydantic import ValidationError
+
+    from glp.report.terminal import print_comparison, print_compression, print_summary
+
+    if kind == "compare":
+        from flows.compare import CompareParams as Params
+        from flows.compare import compare as flow
+        from flows.compare import preflight
+    elif kind == "compress":
+        from flows.compress import CompressParams as Params
+        from flows.compress import compress as flow
+        from flows.compress import preflight
+    else:
+        from flows.prune import PruneParams as Params
+        from flows.prune import preflight
+        from flows.prune import prune as flow
+
+    try:
+        params = Params(**values, home=str(run_home.root))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
+        option = option_names.get(field, f"--{field.replace('_', '-')}")
+        fail(f"{option} {first.get('input')!r}: {first['msg'].lower()}")
+    try:
+        described = preflight(params)
+        # Only now, with every input checked, is anything written.
+        run_home.ensure_writable()
+    except GlpError as exc:
+        fail(explain(exc, values))
+    console.print(f"[bold]glp[/bold] {described}")
+    console.print(f"run home: {run_home.root}")
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console)
+    progress.set_reporter(RichReporter(bars))
+    try:
+        api = start_services(params.tracking_uri or run_home.tracking_uri)
+        # The flow runs report to that server: the supported setting PREFECT_API_URL,
+        # for this command only (flows.serve.start_run_server says why).
+        settings = (temporary_settings(updates={PREFECT_API_URL: api}) if api
+                    else contextlib.nullcontext())
+        with bars, settings:
+            summary = flow(params)
+    except GlpError as exc:
+        fail(explain(exc, values))
+    except TerminationSignal:  # Prefect kept the signal (a cancel from its runner)
+        raise Terminated() from None
+    except Exception as exc:  # a task failed after its retries: say so, keep what finished
+        from tasks.faults import is_full_disk
+
+        if is_full_disk(exc):  # not retried: one line, what to do
+            fail(f"no space left on the device of {exc.filename or run_home.root}: free some "
+                 f"space (glp gc --home {run_home.root} removes what no run needs) and run "
+                 "the same command again")
+        err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: "
+                  f"{escape(str(exc))}",
+                  highlight=False)
+        err.print(f"Finished fine-tunes are cached in {run_home.results}; run the same "
+                  "command again to resume (--verbose shows the task logs).", highlight=False)
+        raise typer.Exit(code=1) from None
+    finally:
+        progress.set_reporter(None)
+    {"compare": print_comparison, "compress": print_compression}.get(kind, print_summary)(
+        console, summary)
