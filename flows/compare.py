@@ -152,11 +152,15 @@ def preflight(params: CompareParams) -> str:
                 f"{', '.join(f'{d:g}' for d in params.densities)} in width{trained}, ratio "
                 f"{', '.join(f'{r:g}' for r in params.ratios)} offline, of {params.model} on "
                 f"{data.spec.name} ({len(data.train):,} train / {len(data.dev):,} dev rows, "
-                f"{data.spec.metric}, {params.seeds} seed(s))")
+                f"{data.spec.metric}, {_seeds(params.seeds)})")
     names = ", ".join(dict.fromkeys(s.name for s in strategies))
     return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers of "
             f"{params.model} on {data.spec.name} ({len(data.train):,} train / "
-            f"{len(data.dev):,} dev rows, {data.spec.metric}, {params.seeds} seed(s))")
+            f"{len(data.dev):,} dev rows, {data.spec.metric}, {_seeds(params.seeds)})")
+
+
+def _seeds(count: int) -> str:
+    return "1 seed" if count == 1 else f"{count} seeds"
 
 
 @flow(name="glp-compare", task_runner=ThreadPoolTaskRunner(max_workers=1))
