@@ -118,22 +118,23 @@ def _context(request: MethodRequest, model) -> Context:
         from glp.training.metrics import selection_score
         from glp.training.train import evaluate
 
-        metrics = evaluate(candidate, selection, is_regression=data.is_regression,
+        metrics = evaluate(candidate, context.selection, is_regression=data.is_regression,
                            batch_size=max(request.config.batch_size, 64))
         return selection_score(metrics, data.metric)
 
     def step_callback(label: str):
         return progress.step_callback(f"  {label}, seed {request.seed}")
 
-    selection = split("selection") if "selection" in spec.needs else None
-    return Context(
+    uses = spec.needs
+    context = Context(
         model=model, config=request.config, seed=request.seed, device=request.device,
         is_regression=data.is_regression,
         teacher=(lambda: load_checkpoint(request.source.path, "teacher's"))
-        if "teacher" in spec.needs else None,
-        train=split("train") if "train" in spec.needs else None,
-        selection=selection, score=score if selection is not None else None,
-        progress=step_callback)
+        if "teacher" in uses else None,
+        load_train=(lambda: split("train")) if "train" in uses else None,
+        load_selection=(lambda: split("selection")) if "selection" in uses else None,
+        score=score if "selection" in uses else None, progress=step_callback)
+    return context
 
 
 def run_compress_model(request: MethodRequest) -> Compressed:

@@ -24,6 +24,7 @@ follows static imports, :mod:`glp.core.provenance`) covers only the method it ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -75,9 +76,10 @@ class Context:
     """What a method's ``run`` gets: the model to compress and what it declared it needs.
 
     ``teacher()`` loads a second copy of the starting model (the distillation teacher);
-    ``train`` and ``selection`` are tokenized splits; ``score(model)`` is the task metric on
-    the selection split (higher is better); ``progress(label)`` returns a step callback
-    ``on_step(step, total)`` and the function that closes it.
+    ``train`` and ``selection`` are tokenized splits, read the first time a method uses
+    them (a method that needs none of a split's rows costs nothing for it); ``score(model)``
+    is the task metric on the selection split (higher is better); ``progress(label)``
+    returns a step callback ``on_step(step, total)`` and the function that closes it.
     """
 
     model: Any
@@ -86,11 +88,19 @@ class Context:
     device: str = "cpu"
     is_regression: bool = False
     teacher: Callable[[], Any] | None = None
-    train: Any = None
-    selection: Any = None
+    load_train: Callable[[], Any] | None = None
+    load_selection: Callable[[], Any] | None = None
     score: Callable[[Any], float] | None = None
     progress: Callable[[str], tuple[Callable[[int, int], None], Callable[[], None]]] = (
         lambda label: ((lambda step, total: None), (lambda: None)))
+
+    @functools.cached_property
+    def train(self) -> Any:
+        return self.load_train() if self.load_train else None
+
+    @functools.cached_property
+    def selection(self) -> Any:
+        return self.load_selection() if self.load_selection else None
 
 
 @dataclass
