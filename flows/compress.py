@@ -29,7 +29,7 @@ from flows.sources import input_checkpoint, is_fine_tuned, registry_name, resolv
 from glp import GlpError
 from glp.core.checkpoint import read_plan, stored_bytes
 from glp.core.plan import Plan, density_of
-from glp.methods import REFERENCE, Method, budget_label, compressors, get_method
+from glp.methods import REFERENCE, Method, budget_label, compressor_options, get_method
 from tasks.methods import (
     Compressed,
     MethodRequest,
@@ -45,12 +45,8 @@ from tasks.training import Checkpoint
 
 def option_names() -> dict[str, list[str]]:
     """Every compressor's parameters by option name: the methods that take each."""
-    found: dict[str, list[str]] = {}
-    for method in compressors():
-        for option in method.options():
-            if option != method.budget:
-                found.setdefault(option, []).append(method.name)
-    return found
+    return {option: [method.name for method, _ in users]
+            for option, users in compressor_options().items()}
 
 
 class CompressParams(PruneParams):

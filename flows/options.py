@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from glp.methods import compressors, get_method
+from glp.methods import compressor_options, get_method
 from glp.methods import names as method_names
 
 # Options whose flow parameter is spelt differently, and the way back for error lines.
@@ -175,17 +175,12 @@ SEARCH_ONLY = ("strategy", "register", "prefilter_keep", "search", "search_fract
 
 
 def method_options() -> dict[str, list[tuple[str, object]]]:
-    """Every compressor's own parameters by option name: (method, dataclass field) pairs."""
-    import dataclasses
-
-    found: dict[str, list[tuple[str, object]]] = {}
-    for method in compressors():
-        for option, field in method.options().items():
-            if option != method.budget:
-                found.setdefault(option, []).append((method.name, field))
-    for option, users in found.items():
-        assert option not in SEARCH_ONLY and option not in RENAMED, option
-        assert all(isinstance(f, dataclasses.Field) for _, f in users)
+    """Every compressor's own parameters by option name: (method name, field) pairs; none
+    may take the name of a ``prune`` option."""
+    found = {option: [(method.name, spec) for method, spec in users]
+             for option, users in compressor_options().items()}
+    clash = sorted(set(found) & {*SEARCH_ONLY, *RENAMED})
+    assert not clash, clash
     return found
 
 

@@ -291,6 +291,17 @@ def compressors() -> tuple[Method, ...]:
     return all_methods(("width", "offline"))
 
 
+def compressor_options() -> dict[str, list[tuple[Method, dataclasses.Field]]]:
+    """Every compressor's own parameters (not its budget) by option name, with the methods
+    that take each and their field (``temperature``: mlpruning's and grain's)."""
+    found: dict[str, list[tuple[Method, dataclasses.Field]]] = {}
+    for method in compressors():
+        for option, spec in method.options().items():
+            if option != method.budget:
+                found.setdefault(option, []).append((method, spec))
+    return found
+
+
 def options_markdown() -> str:
     """Every compressor and its parameters as Markdown (docs/usage.md holds this text; a
     test keeps it equal to what the dataclasses say)."""
@@ -311,5 +322,6 @@ def options_markdown() -> str:
 
 __all__ = ["BUDGETS", "FAMILIES", "LAYER_METHOD", "NEEDS", "REFERENCE", "Context", "Method",
            "Outcome", "ParamError", "all_methods", "budget_label", "check_number",
-           "compressors", "get_method", "is_method", "names", "options_markdown", "param",
-           "phase_record", "register_method", "unregister_method"]
+           "compressor_options", "compressors", "get_method", "is_method", "names",
+           "options_markdown", "param", "phase_record", "register_method",
+           "unregister_method"]
