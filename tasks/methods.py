@@ -45,8 +45,9 @@ from tasks.training import (
 CODE = "tasks.methods"
 """The module whose source closure, with the method's module, keys every compression."""
 
-SPLITS = {"train": "train", "selection": "selection"}
-"""The split each need reads (the method trains on ``train`` and scores on ``selection``)."""
+SPLITS = ("train", "selection")
+"""The needs that read a split of the same name (the method trains on ``train`` and scores
+on ``selection``); their fingerprints are in the key."""
 
 
 def method_fingerprint(method: Method) -> str:
@@ -76,7 +77,7 @@ class MethodRequest(BaseModel, frozen=True):
 
     def key(self) -> str:
         spec = self.spec
-        splits = sorted(SPLITS[n] for n in spec.needs if n in SPLITS)
+        splits = sorted(n for n in spec.needs if n in SPLITS)
         return stable_hash("compress-model", method_fingerprint(spec), self.source.key,
                            [self.data.fingerprints[s] for s in splits], self.data.metric,
                            self.data.is_regression, self.method, self.config.result_dict(),
