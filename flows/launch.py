@@ -127,20 +127,19 @@ def start_services(tracking_uri: str) -> str | None:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     )
 
-    from flows.serve import start_run_server, wait_healthy
+    from flows.serve import run_server_ready, start_run_server
     from tasks.tracking import client_for
 
-    server = api = None
-    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        server, api = start_run_server()
+    own = not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+    if own:
+        start_run_server()
     client_for(tracking_uri)  # creates a new store's tables
     import onnxruntime  # noqa: F401 - imported here, while the server starts
     import torch.onnx  # noqa: F401
 
-    if server is not None:
-        wait_healthy(api, timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
-                     process=server)
-    return api
+    if not own:
+        return None
+    return run_server_ready(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
 
 
 def run_command(kind: str, values: dict, home: str | None, verbose: bool, *,

@@ -267,6 +267,9 @@ def deploy_all(env: Mapping[str, str], pool: str = DEFAULT_POOL,
 # ---------------------------------------------------------------------- a command's API
 
 
+STARTUP_FAILURE = 3
+"""uvicorn's exit code when the server did not start: its port was taken, or the app's
+start-up failed (another command's server was creating the same database)."""
 RUN_SERVER_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "PAUSE_EXPIRATIONS",
                   "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER")
 """Server services that only deployments and workers need (Prefect's temporary server
@@ -294,7 +297,7 @@ def start_run_server() -> tuple[subprocess.Popen, str]:
     ``PREFECT_API_URL`` (``prefect.settings.temporary_settings``). As the temporary one did,
     it serves no UI (``PREFECT_SERVER_UI_ENABLED``) and none of the :data:`RUN_SERVER_OFF`
     services (``PREFECT_SERVER_SERVICES_<NAME>_ENABLED``), and its database is in
-    ``PREFECT_HOME``.
+    ``PREFECT_HOME``. Prefect's telemetry (``PREFECT_SERVER_ANALYTICS_ENABLED``) is off.
     """
     global _run_server
     if _run_server is not None and _run_server[0].poll() is None:
@@ -303,6 +306,7 @@ def start_run_server() -> tuple[subprocess.Popen, str]:
 
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
     for key, value in {"PREFECT_SERVER_UI_ENABLED": "false",
+                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                        # glp's flows use no block types: registering all of them on a new
                        # database took 4 s of the server's start here (15.5 s against 11.2).
                        "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
@@ -318,6 +322,25 @@ def start_run_server() -> tuple[subprocess.Popen, str]:
     atexit.register(stop_process, process, 5.0, 0.0)
     _run_server = process, api_url("127.0.0.1", port)
     return _run_server
+
+
+def run_server_ready(timeout: float) -> str:
+    """Start :func:`start_run_server`'s server and wait until it answers; its API URL.
+
+    A start that fails (uvicorn exits with :data:`STARTUP_FAILURE`) is tried again on a
+    new port, as Prefect's temporary server does: two commands started at the same moment
+    on one new home start two servers on one database, and one of them failed while the
+    other created it. Raises GlpError on any other exit, or after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        process, api = start_run_server()
+        try:
+            wait_healthy(api, timeout=max(deadline - time.monotonic(), 0.0), process=process)
+            return api
+        except GlpError:
+            if process.returncode != STARTUP_FAILURE or time.monotonic() >= deadline:
+                raise
 
 
 # ---------------------------------------------------------------------- serve
