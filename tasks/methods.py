@@ -108,6 +108,26 @@ def load_checkpoint(path: str | None, what: str):
     return load_pretrained(path)
 
 
+def load_pretrained_student(request: MethodRequest, model):
+    """The pre-trained model the source was fine-tuned from, with a new task head like the
+    source's (seeded by the request's seed) and the source's removed layers removed.
+
+    Raises GlpError when the source is a given fine-tuned model: which pre-trained model
+    it came from is not known then.
+    """
+    from glp.core.models import load_classifier
+    from glp.core.surgery import remove_layers
+
+    source = request.source
+    if source.base_path == source.path:
+        raise GlpError(f"the model {source.path} was given fine-tuned, so the pre-trained "
+                       "model it came from is unknown: start from the teacher, or give "
+                       "--model the pre-trained encoder (glp fine-tunes it first)")
+    student = load_classifier(source.base_path, num_labels=model.config.num_labels,
+                              is_regression=request.data.is_regression, seed=request.seed)
+    return remove_layers(student, source.removed) if source.removed else student
+
+
 def _context(request: MethodRequest, model) -> Context:
     spec, data = request.spec, request.data
     base = request.source.base_path
@@ -126,12 +146,16 @@ def _context(request: MethodRequest, model) -> Context:
     def step_callback(label: str):
         return progress.step_callback(f"  {label}, seed {request.seed}")
 
+    def pretrained():
+        return load_pretrained_student(request, model)
+
     uses = spec.needs
     context = Context(
         model=model, config=request.config, seed=request.seed, device=request.device,
         is_regression=data.is_regression,
         teacher=(lambda: load_checkpoint(request.source.path, "teacher's"))
         if "teacher" in uses else None,
+        pretrained=pretrained if "pretrained" in uses else None,
         load_train=(lambda: split("train")) if "train" in uses else None,
         load_selection=(lambda: split("selection")) if "selection" in uses else None,
         score=score if "selection" in uses else None, progress=step_callback)

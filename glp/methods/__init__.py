@@ -10,8 +10,10 @@ It declares:
 - its parameters as one frozen dataclass (:class:`Method.params`): defaults, help text in
   each field's metadata, and validation in ``__post_init__`` raising :class:`ParamError`;
   the CLI options, the flow parameters and prefect.yaml's defaults come from it;
-- what it needs (:data:`NEEDS`): a fine-tuned ``teacher``, the ``train`` split, the
-  ``selection`` split;
+- what it needs (:data:`NEEDS`): a fine-tuned ``teacher``, the ``pretrained`` model the
+  teacher was fine-tuned from, the ``train`` split, the ``selection`` split;
+- its settings beside its reference implementation's (:class:`Setting`): docs/methods.md
+  holds the table :func:`settings_markdown` makes of them, and a test keeps it equal;
 - one call, ``run(context, params) -> Outcome``: a model (in ``context``) becomes a
   compressed model with its plan, and records of what each phase did.
 
@@ -43,13 +45,19 @@ FAMILIES = ("layers", "width", "offline")
 """``layers``: removes encoder layers, searched at every depth; ``width``: cuts inside the
 layers and trains; ``offline``: compresses the weights with no training."""
 
-NEEDS = ("teacher", "train", "selection")
+NEEDS = ("teacher", "pretrained", "train", "selection")
 """What a method may need: the fine-tuned model it starts from as a distillation teacher,
-the training split (it trains), the selection split (it scores or estimates on it)."""
+the pre-trained model that one was fine-tuned from (with a new task head, as a student to
+initialise from), the training split (it trains), the selection split (it scores or
+estimates on it)."""
 
 BUDGETS = {"density": "fraction of the encoder weights to keep",
-           "ratio": "compression ratio of the compressed matrices"}
+           "ratio": "compression ratio of the compressed matrices",
+           "constraint": "fraction of the encoder's multiply-accumulates to keep"}
 """What sizes a compressed model, by the name of the parameter field that holds it."""
+
+BUDGET_FIELDS = {"density": "densities", "ratio": "ratios", "constraint": "constraints"}
+"""The flows' parameter that lists a budget's sizes (``--density`` repeated: densities)."""
 
 BUILTIN = ("glp.methods.layers", "glp.methods.mlpruning", "glp.methods.grain",
            "glp.methods.lowrank", "glp.methods.autoencoder")
@@ -76,6 +84,8 @@ class Context:
     """What a method's ``run`` gets: the model to compress and what it declared it needs.
 
     ``teacher()`` loads a second copy of the starting model (the distillation teacher);
+    ``pretrained()`` loads the pre-trained model it was fine-tuned from, with a new task
+    head of the same shape;
     ``train`` and ``selection`` are tokenized splits, read the first time a method uses
     them (a method that needs none of a split's rows costs nothing for it); ``score(model)``
     is the task metric on the selection split (higher is better); ``progress(label)``
@@ -88,6 +98,7 @@ class Context:
     device: str = "cpu"
     is_regression: bool = False
     teacher: Callable[[], Any] | None = None
+    pretrained: Callable[[], Any] | None = None
     load_train: Callable[[], Any] | None = None
     load_selection: Callable[[], Any] | None = None
     score: Callable[[Any], float] | None = None
@@ -123,6 +134,23 @@ def phase_record(name: str, stats: Any) -> dict:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One setting of a method beside its reference implementation's.
+
+    ``reference`` is the reference's value as its code sets it; glp's is the default of
+    the params field ``param``, or ``fixed`` where no parameter holds it (a fine-tune
+    option, a constant in the algorithm). ``why`` says why glp's differs; empty when it
+    does not (a test refuses a difference without a reason).
+    """
+
+    name: str
+    reference: str
+    param: str | None = None
+    fixed: str | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Method:
     """One compression method, as the registry knows it (see the module docstring)."""
 
@@ -139,6 +167,8 @@ class Method:
     followed_by: frozenset[str] = frozenset()  # families that may come after it
     variant: Callable[[Any], str] | None = None  # a variant's prefix, e.g. "svd"
     suffix: Callable[[Any], str] | None = None  # of the registered name, e.g. "-fisher"
+    reference: str = ""  # the reference implementation: paper and code
+    settings: tuple[Setting, ...] = ()  # beside the reference's (docs/methods.md's table)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -152,6 +182,10 @@ class Method:
                                f"{', '.join(BUDGETS)}")
             if self.run is None:
                 raise GlpError(f"method {self.name}: run (module:function) is missing")
+        missing = [s.param for s in self.settings if s.param
+                   and s.param not in self.param_names()]
+        if missing:
+            raise GlpError(f"method {self.name}: settings name no parameter {missing}")
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise GlpError(f"method {self.name}: needs {sorted(unknown)}; choose from "
@@ -180,6 +214,11 @@ class Method:
         if self.params is None:
             return {}
         return {f.metadata.get("option", f.name): f for f in dataclasses.fields(self.params)}
+
+    def options_by_field(self) -> dict[str, str]:
+        """The option name of each parameter field (``start``: ``grain_start``)."""
+        return {field: option for option, field in
+                ((o, f.name) for o, f in self.options().items())}
 
     def make_params(self, values: Mapping[str, Any] | None = None, **budget: Any) -> Any:
         """The params dataclass from option-named values (unknown names are an error; None
@@ -215,10 +254,11 @@ def _resolve(target: str | Callable | None) -> Callable:
 
 def budget_label(budget: str, value: float) -> str:
     """A size's label and registry alias (MLflow aliases may not contain a dot):
-    ``density-30`` keeps 30% of the encoder weights, ``ratio-4`` or ``ratio-2p5``
+    ``density-30`` keeps 30% of the encoder weights, ``constraint-60`` 60% of its
+    multiply-accumulates, ``ratio-4`` or ``ratio-2p5``
     compresses 4 or 2.5 times."""
-    if budget == "density":
-        return f"density-{round(value * 100):02d}"
+    if budget in ("density", "constraint"):
+        return f"{budget}-{round(value * 100):02d}"
     return f"ratio-{value:g}".replace(".", "p")
 
 
@@ -320,8 +360,30 @@ def options_markdown() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BUDGETS", "FAMILIES", "LAYER_METHOD", "NEEDS", "REFERENCE", "Context", "Method",
-           "Outcome", "ParamError", "all_methods", "budget_label", "check_number",
-           "compressor_options", "compressors", "get_method", "is_method", "names",
-           "options_markdown", "param", "phase_record", "register_method",
-           "unregister_method"]
+def setting_default(method: Method, setting: Setting) -> str:
+    """glp's value of a setting: its parameter's default, or the fixed value."""
+    if setting.param is None:
+        return setting.fixed or ""
+    default = {f.name: f for f in dataclasses.fields(method.params)}[setting.param].default
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def settings_markdown(method: Method) -> str:
+    """A method's settings beside its reference's, as a Markdown table (docs/methods.md
+    holds it between ``<!-- settings: NAME -->`` and ``<!-- settings: end -->``)."""
+    lines = [f"Reference: {method.reference}.", "",
+             "| setting | reference | glp default | why they differ |", "| --- | --- | --- | --- |"]
+    for s in method.settings:
+        option = f" (`--{method.options_by_field()[s.param].replace('_', '-')}`)" if s.param else ""
+        lines.append(f"| {s.name}{option} | {s.reference} | {setting_default(method, s)} | "
+                     f"{s.why} |")
+    return "\n".join(lines)
+
+
+__all__ = ["BUDGETS", "BUDGET_FIELDS", "FAMILIES", "LAYER_METHOD", "NEEDS", "REFERENCE",
+           "Context", "Method", "Outcome", "ParamError", "Setting", "all_methods", "budget_label",
+           "check_number", "compressor_options", "compressors", "get_method", "is_method",
+           "names", "options_markdown", "param", "phase_record", "register_method",
+           "setting_default", "settings_markdown", "unregister_method"]
