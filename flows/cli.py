@@ -24,13 +24,14 @@ from flows.options import (
     HomeOption,
     Verbose,
     _params,
+    budget_values,
     compare_signature,
     compress_signature,
     method_options,
     prune_options,
 )
 from glp import GlpError
-from glp.methods import compressors
+from glp.methods import BUDGET_FIELDS, compressors
 from tasks.home import RunHome, configure_environment
 
 app = typer.Typer(
@@ -77,9 +78,11 @@ def prune(**values) -> None:
 prune.__signature__ = inspect.signature(prune_options, eval_str=True)
 
 
-def compare(strategies: str | None, methods: str | None, density: list[float] | None,
-            ratio: list[float] | None, pruning_epochs: list[str] | None, random_orders: int,
-            **options) -> None:
+BUDGET_OF = {field: budget for budget, field in BUDGET_FIELDS.items()}
+
+
+def compare(strategies: str | None, methods: str | None, pruning_epochs: list[str] | None,
+            random_orders: int, **options) -> None:
     """Compare layer strategies, or every compression method, on one model and task.
 
     Takes every option of `glp prune` (except --strategy). --strategies runs layer strategies at every depth; --methods runs layer strategies, width methods (mlpruning, grain), offline ones (lowrank, autoencoder) and compositions (greedy+lowrank, greedy+mlpruning+lowrank, ...), each model timed in PyTorch and onnxruntime (fp32, int8) at batch 1 and 32. Writes the finals (with strategy and method columns) to parquet/finals/ and a markdown report with PNG plots (with --methods: methods.md and two Pareto plots) to reports/ in the run home.
@@ -87,17 +90,17 @@ def compare(strategies: str | None, methods: str | None, density: list[float] | 
     home, verbose = options.pop("home"), options.pop("verbose")
     options.pop("strategy", None)
     options["register"] = options.pop("register_compare")
+    sizes = budget_values(options)
     values = {**_params(options), "random_orders": random_orders,
               "command": "glp compare " + " ".join(shlex.quote(a) for a in sys.argv[2:])}
-    given = {"strategies": strategies, "methods": methods,
-             "densities": tuple(density) if density else None,
-             "ratios": tuple(ratio) if ratio else None,
+    given = {"strategies": strategies, "methods": methods, **sizes,
              "pruning_epochs": tuple(pruning_epochs) if pruning_epochs else None}
     values |= {k: v for k, v in given.items() if v is not None}  # unset: not typed
-    if methods is None and (density or ratio or pruning_epochs):
-        typed = ("--density sizes a width method" if density else
-                 "--ratio sizes an offline method" if ratio else
-                 "--pruning-epochs trains a width method")
+    if methods is None and (sizes or pruning_epochs):
+        budget = BUDGET_OF[next(iter(sizes))] if sizes else None
+        typed = (f"--{budget} sizes " + " and ".join(m.name for m in compressors()
+                                                     if m.budget == budget) if sizes
+                 else "--pruning-epochs trains a width method")
         _fail(f"{typed}; give --methods too (e.g. --methods greedy,mlpruning,lowrank)")
     run_command("compare", values, home, verbose)
 
@@ -106,21 +109,17 @@ compare.__signature__ = compare_signature()
 app.command(name="compare")(compare)
 
 
-def compress(method: str, density: list[float] | None, ratio: list[float] | None,
-             prune_layers: int, **options) -> None:
-    """Compress a model with one method: in width (to a --density) or offline (to a --ratio, no fine-tuning).
+def compress(method: str, prune_layers: int, **options) -> None:
+    """Compress a model with one method: in width (to a --density or a --constraint) or offline (to a --ratio, no fine-tuning).
 
     Takes `glp prune`'s model, data and budget options, and each method's own (generated from its parameters, glp.methods). --model is compressed as it is when it is fine-tuned for a task (a directory or models:/NAME@alias), else fine-tuned first; --prune-layers K prunes K layers greedily first. Each model is saved with its plan (glp.load_pretrained reloads it), registered in MLflow as ONNX, and written to parquet/finals/.
     """  # noqa: E501 - one line, so that --help wraps it to the terminal
     home, verbose = options.pop("home"), options.pop("verbose")
     options["register"] = options.pop("register_compress")
+    sizes = budget_values(options)
     own = {name: options.pop(name) for name in method_options()}
     values = {**_params(options), "method": method, "prune_layers": prune_layers,
-              "options": {k: v for k, v in own.items() if v is not None}}
-    if density:
-        values["densities"] = tuple(density)
-    if ratio:
-        values["ratios"] = tuple(ratio)
+              "options": {k: v for k, v in own.items() if v is not None}, **sizes}
     run_command("compress", values, home, verbose)
 
 

@@ -22,11 +22,14 @@ from flows.comparison import (
     check_sizes_used,
     compressed_method_rows,
     compressor_steps,
+    describe_sizes,
     pruning_epochs,
     pruning_identity,
+    sizes_identity,
 )
 from flows.job import Job, distilled_variant, final_plans
 from flows.methods import compressor_names, layer_strategies, parse_methods
+from flows.options import COMPARE_SIZES
 from flows.params import PruneParams, check_inputs, check_search, strategy_for
 from flows.registration import register_depths
 from flows.runners import run_on_task_runner
@@ -50,10 +53,14 @@ class CompareParams(PruneParams):
         "methods to compare instead of --strategies: any registered method (layer "
         "strategies, mlpruning, grain, lowrank, autoencoder, ...) and compositions such as "
         "greedy+lowrank (flows/methods.py)"))
-    densities: tuple[float, ...] = Field((0.5, 0.3), min_length=1, description=(
+    densities: tuple[float, ...] = Field(COMPARE_SIZES["density"], min_length=1, description=(
         "width methods: fractions of the encoder weights to keep"))
-    ratios: tuple[float, ...] = Field((2.0, 4.0), min_length=1, description=(
+    ratios: tuple[float, ...] = Field(COMPARE_SIZES["ratio"], min_length=1, description=(
         "offline methods: compression ratios of the compressed module types"))
+    constraints: tuple[float, ...] = Field(COMPARE_SIZES["constraint"], min_length=1,
+                                           description=("constrained methods: fractions of "
+                                                        "the encoder's multiply-accumulates "
+                                                        "to keep"))
     pruning_epochs: tuple[str, ...] = Field((), description=(
         "the epochs of training while pruning of the methods that take --pruning-epochs: "
         "EPOCHS for every one or METHOD=EPOCHS, e.g. grain=3 (unset: each method's own)"))
@@ -148,9 +155,8 @@ def preflight(params: CompareParams) -> str:
         names = ", ".join(parse_methods(params.methods))
         trained = "".join(f" ({m}: {e:g} pruning epochs)"
                           for m, e in pruning_epochs(params).items())
-        return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers, keep "
-                f"{', '.join(f'{d:g}' for d in params.densities)} in width{trained}, ratio "
-                f"{', '.join(f'{r:g}' for r in params.ratios)} offline, of {params.model} on "
+        return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers, "
+                f"{describe_sizes(params)}{trained}, of {params.model} on "
                 f"{data.spec.name} ({len(data.train):,} train / {len(data.dev):,} dev rows, "
                 f"{data.spec.metric}, {_seeds(params.seeds)})")
     names = ", ".join(dict.fromkeys(s.name for s in strategies))
@@ -181,7 +187,7 @@ def _compare(params: CompareParams) -> CompareSummary:
     labels = [s.label for s in strategies]
     # With --methods, the methods, their sizes and the compression code are in the job id
     # too: another density is another job, with its own rows, MLflow run and report.
-    extra = ((parse_methods(params.methods), params.densities, params.ratios,
+    extra = ((parse_methods(params.methods), *sizes_identity(params),
               *pruning_identity(params),
               *(method_fingerprint(get_method(m)) for m in compressor_steps(params)))
              if params.methods else ())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flows.methods import compressor_names, parse_methods, run_chain
 from glp import GlpError
-from glp.methods import compressors, get_method
+from glp.methods import BUDGET_FIELDS, compressors, get_method
 
 
 def compressor_steps(params) -> tuple[str, ...]:
@@ -24,9 +24,30 @@ def method_configs(params, method: str) -> list:
     from flows.compress import method_params
 
     spec = get_method(method)
-    sizes = params.densities if spec.budget == "density" else params.ratios
+    sizes = getattr(params, BUDGET_FIELDS[spec.budget])
     epochs = pruning_epochs(params).get(method)
     return method_params(spec, sizes, {"pruning_epochs": epochs} if epochs else {})
+
+
+def used_budgets(params) -> list[str]:
+    """The budgets of the compressors --methods runs (``density``, ``ratio``, ...)."""
+    used = {get_method(m).budget for m in compressor_steps(params)}
+    return [b for b in BUDGET_FIELDS if b in used]
+
+
+def describe_sizes(params) -> str:
+    """The sizes a comparison compresses to: ``density 0.5, 0.3, ratio 2, 4``."""
+    return ", ".join(f"{budget} {', '.join(f'{v:g}' for v in getattr(params, field))}"
+                     for budget, field in BUDGET_FIELDS.items()
+                     if budget in used_budgets(params))
+
+
+def sizes_identity(params) -> tuple:
+    """The sizes in a comparison's job id: densities and ratios, and the other budgets'
+    sizes when a chosen method uses them."""
+    return (params.densities, params.ratios,
+            *(getattr(params, field) for budget, field in BUDGET_FIELDS.items()
+              if budget not in ("density", "ratio") and budget in used_budgets(params)))
 
 
 def trained_while_pruning(params) -> list[str]:
@@ -109,23 +130,29 @@ def compressed_method_rows(params, job, methods: tuple[str, ...],
         chain = run_chain(name, source, greedy_rows, step)
         if register:
             register_sizes(job, method_registry_name(job.slug, job.data.task, name,
-                                                     params.remove, params.densities[0]),
+                                                     params.remove, first_sizes(params)),
                            chain, get_method(name.split("+")[-1]))
         rows += chain
     return rows
 
 
+def first_sizes(params) -> dict[str, float]:
+    """Each budget's first size: what a step in the middle of a composition passes on."""
+    return {budget: getattr(params, field)[0] for budget, field in BUDGET_FIELDS.items()}
+
+
 def method_registry_name(slug: str, task: str, method: str, remove: int,
-                         density: float) -> str:
+                         sizes: dict[str, float]) -> str:
     """``glp-<model>-<task>-<method>``, the name ``glp compress --method`` registers a single
     method under. A composition names its steps and the size each passed on, since the
     versions' aliases name only the last step's size: greedy by the layers it removed (as
-    ``glp compress --prune-layers`` does), a width step by the density it kept (the first
-    ``--density``), so ``greedy+mlpruning+lowrank`` at --remove 2 and --density 0.5 is
-    ``…-greedy2-mlpruning50-lowrank``."""
+    ``glp compress --prune-layers`` does), a width step by the share it kept (the first
+    ``--density`` or ``--constraint``), so ``greedy+mlpruning+lowrank`` at --remove 2 and
+    --density 0.5 is ``…-greedy2-mlpruning50-lowrank``."""
     steps = method.split("+")
     named = [f"greedy{remove}" if step == "greedy" else
-             f"{step}{round(density * 100):02d}" if index < len(steps) - 1 else step
+             f"{step}{round(sizes[get_method(step).budget] * 100):02d}"
+             if index < len(steps) - 1 else step
              for index, step in enumerate(steps)]
     return f"glp-{slug}-{task}-{'-'.join(named)}"
 
@@ -133,12 +160,11 @@ def method_registry_name(slug: str, task: str, method: str, remove: int,
 def check_sizes_used(params) -> None:
     """Refuse what --methods would silently ignore: a size no chosen method uses."""
     methods = parse_methods(params.methods)
-    budgets = {get_method(m).budget for m in compressor_steps(params)}
+    budgets = used_budgets(params)
     given = params.model_fields_set
-    for field, budget, option in (("densities", "density", "--density"),
-                                  ("ratios", "ratio", "--ratio")):
+    for budget, field in BUDGET_FIELDS.items():
         if field in given and budget not in budgets:
             users = [m.name for m in compressors() if m.budget == budget]
-            raise GlpError(f"{option} sizes {' and '.join(users)}; --methods "
+            raise GlpError(f"--{budget} sizes {' and '.join(users)}; --methods "
                            f"{','.join(methods)} has none of them")
     pruning_epochs(params)

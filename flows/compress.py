@@ -29,7 +29,14 @@ from flows.sources import input_checkpoint, is_fine_tuned, registry_name, resolv
 from glp import GlpError
 from glp.core.checkpoint import read_plan, stored_bytes
 from glp.core.plan import Plan, density_of
-from glp.methods import REFERENCE, Method, budget_label, compressor_options, get_method
+from glp.methods import (
+    BUDGET_FIELDS,
+    REFERENCE,
+    Method,
+    budget_label,
+    compressor_options,
+    get_method,
+)
 from tasks.methods import (
     Compressed,
     MethodRequest,
@@ -58,6 +65,9 @@ class CompressParams(PruneParams):
         "method's]"))
     ratios: tuple[float, ...] | None = Field(None, min_length=1, description=(
         "an offline method's sizes: compression ratios [default: the method's]"))
+    constraints: tuple[float, ...] | None = Field(None, min_length=1, description=(
+        "a constrained method's sizes: fractions of the encoder's multiply-accumulates to "
+        "keep [default: the method's]"))
     options: dict[str, Any] = Field(default_factory=dict, description=(
         "the method's own parameters by option name, e.g. {\"ema\": 0.99} for grain"))
     seeds: int = Field(1, ge=1, description="seeds per compressed model (40, 41, ...)")
@@ -123,12 +133,11 @@ def method_params(method: Method, sizes: tuple[float, ...] | None,
 def check_method(params: CompressParams) -> tuple[Method, list]:
     """The method and its parameters per size, or a GlpError naming the option."""
     method = get_method(params.method, ("width", "offline"))
-    other = {"density": "ratios", "ratio": "densities"}[method.budget]
-    if getattr(params, other) is not None:
-        typed = "--density" if other == "densities" else "--ratio"
-        raise GlpError(f"{typed} does not size {method.name}; it is sized by "
-                       f"--{method.budget}")
-    sizes = params.densities if method.budget == "density" else params.ratios
+    for budget, field in BUDGET_FIELDS.items():
+        if budget != method.budget and getattr(params, field) is not None:
+            raise GlpError(f"--{budget} does not size {method.name}; it is sized by "
+                           f"--{method.budget}")
+    sizes = getattr(params, BUDGET_FIELDS[method.budget])
     return method, method_params(method, sizes, params.options)
 
 

@@ -9,11 +9,12 @@ method's dataclass (:mod:`glp.methods`). This module imports no flow (and no tor
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
-from glp.methods import compressor_options, get_method
+from glp.methods import BUDGET_FIELDS, BUDGETS, compressor_options, compressors, get_method
 from glp.methods import names as method_names
 
 # Options whose flow parameter is spelt differently, and the way back for error lines.
@@ -121,6 +122,34 @@ def _params(values: dict) -> dict:
     return params
 
 
+COMPARE_SIZES = {"density": (0.5, 0.3), "ratio": (2.0, 4.0), "constraint": (0.6, 0.4)}
+"""``glp compare --methods``' sizes of each budget (glp.methods.BUDGETS) by default."""
+
+
+def budget_options(default: Callable[[str], str], prefix: str = "") -> list[inspect.Parameter]:
+    """One repeatable option per budget (``--density``, ``--ratio``, ``--constraint``),
+    its help naming the methods it sizes; ``default(budget)`` ends the help."""
+    options = []
+    for budget, meaning in BUDGETS.items():
+        users = [m.name for m in compressors() if m.budget == budget]
+        if not users:
+            continue
+        options.append(inspect.Parameter(
+            budget, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+                list[float] | None, typer.Option(help=(
+                    f"{prefix}{', '.join(users)}: {meaning} (repeat for several: --{budget} "
+                    f"{COMPARE_SIZES[budget][0]:g} --{budget} {COMPARE_SIZES[budget][1]:g}) "
+                    f"{default(budget)}"))]))
+    return options
+
+
+def budget_values(values: dict) -> dict[str, tuple[float, ...]]:
+    """The flows' size parameters (``densities``, ...) from the budget options typed,
+    popped from ``values``."""
+    sizes = {budget: values.pop(budget, None) for budget in BUDGETS}
+    return {BUDGET_FIELDS[b]: tuple(v) for b, v in sizes.items() if v}
+
+
 def compare_signature() -> inspect.Signature:
     """``prune``'s options without --strategy, --register and --registered-model (each
     strategy and method is registered under its own name), plus --strategies and
@@ -139,15 +168,8 @@ def compare_signature() -> inspect.Signature:
                                      "greedy+mlpruning+lowrank (greedy's model of L - "
                                      "--remove layers, then each step)")],
             default=None),
-        inspect.Parameter("density", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-            list[float] | None, typer.Option(help="--methods: width methods keep this "
-                                             "fraction of the encoder weights (repeat for "
-                                             "several) [default: 0.5 0.3]")],
-            default=None),
-        inspect.Parameter("ratio", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-            list[float] | None, typer.Option(help="--methods: offline methods' compression "
-                                             "ratio (repeat for several) [default: 2 4]")],
-            default=None),
+        *budget_options(lambda budget: "[default: " + " ".join(
+            f"{v:g}" for v in COMPARE_SIZES[budget]) + "]", prefix="--methods: "),
         inspect.Parameter("pruning_epochs", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             list[str] | None, typer.Option(help="--methods: width methods' epochs of "
                                            "training while pruning: EPOCHS for all, or "
@@ -218,11 +240,7 @@ def compress_signature() -> inspect.Signature:
     extra = [
         option("method", str, "mlpruning", "the method: " + ", ".join(
             method_names(("width", "offline")))),
-        option("density", list[float] | None, None, "width methods: fraction of the encoder "
-               "weights to keep (repeat for several: --density 0.5 --density 0.3) "
-               "[default: the method's]"),
-        option("ratio", list[float] | None, None, "offline methods: compression ratio of each "
-               "compressed module type (repeat for several) [default: the method's]"),
+        *budget_options(lambda budget: "[default: the method's]"),
         option("seeds", int, 1, "seeds per compressed model (40, 41, ...)"),
         option("prune_layers", int, 0, "remove this many layers by greedy layer pruning "
                "first, then compress the pruned model"),

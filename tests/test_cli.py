@@ -81,8 +81,8 @@ def _compare(tmp_path, *args):
         (["--random-orders", "0"], "--random-orders"),
         (["--task", "nope"], "unknown task 'nope'"),
         (["--prefilter-keep", "-1"], "--prefilter-keep"),
-        (["--density", "0.3"], "--density sizes a width method; give --methods too"),
-        (["--ratio", "4"], "--ratio sizes an offline method; give --methods too"),
+        (["--density", "0.3"], "--density sizes mlpruning and grain; give --methods too"),
+        (["--ratio", "4"], "--ratio sizes lowrank and autoencoder; give --methods too"),
         (["--pruning-epochs", "3"], "--pruning-epochs trains a width method; give --methods"),
         (["--methods", "greedy,lowrank", "--pruning-epochs", "grain=3"],
          "--pruning-epochs 'grain=3' trains a width method; --methods greedy,lowrank has no "

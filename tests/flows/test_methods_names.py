@@ -156,7 +156,7 @@ def test_typing_a_default_pruning_epochs_is_the_same_job():
 def test_each_compressor_registers_under_its_own_name(method, name):
     from flows.comparison import method_registry_name
 
-    assert method_registry_name("tiny", "sst2", method, 2, 0.5) == name
+    assert method_registry_name("tiny", "sst2", method, 2, {"density": 0.5, "ratio": 2.0}) == name
 
 
 def test_one_registered_name_for_a_whole_comparison_is_refused():
