@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from glp.methods import BUDGETS
 from tasks import faults
 
 _LAYERS = pa.list_(pa.int64())
@@ -82,8 +83,10 @@ FINALS = pa.schema([
     ("plan", pa.string()),  # the compression plan as JSON (glp.core.plan.Plan)
     ("parameters", pa.int64()),  # non-zero parameters of the whole model
     ("encoder_density", pa.float64()),  # fraction of the base encoder's weights kept
-    ("target_density", pa.float64()),  # the density asked for (width methods)
-    ("target_ratio", pa.float64()),  # the compression ratio asked for (offline methods)
+    # the size asked for, by budget (glp.methods.BUDGETS): target_density (a fraction of
+    # the weights), target_ratio (a compression ratio), target_constraint (a fraction of
+    # the multiply-accumulates)
+    *((f"target_{budget}", pa.float64()) for budget in BUDGETS),
     ("stored_bytes", pa.int64()),  # the weights on disk (safetensors, codes included)
     ("model_dir", pa.string()),  # the saved model: glp.load_pretrained(model_dir)
     *_COST,

@@ -252,6 +252,16 @@ def _resolve(target: str | Callable | None) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
+def target_size(row: Mapping[str, Any]) -> tuple[str, float] | None:
+    """The budget and size a model was asked for, from its row's ``target_<budget>``
+    column (None for a layer strategy's model, which has none)."""
+    for budget in BUDGETS:
+        value = row.get(f"target_{budget}")
+        if value is not None and value == value and value != 0:  # NaN: another budget
+            return budget, value
+    return None
+
+
 def budget_label(budget: str, value: float) -> str:
     """A size's label and registry alias (MLflow aliases may not contain a dot):
     ``density-30`` keeps 30% of the encoder weights, ``constraint-60`` 60% of its
@@ -386,4 +396,4 @@ __all__ = ["BUDGETS", "BUDGET_FIELDS", "FAMILIES", "LAYER_METHOD", "NEEDS", "REF
            "Context", "Method", "Outcome", "ParamError", "Setting", "all_methods", "budget_label",
            "check_number", "compressor_options", "compressors", "get_method", "is_method",
            "names", "options_markdown", "param", "phase_record", "register_method",
-           "setting_default", "settings_markdown", "unregister_method"]
+           "setting_default", "settings_markdown", "target_size", "unregister_method"]

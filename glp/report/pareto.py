@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from glp.methods import REFERENCE
+from glp.methods import REFERENCE, target_size
 from glp.report.format import markdown_table, score, write_atomic, write_text
 from glp.report.pick import Model
 
@@ -46,12 +46,10 @@ def method_of(model: Model) -> str:
 
 def size_of(model: Model) -> str:
     """What was asked of the model: its layers, density or ratio (with layers if fewer)."""
-    density, ratio = model.extra.get("target_density"), model.extra.get("target_ratio")
+    target = target_size(model.extra)
     layers = f"{model.depth} layers"
-    if density:
-        return f"density {density:g}" + (f", {layers}" if "+" in model.method else "")
-    if ratio:
-        return f"ratio {ratio:g}" + (f", {layers}" if "+" in model.method else "")
+    if target:
+        return f"{target[0]} {target[1]:g}" + (f", {layers}" if "+" in model.method else "")
     return layers
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from glp.core.errors import GlpError
-from glp.methods import REFERENCE
+from glp.methods import BUDGETS, REFERENCE, target_size
 from glp.report.format import score
 
 
@@ -90,9 +90,8 @@ class Model:
         name = self.strategy if not self.variant else f"{self.strategy}-{self.variant}"
         if self.method not in ("layers", REFERENCE) and self.method != self.strategy:
             name = f"{self.method} {name}"
-        size = self.extra.get("target_density") or self.extra.get("target_ratio")
-        what = f"density {size:g}" if self.extra.get("target_density") else (
-            f"ratio {size:g}" if size else f"{self.depth} layers")
+        target = target_size(self.extra)
+        what = f"{target[0]} {target[1]:g}" if target else f"{self.depth} layers"
         return f"{name}, {what}"
 
     @property
@@ -125,7 +124,7 @@ class Model:
         return missed
 
 
-EXTRA = ("target_density", "target_ratio", "encoder_density", "stored_bytes",
+EXTRA = (*(f"target_{budget}" for budget in BUDGETS), "encoder_density", "stored_bytes",
          "latency_b1_ms", "onnx_b1_ms", "onnx_b32_ms", "int8_b1_ms", "int8_b32_ms")
 """Columns of the chosen row a model carries along (where measured)."""
 

@@ -107,6 +107,10 @@ def test_the_registry_rule_chooses_the_seed_by_the_selection_split():
 def test_width_models_are_labelled_by_their_budget():
     rows = [row("grain", 6, 40, 0.77, method="grain", target_density=0.1, latency=20.0)]
     assert models(rows)[0].label == "grain, density 0.1"
+    # a row has one budget's column set; the others are NaN (Parquet's nulls, read back)
+    rows = [row("post-training", 6, 40, 0.8, method="post-training", latency=20.0,
+                target_density=math.nan, target_ratio=math.nan, target_constraint=0.6)]
+    assert models(rows)[0].label == "post-training, constraint 0.6"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
