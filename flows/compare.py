@@ -23,6 +23,7 @@ from flows.comparison import (
     compressed_method_rows,
     compressor_steps,
     describe_sizes,
+    equal_training_rows,
     pruning_epochs,
     pruning_identity,
     sizes_identity,
@@ -34,7 +35,7 @@ from flows.params import PruneParams, check_inputs, check_search, strategy_for
 from flows.registration import register_depths
 from flows.runners import run_on_task_runner
 from glp import GlpError
-from glp.methods import LAYER_METHOD, REFERENCE, get_method
+from glp.methods import EQUAL_TRAINING, LAYER_METHOD, REFERENCE, get_method
 from glp.methods.layers.search import STRATEGIES, Strategy
 from glp.report.tables import label, write_report
 from tasks.methods import method_fingerprint
@@ -206,6 +207,7 @@ def _compare(params: CompareParams) -> CompareSummary:
         if params.methods:
             rows += compressed_method_rows(params, job, methods, rows,
                                      register=params.register_models)
+            rows += equal_training_rows(job, rows)
             _time_deployed(job, rows)
         job.write_finals(rows)
         plans: dict[str, list[list[int]]] = {}
@@ -225,7 +227,8 @@ def _compare(params: CompareParams) -> CompareSummary:
         rows = [written(row) for row in rows]
         seconds = round(time.perf_counter() - started, 1)
         folder = job.home.reports / f"compare-{job.slug}-{data.task}-{job_id}"
-        layer_rows = [r for r in rows if r["method"] in (LAYER_METHOD, REFERENCE)]
+        layer_rows = [r for r in rows if r["method"] in (LAYER_METHOD, REFERENCE)
+                      and r["strategy"] != EQUAL_TRAINING]
         report = write_report(
             folder, pd.DataFrame(layer_rows), job.num_layers, plans, costs,
             meta=_meta(params, job, seconds),
@@ -347,7 +350,7 @@ def method_costs(rows: list[dict], search: dict[str, dict]) -> dict[str, dict]:
     costs: dict[str, dict] = {}
     prior: dict[str, float] = {}
     for row in rows:
-        if row["strategy"] == REFERENCE:
+        if row["strategy"] in (REFERENCE, EQUAL_TRAINING):
             continue
         name = row["method"] if row["method"] != LAYER_METHOD else label(
             row["strategy"], row["variant"])

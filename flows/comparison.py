@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flows.methods import compressor_names, parse_methods, run_chain
 from glp import GlpError
-from glp.methods import BUDGET_FIELDS, compressors, get_method
+from glp.methods import BUDGET_FIELDS, EQUAL_TRAINING, REFERENCE, compressors, get_method
 
 
 def compressor_steps(params) -> tuple[str, ...]:
@@ -111,7 +111,7 @@ def compressed_method_rows(params, job, methods: tuple[str, ...],
     """Every compressor and composition, from the shared source model (flows/methods.py);
     with ``register``, each under its own registered name (:func:`method_registry_name`),
     one ONNX version per size, as ``glp compress`` registers them."""
-    from flows.compress import compressed_rows, job_source, register_sizes
+    from flows.compress import compressed_rows, job_source, register_sizes, training_of
 
     if not methods:
         return []
@@ -122,8 +122,13 @@ def compressed_method_rows(params, job, methods: tuple[str, ...],
         return [r for r in layer_rows if r["strategy"] == "greedy" and not r["variant"]
                 and r["depth"] == depth]
 
+    made: list[dict] = []  # every step's rows: a later step's source is among them
+
     def step(method: str, start) -> list[dict]:
-        return compressed_rows(job, get_method(method), method_configs(params, method), start)
+        found = compressed_rows(job, get_method(method), method_configs(params, method), start,
+                                trained=training_of([*layer_rows, *made], start))
+        made.extend(found)
+        return found
 
     rows: list[dict] = []
     for name in methods:
@@ -139,6 +144,20 @@ def compressed_method_rows(params, job, methods: tuple[str, ...],
 def first_sizes(params) -> dict[str, float]:
     """Each budget's first size: what a step in the middle of a composition passes on."""
     return {budget: getattr(params, field)[0] for budget, field in BUDGET_FIELDS.items()}
+
+
+def equal_training_rows(job, rows: list[dict]) -> list[dict]:
+    """The unpruned model fine-tuned for as long as the longest-trained model of ``rows``
+    (its teacher's training included), when that is longer than the reference's own:
+    rows of :data:`glp.methods.EQUAL_TRAINING`, so that no method's lead is its extra
+    epochs. None when every model trained as long as the reference or less."""
+    reference = max((r["train_epochs"] for r in rows if r["strategy"] == REFERENCE
+                     and r.get("train_epochs") is not None), default=None)
+    longest = max((r["train_epochs"] for r in rows if r["strategy"] != REFERENCE
+                   and r.get("train_epochs") is not None), default=None)
+    if reference is None or longest is None or longest <= reference + 1e-6:
+        return []
+    return job.finals([(EQUAL_TRAINING, "", job.num_layers, ())], epochs=round(longest, 4))
 
 
 def method_registry_name(slug: str, task: str, method: str, remove: int,

@@ -36,6 +36,7 @@ from glp.methods import (
     budget_label,
     compressor_options,
     get_method,
+    trained_on_task,
 )
 from tasks.methods import (
     Compressed,
@@ -234,7 +235,8 @@ def _compress(params: CompressParams) -> CompressSummary:
     try:
         reference = reference_of()
         source = source_of()
-        rows = compressed_rows(job, method, configs, source)
+        rows = compressed_rows(job, method, configs, source,
+                               trained=training_of(reference, source))
         job.time_budgets(source, reference, rows, f"target_{method.budget}")
         versions = register_sizes(job, name, rows, method) if params.register_models else {}
         job.write_finals(reference + rows)
@@ -254,10 +256,22 @@ def _compress(params: CompressParams) -> CompressSummary:
         home=str(job.home.root), tracking_uri=job.tracking_uri)
 
 
+def training_of(rows: list[dict], checkpoint: Checkpoint) -> tuple[float, int] | None:
+    """The whole training (epochs, optimizer steps) of the model ``checkpoint`` holds, from
+    its row among ``rows``; None when it is not known (a model given fine-tuned)."""
+    for row in rows:
+        if row.get("cache_key") == checkpoint.key and row.get("train_epochs") is not None:
+            return row["train_epochs"], row["train_steps"]
+    return None
+
+
 def compressed_rows(job: Job, method: Method, configs: list, source: Checkpoint,
-                    name: str | None = None) -> list[dict]:
+                    name: str | None = None,
+                    trained: tuple[float, int] | None = None) -> list[dict]:
     """Every (size, seed) of one method from ``source``: compressed, evaluated on the dev
-    and selection splits, logged; one finals row each (``name``: the rows' method)."""
+    and selection splits, logged; one finals row each (``name``: the rows' method).
+    ``trained``: the source's whole training (epochs, steps), which each row's adds to its
+    own (None: unknown, and so are the rows')."""
     import dataclasses
 
     task = compress_model.with_options(result_storage=job.home.results)
@@ -284,14 +298,14 @@ def compressed_rows(job: Job, method: Method, configs: list, source: Checkpoint,
                                            job.home, job.device).result()
                 for split in ("dev", "selection"))
         rows.append(_row(job, method, config, variant, compressed, evaluation, selection,
-                         name or method.name))
+                         name or method.name, trained))
         job.reporter.update(handle, count + 1)
     job.reporter.end(handle)
     return rows
 
 
 def _row(job: Job, method: Method | None, config, variant: str, compressed: Compressed, evaluation,
-         selection, name: str) -> dict:
+         selection, name: str, trained: tuple[float, int] | None = None) -> dict:
     checkpoint, plan = compressed.checkpoint, compressed.plan_object
     diverged = checkpoint.diverged or evaluation.diverged or selection.diverged
     counts = plan.parameter_counts(job.base_config)
@@ -315,6 +329,9 @@ def _row(job: Job, method: Method | None, config, variant: str, compressed: Comp
         tags={**job.common_tags, **({f"glp.{budget}": f"{size:g}"} if budget else {}),
               "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key},
         texts={"plan.json": plan.to_json()})
+    own = trained_on_task(compressed.phases, job.data.sizes["train"])
+    training = ({"train_epochs": round(trained[0] + own[0], 4),
+                 "train_steps": trained[1] + own[1]} if trained else {})
     who = {"job_id": job.job_id, "strategy": name, "variant": variant,
            "model": getattr(job.params, "source_model", None) or job.params.model,
            "task": job.data.task, "method": name}
@@ -323,7 +340,7 @@ def _row(job: Job, method: Method | None, config, variant: str, compressed: Comp
         evaluation=evaluation, selection=selection, diverged=diverged, plan=plan,
         parameters=parameters, encoder_density=encoder_density,
         train_examples=job.data.sizes["train"], reused=checkpoint.flow_run_id != job.flow_run_id,
-        stored_bytes=stored, **({f"target_{budget}": size} if budget else {}))
+        stored_bytes=stored, **({f"target_{budget}": size} if budget else {}), **training)
 
 
 def register_sizes(job: Job, name: str, rows: list[dict], method: Method) -> dict[str, str]:

@@ -9,6 +9,8 @@ fine-tune: the tasks are cached by what decides their result, not by who asked.
 
 from __future__ import annotations
 
+import dataclasses
+
 import prefect.runtime.flow_run
 
 import glp
@@ -22,7 +24,7 @@ from glp.core.models import (
 )
 from glp.core.plan import Plan
 from glp.core.provenance import code_fingerprint
-from glp.methods import LAYER_METHOD, REFERENCE
+from glp.methods import EQUAL_TRAINING, LAYER_METHOD, REFERENCE
 from glp.methods.layers.search import (
     Strategy,
 )
@@ -152,10 +154,13 @@ class Job(JobSearch):
         return reused
 
     def request(self, removed: tuple[int, ...], split: str, seed: int,
-                keep_weights: bool = True, teacher: Teacher | None = None) -> FineTuneRequest:
+                keep_weights: bool = True, teacher: Teacher | None = None,
+                epochs: float | None = None) -> FineTuneRequest:
+        config = (self.finetune if epochs is None else
+                  dataclasses.replace(self.finetune, epochs=epochs))
         return FineTuneRequest(model_path=self.model_path, model_fingerprint=self.model_fp,
                                data=self.data, split=split, removed=removed,
-                               config=self.finetune, seed=seed, home=self.home,
+                               config=config, seed=seed, home=self.home,
                                device=self.device, keep_weights=keep_weights,
                                trust_remote_code=self.params.trust_remote_code,
                                teacher=teacher)
@@ -180,14 +185,16 @@ class Job(JobSearch):
     # ------------------------------------------------------------------ finals
 
     def finals(self, plans: list[tuple[str, str, int, tuple[int, ...]]],
-               measure_latency: bool = False) -> list[dict]:
+               measure_latency: bool = False, epochs: float | None = None) -> list[dict]:
         """The final protocol for (strategy, variant, depth, removed) entries.
 
-        Every removed set is fine-tuned on the whole training split with each seed and
-        evaluated on the dev set (the report: never used to choose) and on the selection
-        split (which chooses the registered seed and the ``best`` alias), once however
-        many strategies chose it. Returns one row per entry and seed (with ``_path`` to
-        the checkpoint).
+        Every removed set is fine-tuned on the whole training split with each seed
+        (``epochs``: for that many epochs instead of ``--epochs``) and evaluated on the dev
+        set (the report: never used to choose) and on the selection split (which chooses
+        the registered seed and the ``best`` alias), once however many strategies chose
+        it. Returns one row per entry and seed (with ``_path`` to the checkpoint), with the
+        model's whole training (``train_epochs``, ``train_steps``: a distilled model's
+        teacher's included).
         """
         unique = sorted({removed for _, _, _, removed in plans}, key=lambda r: (len(r), r))
         teacher = self.teacher() if self.params.distill and any(unique) else None
@@ -200,7 +207,8 @@ class Job(JobSearch):
         for removed, distilled in kinds:
             for seed in self.seeds:
                 checkpoint = self._fine_tune_final.submit(self.request(
-                    removed, "train", seed, teacher=teacher if distilled else None))
+                    removed, "train", seed, teacher=teacher if distilled else None,
+                    epochs=epochs))
                 evaluations = [self._evaluate_final.submit(checkpoint, self.data, split,
                                                            self.finetune, self.home,
                                                            self.device)
@@ -247,6 +255,9 @@ class Job(JobSearch):
         layer_plans = {removed: Plan.layers(self.num_layers, removed) for removed in unique}
         density = {removed: plan.encoder_density(self.base_config)
                    for removed, plan in layer_plans.items()}
+        own_epochs = self.finetune.epochs if epochs is None else epochs
+        taught = ((self.finetune.epochs, self.teacher_checkpoint().steps) if teacher
+                  else (0.0, 0))  # a distilled model's teacher trained first
         rows = []
         entries = [(strategy, variant, removed, False) for strategy, variant, _, removed in plans]
         if teacher:
@@ -255,7 +266,8 @@ class Job(JobSearch):
         for strategy, variant, removed, distilled in entries:
             who = {"job_id": self.job_id, "strategy": strategy, "variant": variant,
                    "model": self.params.model, "task": self.data.task,
-                   "method": REFERENCE if strategy == REFERENCE else LAYER_METHOD}
+                   "method": REFERENCE if strategy in (REFERENCE, EQUAL_TRAINING)
+                   else LAYER_METHOD}
             for seed in self.seeds:
                 job = done_jobs[removed, distilled, seed]
                 rows.append(final_row(
@@ -265,7 +277,9 @@ class Job(JobSearch):
                     plan=layer_plans[removed], parameters=parameters[removed],
                     encoder_density=density[removed], train_examples=self.data.sizes["train"],
                     reused=job["reused"], latency_ms=latency.get(removed),
-                    latency_batch=batch, distilled=distilled))
+                    latency_batch=batch, distilled=distilled,
+                    train_epochs=own_epochs + (taught[0] if distilled else 0.0),
+                    train_steps=job["checkpoint"].steps + (taught[1] if distilled else 0)))
         return rows
 
     def time_budgets(self, source: Checkpoint, reference: list[dict], rows: list[dict],

@@ -87,6 +87,11 @@ FINALS = pa.schema([
     # the weights), target_ratio (a compression ratio), target_constraint (a fraction of
     # the multiply-accumulates)
     *((f"target_{budget}", pa.float64()) for budget in BUDGETS),
+    # the model's whole training on the task's data, its teacher's and its source's
+    # included: epochs (rows seen over the training split's rows) and optimizer steps;
+    # null when not known (a model given already fine-tuned)
+    ("train_epochs", pa.float64()),
+    ("train_steps", pa.int64()),
     ("stored_bytes", pa.int64()),  # the weights on disk (safetensors, codes included)
     ("model_dir", pa.string()),  # the saved model: glp.load_pretrained(model_dir)
     *_COST,

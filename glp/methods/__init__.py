@@ -38,6 +38,10 @@ from glp.core.errors import GlpError, ParamError
 REFERENCE = "unpruned"
 """The strategy (and method) name of the reference row: the fine-tuned unpruned model."""
 
+EQUAL_TRAINING = "unpruned-equal"
+"""The strategy of the unpruned model fine-tuned for as long as the longest-trained method
+of a comparison (teacher included): its method is :data:`REFERENCE`."""
+
 LAYER_METHOD = "layers"
 """The method name of every layer strategy's rows (their strategy column names them)."""
 
@@ -128,9 +132,22 @@ class Outcome:
 
 
 def phase_record(name: str, stats: Any) -> dict:
-    """A phase record from a training run's statistics (``glp.training.train.TrainStats``)."""
-    return {"phase": name, "steps": stats.steps, "seconds": round(stats.seconds, 3),
-            "final_loss": stats.final_loss, "diverged": stats.diverged}
+    """A phase record from a training run on the task's data (its statistics,
+    ``glp.training.train.TrainStats``): ``examples`` (the rows it trained on, repeats
+    counted) marks a phase that trains on the task data, and counts in a model's total
+    training (:func:`trained_on_task`)."""
+    return {"phase": name, "steps": stats.steps, "examples": stats.examples,
+            "seconds": round(stats.seconds, 3), "final_loss": stats.final_loss,
+            "diverged": stats.diverged}
+
+
+def trained_on_task(phases: Iterable[Mapping[str, Any]], train_rows: int) -> tuple[float, int]:
+    """A method's training on the task data: (epochs, optimizer steps) of the phases that
+    record the ``examples`` they trained on (others, e.g. an autoencoder trained on weight
+    rows, do not count)."""
+    task = [p for p in phases if p.get("examples") is not None]
+    examples = sum(p["examples"] for p in task)
+    return (examples / train_rows if train_rows else 0.0), sum(int(p["steps"]) for p in task)
 
 
 @dataclass(frozen=True)
@@ -392,8 +409,10 @@ def settings_markdown(method: Method) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BUDGETS", "BUDGET_FIELDS", "FAMILIES", "LAYER_METHOD", "NEEDS", "REFERENCE",
+__all__ = ["BUDGETS", "BUDGET_FIELDS", "EQUAL_TRAINING", "FAMILIES", "LAYER_METHOD", "NEEDS",
+           "REFERENCE",
            "Context", "Method", "Outcome", "ParamError", "Setting", "all_methods", "budget_label",
            "check_number", "compressor_options", "compressors", "get_method", "is_method",
            "names", "options_markdown", "param", "phase_record", "register_method",
-           "setting_default", "settings_markdown", "target_size", "unregister_method"]
+           "setting_default", "settings_markdown", "target_size", "trained_on_task",
+           "unregister_method"]

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from glp.methods import REFERENCE, target_size
+from glp.methods import EQUAL_TRAINING, REFERENCE, target_size
 from glp.report.format import markdown_table, score, write_atomic, write_text
 from glp.report.pick import Model
 
@@ -31,8 +31,8 @@ DEPLOYED = (("torch b1", "latency_b1_ms"), ("torch b32", None), ("onnx b1", "onn
 def method_of(model: Model) -> str:
     """The display method: the composition or method, a layer strategy by its name (and a
     distilled or cheaper-search variant after it)."""
-    if model.strategy == REFERENCE:
-        return REFERENCE
+    if model.strategy in (REFERENCE, EQUAL_TRAINING):
+        return model.strategy
     if model.method in ("layers", REFERENCE) or model.method == model.strategy:
         base = model.strategy
         if model.variant and model.method in ("layers", REFERENCE):
@@ -95,7 +95,7 @@ def buckets(models: Sequence[Model], thresholds: Iterable[float] = BUCKETS,
     rows = []
     for threshold in thresholds:
         meeting = sorted((i for i, s in fast.items() if s is not None and s >= threshold
-                          and models[i].strategy != REFERENCE),
+                          and models[i].strategy not in (REFERENCE, EQUAL_TRAINING)),
                          key=lambda i: (-models[i].mean, -fast[i]))
         rows.append({"threshold": threshold,
                      "best": models[meeting[0]] if meeting else None,
@@ -115,9 +115,52 @@ def _clearly_better(a: Model, b: Model) -> bool:
     return a.mean - b.mean > a.std + b.std
 
 
+def _epochs(model: Model) -> float | None:
+    value = model.extra.get("train_epochs")
+    return value if isinstance(value, int | float) and value == value else None
+
+
+def equal_reference(model: Model, models: Sequence[Model]) -> Model | None:
+    """The unpruned model to hold ``model`` against: of the reference and the unpruned
+    model trained as long as the longest method (:data:`EQUAL_TRAINING`), the one whose
+    whole training is closest to ``model``'s (the reference when training is unknown)."""
+    unpruned = [m for m in models if m.strategy in (REFERENCE, EQUAL_TRAINING)]
+    reference = next((m for m in unpruned if m.strategy == REFERENCE), None)
+    mine = _epochs(model)
+    known = [m for m in unpruned if _epochs(m) is not None]
+    if mine is None or not known:
+        return reference
+    return min(known, key=lambda m: (abs(_epochs(m) - mine), m.strategy != REFERENCE))
+
+
+def _training(model: Model) -> str:
+    epochs, steps = _epochs(model), model.extra.get("train_steps")
+    if epochs is None:
+        return "—"
+    return f"{epochs:.3g} / {int(steps):,}" if isinstance(steps, int | float) else f"{epochs:.3g}"
+
+
+def _n_epochs(value: float) -> str:
+    return f"{value:.3g} epoch" + ("" if value == 1 else "s")
+
+
+def _against(best: Model, unpruned: Model) -> str:
+    """``best`` against the unpruned model, saying when their training differs."""
+    gap = best.mean - unpruned.mean
+    mine, theirs = _epochs(best), _epochs(unpruned)
+    trained = ("" if mine is None or theirs is None
+               else " trained as long" if abs(mine - theirs) < 1e-6
+               else f" trained {_n_epochs(theirs)} in all against its {mine:.3g}")
+    text = (f", {abs(gap):.4f} {'below' if gap < 0 else 'above'} the unpruned model{trained} "
+            f"({_pm(unpruned)})")
+    if mine is not None and theirs is not None and mine > theirs + 1e-6 and gap > 0:
+        text += " — not an equal budget: the lead may be the extra training"
+    return text
+
+
 def sentences(models: Sequence[Model], metric: str) -> list[str]:
-    """Which method wins where, in words, with the seed spread."""
-    reference = next((m for m in models if m.strategy == REFERENCE), None)
+    """Which method wins where, in words, with the seed spread; each winner against the
+    unpruned model trained as long as it was (teacher included), where there is one."""
     lines = []
     for bucket in buckets(models):
         best, threshold = bucket["best"], bucket["threshold"]
@@ -126,10 +169,9 @@ def sentences(models: Sequence[Model], metric: str) -> list[str]:
             continue
         text = (f"At ≥{threshold:g}×: **{method_of(best)}** ({size_of(best)}, "
                 f"{bucket['speedup']:.2f}×) with {metric} {_pm(best)}")
-        if reference is not None:
-            gap = best.mean - reference.mean
-            text += (f", {abs(gap):.4f} {'below' if gap < 0 else 'above'} the unpruned "
-                     f"model ({_pm(reference)})")
+        unpruned = equal_reference(best, models)
+        if unpruned is not None and unpruned is not best:
+            text += _against(best, unpruned)
         runner = bucket["runner_up"]
         if runner is not None:
             verdict = ("clearly ahead of" if _clearly_better(best, runner)
@@ -156,13 +198,14 @@ def table(models: Sequence[Model], metric: str) -> list[list[str]]:
                      f"{density:.3f}" if isinstance(density, float) else "—",
                      f"{stored / 1e6:.1f}" if isinstance(stored, int | float) else "—",
                      *[_ms(latency(m, name)) for name, _ in DEPLOYED],
-                     _x(fast[i]), _x(deployed[i])])
+                     _x(fast[i]), _x(deployed[i]), _training(m)])
     return rows
 
 
 TABLE_HEADER = ("method", "size", "dev {metric}", "seeds", "parameters", "encoder density",
                 "stored MB", *(f"{name} ms" for name, _ in DEPLOYED), "speed-up (torch b32)",
-                "deployed speed-up (int8 b1 vs torch b1)")
+                "deployed speed-up (int8 b1 vs torch b1)",
+                "training (epochs / steps, teacher included)")
 
 
 def _where(model: Model, home: Path | str | None) -> str:
@@ -209,6 +252,8 @@ def plot_pareto(models: Sequence[Model], path: Path, *, metric: str, x: str, tit
         mine = sorted((m for m in shown if method_of(m) == method), key=value)
         style = ({"color": "black", "marker": "*", "markersize": 14}
                  if method == REFERENCE else
+                 {"color": "grey", "marker": "*", "markersize": 12}
+                 if method == EQUAL_TRAINING else
                  {"color": palette[index % len(palette)], "marker": markers[index % len(markers)],
                   "markersize": 6})
         ax.errorbar([value(m) for m in mine], [m.mean for m in mine],

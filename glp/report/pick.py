@@ -124,7 +124,8 @@ class Model:
         return missed
 
 
-EXTRA = (*(f"target_{budget}" for budget in BUDGETS), "encoder_density", "stored_bytes",
+EXTRA = (*(f"target_{budget}" for budget in BUDGETS), "train_epochs", "train_steps",
+         "encoder_density", "stored_bytes",
          "latency_b1_ms", "onnx_b1_ms", "onnx_b32_ms", "int8_b1_ms", "int8_b32_ms")
 """Columns of the chosen row a model carries along (where measured)."""
 

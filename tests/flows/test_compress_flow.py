@@ -58,6 +58,10 @@ def test_rows_carry_method_plan_size_and_model_dir(two_runs, tiny_bert):
         assert json.loads(row["plan"]) == plan.to_dict()
     assert all(r["encoder_density"] == 1.0 and r["model_dir"] for r in reference)
     assert all(r["latency_ms"] > 0 for r in reference)
+    # whole training, teacher included: the teacher's steps, then the method's own
+    teacher = next(r for r in reference if r["seed"] == 40)
+    assert all(r["train_epochs"] > teacher["train_epochs"]
+               and r["train_steps"] > teacher["train_steps"] for r in compressed)
 
 
 def test_second_run_is_served_from_cache_without_duplicates(two_runs):

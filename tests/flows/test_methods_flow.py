@@ -54,6 +54,28 @@ def test_every_method_has_rows_with_its_plan(compared):
     assert triple["depth"] == 2 and triple["parameters"] < composed["parameters"]
 
 
+def test_every_row_has_its_whole_training_and_the_unpruned_model_trains_as_long(compared):
+    """Training is reported teacher included, and the comparison has the unpruned model
+    fine-tuned for as long as the longest-trained method (MLPruning: the 1-epoch teacher,
+    then its pruning and fine-tuning epochs)."""
+    home, first, _ = compared
+    rows = _finals(home)
+    reference = [r for r in rows if r["strategy"] == "unpruned"]
+    assert {r["train_epochs"] for r in reference} == {1.0}
+    assert all(r["train_steps"] > 0 for r in reference)
+    lowrank = [r for r in rows if r["method"] == "lowrank"]
+    assert lowrank[0]["train_epochs"] == 1.0  # the teacher's; SVD trains nothing
+    assert lowrank[0]["train_steps"] == reference[0]["train_steps"]
+    mlpruning = [r for r in rows if r["method"] == "mlpruning"]
+    longest = max(r["train_epochs"] for r in mlpruning)
+    assert longest > 1.0 and mlpruning[0]["train_steps"] > reference[0]["train_steps"]
+    equal = [r for r in rows if r["strategy"] == "unpruned-equal"]
+    assert len(equal) == 2 and {r["train_epochs"] for r in equal} == {round(longest, 4)}
+    assert equal[0]["train_steps"] > reference[0]["train_steps"]
+    report = Path(first.report["methods"]).read_text()
+    assert "unpruned-equal" in report and "teacher included" in report
+
+
 def test_every_plan_is_timed_in_torch_and_onnx_at_batch_1_and_32(compared):
     home, _, _ = compared
     for row in _finals(home):
@@ -79,8 +101,9 @@ def test_the_methods_report_has_the_table_buckets_and_pareto_plots(compared):
     assert "## Which method wins where" in text and "≥1.5×" in text and "≥6×" in text
     for name in ("greedy+lowrank", "mlpruning", "lowrank", "top"):
         assert name in text
-    # unpruned, greedy, top, mlpruning (its 2 seeds pooled), lowrank, 2 compositions
-    assert len(report["methods_csv"].read_text().splitlines()) == 1 + 7
+    # unpruned, greedy, top, mlpruning (its 2 seeds pooled), lowrank, 2 compositions,
+    # and the unpruned model trained as long as mlpruning
+    assert len(report["methods_csv"].read_text().splitlines()) == 1 + 8
 
 
 def test_a_second_run_computes_nothing_and_duplicates_no_row(compared):

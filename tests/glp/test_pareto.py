@@ -89,3 +89,33 @@ def test_one_seed_reads_1_seed_in_the_report_never_a_spread_of_zero(tmp_path):
                                                              "0.9000 (1 seed)"]
     text = write_methods_report(tmp_path, models, "accuracy")["methods"].read_text()
     assert "± 0.0000" not in text and "| 0.8800 (1 seed) |" in text
+
+
+def test_a_lead_from_extra_training_is_never_called_a_lead():
+    """A width model trained 3 epochs in all (its 1-epoch teacher included) beats the
+    1-epoch reference; the sentence holds it against the unpruned model trained 3 epochs
+    when the comparison has one, and otherwise says the budgets differ."""
+    reference = _model("unpruned", 0.835, 60.0, train_epochs=1.0, train_steps=16)
+    width = _model("mlpruning", 0.946, 20.0, method="mlpruning", variant="density-30",
+                   target_density=0.3, train_epochs=3.0, train_steps=48)
+    equal = _model("unpruned-equal", 0.95, 60.0, method="unpruned", train_epochs=3.0,
+                   train_steps=48)
+    alone = sentences([reference, width], "accuracy")[0]
+    assert "0.1110 above the unpruned model trained 1 epoch in all against its 3" in alone
+    assert "not an equal budget" in alone
+    fair = sentences([reference, width, equal], "accuracy")[0]
+    assert "0.0040 below the unpruned model trained as long" in fair
+    assert "not an equal budget" not in fair
+    assert all(b["best"] is None or b["best"].strategy == "mlpruning"
+               for b in buckets([reference, width, equal]))  # never a bucket's winner
+    assert method_of(equal) == "unpruned-equal"
+
+
+def test_a_methods_training_counts_the_phases_on_the_task_data():
+    from glp.methods import trained_on_task
+
+    phases = [{"phase": "heads+neurons", "steps": 10, "examples": 320},
+              {"phase": "query", "steps": 5},  # an autoencoder on weight rows: not counted
+              {"phase": "fine-tune", "steps": 5, "examples": 160}]
+    assert trained_on_task(phases, 160) == (3.0, 15)
+    assert trained_on_task([], 160) == (0.0, 0)
