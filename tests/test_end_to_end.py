@@ -148,7 +148,7 @@ def test_lowrank_compresses_a_registered_pruned_minilm(runs):
                 "--ratio", "4", "--modules", "ffn_in,ffn_out", "--task", "sst2",
                 "--train-limit", "120", "--eval-limit", "60", "--max-length", "32")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "compressions: 1 computed" in done.stdout
+    assert "models: 1 computed" in done.stdout
     rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
     given = next(r for r in rows if r["method"] == "input")
     row = next(r for r in rows if r["method"] == "lowrank")

@@ -7,6 +7,7 @@ import inspect
 from flows.compare import CompareParams
 from flows.compress import CompressParams
 from flows.options import (
+    COMPARE_SIZES,
     RENAMED,
     compare_signature,
     compress_signature,
@@ -14,11 +15,12 @@ from flows.options import (
     prune_options,
 )
 from flows.params import PruneParams
+from glp.methods import BUDGET_FIELDS, BUDGETS
 
 # Options the CLI leaves unset (None) so that the flow can tell a typed value from its
 # default, and options that are the CLI's own (not flow parameters).
 UNSET = {"task", "task_type", "metric", "text_columns"}
-CLI_ONLY = {"home", "verbose", "register_compare", "register_compress", "density", "ratio",
+CLI_ONLY = {"home", "verbose", "register_compare", "register_compress", *BUDGETS,
             "strategies", "methods", "pruning_epochs", "random_orders"}
 
 
@@ -47,6 +49,11 @@ def test_compare_options_are_compare_params():
     fields = CompareParams.model_fields
     assert compare_signature().parameters["random_orders"].default == (
         fields["random_orders"].default)
+    for budget, field in BUDGET_FIELDS.items():  # --density ... lists the flow's sizes
+        assert fields[field].default == COMPARE_SIZES[budget]
+        help_text = compare_signature().parameters[budget].annotation.__metadata__[0].help
+        assert help_text.endswith(
+            "[default: " + " ".join(f"{v:g}" for v in COMPARE_SIZES[budget]) + "]")
 
 
 def test_compress_options_are_compress_params_or_a_method_s():

@@ -64,7 +64,7 @@ BUDGET_FIELDS = {"density": "densities", "ratio": "ratios", "constraint": "const
 """The flows' parameter that lists a budget's sizes (``--density`` repeated: densities)."""
 
 BUILTIN = ("glp.methods.layers", "glp.methods.mlpruning", "glp.methods.grain",
-           "glp.methods.lowrank", "glp.methods.autoencoder")
+           "glp.methods.post_training", "glp.methods.lowrank", "glp.methods.autoencoder")
 """The packages of glp's own methods, imported by name on first use (display order)."""
 
 

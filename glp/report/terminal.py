@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from glp.methods import names as method_names
 from glp.report.format import score
 
 Cell = str | Text
@@ -137,10 +136,10 @@ def _pooled(values: list[float], rows: int) -> Text:
 
 
 def print_counts(console: Console, summary: Any) -> None:
-    """How many fine-tunes were computed and reused, the wall time and the job."""
+    """How many fine-tunes (``glp compress``: models, the teacher's fine-tune and the
+    compressions) were computed and reused, the wall time and the job."""
     total = summary.computed + summary.reused
-    what = ("compressions" if getattr(summary, "method", None) in method_names("offline")
-            else "fine-tunes")
+    what = "models" if getattr(summary, "method", None) else "fine-tunes"
     _say(console, f"{what}: [bold]{summary.computed}[/bold] computed, "
                   f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
                   f"wall time {summary.seconds:.0f} s; job {summary.job_id}")

@@ -23,10 +23,11 @@ from glp.methods import (
 def test_every_builtin_method_is_registered_in_display_order():
     assert names("layers") == ("greedy", "top", "bottom", "random", "exhaustive",
                                "block-influence", "angular")
-    assert [m.name for m in compressors()] == ["mlpruning", "grain", "lowrank", "autoencoder"]
+    assert [m.name for m in compressors()] == ["mlpruning", "grain", "post-training", "lowrank",
+                                               "autoencoder"]
     for method in compressors():
         assert method.budget in method.param_names()
-        assert method.module.startswith(f"glp.methods.{method.name}.")
+        assert method.module.startswith(f"glp.methods.{method.name.replace('-', '_')}.")
 
 
 def test_parameters_come_from_option_names_and_unknown_ones_are_refused():
