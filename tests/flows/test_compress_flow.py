@@ -159,3 +159,25 @@ def test_block_settings_reuse_the_masks_phase(harness, tiny_bert, two_runs):
     assert Plan.from_json(row["plan"]).blocks and row["parameters"] < next(
         r["parameters"] for r in two_runs[1].finals if r.get("target_density") == 0.6
         and r["seed"] == 40)
+
+
+def test_post_training_prunes_registers_and_writes_its_rows(harness, tiny_bert, tmp_path):
+    """The fifth method through the one compress path: a MAC budget, no retraining, a
+    Parquet row per size, a registered version with the size's alias, a smaller model."""
+    home = tmp_path / "home"
+    values = dict(model=str(tiny_bert), task="sst2", train_limit=80, eval_limit=40,
+                  epochs=1.0, max_length=16, learning_rate=1e-3, batch_size=16, seeds=1,
+                  method="post-training", constraints=(0.6, 0.4), home=str(home))
+    summary = compress(CompressParams(**values))
+    rows = {r["target_constraint"]: r for r in _finals(home) if r["method"] == "post-training"}
+    reference = next(r for r in _finals(home) if r["method"] == "unpruned")
+    assert set(rows) == {0.6, 0.4}
+    for constraint, row in rows.items():
+        assert row["parameters"] < reference["parameters"] and not row["diverged"]
+        assert row["train_epochs"] == reference["train_epochs"]  # nothing trained
+        assert glp.load_pretrained(row["model_dir"]).num_parameters() == row["parameters"]
+    assert rows[0.4]["parameters"] < rows[0.6]["parameters"]
+    assert summary.registered_model == "glp-tiny-bert0-sst2-post-training"
+    aliases = MlflowClient(summary.tracking_uri).get_registered_model(
+        summary.registered_model).aliases
+    assert {"constraint-60", "constraint-40", "best"} <= set(aliases)
