@@ -120,7 +120,8 @@ def _batches_forever(
         yield from _epoch_batches(lengths, config.batch_size, rng, config.length_grouping)
 
 
-def _optimizer(model: torch.nn.Module, config: FineTuneConfig) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, config: FineTuneConfig,
+               **options) -> torch.optim.Optimizer:
     # The usual BERT recipe: no weight decay on biases and LayerNorm weights.
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -132,7 +133,7 @@ def _optimizer(model: torch.nn.Module, config: FineTuneConfig) -> torch.optim.Op
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.learning_rate)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, **options)
 
 
 def total_steps(num_examples: int, config: FineTuneConfig) -> int:
@@ -155,6 +156,11 @@ class Objective:
              steps: int) -> torch.Tensor:
         """The loss of one batch (``outputs`` is the model's output on ``batch``)."""
         return outputs.loss
+
+    def optimizer_options(self) -> dict:
+        """Extra keyword arguments of AdamW (e.g. ``eps``, where a method's reference sets
+        its own); the default is torch's."""
+        return {}
 
     def forward_kwargs(self) -> dict:
         """Extra keyword arguments of the model's forward (e.g. ``output_hidden_states``)."""
@@ -210,7 +216,7 @@ def fine_tune(
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     steps = total_steps(len(lengths), config)
     objective = objective or Objective()
-    optimizer = _optimizer(model, config)
+    optimizer = _optimizer(model, config, **objective.optimizer_options())
     for group in objective.param_groups():
         optimizer.add_param_group({"weight_decay": 0.0, **group})
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)

@@ -295,3 +295,87 @@ def test_dimensions_then_low_rank_ffn_is_one_plan_that_round_trips(tmp_path):
     loaded = load_pretrained(tmp_path / "m")
     assert read_plan(tmp_path / "m") == plan
     assert torch.equal(logits(loaded), logits(model))
+
+
+def test_the_optimiser_gets_the_reference_s_eps_weight_decay_and_warm_up(monkeypatch):
+    """AdamW with GRAIN's eps and weight decay (not on biases and LayerNorms), and a linear
+    warm-up over GRAIN's fraction of the steps, whatever the job's fine-tune config says."""
+    import transformers
+
+    import glp.training.train as train
+
+    seen = {}
+    build, warm = train._optimizer, transformers.get_linear_schedule_with_warmup
+
+    def optimizer(model, config, **options):
+        seen["optimizer"] = build(model, config, **options)
+        return seen["optimizer"]
+
+    def scheduler(optim, warmup, steps):
+        seen["warmup"], seen["steps"] = warmup, steps
+        return warm(optim, warmup, steps)
+
+    monkeypatch.setattr(train, "_optimizer", optimizer)
+    monkeypatch.setattr(transformers, "get_linear_schedule_with_warmup", scheduler)
+    teacher = tiny_model("bert", layers=2)
+    config = GrainConfig(density=0.5, epochs=5, embedding_rank=0, warmup=0.2,
+                         weight_decay=0.03, adam_epsilon=1e-5)
+    prune(copy.deepcopy(teacher), teacher, toy_dataset(16), FineTuneConfig(batch_size=8),
+          config, seed=0)
+    groups = seen["optimizer"].param_groups
+    assert {g["eps"] for g in groups} == {1e-5}
+    assert [g["weight_decay"] for g in groups[:2]] == [0.03, 0.0]
+    assert seen["steps"] == 10 and seen["warmup"] == 2
+    defaults = GrainConfig()
+    assert (defaults.warmup, defaults.weight_decay, defaults.adam_epsilon) == (0.1, 0.01, 1e-6)
+
+
+def _context(teacher, pretrained, dataset):
+    from glp.methods import Context
+
+    return Context(model=copy.deepcopy(teacher), config=FineTuneConfig(batch_size=8),
+                   seed=0, teacher=lambda: copy.deepcopy(teacher),
+                   pretrained=lambda: copy.deepcopy(pretrained),
+                   load_train=lambda: dataset)
+
+
+def test_init_pretrained_starts_the_student_from_the_pretrained_weights(monkeypatch):
+    """init=pretrained trains the pre-trained model (the reference's student) against the
+    fine-tuned model as the teacher; init=teacher trains a copy of the teacher."""
+    import glp.methods.grain.prune as grain
+
+    teacher, pretrained = tiny_model("bert", layers=2), tiny_model("bert", layers=2)
+    with torch.no_grad():
+        for param in pretrained.parameters():
+            param.add_(1.0)
+    started = {}
+
+    def recording(model, teacher_model, *args, **kwargs):
+        started["student"] = copy.deepcopy(model.state_dict())
+        started["teacher"] = copy.deepcopy(teacher_model.state_dict())
+        return real(model, teacher_model, *args, **kwargs)
+
+    real = grain.prune
+    monkeypatch.setattr(grain, "prune", recording)
+    config = dict(density=0.5, epochs=1, embedding_rank=0)
+    for init, expected in (("pretrained", pretrained), ("teacher", teacher)):
+        context = _context(teacher, pretrained, toy_dataset(16))
+        outcome = grain.run(context, GrainConfig(init=init, **config))
+        for name, value in expected.state_dict().items():
+            assert torch.equal(started["student"][name], value), (init, name)
+        for name, value in teacher.state_dict().items():
+            assert torch.equal(started["teacher"][name], value), (init, name)
+        assert (outcome.model is context.model) == (init == "teacher")
+    assert "pretrained" in get_method("grain").needs
+
+
+def test_init_pretrained_without_a_pretrained_model_is_refused():
+    from glp.methods import Context
+
+    teacher = tiny_model("bert", layers=2)
+    context = Context(model=teacher, config=FineTuneConfig(), seed=0,
+                      load_train=lambda: toy_dataset(8))
+    with pytest.raises(GlpError, match="init=pretrained needs the pre-trained model"):
+        get_method("grain").implementation()(context, GrainConfig(init="pretrained"))
+    with pytest.raises(ParamError, match="init 'student'"):
+        GrainConfig(init="student")

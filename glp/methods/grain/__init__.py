@@ -1,8 +1,12 @@
 """GRAIN (Yang et al., ACL 2023): gradient-based intra-attention pruning with distillation.
 
 The structures are each head's query/key dimensions, each head's value/output dimensions
-and the FFN intermediate neurons. One training run from a copy of the fine-tuned teacher
-does everything, as the reference (airaria/GRAIN, ``FineISPruner``) does:
+and the FFN intermediate neurons. One training run does everything, as the reference
+(airaria/GRAIN, ``FineISPruner``) does. The reference's student starts from the
+*pre-trained* model (with a new task head) and learns the task from the fine-tuned teacher
+alone; glp's ``init`` chooses that (``pretrained``) or a copy of the fine-tuned teacher
+(``teacher``, the default: it works for a model given already fine-tuned, whose pre-trained
+model is unknown, and it starts from the task's accuracy, which a short CPU run needs):
 
 - **Importance**: a first-order Taylor estimate per structure, ``|sum(weight x grad)|``
   over the structure's matrix (the query row and bias for a query/key dimension, the
@@ -24,22 +28,30 @@ does everything, as the reference (airaria/GRAIN, ``FineISPruner``) does:
   weight 1, hard-label weight 0), plus the mean squared error between student and
   teacher hidden states of layers 0, 2, 4, ... through learnable linear maps that start
   as the identity (discarded afterwards).
+- **Optimiser**: AdamW with the reference's eps 1e-6 and weight decay 0.01 (not on biases
+  and LayerNorm weights), a linear warm-up over the first 10% of the steps, then linear
+  decay to 0; gradient-norm clipping at 1.0.
 - **Embeddings**: optionally factorised by truncated SVD before training (the reference
   uses 192 dimensions); the factors train with the rest.
 
 At the end the masks become a plan (:class:`glp.core.plan.Plan` ``qk``/``vo``/``neurons``)
 and the model is sliced to it; :mod:`glp.core.attention` runs its uneven heads.
 
-Deviations: every remaining layer keeps at least one value/output dimension and one FFN
-neuron (the reference can empty a sublayer and bypass it), and the last pruning step
-reaches the target exactly (the reference stops one step before the end of the window).
+Deviations (also in :data:`SETTINGS`): every remaining layer keeps at least one
+value/output dimension and one FFN neuron (the reference can empty a sublayer and bypass
+it; a glp plan cannot express an empty sublayer, whose removal would need a new kind of
+plan entry and surgery), and the last pruning step reaches the target exactly (the
+reference stops one step before the end of the window).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from glp.methods import Method, ParamError, check_number, param, register_method
+from glp.methods import Method, ParamError, Setting, check_number, param, register_method
+
+INITS = ("teacher", "pretrained")
+"""Where the student starts: a copy of the fine-tuned teacher, or the pre-trained model."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,14 @@ class GrainConfig:
                                 "it saves nothing)")
     gradient_separation: bool = param(True, "importance scores from the prediction loss "
                                       "only (the reference's gradient separation)")
+    init: str = param("teacher", "the student starts from the fine-tuned teacher (teacher) "
+                      "or from the pre-trained model it was fine-tuned from, with a new task "
+                      "head (pretrained, the reference's)", option="init")
+    warmup: float = param(0.1, "fraction of the steps of linear learning-rate warm-up",
+                          option="grain_warmup")
+    weight_decay: float = param(0.01, "AdamW weight decay (not on biases and LayerNorm "
+                                "weights)", option="grain_weight_decay")
+    adam_epsilon: float = param(1e-6, "AdamW's eps", option="grain_adam_epsilon")
 
     def __post_init__(self):
         checks = [
@@ -87,13 +107,65 @@ class GrainConfig:
             ("hard_weight", self.hard_weight >= 0, "a weight >= 0"),
             ("hidden_weight", self.hidden_weight >= 0, "a weight >= 0"),
             ("embedding_rank", self.embedding_rank >= 0, "0 (off) or a rank such as 192"),
+            ("warmup", 0 <= self.warmup < 1, "a fraction of the steps in [0, 1), e.g. 0.1"),
+            ("weight_decay", self.weight_decay >= 0, "a weight decay >= 0, e.g. 0.01"),
+            ("adam_epsilon", self.adam_epsilon > 0, "a positive eps, e.g. 1e-6"),
         ]
         for name, ok, valid in checks:
             check_number(name, getattr(self, name), ok, valid)
+        if self.init not in INITS:
+            raise ParamError("init", repr(self.init), f"one of {', '.join(INITS)}")
         if self.kd_weight == 0 and self.hard_weight == 0:
             raise ParamError("kd_weight", 0, "a weight above 0 when the hard-label weight is "
                              "0 (the prediction loss would be zero and give no importance "
                              "scores)")
+
+
+SETTINGS = (
+    Setting("student's starting point", "pretrained", param="init",
+            why="the teacher works for every input, also a model given already fine-tuned "
+                "(whose pre-trained model is unknown, so pretrained is refused), and it "
+                "starts at the task's accuracy, which the few epochs a CPU run affords "
+                "need; --init pretrained is the reference's"),
+    Setting("target encoder density", "end_weights_ratio (e.g. 0.05) of the prunable "
+            "matrices", param="density",
+            why="glp's density counts every encoder weight (LayerNorms and output biases "
+                "as kept), as MLPruning's; converted to the prunable fraction"),
+    Setting("epochs", "20", param="epochs"),
+    Setting("learning rate", "3e-5", fixed="--lr (2e-5)",
+            why="one learning rate per job, shared with the teacher's fine-tune"),
+    Setting("batch size", "32", fixed="--batch-size (32)"),
+    Setting("max sequence length", "128", fixed="--max-length (128)"),
+    Setting("learning-rate warm-up", "0.1", param="warmup"),
+    Setting("weight decay", "0.01", param="weight_decay"),
+    Setting("AdamW eps", "1e-06", param="adam_epsilon"),
+    Setting("gradient-norm clipping", "1.0", fixed="--max-grad-norm (1.0)"),
+    Setting("precision", "fp16", fixed="--precision (fp32)",
+            why="fp16 needs a GPU; the same option turns it on there"),
+    Setting("seed", "1337", fixed="--seeds (40, 41, ...)",
+            why="glp's seeds are the paper's final seeds, one per model"),
+    Setting("pruning start", "0.2", param="start"),
+    Setting("pruning end", "0.4", param="end"),
+    Setting("pruning frequency", "every step", fixed="every step"),
+    Setting("last pruning step", "one step before the end of the window",
+            fixed="the end of the window, at the target exactly",
+            why="the model meets the density it was asked for"),
+    Setting("importance EMA", "0.998", param="beta"),
+    Setting("head regulariser (IS_alpha_head)", "0.3", param="head_alpha"),
+    Setting("layer regulariser (IS_alpha)", "0.0001", param="alpha"),
+    Setting("distillation temperature", "8", param="temperature"),
+    Setting("KD weight", "1", param="kd_weight"),
+    Setting("hard-label weight", "0", param="hard_weight"),
+    Setting("hidden-state MSE weight (layers 0, 2, ..., 12)", "1", param="hidden_weight"),
+    Setting("word-embedding SVD rank", "192", param="embedding_rank"),
+    Setting("gradient separation", "True", param="gradient_separation"),
+    Setting("empty sublayer (all value/output dimensions or all FFN neurons of a layer)",
+            "allowed, the sublayer is bypassed", fixed="at least one of each per layer",
+            why="a glp plan cannot express an empty sublayer (it would need a new plan "
+                "entry and surgery); remove the whole layer by layer pruning instead"),
+)
+"""GRAIN's settings beside the reference's (scripts/run_glue.sh, glue/main.py,
+glue/config_prunedistiller.py)."""
 
 
 register_method(Method(
@@ -101,6 +173,11 @@ register_method(Method(
     summary="GRAIN (Yang et al. 2023): query/key and value/output dimensions of each head, "
             "FFN neurons; Taylor importance, cubic schedule, distillation with gradient "
             "separation",
-    params=GrainConfig, budget="density", needs=frozenset({"teacher", "train"}),
+    params=GrainConfig, budget="density",
+    needs=frozenset({"teacher", "pretrained", "train"}),
     run="glp.methods.grain.prune:run", check="glp.methods.grain.prune:check_density",
-    first_only=True))
+    first_only=True,
+    reference="Yang, Cui, Chen, Wang, \"Gradient-based Intra-attention Pruning on Pre-trained "
+              "Language Models\", ACL 2023; code airaria/GRAIN (scripts/run_glue.sh, "
+              "scripts/glue/main.py, scripts/pruners_and_distiller/)",
+    settings=SETTINGS))

@@ -241,6 +241,10 @@ class GrainObjective(Objective):
                 nn.init.zeros_(linear.bias)
                 self.maps.append(linear)
         self.lr = finetune.learning_rate
+        self.eps = config.adam_epsilon
+
+    def optimizer_options(self) -> dict:
+        return {"eps": self.eps}
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.maps.parameters()), "lr": self.lr}] if len(self.maps) else []
@@ -331,9 +335,11 @@ def check_density(model: nn.Module, density: float | GrainConfig) -> None:
 def prune(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfig,
           config: GrainConfig, *, seed: int, device: str = "cpu",
           on_step: StepCallback | None = None) -> GrainResult:
-    """GRAIN of ``model`` (a copy of the fine-tuned teacher), in place: factorised
-    embeddings (optionally), one run of distillation training that prunes on the cubic
-    schedule, then slicing to the plan. A diverged run is not sliced."""
+    """GRAIN of ``model`` (a copy of the fine-tuned teacher, or the pre-trained model with
+    a new task head), in place: factorised embeddings (optionally), one run of distillation
+    training that prunes on the cubic schedule (AdamW with the config's eps and weight
+    decay, warm-up over its fraction of the steps), then slicing to the plan. A diverged
+    run is not sliced."""
     check_density(model, config.density)
     teacher.eval().to(resolve_device(device))
     for param in teacher.parameters():
@@ -345,7 +351,9 @@ def prune(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfi
         apply_plan(model, Plan(num_layers, ranks={EMBEDDINGS: rank}))
     masks = DimMasks(model)
     objective = GrainObjective(teacher, model, masks, config, finetune)
-    phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.epochs})
+    phase = finetune.__class__(**{**finetune.to_dict(), "epochs": config.epochs,
+                                  "warmup_ratio": config.warmup,
+                                  "weight_decay": config.weight_decay})
     try:
         stats = fine_tune(model, dataset, phase, seed=seed, device=device,
                           objective=objective, on_step=on_step)
@@ -362,15 +370,29 @@ def prune(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConfi
 
 
 def run(context: Context, config: GrainConfig) -> Outcome:
-    """GRAIN of ``context.model`` (a copy of the fine-tuned teacher), as the registry calls
-    it: one run that prunes and distils, then slicing (see :func:`prune`)."""
+    """GRAIN as the registry calls it: the student is a copy of the fine-tuned teacher
+    (``init="teacher"``) or the pre-trained model it was fine-tuned from
+    (``init="pretrained"``, the reference's; then ``context.model`` is the teacher); one
+    run that prunes and distils, then slicing (see :func:`prune`).
+
+    Raises:
+        GlpError: ``init="pretrained"`` for a model given already fine-tuned (the
+            pre-trained model it came from is unknown).
+    """
+    if config.init == "pretrained":
+        if context.pretrained is None:
+            raise GlpError("GRAIN with init=pretrained needs the pre-trained model, and "
+                           "this run has none; use init=teacher")
+        student, teacher = context.pretrained(), context.model
+    else:
+        student, teacher = context.model, context.teacher()
     on_step, close = context.progress(f"grain density {config.density}: prune + distil")
     try:
-        result = prune(context.model, context.teacher(), context.train, context.config,
+        result = prune(student, teacher, context.train, context.config,
                        config, seed=context.seed, device=context.device, on_step=on_step)
     finally:
         close()
     stats = result.stats["grain"]
-    return Outcome(context.model, result.plan, [phase_record("grain", stats)], stats.diverged,
+    return Outcome(student, result.plan, [phase_record("grain", stats)], stats.diverged,
                    {"threshold_shift": 0.0,
                     "kept_by_thresholds": round(result.density_reached, 4)})
