@@ -2,9 +2,10 @@
 fine-tuning: the claim of Banaei et al. (2023), checked on a fine-tuned model.
 
 For each module type (and all encoder types together) and each ratio, every method
-compresses the same fine-tuned model; the dev metric (the report), the selection metric
-(which the autoencoder's epoch choice used), parameters and stored bytes are recorded,
-one JSON line per result (appended, so an interrupted run keeps what it finished). With
+compresses the same fine-tuned model with no fine-tuning (the autoencoder's
+``--ae-finetune-epochs 0`` variant; its epoch is chosen by reconstruction loss); the dev
+and selection metrics, parameters and stored bytes are recorded, one JSON line per result
+(appended, so an interrupted run keeps what it finished). With
 ``--latency`` the "all" models are timed at batch 32, interleaved with the input model.
 
     PYTHONPATH=. .venv/bin/python benchmarks/offline_compression.py TEACHER_DIR \
@@ -51,7 +52,7 @@ def scores(model, data, dev, selection):
     return out
 
 
-def compress(teacher, method, roles, ratio, data, selection, fisher, epochs, eval_every):
+def compress(teacher, method, roles, ratio, fisher, epochs):
     model = copy.deepcopy(teacher)
     base = plan_of_model(model)
     if method in ("svd", "fisher-svd"):
@@ -60,16 +61,11 @@ def compress(teacher, method, roles, ratio, data, selection, fisher, epochs, eva
         apply_plan(model, base.offline(ranks), factor)
         return model, {}
     decoder = method.partition("-")[2]
-    config = AutoencoderConfig(ratio=ratio, decoder=decoder, epochs=epochs,
-                               eval_every=eval_every)
+    config = AutoencoderConfig(ratio=ratio, decoder=decoder, epochs=epochs)
     ranks, shared, coded, codes, info = {}, [], {}, {}, {}
 
-    def score():
-        metrics = evaluate(model, selection, is_regression=data.is_regression, batch_size=128)
-        return selection_score(metrics, data.metric)
-
     for role in roles:
-        result = train_autoencoder(model, role, config, evaluate=score)
+        result = train_autoencoder(model, role, config)
         info[role] = {"latent": result.latent, "best_epoch": result.best_epoch,
                       "loss": round(result.losses[result.best_epoch - 1], 4),
                       "seconds": round(result.seconds, 1)}
@@ -95,9 +91,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[10.0, 4.0, 20.0])
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--eval-every", type=int, default=1,
-                        help="epochs between the autoencoder's selection-split evaluations")
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--home", default="/tmp/glp-offline-bench")
     parser.add_argument("--out", required=True)
@@ -112,7 +106,7 @@ def main() -> None:
     teacher = load_pretrained(args.teacher)
     out = Path(args.out)
     base = {"teacher": args.teacher, "task": data.task, "metric": data.metric,
-            "ae_epochs": args.epochs, "eval_every": args.eval_every,
+            "ae_epochs": args.epochs,
             "selection_examples": data.sizes["selection"], "dev_examples": data.sizes["dev"]}
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(teacher, Path(tmp) / "t", _tokenizer(args.teacher))
@@ -135,9 +129,8 @@ def main() -> None:
             for method in args.methods:
                 started = time.perf_counter()
                 try:
-                    model, info = compress(teacher, method, SETS[name], ratio, data,
-                                           selection, fisher, args.epochs,
-                                           args.eval_every)
+                    model, info = compress(teacher, method, SETS[name], ratio, fisher,
+                                           args.epochs)
                 except Exception as exc:  # noqa: BLE001 - a ratio too high for a set
                     print(f"skip {method} {name} {ratio:g}: {exc}", flush=True)
                     continue

@@ -76,9 +76,12 @@ def test_rerun_is_cached_and_each_ratio_is_registered(lowrank):
 def test_autoencoder_compresses_a_fine_tuned_directory_as_it_is(lowrank, tmp_path):
     home, first, _ = lowrank
     teacher = next(r for r in _finals(home, first.job_id) if r["method"] == "unpruned")
+    with pytest.raises(GlpError, match="given fine-tuned.*--ae-finetune-epochs 0"):
+        compress(_params(teacher["model_dir"], home, method="autoencoder", ratios=(4.0,),
+                         modules=("query",), ae_epochs=1, register_models=False))
     nonlinear = compress(_params(teacher["model_dir"], home, method="autoencoder",
                                  ratios=(4.0,), modules=("query,ffn_in",), ae_epochs=2,
-                                 register_models=False))
+                                 ae_finetune_epochs=0, register_models=False))
     rows = _finals(home, nonlinear.job_id)
     given = next(r for r in rows if r["method"] == "input")
     coded = next(r for r in rows if r["method"] == "autoencoder")
@@ -91,7 +94,7 @@ def test_autoencoder_compresses_a_fine_tuned_directory_as_it_is(lowrank, tmp_pat
     assert (Path(coded["model_dir"]) / CODES_FILE).is_file()
     linear = compress(_params(teacher["model_dir"], home, method="autoencoder",
                               decoder="linear", ratios=(4.0,), modules=("value",),
-                              ae_epochs=2, register_models=False))
+                              ae_epochs=2, ae_finetune_epochs=0, register_models=False))
     row = next(r for r in linear.finals if r["method"] == "autoencoder")
     plan = Plan.from_json(row["plan"])
     assert plan.shared == ("value",) and row["parameters"] < given["parameters"]
@@ -145,3 +148,16 @@ def test_a_grain_model_is_refused_up_front_where_offline_cannot_apply(plan, modu
                             modules=modules, home=str(tmp_path / "home"))
     with pytest.raises(GlpError, match=expected):
         check_on_model(*check_method(params), str(tmp_path / "grain"))
+
+
+def test_autoencoder_s_paper_protocol_fine_tunes_the_coded_pretrained_model(lowrank, tiny_bert):
+    """The default protocol: the pre-trained input is coded, then fine-tuned on the task
+    with the codes trainable; its row counts that training, its model reloads."""
+    home, _, _ = lowrank
+    result = compress(_params(tiny_bert, home, method="autoencoder", ratios=(4.0,),
+                              modules=("query",), ae_epochs=1, ae_finetune_epochs=1.0,
+                              register_models=False))
+    row = next(r for r in result.finals if r["method"] == "autoencoder")
+    assert not row["diverged"] and Plan.from_json(row["plan"]).coded.keys() == {"query"}
+    assert row["train_epochs"] >= 1.0  # its own epoch on the task counts
+    assert _logits(row["model_dir"]).shape == (2, 2)

@@ -171,22 +171,128 @@ def test_autoencoder_of_non_finite_weights_is_refused_as_diverged():
         train_autoencoder(model, "key", AutoencoderConfig(ratio=2, epochs=1))
 
 
-def test_autoencoder_keeps_the_epoch_that_scores_best():
+def test_autoencoder_keeps_the_epoch_with_the_lowest_reconstruction_loss(monkeypatch):
+    """The epoch kept is the one whose decoded rows reconstruct best (no task data), and
+    the model ends with its decoded weights."""
+    import glp.methods.autoencoder.compress as compress
+
+    measured = iter([0.5, 0.2, 0.4, 0.3])  # the epochs' reconstruction losses: epoch 2 wins
+    real = compress._loss
+
+    def loss(output, target, config):
+        value = real(output, target, config)
+        return value if torch.is_grad_enabled() else torch.tensor(next(measured))
+
+    monkeypatch.setattr(compress, "_loss", loss)
     model = tiny_model("bert")
-    calls = []
-
-    def evaluate():
-        calls.append(len(calls))
-        return [0.5, 0.9, 0.7][len(calls) - 1]  # the second evaluation (epoch 4) wins
-
-    coded = train_autoencoder(model, "value", AutoencoderConfig(ratio=2, epochs=5,
-                                                                eval_every=2),
-                              evaluate=evaluate)
-    assert len(calls) == 3 and coded.scores == [0.5, 0.9, 0.7]  # epochs 2, 4 and the last
-    assert coded.best_epoch == 4
+    seen = []
+    coded = train_autoencoder(model, "value", AutoencoderConfig(ratio=2, epochs=4),
+                              on_epoch=lambda epoch, total, value: seen.append(epoch))
+    assert coded.losses == pytest.approx([0.5, 0.2, 0.4, 0.3]) and seen == [1, 2, 3, 4]
+    assert coded.best_epoch == 2
     with torch.no_grad():  # the model ends with the winner's decoded weights
         rows = torch.cat([m.weight for m in matrices(model, ["value"]).values()])
     assert torch.allclose(rows, coded.decode())
+
+
+def _ae_context(model, pretrained, dataset=None):
+    from glp.methods import Context
+    from glp.training.config import FineTuneConfig
+
+    return Context(model=model, config=FineTuneConfig(batch_size=8, learning_rate=1e-2),
+                   seed=0, pretrained=(lambda: copy.deepcopy(pretrained)) if pretrained
+                   else None, load_train=lambda: dataset)
+
+
+@pytest.mark.parametrize("decoder", ["nonlinear", "linear"])
+def test_the_paper_protocol_compresses_the_pretrained_model_and_trains_the_codes(
+        decoder, tmp_path):
+    """finetune_epochs > 0: the pre-trained model is compressed, then fine-tuned with the
+    codes and decoder (or the linear factors) trainable; the codes change, and the saved
+    model reloads with glp.load_pretrained to the same outputs."""
+    from glp.methods import get_method
+    from glp.methods.autoencoder import AutoencoderParams
+    from tests.glp.test_mlpruning import toy_dataset
+
+    fine_tuned, pretrained = tiny_model("bert"), tiny_model("bert")
+    with torch.no_grad():
+        for param in pretrained.parameters():
+            param.mul_(2.0)
+    params = AutoencoderParams(ratio=2, modules=("query", "ffn_in"), decoder=decoder,
+                               epochs=2, finetune_epochs=2)
+    context = _ae_context(copy.deepcopy(fine_tuned), pretrained, toy_dataset(32))
+    trained = {}
+    import glp.methods.autoencoder.compress as compress
+
+    real = compress.fine_tune_coded
+
+    def recording(model, codes, *args):
+        trained["before"] = {r: c.codes.clone() for r, c in codes.items()}
+        trained["factors"] = {k: m.second.weight.detach().clone()
+                              for k, m in matrices(model, ["query"]).items()
+                              if isinstance(m, LowRankLinear)}
+        return real(model, codes, *args)
+
+    compress.fine_tune_coded = recording
+    try:
+        outcome = get_method("autoencoder").implementation()(context, params)
+    finally:
+        compress.fine_tune_coded = real
+    model = outcome.model
+    assert model is not context.model and not outcome.diverged
+    assert [p["phase"] for p in outcome.phases] == ["query", "ffn_in", "finetune"]
+    assert outcome.phases[-1]["examples"] == 64  # two epochs of the 32 rows
+    if decoder == "nonlinear":
+        after = getattr(model, CODES_ATTR)
+        for role, before in trained["before"].items():
+            assert not torch.equal(after[role].codes, before)  # the codes trained
+            assert torch.allclose(torch.cat([m.weight for m in matrices(model, [role])
+                                             .values()]), after[role].decode())
+        assert not any("parametrizations" in n for n, _ in model.named_parameters())
+    else:
+        for key, before in trained["factors"].items():
+            assert not torch.equal(matrices(model, ["query"])[key].second.weight, before)
+    model.glp_plan = outcome.plan
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.allclose(logits(loaded), logits(model), atol=1e-6)
+
+
+def test_no_retraining_compresses_the_fine_tuned_model_in_place(tmp_path):
+    """finetune_epochs 0 (the -offline variant): the fine-tuned model itself is coded,
+    nothing trains on the task, and it reloads to the same outputs."""
+    from glp.methods import get_method, trained_on_task
+    from glp.methods.autoencoder import AutoencoderParams
+
+    method = get_method("autoencoder")
+    params = AutoencoderParams(ratio=2, modules=("key",), epochs=2, finetune_epochs=0)
+    context = _ae_context(tiny_model("bert"), None)
+    outcome = method.implementation()(context, params)
+    assert outcome.model is context.model and not outcome.diverged
+    assert trained_on_task(outcome.phases, 10) == (0.0, 0)
+    outcome.model.glp_plan = outcome.plan
+    save_pretrained(outcome.model, tmp_path / "m")
+    assert torch.allclose(logits(load_pretrained(tmp_path / "m")), logits(outcome.model),
+                          atol=1e-6)
+    assert method.label(params) == "nonlinear-offline-ratio-2"
+    assert method.suffix(params) == "-offline"
+    assert method.suffix(AutoencoderParams(decoder="linear")) == "-linear"
+    assert method.label(AutoencoderParams()) == "nonlinear-ratio-10"
+
+
+def test_the_paper_protocol_needs_the_pretrained_model():
+    from glp.methods import get_method
+    from glp.methods.autoencoder import AutoencoderParams
+
+    def given_fine_tuned():
+        raise GlpError("the model DIR was given fine-tuned")
+
+    run = get_method("autoencoder").implementation()
+    context = _ae_context(tiny_model("bert"), None)
+    context.pretrained = given_fine_tuned
+    with pytest.raises(GlpError, match="given fine-tuned.*--ae-finetune-epochs 0"):
+        run(context, AutoencoderParams(ratio=2, modules=("key",), epochs=1))
+    assert {"train", "pretrained"} <= get_method("autoencoder").needs
 
 
 def test_a_loaded_coded_model_saves_again_as_stored(tmp_path):

@@ -29,13 +29,14 @@ from glp.methods.autoencoder import DECODERS, AutoencoderParams
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """The reference's settings (configs/config.yaml), by default."""
+    """The reference's settings (configs/config.yaml: 20 epochs plus 10 additional), by
+    default."""
 
     ratio: float = 10.0
     decoder: str = "nonlinear"
     encoder_sizes: tuple[int, ...] = (8, 4)  # relative to the latent size
     decoder_sizes: tuple[int, ...] = (2, 4)
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3
     step_size: int = 10
@@ -43,11 +44,8 @@ class AutoencoderConfig:
     cosine_weight: float = 0.9091
     l2_weight: float = 0.0909
     seed: int = 0
-    eval_every: int = 1  # epochs between selection-split evaluations (the last is always)
 
     def __post_init__(self):
-        if self.eval_every < 1:
-            raise GlpError(f"eval_every {self.eval_every}: evaluate at least every epoch")
         if self.decoder not in DECODERS:
             raise ParamError("decoder", repr(self.decoder), f"one of {', '.join(DECODERS)}")
         if not self.ratio > 1:
@@ -96,15 +94,12 @@ def _loss(output: torch.Tensor, target: torch.Tensor, config: AutoencoderConfig)
 
 
 def train_autoencoder(model: nn.Module, role: str, config: AutoencoderConfig,
-                      evaluate: Callable[[], float] | None = None,
-                      on_epoch: Callable[[int, int, float, float | None], None] | None = None
-                      ) -> Coded:
+                      on_epoch: Callable[[int, int, float], None] | None = None) -> Coded:
     """Train an autoencoder on one module type's matrices (concatenated over layers).
 
-    After each epoch the decoded weights are put into ``model`` and ``evaluate()`` (the
-    task metric on the selection split, higher is better) is called; the best epoch wins.
-    Without ``evaluate`` the lowest loss wins. ``model`` ends with the winner's decoded
-    weights (dense); the result says how to store them.
+    After each epoch the reconstruction loss of every row is measured; the epoch with the
+    lowest wins (the first of equals). ``model`` ends with the winner's decoded weights
+    (dense); the result says how to store them.
     """
     import time
 
@@ -124,10 +119,8 @@ def train_autoencoder(model: nn.Module, role: str, config: AutoencoderConfig,
     parameters = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
-    originals = {k: m.weight.detach().clone() for k, m in matrices(model, [role]).items()}
-    best = (-math.inf, None)
     losses: list[float] = []
-    scores: list[float] = []
+    best: tuple[float, tuple | None] = (math.inf, None)
     best_epoch = 0
     for epoch in range(config.epochs):
         encoder.train()
@@ -145,42 +138,24 @@ def train_autoencoder(model: nn.Module, role: str, config: AutoencoderConfig,
         schedule.step()
         with torch.no_grad():
             codes = encoder(target)
-            decoded = _rescale(decoder(codes), norms)
-            losses.append(float(_loss(decoded, target, config)))
+            losses.append(float(_loss(_rescale(decoder(codes), norms), target, config)))
         if not all(math.isfinite(v) for v in (losses[-1], total)):
             raise GlpError(f"the {role} autoencoder diverged (loss {losses[-1]}) at epoch "
                            f"{epoch + 1}")
-        score = None
-        due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
-        if evaluate is not None and not due:
-            if on_epoch is not None:
-                on_epoch(epoch + 1, config.epochs, losses[-1], None)
-            continue
-        if evaluate is not None:
-            _assign(model, role, keys, counts, decoded)
-            score = float(evaluate())
-            scores.append(score)
-        candidate = score if score is not None else -losses[-1]
-        if not math.isfinite(candidate):  # a NaN score never wins (NaN > x is False)
-            candidate = -math.inf
-        if candidate > best[0] or best[1] is None:
-            best = (candidate, (codes.clone(), {k: v.clone() for k, v in
-                                                decoder.state_dict().items()}))
+        if losses[-1] < best[0]:
+            best = (losses[-1], (codes.clone(), {k: v.clone() for k, v in
+                                                 decoder.state_dict().items()}))
             best_epoch = epoch + 1
         if on_epoch is not None:
-            on_epoch(epoch + 1, config.epochs, losses[-1], score)
+            on_epoch(epoch + 1, config.epochs, losses[-1])
     codes, state = best[1]
     decoder.load_state_dict(state)
     decoder.eval()
     coded = Coded(role=role, keys=keys, rows_per_key=counts, codes=codes, norms=norms,
                   decoder=decoder, latent=latent, hidden=hidden, epochs=config.epochs,
-                  best_epoch=best_epoch, losses=losses, scores=scores,
+                  best_epoch=best_epoch, losses=losses, scores=[],
                   seconds=time.perf_counter() - started)
-    if coded.decode().isfinite().all():
-        _assign(model, role, keys, counts, coded.decode())
-    else:  # pragma: no cover - guarded by the divergence check above
-        for key, weight in originals.items():
-            _assign(model, role, [key], [weight.shape[0]], weight)
+    _assign(model, role, keys, counts, coded.decode())
     return coded
 
 
@@ -235,13 +210,80 @@ def fold_linear(model: nn.Module, coded: Coded) -> dict[str, int]:
 
 
 __all__ = ["CODES_FILE", "DECODERS", "AutoencoderConfig", "Coded", "decode_into",
-           "fold_linear", "latent_size", "train_autoencoder", "ROLES"]
+           "fine_tune_coded", "fold_linear", "latent_size", "train_autoencoder", "ROLES"]
 
 
 def config_for(params: AutoencoderParams, seed: int = 0) -> AutoencoderConfig:
     return AutoencoderConfig(ratio=params.ratio, decoder=params.decoder, epochs=params.epochs,
-                             batch_size=params.batch_size, eval_every=params.eval_every,
-                             seed=seed)
+                             batch_size=params.batch_size, seed=seed)
+
+
+class _Rows(nn.Module):
+    """A coded role while it fine-tunes: its codes (trainable), norms and decoder."""
+
+    def __init__(self, coded: Coded):
+        super().__init__()
+        self.codes = nn.Parameter(coded.codes.detach().clone())
+        self.register_buffer("norms", coded.norms.detach().clone())
+        self.decoder = coded.decoder
+
+
+class _DecodedRows(nn.Module):
+    """The parametrization of one matrix of a coded role: its rows, decoded from their
+    codes in every forward pass (the stored weight is ignored)."""
+
+    def __init__(self, rows: _Rows, start: int, stop: int):
+        super().__init__()
+        self.rows, self.start, self.stop = rows, start, stop
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = self.rows
+        decoded = rows.decoder(rows.codes[self.start:self.stop])
+        return _rescale(decoded, rows.norms[self.start:self.stop]).to(weight.dtype)
+
+
+def fine_tune_coded(model: nn.Module, coded: dict[str, Coded], dataset, config, seed: int,
+                    device: str = "cpu", on_step: Callable[[int, int], None] | None = None):
+    """Fine-tune a compressed ``model`` on the task, in place (``config`` is the job's
+    fine-tune config, with the phase's epochs): every weight trains, and a coded role's
+    codes and decoder train in its place, its matrices decoded from them in each forward
+    pass (:mod:`torch.nn.utils.parametrize`). Afterwards each role's trained codes are in
+    ``coded`` and its matrices are their decoding, as ``glp.load_pretrained`` decodes them.
+    A linearly coded role is already thin factors, which train as any weight.
+
+    Returns the training statistics (:class:`glp.training.train.TrainStats`).
+    """
+    from torch.nn.utils import parametrize
+
+    from glp.training.train import fine_tune
+
+    owners: dict[str, list[nn.Module]] = {}
+    rows: dict[str, _Rows] = {}
+    for role, result in coded.items():
+        rows[role] = _Rows(result)
+        found = matrices(model, [role])
+        start = 0
+        for key, count in zip(result.keys, result.rows_per_key, strict=True):
+            module = found[key]
+            parametrize.register_parametrization(
+                module, "weight", _DecodedRows(rows[role], start, start + count))
+            module.parametrizations.weight.original.requires_grad_(False)
+            owners.setdefault(role, []).append(module)
+            start += count
+    try:
+        stats = fine_tune(model, dataset, config, seed=seed, device=device, on_step=on_step)
+    finally:
+        for role, modules in owners.items():
+            for module in modules:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                module.weight.requires_grad_(True)
+            trained = rows[role]
+            result = coded[role]
+            result.decoder = trained.decoder.cpu().eval()
+            result.codes = trained.codes.detach().cpu().clone()
+            if result.decode().isfinite().all():
+                _assign(model, role, result.keys, result.rows_per_key, result.decode())
+    return stats
 
 
 def check(model: nn.Module, params: AutoencoderParams) -> None:
@@ -256,21 +298,42 @@ def check(model: nn.Module, params: AutoencoderParams) -> None:
         latent_size(rows, next(iter(found)).weight.shape[1], config)
 
 
+def _start(context: Context, params: AutoencoderParams) -> nn.Module:
+    """The model to compress: the pre-trained one (to fine-tune afterwards), or with
+    ``finetune_epochs=0`` the fine-tuned ``context.model``."""
+    if not params.finetune_epochs:
+        return context.model
+    hint = ("--ae-finetune-epochs 0 compresses the fine-tuned model as given, with no "
+            "fine-tuning")
+    if context.pretrained is None:
+        raise GlpError(f"the autoencoder with fine-tuning compresses the pre-trained model, "
+                       f"and this run has none; {hint}")
+    try:
+        return context.pretrained()
+    except GlpError as exc:
+        raise GlpError(f"{exc} ({hint})") from exc
+
+
 def run(context: Context, params: AutoencoderParams) -> Outcome:
-    """One autoencoder per module type of ``context.model``, in place; the epoch kept is
-    the one whose decoded weights score best on the selection split."""
+    """One autoencoder per module type, each kept at its epoch of lowest reconstruction
+    loss; then (``finetune_epochs`` > 0, the reference's recipe) the compressed model,
+    which started as the pre-trained model, fine-tunes on the task with its codes and
+    decoders (or linear factors) trainable. With ``finetune_epochs=0`` the fine-tuned
+    ``context.model`` is compressed in place, with no training on the task."""
     from glp.core.checkpoint import CODES_ATTR
     from glp.core.plan import plan_of_model
+    from glp.methods import phase_record
 
-    model, base = context.model, plan_of_model(context.model)
+    model = _start(context, params)
+    base = plan_of_model(model)
     config = config_for(params, context.seed)
     ranks, shared, coded, codes, phases = {}, [], {}, {}, []
     for role in params.modules:
         on_step, close = context.progress(f"autoencoder ratio {params.ratio:g}: {role}")
         try:
             result = train_autoencoder(
-                model, role, config, evaluate=lambda: context.score(model),
-                on_epoch=lambda epoch, total, loss, value, step=on_step: step(epoch, total))
+                model, role, config,
+                on_epoch=lambda epoch, total, loss, step=on_step: step(epoch, total))
         except GlpError as exc:
             if "diverged" not in str(exc):
                 raise
@@ -291,6 +354,18 @@ def run(context: Context, params: AutoencoderParams) -> Outcome:
         else:
             coded[role] = {"latent": result.latent, "hidden": result.hidden}
             codes[role] = result
-    setattr(model, CODES_ATTR, codes)
     plan = base.offline(ranks, shared, coded)
+    if params.finetune_epochs:
+        phase = context.config.__class__(**{**context.config.to_dict(),
+                                            "epochs": params.finetune_epochs})
+        on_step, close = context.progress(f"autoencoder ratio {params.ratio:g}: fine-tune")
+        try:
+            stats = fine_tune_coded(model, codes, context.train, phase, context.seed,
+                                    context.device, on_step)
+        finally:
+            close()
+        phases.append(phase_record("finetune", stats))
+        if stats.diverged:
+            return Outcome(model, plan, phases, diverged=True)
+    setattr(model, CODES_ATTR, codes)
     return Outcome(model, plan, phases)
