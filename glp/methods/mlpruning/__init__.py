@@ -15,9 +15,11 @@ them (a head's value rows, a neuron's FFN-output column), so the sliced model co
 what the masked one did. Level 3 zeroes blocks of the remaining matrices: it saves storage
 only with a sparse format and time only with a block-sparse kernel.
 
-Deviation from the reference (which also learns row masks of the attention-output and
-FFN-output matrices): their rows are hidden dimensions on the residual path, which no
-slicing can remove, so glp prunes only structures that make the model smaller.
+Deviations from the reference are listed, with their reasons, in :data:`SETTINGS` (and
+docs/methods.md's table). The largest: the reference also learns row masks of the
+attention-output and FFN-output matrices and slices those rows, adding each sliced
+projection's output into the residual stream at the kept hidden indices; glp's plans and
+surgery have no such entry, so it keeps those matrices whole.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from glp.methods import Method, ParamError, param, register_method
+from glp.methods import Method, ParamError, Setting, param, register_method
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,95 @@ class MLPruningConfig:
             raise ParamError("mask_lr", self.mask_lr, "a positive learning rate")
 
 
+SETTINGS = (
+    Setting("target encoder density", "final_threshold (e.g. 0.5), counted with BERT-base's "
+            "matrix shapes (masked_run_glue.py's remain_param_compute)", param="density",
+            why="glp counts the model's own encoder-layer weights (biases included, "
+                "LayerNorms as kept), so any size and family is sized correctly"),
+    Setting("epochs of mask training (heads, rows)", "20", param="pruning_epochs",
+            why="a CPU budget; pass --pruning-epochs 20 for the reference's"),
+    Setting("learning rate", "3e-5", fixed="--lr (2e-5)",
+            why="one learning rate per job, shared with the teacher's fine-tune"),
+    Setting("mask-score learning rate", "0.01", param="mask_lr",
+            why="None scales it to the run, 2 * (10 - logit(density)) / steps, never below "
+                "0.01: in a few CPU epochs 0.01 would barely move the thresholds; "
+                "--mask-lr 0.01 is the reference's"),
+    Setting("batch size", "32", fixed="--batch-size (32)"),
+    Setting("max sequence length", "128", fixed="--max-length (128)"),
+    Setting("learning-rate warm-up", "11000 steps (about 1 of QQP's 20 epochs)",
+            fixed="none (linear decay from the start)",
+            why="glp's fine-tunes share one schedule without warm-up (the greedy-pruning "
+                "paper's); the thresholds start at 10 and move slowly anyway"),
+    Setting("weight decay", "0", fixed="0"),
+    Setting("AdamW eps", "1e-08", fixed="1e-08"),
+    Setting("gradient-norm clipping", "1.0 (mask scores included)",
+            fixed="--max-grad-norm (1.0), model weights only",
+            why="the mask scores and thresholds are an extra optimiser group, which glp's "
+                "loop does not clip"),
+    Setting("precision", "fp16", fixed="--precision (fp32)",
+            why="fp16 needs a GPU; the same option turns it on there"),
+    Setting("seed", "42", fixed="--seeds (40, 41, ...)",
+            why="glp trains several seeds and registers the best on the selection split"),
+    Setting("distillation temperature", "2", param="temperature"),
+    Setting("distillation weight (alpha_distil)", "0.9", param="alpha_distil"),
+    Setting("hard-label weight (alpha_ce)", "0.1", param="alpha_ce"),
+    Setting("regulariser's final lambda", "20000", param="final_lambda"),
+    Setting("regulariser", "squared excess of the kept fraction over the target, weight "
+            "max(lambda * excess^2 / (1 - target)^2, 50), 10 below 3e-4, 0 below target",
+            fixed="the same"),
+    Setting("initial threshold logit", "10", param="threshold_init"),
+    Setting("mask-score init", "constant 0", fixed="0 minus a ramp of at most 1e-6",
+            why="equal scores tie; the ramp breaks the ties by index, the same on every "
+                "run and device"),
+    Setting("head masks", "one score per head, shared by the query, key and value "
+            "projections (weights and biases)", fixed="one score per head, on the value "
+            "projection's output",
+            why="the same forward (a masked head's context is zero either way), different "
+                "score gradients and attention probabilities"),
+    Setting("FFN neuron masks", "rows (and biases) of the FFN-input matrix, before GELU",
+            fixed="the FFN-output matrix's input column, after the activation",
+            why="the same forward (GELU(0) = 0), different score gradients"),
+    Setting("row masks of the attention-output and FFN-output matrices", "learned "
+            "(one threshold per matrix); the rows are sliced and the result added to the "
+            "residual stream at the kept hidden indices", fixed="none: the matrices stay whole",
+            why="glp's plans and surgery have no entry for a projection that writes a "
+                "subset of the residual dimensions; the budget is met by heads and neurons "
+                "only"),
+    Setting("slicing", "after training, at the learned thresholds",
+            fixed="after training, at the learned thresholds shifted by one common amount",
+            why="the shift makes the plan meet --density exactly whatever a short run "
+                "reached"),
+    Setting("distillation fine-tune after slicing (epochs)", "0 (none)",
+            param="final_epochs",
+            why="the shift that meets the budget changes the masked model; a short "
+                "distillation recovers it (0 turns it off)"),
+    Setting("hidden-state MSE (embeddings and every layer), in the distillation loss",
+            "1 each", fixed="none", why="not implemented"),
+    Setting("attention-probability MSE (every layer), in the distillation loss", "1 each",
+            fixed="none", why="not implemented"),
+    Setting("level 3 block size", "16x16 or 32x32, a second run", param="block_size",
+            why="off by default: zeroed blocks save time only with a block-sparse kernel"),
+    Setting("level 3 epochs", "20", param="block_epochs", why="a CPU budget"),
+    Setting("level 3 block-score init", "constant 0", fixed="each block's mean absolute "
+            "weight, scaled to at most 1",
+            why="a short CPU run cannot learn an order from equal scores as 20 epochs can"),
+    Setting("level 3 student and teacher", "the head/row-pruned model is both",
+            fixed="the sliced model, taught by the unpruned fine-tuned model",
+            why="one teacher for every phase of a run; the unpruned one is the stronger"),
+)
+"""MLPruning's settings beside the reference's (training/README.md's commands,
+training/masked_run_glue.py, training/emmental/)."""
+
+
 register_method(Method(
     name="mlpruning", family="width",
     summary="MLPruning (Yao et al. 2021): heads, FFN neurons, blocks; learnable Top-k "
             "thresholds, adaptive regulariser, distillation",
     params=MLPruningConfig, budget="density", needs=frozenset({"teacher", "train"}),
     run="glp.methods.mlpruning.prune:run", check="glp.methods.mlpruning.prune:check_density",
-    followed_by=frozenset({"offline"})))
+    followed_by=frozenset({"offline"}),
+    reference="Yao, Ma, Shen, Keutzer, Mahoney, \"MLPruning: A Multilevel Structured Pruning "
+              "Framework for Transformer-based Models\", 2021; code yaozhewei/MLPruning "
+              "(training/masked_run_glue.py, training/masked_blockwise_run_glue.py, "
+              "training/emmental/)",
+    settings=SETTINGS))
