@@ -204,3 +204,54 @@ def test_a_layer_pruned_model_is_cut_in_width_in_its_remaining_layers(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_pretrained(tmp_path)(**batch()).logits,
                            model.eval()(**batch()).logits)
+
+
+def _distillation_loss(config: MLPruningConfig, student, teacher, labelled: dict,
+                       objective=None) -> tuple[float, dict]:
+    from glp.methods.mlpruning.prune import Distillation, eager_attention
+
+    objective = objective or Distillation(teacher, config)
+    with eager_attention(student, teacher, on=config.attention_weight > 0), torch.no_grad():
+        outputs = student(**labelled, **objective.forward_kwargs())
+        loss = objective.loss(student, outputs, labelled, 0, 1)
+    return loss.item(), getattr(objective, "terms", {})
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_hidden_and_attention_terms_change_the_loss_and_weight_zero_is_the_old_loss(family):
+    from glp.training.distill import Distillation as Plain
+
+    teacher, student = tiny_model(family), tiny_model(family, seed=1)
+    labelled = {**batch(), "labels": torch.tensor([0, 1])}
+    off = MLPruningConfig(hidden_weight=0, attention_weight=0)
+    old, _ = _distillation_loss(off, student, teacher, labelled, Plain(teacher, 2.0, 0.9, 0.1))
+    same, terms = _distillation_loss(off, student, teacher, labelled)
+    assert same == pytest.approx(old, rel=1e-6) and set(terms) == {"logits"}
+    full, terms = _distillation_loss(MLPruningConfig(), student, teacher, labelled)
+    assert set(terms) == {"logits", "hidden", "attention"}
+    assert terms["hidden"] > 0 and terms["attention"] > 0
+    # The reference's sum: 0.9 x (KL + hidden + attention) + 0.1 x task loss.
+    assert full == pytest.approx(old + 0.9 * (terms["hidden"] + terms["attention"]), rel=1e-5)
+    hidden_only, _ = _distillation_loss(MLPruningConfig(attention_weight=0), student, teacher,
+                                        labelled)
+    assert hidden_only == pytest.approx(old + 0.9 * terms["hidden"], rel=1e-5)
+    # The student's attention is restored after the eager context.
+    assert student.config._attn_implementation == teacher.config._attn_implementation
+
+
+def test_distillation_terms_compare_a_sliced_or_layer_pruned_student_with_its_teacher():
+    from glp.core.plan import Plan
+    from glp.core.surgery import remove_layers
+
+    teacher = tiny_model("bert")
+    labelled = {**batch(), "labels": torch.tensor([0, 1])}
+    student = copy.deepcopy(teacher)
+    apply_plan(student, Plan(num_layers=4, heads={0: (1, 3)}, neurons={}))
+    _, terms = _distillation_loss(MLPruningConfig(), student, teacher, labelled)
+    assert terms["hidden"] > 0 and terms["attention"] > 0  # layer 0 lost two heads
+    pruned = copy.deepcopy(teacher)
+    remove_layers(pruned, (1, 2))  # an unpruned teacher: layers 0 and 3 correspond
+    _, terms = _distillation_loss(MLPruningConfig(), pruned, teacher, labelled)
+    assert terms["hidden"] > 0
+    # Layer 0 is the teacher's own: its attention is equal, layer 3's sees other inputs.
+    assert terms["attention"] > 0

@@ -8,7 +8,9 @@ sum of the masked gradients to the threshold (the reference's ``TopKBinarizer``)
 adaptive regulariser pushes the remaining fraction of weights towards the target: the
 squared excess, weighted by ``max(final_lambda * excess^2 / (1 - target)^2, 50)``, or 10
 once the excess is tiny; zero below target. Training distils from the fine-tuned teacher
-(temperature 2, 0.9 distillation + 0.1 hard labels).
+as the reference does: 0.9 x (the logits' KL divergence at temperature 2 + the hidden
+states' MSE, embeddings and every layer + the attention probabilities' MSE, every layer)
++ 0.1 x the task loss.
 
 Levels 1 and 2 (heads, neurons) are masked during training exactly as slicing would cut
 them (a head's value rows, a neuron's FFN-output column), so the sliced model computes
@@ -58,6 +60,10 @@ class MLPruningConfig:
                             "(0: off)")
     block_density: float = param(0.5, "level 3: fraction of blocks kept")
     block_epochs: float = param(1.0, "level 3: epochs of block-mask training")
+    hidden_weight: float = param(1.0, "weight of the hidden-state MSE (embeddings and every "
+                                 "layer), inside the distillation loss (0: off)")
+    attention_weight: float = param(1.0, "weight of the attention-probability MSE (every "
+                                    "layer), inside the distillation loss (0: off)")
 
     def __post_init__(self):
         for name in ("density", "block_density"):
@@ -67,6 +73,10 @@ class MLPruningConfig:
         if self.block_size < 0:
             raise ParamError("block_size", self.block_size,
                              "0 (off) or a block width such as 16 or 32")
+        for name in ("hidden_weight", "attention_weight"):
+            value = getattr(self, name)
+            if not value >= 0 or not math.isfinite(value):
+                raise ParamError(name, value, "a weight >= 0 (0: off), e.g. 1")
         for name in ("temperature", "pruning_epochs", "block_epochs"):
             value = getattr(self, name)
             if not value > 0 or not math.isfinite(value):
@@ -139,10 +149,14 @@ SETTINGS = (
             param="final_epochs",
             why="the shift that meets the budget changes the masked model; a short "
                 "distillation recovers it (0 turns it off)"),
-    Setting("hidden-state MSE (embeddings and every layer), in the distillation loss",
-            "1 each", fixed="none", why="not implemented"),
-    Setting("attention-probability MSE (every layer), in the distillation loss", "1 each",
-            fixed="none", why="not implemented"),
+    Setting("hidden-state MSE (embeddings and every layer), inside the distillation loss",
+            "1", param="hidden_weight"),
+    Setting("attention-probability MSE (every layer), inside the distillation loss", "1",
+            param="attention_weight"),
+    Setting("attention MSE of a sliced model (the fine-tune after slicing, level 3)",
+            "the head-pruned teacher's attention (level 3)",
+            fixed="the unpruned teacher's attention of the kept heads",
+            why="glp's teacher is the unpruned model in every phase"),
     Setting("level 3 block size", "16x16 or 32x32, a second run", param="block_size",
             why="off by default: zeroed blocks save time only with a block-sparse kernel"),
     Setting("level 3 epochs", "20", param="block_epochs", why="a CPU budget"),

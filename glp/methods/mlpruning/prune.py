@@ -19,6 +19,7 @@ from glp.core.anatomy import (
     removed_layers,
     role_module,
 )
+from glp.core.errors import GlpError
 from glp.core.plan import ROLES, BlockMask, Plan
 from glp.core.surgery import apply_plan, block_grid
 from glp.methods import Context, Outcome, ParamError, phase_record
@@ -287,27 +288,136 @@ class _BlockMasking(nn.Module):
 
 
 class Distillation(KnowledgeDistillation):
-    """Knowledge distillation (:class:`glp.training.distill.Distillation`, MLPruning's
-    weights and temperature), plus the adaptive regulariser of the masks when there are
-    masks, whose scores and thresholds train at their own learning rate."""
+    """MLPruning's distillation loss, as the reference's (masked_run_glue.py):
+    ``alpha_distil x (KL(T) x T^2 + hidden_weight x sum of the hidden-state MSEs +
+    attention_weight x sum of the attention-probability MSEs) + alpha_ce x task loss``
+    (for regression the MSE to the teacher's scores replaces the KL term), plus the
+    adaptive regulariser of the masks when there are masks, whose scores and thresholds
+    train at their own learning rate.
+
+    The hidden states are the embeddings' output and every layer's; a layer-pruned
+    student's layer is compared with the teacher's layer of the same original index. A
+    head-pruned (sliced) student's attention is compared with the teacher's kept heads.
+    """
 
     def __init__(self, teacher: nn.Module | None, config: MLPruningConfig,
                  masks: WidthMasks | BlockMasks | None = None, target: float = 1.0,
                  mask_lr: float = 1e-2):
         super().__init__(teacher, config.temperature, config.alpha_distil, config.alpha_ce)
         self.config, self.masks, self.target, self.mask_lr = config, masks, target, mask_lr
+        self.terms: dict[str, float] = {}  # the last batch's loss terms (logging, tests)
 
     def param_groups(self) -> list[dict]:
         if self.masks is None:
             return []
         return [{"params": list(self.masks.params), "lr": self.mask_lr}]
 
+    def forward_kwargs(self) -> dict:
+        if self.teacher is None:
+            return {}
+        kwargs = {}
+        if self.config.hidden_weight:
+            kwargs["output_hidden_states"] = True
+        if self.config.attention_weight:
+            kwargs["output_attentions"] = True
+        return kwargs
+
+    def distillation(self, model, outputs, batch) -> torch.Tensor:
+        """The distillation loss (before ``alpha_distil``) of one batch."""
+        with torch.no_grad():
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            teacher = self.teacher(**inputs, **self.forward_kwargs())
+        if outputs.logits.shape[-1] == 1:  # regression: match the teacher's scores
+            logits = nn.functional.mse_loss(outputs.logits, teacher.logits)
+        else:
+            t = self.temperature
+            logits = nn.functional.kl_div(
+                nn.functional.log_softmax(outputs.logits / t, dim=-1),
+                nn.functional.softmax(teacher.logits / t, dim=-1),
+                reduction="batchmean") * t**2
+        loss, self.terms = logits, {"logits": logits.item()}
+        if self.config.hidden_weight:
+            hidden = hidden_mse(model, outputs.hidden_states, teacher.hidden_states)
+            loss = loss + self.config.hidden_weight * hidden
+            self.terms["hidden"] = hidden.item()
+        if self.config.attention_weight:
+            attention = attention_mse(model, outputs.attentions, teacher.attentions)
+            loss = loss + self.config.attention_weight * attention
+            self.terms["attention"] = attention.item()
+        return loss
+
     def loss(self, model, outputs, batch, step, steps):
-        loss = super().loss(model, outputs, batch, step, steps)
+        if self.teacher is None:
+            loss = outputs.loss
+        else:
+            loss = (self.alpha_distil * self.distillation(model, outputs, batch)
+                    + self.alpha_ce * outputs.loss)
         if self.masks is not None:
             loss = loss + adaptive_regulariser(self.masks.remaining(), self.target,
                                                self.config.final_lambda)
         return loss
+
+
+def _teacher_layers(student: nn.Module, student_count: int, teacher_count: int) -> list[int]:
+    """The teacher's layer index for each of the student's layers: the same position, or
+    for a layer-pruned student of an unpruned teacher, the layer's original index."""
+    if student_count == teacher_count:
+        return list(range(student_count))
+    kept = kept_layers(student)
+    if len(kept) != student_count or max(kept, default=-1) >= teacher_count:
+        raise GlpError(f"MLPruning's distillation: a student of {student_count} layers and "
+                       f"a teacher of {teacher_count} do not correspond")
+    return kept
+
+
+def hidden_mse(student: nn.Module, student_states, teacher_states) -> torch.Tensor:
+    """The sum over the embeddings' output and every layer's of the hidden states' mean
+    squared error (the reference's ``rep_loss``)."""
+    layers = _teacher_layers(student, len(student_states) - 1, len(teacher_states) - 1)
+    pairs = zip(student_states, [teacher_states[0], *(teacher_states[i + 1] for i in layers)],
+                strict=True)
+    return sum(nn.functional.mse_loss(s, t) for s, t in pairs)
+
+
+def attention_mse(student: nn.Module, student_probs, teacher_probs) -> torch.Tensor:
+    """The sum over the layers of the attention probabilities' mean squared error (the
+    reference's ``att_loss``); a sliced student's kept heads are compared with the same
+    heads of the teacher's."""
+    layers = _teacher_layers(student, len(student_probs), len(teacher_probs))
+    plan = getattr(student, "glp_plan", None)
+    originals = kept_layers(student)
+    total = student_probs[0].new_zeros(())
+    for position, (probs, layer) in enumerate(zip(student_probs, layers, strict=True)):
+        target = teacher_probs[layer]
+        if probs.shape[1] != target.shape[1]:
+            kept = plan.heads.get(originals[position]) if plan is not None else None
+            if kept is None or len(kept) != probs.shape[1]:
+                raise GlpError("MLPruning's distillation: the student's heads of layer "
+                               f"{originals[position]} do not correspond to the teacher's")
+            target = target[:, list(kept)]
+        total = total + nn.functional.mse_loss(probs, target)
+    return total
+
+
+class eager_attention:  # noqa: N801 (a context manager, used as a function)
+    """Run ``models`` with the family's eager attention while inside (PyTorch's fused
+    attention returns no probabilities), and restore their attention afterwards."""
+
+    def __init__(self, *models: nn.Module | None, on: bool = True):
+        self.models = [m for m in models if m is not None] if on else []
+        self.previous: list[str | None] = []
+
+    def __enter__(self):
+        for model in self.models:
+            self.previous.append(getattr(model.config, "_attn_implementation", None))
+            model.set_attn_implementation("eager")
+        return self
+
+    def __exit__(self, *exc):
+        for model, previous in zip(self.models, self.previous, strict=True):
+            if previous and previous != "eager":
+                model.set_attn_implementation(previous)
+        return False
 
 
 def mask_lr_for(config: MLPruningConfig, target: float, examples: int,
@@ -368,8 +478,9 @@ def train_width_masks(model: nn.Module, teacher: nn.Module, dataset,
     phase = _phase(finetune, config.pruning_epochs)
     objective = Distillation(teacher, config, masks, config.density,
                              mask_lr_for(config, config.density, len(dataset), phase))
-    stats = fine_tune(model, dataset, phase, seed=seed, device=device, objective=objective,
-                      on_step=on_step)
+    with eager_attention(model, teacher, on=config.attention_weight > 0):
+        stats = fine_tune(model, dataset, phase, seed=seed, device=device,
+                          objective=objective, on_step=on_step)
     masks.remove()
     plan, shift = masks.plan(num_layers, config.density)
     if removed:
@@ -386,8 +497,10 @@ def distil(model: nn.Module, teacher: nn.Module, dataset, finetune: FineTuneConf
            on_step: StepCallback | None = None) -> TrainStats:
     """The brief distillation fine-tune of a sliced model (``config.final_epochs``)."""
     _freeze(teacher, device)
-    return fine_tune(model, dataset, _phase(finetune, config.final_epochs), seed=seed,
-                     device=device, objective=Distillation(teacher, config), on_step=on_step)
+    with eager_attention(model, teacher, on=config.attention_weight > 0):
+        return fine_tune(model, dataset, _phase(finetune, config.final_epochs), seed=seed,
+                         device=device, objective=Distillation(teacher, config),
+                         on_step=on_step)
 
 
 def train_block_masks(model: nn.Module, teacher: nn.Module, dataset,
@@ -403,8 +516,9 @@ def train_block_masks(model: nn.Module, teacher: nn.Module, dataset,
     phase = _phase(finetune, config.block_epochs)
     objective = Distillation(teacher, config, blocks, config.block_density,
                              mask_lr_for(config, config.block_density, len(dataset), phase))
-    stats = fine_tune(model, dataset, phase, seed=seed, device=device, objective=objective,
-                      on_step=on_step)
+    with eager_attention(model, teacher, on=config.attention_weight > 0):
+        stats = fine_tune(model, dataset, phase, seed=seed, device=device,
+                          objective=objective, on_step=on_step)
     return blocks.finish(config.block_density), stats
 
 
