@@ -134,9 +134,9 @@ def test_least_squares_lower_each_layers_reconstruction_error():
     student = search(*fisher, 0.5, *macs)
     assert not student[0].all() and not student[1].all()
     for layer in range(len(student[0])):
-        result = tune_layer(model, masked, batches, layer, teacher, student, cls_only=False)
-        assert result is not None
-        heads, neurons, errors = result
+        heads, neurons, errors, finished = tune_layer(model, masked, batches, layer, teacher,
+                                                      student, cls_only=False)
+        assert finished
         assert errors["ffn_after"] < errors["ffn_before"]
         if layer:
             assert errors["attention_after"] < errors["attention_before"]

@@ -278,8 +278,17 @@ def _capture(model: nn.Module, masked: Masked, batch: dict, layer: int,
 
 
 def _solve(ata: torch.Tensor, atb: torch.Tensor) -> torch.Tensor | None:
-    solution = torch.linalg.lstsq(ata.double(), atb.double().unsqueeze(1), driver="gelsd")
-    values = solution.solution.squeeze(1).float()
+    """The least-squares minimiser from the normal equations ``A'A x = A'b`` (SVD-based,
+    so a singular system gets its minimum-norm solution); None when it is not finite.
+
+    The reference solves the same equations by LSMR with a damping of 1 for the change
+    from the all-ones mask and at most ``n`` iterations (``utils/linalg.py``): the damping
+    is absolute (negligible beside BERT-size sums, dominant in small systems) and the
+    iteration limit stops ill-conditioned solves (the bias column's diagonal is tokens x
+    hidden); the exact minimiser of a system this small costs milliseconds."""
+    solution = torch.linalg.lstsq(ata.double().cpu(), atb.double().cpu().unsqueeze(1),
+                                  driver="gelsd")
+    values = solution.solution.squeeze(1).float().to(ata.device)
     return values if torch.isfinite(values).all() else None
 
 
@@ -293,11 +302,14 @@ def _error(norm: float, ata: torch.Tensor, atb: torch.Tensor, x: torch.Tensor) -
 def tune_layer(model: nn.Module, masked: Masked, batches: list[dict], layer: int,
                teacher: tuple[torch.Tensor, torch.Tensor],
                student: tuple[torch.Tensor, torch.Tensor], cls_only: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None:
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], bool]:
     """Least-squares masks of one layer's kept heads and neurons against the teacher
     masks' sublayer outputs (before their LayerNorm), on every batch: the new student
-    masks and the squared reconstruction errors before and after; None when a solve fails
-    or a mask leaves ±:data:`MAX_SCALE` (the reference stops tuning there).
+    masks, the squared reconstruction errors before and after, and whether both sublayers
+    were tuned: a solve that fails or a mask beyond ±:data:`MAX_SCALE` leaves that
+    sublayer (and the FFN after a failed attention) as it was, and the tuning stops there
+    (as the reference's ``break`` does, which keeps the attention tuned before a failed
+    FFN).
 
     Attention: each kept head's share of the output, ``context_h @ W_h``, is a column of A,
     with a column of ones (a free bias, dropped afterwards, as the reference does); the
@@ -342,10 +354,11 @@ def tune_layer(model: nn.Module, masked: Masked, batches: list[dict], layer: int
             norm += float(b @ b)
         scale = _solve(ata, atb)
         if scale is None or scale[:-1].abs().max() > MAX_SCALE:
-            return None
+            return heads, neurons, errors, False
         current = torch.cat([heads[layer][kept], torch.zeros(1, device=device)])
         errors["attention_before"] = _error(norm, ata, atb, current)
-        errors["attention_after"] = _error(norm, ata, atb, scale)
+        applied = torch.cat([scale[:-1], torch.zeros(1, device=scale.device)])
+        errors["attention_after"] = _error(norm, ata, atb, applied)  # without the bias
         heads[layer][kept] = heads[layer][kept] * scale[:-1].to(heads)
     kept = neurons[layer].nonzero().flatten()
     if len(kept):
@@ -365,11 +378,11 @@ def tune_layer(model: nn.Module, masked: Masked, batches: list[dict], layer: int
             norm += float((b * b).sum())
         scale = _solve(ata, atb)
         if scale is None or scale.abs().max() > MAX_SCALE:
-            return None
+            return heads, neurons, errors, False
         errors["ffn_before"] = _error(norm, ata, atb, neurons[layer][kept])
         errors["ffn_after"] = _error(norm, ata, atb, scale)
         neurons[layer][kept] = neurons[layer][kept] * scale.to(neurons)
-    return heads, neurons, errors
+    return heads, neurons, errors, True
 
 
 # ------------------------------------------------------------------ the method
@@ -454,17 +467,17 @@ def run(context: Context, params: PostTrainingParams) -> Outcome:
             student = (heads.to(device), neurons.to(device))
             before = after = 0.0
             tuned = 0
-            is_classifier = model.config.problem_type != "regression"
             for layer in range(count):
-                result = tune_layer(model, masked, batches, layer, teacher, student,
-                                    cls_only=is_classifier and layer == count - 1)
+                # A sequence classifier (or regressor) reads the last layer's first token.
+                heads_new, neurons_new, errors, finished = tune_layer(
+                    model, masked, batches, layer, teacher, student,
+                    cls_only=layer == count - 1)
                 on_step(layer + 2, count + 1)
-                if result is None:
-                    break
-                heads_new, neurons_new, errors = result
                 student = (heads_new, neurons_new)
                 before += errors["attention_before"] + errors["ffn_before"]
                 after += errors["attention_after"] + errors["ffn_after"]
+                if not finished:
+                    break
                 tuned += 1
             heads, neurons = student[0].cpu(), student[1].cpu()
             details |= {"layers_tuned": tuned, "reconstruction_error_before": round(before, 4),
