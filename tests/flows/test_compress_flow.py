@@ -172,7 +172,7 @@ def test_post_training_prunes_registers_and_writes_its_rows(harness, tiny_bert, 
     rows = {r["target_constraint"]: r for r in _finals(home) if r["method"] == "post-training"}
     reference = next(r for r in _finals(home) if r["method"] == "unpruned")
     assert set(rows) == {0.6, 0.4}
-    for constraint, row in rows.items():
+    for row in rows.values():
         assert row["parameters"] < reference["parameters"] and not row["diverged"]
         assert row["train_epochs"] == reference["train_epochs"]  # nothing trained
         assert glp.load_pretrained(row["model_dir"]).num_parameters() == row["parameters"]
