@@ -255,3 +255,55 @@ def test_distillation_terms_compare_a_sliced_or_layer_pruned_student_with_its_te
     assert terms["hidden"] > 0
     # Layer 0 is the teacher's own: its attention is equal, layer 3's sees other inputs.
     assert terms["attention"] > 0
+
+
+def _half_masks(model) -> WidthMasks:
+    """Masks that keep about half of every group, in a random order."""
+    masks = WidthMasks(model)
+    with torch.no_grad():
+        for group in masks.groups:
+            group.threshold.fill_(0.0)
+            group.scores.copy_(torch.randn(group.count))
+    return masks
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "deberta-v2"])
+def test_a_pruned_head_loses_its_query_key_and_value(family):
+    from glp.core.anatomy import head_projections, head_size
+
+    model = tiny_model(family)
+    masks = _half_masks(model)
+    layer, size = encoder_layers(model)[0], head_size(model)
+    seen = {}
+    for projection in head_projections(model, layer):  # after the masks' hooks: masked
+        projection.register_forward_hook(
+            lambda module, args, output, p=projection: seen.__setitem__(p, output))
+    with torch.no_grad():
+        model(**batch())
+    heads = next(g for g in masks.groups if g.layer == 0 and g.kind == "heads")
+    kept = heads.kept()
+    assert 0 < len(kept) < heads.count and len(seen) >= 3  # query, key, value at least
+    for output in seen.values():
+        per_head = output.view(*output.shape[:-1], heads.count, size)
+        for head in range(heads.count):
+            assert bool(per_head[..., head, :].abs().sum() > 0) == (head in kept)
+
+
+def test_an_ffn_neuron_is_masked_before_the_activation():
+    model = tiny_model("bert")
+    masks = _half_masks(model)
+    layer = encoder_layers(model)[0]
+    seen = {}
+    role_module(model, layer, "ffn_in").register_forward_hook(
+        lambda module, args, output: seen.__setitem__("ffn_in", output))
+    with torch.no_grad():
+        model(**batch())
+    neurons = next(g for g in masks.groups if g.layer == 0 and g.kind == "neurons")
+    kept = set(neurons.kept())
+    pruned = [n for n in range(neurons.count) if n not in kept]
+    assert pruned and kept
+    assert seen["ffn_in"][..., pruned].abs().sum() == 0  # zero before GELU: GELU(0) = 0
+    assert seen["ffn_in"][..., sorted(kept)].abs().sum() > 0
+    # The scores learn through the pre-activation outputs (straight through the Top-k).
+    model(**batch()).logits.sum().backward()
+    assert neurons.scores.grad is not None and neurons.scores.grad.abs().sum() > 0

@@ -12,9 +12,11 @@ as the reference does: 0.9 x (the logits' KL divergence at temperature 2 + the h
 states' MSE, embeddings and every layer + the attention probabilities' MSE, every layer)
 + 0.1 x the task loss.
 
-Levels 1 and 2 (heads, neurons) are masked during training exactly as slicing would cut
-them (a head's value rows, a neuron's FFN-output column), so the sliced model computes
-what the masked one did. Level 3 zeroes blocks of the remaining matrices: it saves storage
+Levels 1 and 2 (heads, neurons) are masked during training as the reference masks them:
+one score per head masks its rows of the query, key and value projections (weights and
+biases), one score per neuron its row of the FFN-input matrix, before the activation.
+That is exactly what slicing cuts, so the sliced model computes what the masked one did.
+Level 3 zeroes blocks of the remaining matrices: it saves storage
 only with a sparse format and time only with a block-sparse kernel.
 
 Deviations from the reference are listed, with their reasons, in :data:`SETTINGS` (and
@@ -128,13 +130,9 @@ SETTINGS = (
             why="equal scores tie; the ramp breaks the ties by index, the same on every "
                 "run and device"),
     Setting("head masks", "one score per head, shared by the query, key and value "
-            "projections (weights and biases)", fixed="one score per head, on the value "
-            "projection's output",
-            why="the same forward (a masked head's context is zero either way), different "
-                "score gradients and attention probabilities"),
+            "projections (weights and biases)", fixed="the same"),
     Setting("FFN neuron masks", "rows (and biases) of the FFN-input matrix, before GELU",
-            fixed="the FFN-output matrix's input column, after the activation",
-            why="the same forward (GELU(0) = 0), different score gradients"),
+            fixed="the same"),
     Setting("row masks of the attention-output and FFN-output matrices", "learned "
             "(one threshold per matrix); the rows are sliced and the result added to the "
             "residual stream at the kept hidden indices", fixed="none: the matrices stay whole",

@@ -113,9 +113,12 @@ class _Group:
 class WidthMasks(nn.Module):
     """Learnable head and neuron masks on a model, applied by forward hooks.
 
-    A head's mask multiplies its rows of the value projection's output (so its context,
-    and its share of the attention output, is zero); a neuron's mask multiplies its
-    input column of the FFN-output matrix. Both equal slicing the structure away.
+    As the reference's: a head's one score masks its rows of the query, key and value
+    projections' outputs (and of DeBERTa's relative-position projections where a layer
+    has them), which is masking those rows of the weights and biases; its context, and
+    its share of the attention output, is zero. A neuron's mask multiplies its output of
+    the FFN-input matrix, before the activation (GELU(0) = 0), the reference's rows of
+    the FFN-input matrix. Both equal slicing the structure away.
     """
 
     def __init__(self, model: nn.Module, threshold_init: float = 10.0):
@@ -151,9 +154,10 @@ class WidthMasks(nn.Module):
                     group.scores.add_(torch.linspace(1e-6, 0, group.count, device=device))
                 params.extend([group.scores, group.threshold])
                 self.groups.append(group)
-            value = role_module(model, layer, "value")
-            self._hooks.append(value.register_forward_hook(self._head_hook(head_group, size)))
-            self._hooks.append(ffn_out.register_forward_pre_hook(self._neuron_hook(neuron_group)))
+            for projection in head_projections(model, layer):
+                self._hooks.append(projection.register_forward_hook(
+                    self._head_hook(head_group, size)))
+            self._hooks.append(ffn_in.register_forward_hook(self._neuron_hook(neuron_group)))
         self.params = params
         self.base_parameters = sum(p.numel() for p in encoder_layers(model).parameters())
         variable = sum(g.weights_each * g.count for g in self.groups)
@@ -168,8 +172,8 @@ class WidthMasks(nn.Module):
 
     @staticmethod
     def _neuron_hook(group: _Group):
-        def hook(module, args):
-            return (args[0] * group.mask().to(args[0].dtype), *args[1:])
+        def hook(module, args, output):
+            return output * group.mask().to(output.dtype)
         return hook
 
     def remove(self) -> None:
