@@ -307,3 +307,49 @@ def test_an_ffn_neuron_is_masked_before_the_activation():
     # The scores learn through the pre-activation outputs (straight through the Top-k).
     model(**batch()).logits.sum().backward()
     assert neurons.scores.grad is not None and neurons.scores.grad.abs().sum() > 0
+
+
+def _context(model, **kwargs):
+    from glp.methods import Context
+
+    return Context(model=model, config=FineTuneConfig(learning_rate=1e-3, batch_size=16,
+                                                      epochs=1),
+                   seed=0, load_train=toy_dataset, **kwargs)
+
+
+def test_init_pretrained_starts_from_the_pretrained_model_taught_by_the_given_one():
+    from glp.methods import get_method
+    from glp.methods.mlpruning.prune import run
+
+    assert "pretrained" in get_method("mlpruning").needs
+    config = MLPruningConfig(density=0.7, pruning_epochs=1, final_epochs=0, init="pretrained")
+    fine_tuned, pretrained = tiny_model("bert"), tiny_model("bert", seed=1)
+    start = copy.deepcopy(pretrained)
+    teacher_before = copy.deepcopy(fine_tuned.state_dict())
+    outcome = run(_context(fine_tuned, pretrained=lambda: pretrained,
+                           teacher=lambda: pytest.fail("the given model is the teacher")),
+                  config)
+    assert outcome.model is pretrained and not outcome.diverged
+    assert all(torch.equal(v, fine_tuned.state_dict()[k]) for k, v in teacher_before.items())
+    # Other starting weights than the teacher's: the pre-trained model's, then trained.
+    layer = encoder_layers(start)[0]
+    assert not torch.equal(role_module(start, layer, "query").weight,
+                           role_module(fine_tuned, encoder_layers(fine_tuned)[0],
+                                       "query").weight)
+    with torch.no_grad():
+        assert not torch.allclose(outcome.model(**batch()).logits,
+                                  fine_tuned(**batch()).logits)
+    # init=teacher (the default) trains the given model, taught by a copy.
+    given = tiny_model("bert")
+    outcome = run(_context(given, teacher=lambda: tiny_model("bert")),
+                  MLPruningConfig(density=0.7, pruning_epochs=1, final_epochs=0))
+    assert outcome.model is given
+
+
+def test_init_pretrained_without_a_pretrained_model_is_refused():
+    from glp.methods.mlpruning.prune import run
+
+    with pytest.raises(GlpError, match="init=pretrained needs the pre-trained model"):
+        run(_context(tiny_model("bert")), MLPruningConfig(init="pretrained"))
+    with pytest.raises(GlpError, match="init"):
+        MLPruningConfig(init="random")

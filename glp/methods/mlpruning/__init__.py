@@ -12,6 +12,11 @@ as the reference does: 0.9 x (the logits' KL divergence at temperature 2 + the h
 states' MSE, embeddings and every layer + the attention probabilities' MSE, every layer)
 + 0.1 x the task loss.
 
+The student is a copy of the fine-tuned teacher (``init="teacher"``, the default) or, as
+in the reference, the pre-trained model the teacher was fine-tuned from, with a new task
+head (``init="pretrained"``; refused for a model given already fine-tuned, whose
+pre-trained model is unknown).
+
 Levels 1 and 2 (heads, neurons) are masked during training as the reference masks them:
 one score per head masks its rows of the query, key and value projections (weights and
 biases), one score per neuron its row of the FFN-input matrix, before the activation.
@@ -32,6 +37,9 @@ import math
 from dataclasses import dataclass
 
 from glp.methods import Method, ParamError, Setting, param, register_method
+
+INITS = ("teacher", "pretrained")
+"""Where the student starts: a copy of the fine-tuned teacher, or the pre-trained model."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,9 @@ class MLPruningConfig:
                             "(0: off)")
     block_density: float = param(0.5, "level 3: fraction of blocks kept")
     block_epochs: float = param(1.0, "level 3: epochs of block-mask training")
+    init: str = param("teacher", "the student starts from the fine-tuned teacher (teacher) "
+                      "or from the pre-trained model it was fine-tuned from, with a new task "
+                      "head (pretrained, the reference's)", option="init")
     hidden_weight: float = param(1.0, "weight of the hidden-state MSE (embeddings and every "
                                  "layer), inside the distillation loss (0: off)")
     attention_weight: float = param(1.0, "weight of the attention-probability MSE (every "
@@ -75,6 +86,8 @@ class MLPruningConfig:
         if self.block_size < 0:
             raise ParamError("block_size", self.block_size,
                              "0 (off) or a block width such as 16 or 32")
+        if self.init not in INITS:
+            raise ParamError("init", repr(self.init), f"one of {', '.join(INITS)}")
         for name in ("hidden_weight", "attention_weight"):
             value = getattr(self, name)
             if not value >= 0 or not math.isfinite(value):
@@ -90,6 +103,12 @@ class MLPruningConfig:
 
 
 SETTINGS = (
+    Setting("student's starting point (heads, rows)", "the pre-trained model "
+            "(bert-base-uncased), taught by the fine-tuned one", param="init",
+            why="the teacher works for every input, also a model given already fine-tuned "
+                "(whose pre-trained model is unknown, so pretrained is refused), and it "
+                "starts at the task's accuracy, which the few epochs a CPU run affords "
+                "need; --init pretrained is the reference's"),
     Setting("target encoder density", "final_threshold (e.g. 0.5), counted with BERT-base's "
             "matrix shapes (masked_run_glue.py's remain_param_compute)", param="density",
             why="glp counts the model's own encoder-layer weights (biases included, "
@@ -173,7 +192,8 @@ register_method(Method(
     name="mlpruning", family="width",
     summary="MLPruning (Yao et al. 2021): heads, FFN neurons, blocks; learnable Top-k "
             "thresholds, adaptive regulariser, distillation",
-    params=MLPruningConfig, budget="density", needs=frozenset({"teacher", "train"}),
+    params=MLPruningConfig, budget="density",
+    needs=frozenset({"teacher", "pretrained", "train"}),
     run="glp.methods.mlpruning.prune:run", check="glp.methods.mlpruning.prune:check_density",
     followed_by=frozenset({"offline"}),
     reference="Yao, Ma, Shen, Keutzer, Mahoney, \"MLPruning: A Multilevel Structured Pruning "

@@ -559,9 +559,23 @@ def run(context: Context, config: MLPruningConfig) -> Outcome:
     registry calls it: masked training of heads and neurons with distillation, slicing, a
     distillation fine-tune of the sliced model, and with ``config.block_size`` the block
     masks (level 3). A diverged phase ends the run; its plan is the one it was heading for.
+
+    The student is a copy of the fine-tuned teacher (``init="teacher"``) or the
+    pre-trained model it was fine-tuned from, with a new task head (``init="pretrained"``,
+    the reference's; then ``context.model`` is the teacher).
+
+    Raises:
+        GlpError: ``init="pretrained"`` for a model given already fine-tuned (the
+            pre-trained model it came from is unknown).
     """
-    model, label = context.model, f"mlpruning density {config.density}"
-    teacher = context.teacher()
+    label = f"mlpruning density {config.density}"
+    if config.init == "pretrained":
+        if context.pretrained is None:
+            raise GlpError("MLPruning with init=pretrained needs the pre-trained model, and "
+                           "this run has none; use init=teacher")
+        model, teacher = context.pretrained(), context.model
+    else:
+        model, teacher = context.model, context.teacher()
     on_step, close = context.progress(f"{label}: masks")
     try:
         result = train_width_masks(model, teacher, context.train, context.config, config,
