@@ -145,7 +145,7 @@ SETTINGS = (
             "max(lambda * excess^2 / (1 - target)^2, 50), 10 below 3e-4, 0 below target",
             fixed="the same"),
     Setting("initial threshold logit", "10", param="threshold_init"),
-    Setting("mask-score init", "constant 0", fixed="0 minus a ramp of at most 1e-6",
+    Setting("mask-score init", "constant 0", fixed="0 plus a descending ramp of at most 1e-6",
             why="equal scores tie; the ramp breaks the ties by index, the same on every "
                 "run and device"),
     Setting("head masks", "one score per head, shared by the query, key and value "
