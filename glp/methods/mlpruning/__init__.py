@@ -121,8 +121,8 @@ SETTINGS = (
             why="None scales it to the run, 2 * (10 - logit(density)) / steps, never below "
                 "0.01: in a few CPU epochs 0.01 would barely move the thresholds; "
                 "--mask-lr 0.01 is the reference's"),
-    Setting("batch size", "32", fixed="--batch-size (32)"),
-    Setting("max sequence length", "128", fixed="--max-length (128)"),
+    Setting("batch size (--batch-size)", "32", fixed="32"),
+    Setting("max sequence length (--max-length)", "128", fixed="128"),
     Setting("learning-rate warm-up", "11000 steps (about 1 of QQP's 20 epochs)",
             fixed="none (linear decay from the start)",
             why="glp's fine-tunes share one schedule without warm-up (the greedy-pruning "
@@ -143,15 +143,17 @@ SETTINGS = (
     Setting("regulariser's final lambda", "20000", param="final_lambda"),
     Setting("regulariser", "squared excess of the kept fraction over the target, weight "
             "max(lambda * excess^2 / (1 - target)^2, 50), 10 below 3e-4, 0 below target",
-            fixed="the same"),
+            fixed="squared excess of the kept fraction over the target, weight "
+            "max(lambda * excess^2 / (1 - target)^2, 50), 10 below 3e-4, 0 below target"),
     Setting("initial threshold logit", "10", param="threshold_init"),
     Setting("mask-score init", "constant 0", fixed="0 plus a descending ramp of at most 1e-6",
             why="equal scores tie; the ramp breaks the ties by index, the same on every "
                 "run and device"),
     Setting("head masks", "one score per head, shared by the query, key and value "
-            "projections (weights and biases)", fixed="the same"),
+            "projections (weights and biases)", fixed="one score per head, shared by the "
+            "query, key and value projections (weights and biases)"),
     Setting("FFN neuron masks", "rows (and biases) of the FFN-input matrix, before GELU",
-            fixed="the same"),
+            fixed="rows (and biases) of the FFN-input matrix, before GELU"),
     Setting("row masks of the attention-output and FFN-output matrices", "learned "
             "(one threshold per matrix); the rows are sliced and the result added to the "
             "residual stream at the kept hidden indices", fixed="none: the matrices stay whole",
