@@ -31,6 +31,7 @@ from glp.core.checkpoint import read_plan, stored_bytes
 from glp.core.plan import Plan, density_of
 from glp.methods import (
     BUDGET_FIELDS,
+    FROM_PRETRAINED,
     REFERENCE,
     Method,
     budget_label,
@@ -330,6 +331,8 @@ def _row(job: Job, method: Method | None, config, variant: str, compressed: Comp
               "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key},
         texts={"plan.json": plan.to_json()})
     own = trained_on_task(compressed.phases, job.data.sizes["train"])
+    if compressed.details.get(FROM_PRETRAINED):  # the source's training is not in it
+        trained = (0.0, 0)
     training = ({"train_epochs": round(trained[0] + own[0], 4),
                  "train_steps": trained[1] + own[1]} if trained else {})
     who = {"job_id": job.job_id, "strategy": name, "variant": variant,

@@ -121,8 +121,8 @@ def load_pretrained_student(request: MethodRequest, model):
     source = request.source
     if source.base_path == source.path:
         raise GlpError(f"the model {source.path} was given fine-tuned, so the pre-trained "
-                       "model it came from is unknown: start from the teacher, or give "
-                       "--model the pre-trained encoder (glp fine-tunes it first)")
+                       "model it came from is unknown: give --model the pre-trained encoder "
+                       "(glp fine-tunes it first)")
     student = load_classifier(source.base_path, num_labels=model.config.num_labels,
                               is_regression=request.data.is_regression, seed=request.seed)
     return remove_layers(student, source.removed) if source.removed else student

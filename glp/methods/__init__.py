@@ -141,6 +141,12 @@ def phase_record(name: str, stats: Any) -> dict:
             "diverged": stats.diverged}
 
 
+FROM_PRETRAINED = "from_pretrained"
+"""The detail a method's :class:`Outcome` sets (to 1) when its model started from the
+pre-trained weights and learned nothing from its source model (no distillation from it):
+the source's training is then not part of the model's (:func:`trained_on_task`)."""
+
+
 def trained_on_task(phases: Iterable[Mapping[str, Any]], train_rows: int) -> tuple[float, int]:
     """A method's training on the task data: (epochs, optimizer steps) of the phases that
     record the ``examples`` they trained on (others, e.g. an autoencoder trained on weight
@@ -409,7 +415,8 @@ def settings_markdown(method: Method) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BUDGETS", "BUDGET_FIELDS", "EQUAL_TRAINING", "FAMILIES", "LAYER_METHOD", "NEEDS",
+__all__ = ["BUDGETS", "BUDGET_FIELDS", "EQUAL_TRAINING", "FAMILIES",
+           "FROM_PRETRAINED", "LAYER_METHOD", "NEEDS",
            "REFERENCE",
            "Context", "Method", "Outcome", "ParamError", "Setting", "all_methods", "budget_label",
            "check_number", "compressor_options", "compressors", "get_method", "is_method",

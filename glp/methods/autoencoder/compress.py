@@ -322,7 +322,7 @@ def run(context: Context, params: AutoencoderParams) -> Outcome:
     ``context.model`` is compressed in place, with no training on the task."""
     from glp.core.checkpoint import CODES_ATTR
     from glp.core.plan import plan_of_model
-    from glp.methods import phase_record
+    from glp.methods import FROM_PRETRAINED, phase_record
 
     model = _start(context, params)
     base = plan_of_model(model)
@@ -368,4 +368,7 @@ def run(context: Context, params: AutoencoderParams) -> Outcome:
         if stats.diverged:
             return Outcome(model, plan, phases, diverged=True)
     setattr(model, CODES_ATTR, codes)
-    return Outcome(model, plan, phases)
+    # the paper's protocol: the pre-trained model, compressed and fine-tuned; the
+    # fine-tuned source was not used
+    return Outcome(model, plan, phases,
+                   details={FROM_PRETRAINED: 1} if params.finetune_epochs else {})
