@@ -55,7 +55,6 @@ def test_the_generated_blocks_are_what_the_code_says():
                 f"{path.name}: {opening} differs from the code; run python docs/generate.py")
 
 
-@pytest.mark.xfail(reason="each method's settings table is being filled", strict=False)
 def test_every_method_compares_its_settings_with_its_reference():
     """Each compressor names its reference and lists its settings beside the reference's;
     a glp default that differs says why."""
