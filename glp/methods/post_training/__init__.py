@@ -65,7 +65,7 @@ SETTINGS = (
     Setting("sequence length of the MAC count", "the task's mean dev length (a table)",
             fixed="the sample's mean length",
             why="works for any dataset, not only the GLUE tasks in the table"),
-    Setting("batch size of the sample", "32", fixed="--batch-size (32)"),
+    Setting("batch size of the sample (glp's --batch-size)", "32", fixed="32"),
     Setting("heads and neurons per layer", "may be 0", fixed="at least 1 each",
             why="a glp plan keeps at least one head and one neuron in a remaining layer "
                 "(remove the layer instead)"),
@@ -79,8 +79,8 @@ SETTINGS = (
             why="the paper's teacher is the less-pruned mask; the reference's input hook, "
                 "registered before the mask's, sees the FFN input unmasked"),
     Setting("first layer's attention", "not tuned", fixed="not tuned"),
-    Setting("last layer's FFN", "[CLS] token only (every GLUE task, STS-B's regression "
-            "too)", fixed="[CLS] token only"),
+    Setting("last layer's FFN (every GLUE task, STS-B's regression too)",
+            "[CLS] token only", fixed="[CLS] token only"),
     Setting("tuning stops", "at a failed solve or a scale beyond ±10 (a layer's tuned "
             "attention kept)", fixed="at a failed solve or a scale beyond ±10 (a layer's "
             "tuned attention kept)"),
