@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 HOME_DIR="${GLP_RESULTS_HOME:-.glp-methods}"
-METHODS="${GLP_METHODS:-greedy,top,mlpruning,grain,lowrank,autoencoder,greedy+lowrank,greedy+mlpruning}"
+METHODS="${GLP_METHODS:-greedy,top,mlpruning,grain,post-training,lowrank,autoencoder,greedy+lowrank,greedy+mlpruning}"
 TASKS=("${@:-sst2}")
 for task in ${TASKS[@]}; do
   start=$(date +%s)
@@ -22,8 +22,9 @@ for task in ${TASKS[@]}; do
   budget=(--task "$task" --remove 2 --train-limit "$limit" --epochs "$epochs" --lr "$lr"
           --batch-size "$batch" --max-length "$length" --seeds 3 --home "$HOME_DIR")
   grain=(); case ",$METHODS," in *,grain,*) grain=(--pruning-epochs grain=3) ;; esac
+  pt=(); case ",$METHODS," in *post-training*) pt=(--constraint 0.6 --constraint 0.4) ;; esac
   .venv/bin/glp compare "${budget[@]}" --methods "$METHODS" --density 0.5 --density 0.3 \
-    --ratio 2 --ratio 4 "${grain[@]}"
+    --ratio 2 --ratio 4 "${pt[@]}" "${grain[@]}"
   report=$(ls -td "$HOME_DIR"/reports/compare-*-"$task"-* | head -1)
   rm -rf "docs/results/methods/$task" && mkdir -p "docs/results/methods/$task"
   cp "$report"/methods.* "$report"/pareto_*.png "docs/results/methods/$task/"
