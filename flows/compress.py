@@ -316,7 +316,10 @@ def _row(job: Job, method: Method | None, config, variant: str, compressed: Comp
     size = getattr(config, budget) if budget else None
     stored = stored_bytes(checkpoint.path) if checkpoint.path else None
     modules = getattr(config, "modules", None)
-    seconds = "fine_tune_seconds" if method and "train" in method.needs else "compress_seconds"
+    own = trained_on_task(compressed.phases, job.data.sizes["train"])
+    # a method trains on the task when a phase says so (the autoencoder with
+    # --ae-finetune-epochs 0 and post-training read the training split but train nothing)
+    seconds = "fine_tune_seconds" if own[1] else "compress_seconds"
     run_id = log_child_run(
         job.tracking_uri, job.parent_run_id, job.job_id, FINAL, checkpoint.key,
         f"{name}-{variant}-seed{checkpoint.seed}" if method else name,
@@ -330,7 +333,6 @@ def _row(job: Job, method: Method | None, config, variant: str, compressed: Comp
         tags={**job.common_tags, **({f"glp.{budget}": f"{size:g}"} if budget else {}),
               "glp.diverged": str(diverged).lower(), "glp.plan_key": plan.key},
         texts={"plan.json": plan.to_json()})
-    own = trained_on_task(compressed.phases, job.data.sizes["train"])
     if compressed.details.get(FROM_PRETRAINED):  # the source's training is not in it
         trained = (0.0, 0)
     training = ({"train_epochs": round(trained[0] + own[0], 4),
@@ -343,7 +345,8 @@ def _row(job: Job, method: Method | None, config, variant: str, compressed: Comp
         evaluation=evaluation, selection=selection, diverged=diverged, plan=plan,
         parameters=parameters, encoder_density=encoder_density,
         train_examples=job.data.sizes["train"], reused=checkpoint.flow_run_id != job.flow_run_id,
-        stored_bytes=stored, **({f"target_{budget}": size} if budget else {}), **training)
+        stored_bytes=stored, **({f"target_{budget}": size} if budget else {}), **training,
+        _trained_on_task=bool(own[1]))
 
 
 def register_sizes(job: Job, name: str, rows: list[dict], method: Method) -> dict[str, str]:
@@ -356,7 +359,7 @@ def register_sizes(job: Job, name: str, rows: list[dict], method: Method) -> dic
 
     def register(registration: Registration) -> str:
         chosen = registration.chosen
-        trained = "fine-tuned" if "train" in method.needs else "not fine-tuned"
+        trained = "fine-tuned" if chosen.get("_trained_on_task") else "not fine-tuned"
         model = getattr(job.params, "source_model", None) or job.params.model
         return register_onnx(
             job.tracking_uri, chosen["run_id"], chosen["model_dir"], name, job.job_id,

@@ -181,3 +181,6 @@ def test_post_training_prunes_registers_and_writes_its_rows(harness, tiny_bert, 
     aliases = MlflowClient(summary.tracking_uri).get_registered_model(
         summary.registered_model).aliases
     assert {"constraint-60", "constraint-40", "best"} <= set(aliases)
+    version = MlflowClient(summary.tracking_uri).get_model_version_by_alias(
+        summary.registered_model, "best")
+    assert "its last step not fine-tuned" in version.description  # it trained nothing

@@ -101,6 +101,6 @@ register_method(Method(
               "Aberer, \"Revisiting Offline Compression: Going Beyond Factorization-based "
               "Methods for Transformer Language Models\", Findings of EACL 2023 (code "
               "MohammadrezaBanaei/auto-encoder-based-transformer-compression); Fisher-weighted "
-              "SVD: Hsu, Hua, Tian, Lee, Jin, \"Language model compression with weighted "
+              "SVD: Hsu, Hua, Chang, Lou, Shen, Jin, \"Language model compression with weighted "
               "low-rank factorization\", ICLR 2022",
     settings=SETTINGS))
