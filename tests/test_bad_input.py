@@ -255,7 +255,8 @@ COMPRESS = ["--task", "sst2", "--train-limit", "40", "--eval-limit", "20", "--ep
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--method", "magic"], "--method 'magic': choose one of mlpruning, grain, post-training, lowrank"),
+    (["--method", "magic"],
+     "--method 'magic': choose one of mlpruning, grain, post-training, lowrank"),
     (["--density", "0"], "--density 0.0: choose a fraction in (0, 1]"),
     (["--density", "1.5"], "--density 1.5: choose a fraction in (0, 1]"),
     (["--density", "0.01"],
