@@ -268,8 +268,7 @@ def deploy_all(env: Mapping[str, str], pool: str = DEFAULT_POOL,
 
 
 STARTUP_FAILURE = 3
-"""uvicorn's exit code when the server did not start: its port was taken, or the app's
-start-up failed (another command's server was creating the same database)."""
+"""uvicorn's exit code when the server did not start (a taken port, or a failed app start)."""
 RUN_SERVER_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "PAUSE_EXPIRATIONS",
                   "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER")
 """Server services that only deployments and workers need (Prefect's temporary server
