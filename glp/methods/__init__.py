@@ -109,6 +109,18 @@ class Context:
     progress: Callable[[str], tuple[Callable[[int, int], None], Callable[[], None]]] = (
         lambda label: ((lambda step, total: None), (lambda: None)))
 
+    def student_and_teacher(self, init: str, method: str) -> tuple[Any, Any]:
+        """The model a distilling method trains and its teacher: the fine-tuned model
+        taught by a copy of itself (``init="teacher"``), or the pre-trained model it came
+        from taught by the fine-tuned one (``init="pretrained"``). ``method`` names the
+        method in the error for a run with no pre-trained model."""
+        if init == "pretrained":
+            if self.pretrained is None:
+                raise GlpError(f"{method} with init=pretrained needs the pre-trained model, "
+                               "and this run has none; use init=teacher")
+            return self.pretrained(), self.model
+        return self.model, self.teacher()
+
     @functools.cached_property
     def train(self) -> Any:
         return self.load_train() if self.load_train else None

@@ -379,13 +379,7 @@ def run(context: Context, config: GrainConfig) -> Outcome:
         GlpError: ``init="pretrained"`` for a model given already fine-tuned (the
             pre-trained model it came from is unknown).
     """
-    if config.init == "pretrained":
-        if context.pretrained is None:
-            raise GlpError("GRAIN with init=pretrained needs the pre-trained model, and "
-                           "this run has none; use init=teacher")
-        student, teacher = context.pretrained(), context.model
-    else:
-        student, teacher = context.model, context.teacher()
+    student, teacher = context.student_and_teacher(config.init, "GRAIN")
     on_step, close = context.progress(f"grain density {config.density}: prune + distil")
     try:
         result = prune(student, teacher, context.train, context.config,

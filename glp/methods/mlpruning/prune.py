@@ -569,13 +569,7 @@ def run(context: Context, config: MLPruningConfig) -> Outcome:
             pre-trained model it came from is unknown).
     """
     label = f"mlpruning density {config.density}"
-    if config.init == "pretrained":
-        if context.pretrained is None:
-            raise GlpError("MLPruning with init=pretrained needs the pre-trained model, and "
-                           "this run has none; use init=teacher")
-        model, teacher = context.pretrained(), context.model
-    else:
-        model, teacher = context.model, context.teacher()
+    model, teacher = context.student_and_teacher(config.init, "MLPruning")
     on_step, close = context.progress(f"{label}: masks")
     try:
         result = train_width_masks(model, teacher, context.train, context.config, config,
