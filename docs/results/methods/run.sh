@@ -19,8 +19,9 @@ for task in ${TASKS[@]}; do
     cola) limit=4000; length=64; batch=32; lr=1e-4; epochs=3 ;;   # probe: MCC 0.2518
     *) echo "unknown task '$task': expected sst2, stsb or cola" >&2; exit 2 ;;
   esac
-  budget=(--task "$task" --remove 2 --train-limit "$limit" --epochs "$epochs" --lr "$lr"
+  common=(--task "$task" --train-limit "$limit" --epochs "$epochs" --lr "$lr"
           --batch-size "$batch" --max-length "$length" --seeds 3 --home "$HOME_DIR")
+  budget=("${common[@]}" --remove 2)
   grain=(); case ",$METHODS," in *,grain,*) grain=(--pruning-epochs grain=3) ;; esac
   pt=(); case ",$METHODS," in *post-training*) pt=(--constraint 0.6 --constraint 0.4) ;; esac
   .venv/bin/glp compare "${budget[@]}" --methods "$METHODS" --density 0.5 --density 0.3 \
@@ -28,6 +29,10 @@ for task in ${TASKS[@]}; do
   report=$(ls -td "$HOME_DIR"/reports/compare-*-"$task"-* | head -1)
   rm -rf "docs/results/methods/$task" && mkdir -p "docs/results/methods/$task"
   cp "$report"/methods.* "$report"/pareto_*.png "docs/results/methods/$task/"
+  case ",$METHODS," in *,autoencoder,*)  # the no-retraining protocol beside the paper's
+    .venv/bin/glp compress "${common[@]}" --method autoencoder --ratio 2 --ratio 4 \
+      --ae-finetune-epochs 0 --no-register | tee "docs/results/methods/$task/autoencoder-offline.txt" ;;
+  esac
   .venv/bin/glp prune "${budget[@]}" --distill --no-register
   PYTHONPATH=. .venv/bin/python docs/results/methods/distill.py "$HOME_DIR" "$task" \
     > "docs/results/methods/$task/distill.md"
