@@ -374,7 +374,8 @@ def register_sizes(job: Job, name: str, rows: list[dict], method: Method) -> dic
             description=(f"{model} compressed by {chosen['method']} ({chosen['variant']}; "
                          f"its last step {trained}) on {job.data.task}; dev "
                          f"{job.data.metric} {chosen['value']:.4f} (seed {chosen['seed']}, "
-                         "chosen by the selection split); ONNX"))
+                         "chosen by the selection split); ONNX, text in"),
+            text=job.text_spec)
 
     plan = registrations(rows, size_of, lambda size: budget_label(method.budget, size))
     return register_all(job.tracking_uri, name, plan, register, rows, size_of)

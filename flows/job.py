@@ -30,7 +30,7 @@ from glp.methods.layers.search import (
 )
 from tasks import progress
 from tasks.analysis import layer_similarity, measure_latencies
-from tasks.data import DataRef, prepare_data
+from tasks.data import DataRef, is_pair, prepare_data
 from tasks.home import RunHome
 from tasks.records import (
     final_row,
@@ -140,6 +140,12 @@ class Job(JobSearch):
         return {"glp.base_model_fingerprint": self.model_fp, "glp.version": glp.__version__,
                 "glp.data_fingerprint": self.data_fingerprint,
                 "glp.selection_fingerprint": self.data.fingerprints["selection"]}
+
+    @property
+    def text_spec(self) -> dict:
+        """How a registered version reads text: labels, max length, sentence pairs."""
+        return {"labels": self.data.label_names, "max_length": self.finetune.max_length,
+                "pair": is_pair(self.data)}
 
     @property
     def data_fingerprint(self) -> str:

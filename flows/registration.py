@@ -55,7 +55,8 @@ def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name:
             tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
                   "glp.removed_layers": ",".join(map(str, chosen["removed"])),
                   "glp.depth": str(depth), "glp.order": ",".join(map(str, order))},
-            description=f"{params.model} with layers {chosen['removed']} removed, as ONNX")
+            description=f"{params.model} with layers {chosen['removed']} removed, as ONNX "
+                        "(text in)", text=job.text_spec)
 
     plan = registrations(final_rows, depth_of, lambda depth: f"depth-{depth}")
     aliases = register_all(job.tracking_uri, name, plan, register, final_rows, depth_of)

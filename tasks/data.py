@@ -65,6 +65,11 @@ class DataRef(BaseModel, frozen=True):
         return read_split(self.paths[split])
 
 
+def is_pair(data: DataRef) -> bool:
+    """Whether the task's rows are sentence pairs (its prepared dev split has ``text_b``)."""
+    return "text_b" in pq.read_schema(data.paths["dev"]).names
+
+
 def read_split(path: str) -> datasets.Dataset:
     """A prepared split (a Parquet file in the run home) as an in-memory dataset."""
     return datasets.Dataset(pq.read_table(path))

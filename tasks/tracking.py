@@ -210,24 +210,45 @@ def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: s
                            {"glp.job_id": job_id, "glp.depth": str(depth), **tags}, description)
 
 
+def text_signature(pair: bool, is_regression: bool):
+    """The columns a text-in version takes and returns."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = [ColSpec("string", "text")] + ([ColSpec("string", "text_pair")] if pair else [])
+    outputs = ([ColSpec("double", "value")] if is_regression
+               else [ColSpec("string", "label"), ColSpec("double", "score")])
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+TEXT_EXAMPLE = ("a gripping, beautifully acted film", "the plot never comes together")
+"""The input example every text-in version carries."""
+
+
 @task(name="register-onnx", **_RETRY)
 def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job_id: str,
-                  budget: str, tags: dict, description: str) -> str:
-    """Export a model directory to ONNX, log it in its run (``mlflow.onnx``, with the
-    tokenizer and the plan as extra files) and register a version tagged with the budget
-    (``glp.budget``, e.g. ``density-30``).
+                  budget: str, tags: dict, description: str, text: dict) -> str:
+    """Log a model directory as a text-in version in its run and register it, tagged with
+    the budget (``glp.budget``, e.g. ``density-30``).
 
-    Any MLflow pyfunc server serves it; it needs onnxruntime, not glp or transformers.
+    The version is an MLflow pyfunc (models from code, :mod:`tasks.served_text_model`)
+    holding the ONNX graph and the tokenizer (:func:`glp.deploy.export.write_text_model`,
+    with ``text``'s ``labels``, ``max_length`` and ``pair``), with a signature and an input
+    example: it takes a ``text`` column and returns ``label`` and ``score``, and serving it
+    needs onnxruntime and tokenizers, not glp, torch or transformers.
     Idempotent: the version of this job and budget is returned if it exists.
     """
     faults.inject("register")
+    import shutil
     import tempfile
 
     import mlflow
-    import onnx
     import onnxruntime
+    import pandas as pd
+    import tokenizers
 
-    from glp.deploy.export import export_onnx
+    from glp.deploy import text_model
+    from glp.deploy.export import write_text_model
 
     client = client_for(tracking_uri)
     found, versions = _find_version(client, name, job_id, "glp.budget", budget)
@@ -236,19 +257,29 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
-    extra = [str(p) for p in Path(model_dir).iterdir()
-             if p.name.startswith(("tokenizer", "vocab", "special_tokens", "glp_plan"))
-             or p.name in ("config.json", "merges.txt")]
+    pair = bool(text.get("pair"))
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model_dir, Path(tmp) / "model.onnx")
+        folder = write_text_model(model_dir, Path(tmp) / "text_model",
+                                  labels=text.get("labels"), max_length=text["max_length"],
+                                  pair=pair)
+        plan = Path(model_dir) / "glp_plan.json"
+        if plan.is_file():
+            shutil.copy(plan, folder / plan.name)
+        example = pd.DataFrame({"text": list(TEXT_EXAMPLE),
+                                **({"text_pair": list(reversed(TEXT_EXAMPLE))} if pair
+                                   else {})})
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.onnx.log_model(
-                onnx_model=onnx.load(str(path)), name="onnx", extra_files=extra,
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).with_name(
+                    "served_text_model.py")),
+                artifacts={"text_model": str(folder)}, code_paths=[text_model.__file__],
+                signature=text_signature(pair, not text.get("labels")),
+                input_example=example,
                 pip_requirements=[f"onnxruntime=={onnxruntime.__version__}",
-                                  f"onnx=={onnx.__version__}"])
+                                  f"tokenizers=={tokenizers.__version__}"])
     return _create_version(client, name, versions, info.model_uri, run_id,
                            {"glp.job_id": job_id, "glp.budget": budget, "glp.flavor": "onnx",
-                            **tags}, description)
+                            "glp.input": "text", **tags}, description)
 
 
 @task(name="update-aliases", **_RETRY)

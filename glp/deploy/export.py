@@ -179,3 +179,41 @@ class OnnxModel:
 
     def parameters(self):
         return iter(())
+
+
+def write_text_model(model_dir: str | os.PathLike[str], folder: str | os.PathLike[str], *,
+                     labels: tuple[str, ...] | None, max_length: int, pair: bool = False,
+                     int8: bool = False) -> Path:
+    """A folder that :class:`glp.deploy.text_model.TextModel` serves: the model as ONNX
+    (``int8``: quantised), its tokenizer as ``tokenizer.json`` and ``glp_text.json``.
+
+    Args:
+        model_dir: a directory written by glp, with its (fast) tokenizer.
+        folder: the folder to write (created).
+        labels: the class names in class-index order; None for a regressor.
+        max_length: the tokens per row the model was trained on (longer rows are cut).
+        pair: the model reads sentence pairs (``text`` and ``text_pair``).
+        int8: onnxruntime's dynamic int8 quantisation.
+
+    Raises:
+        GlpError: the model has no fast tokenizer (no ``tokenizer.json`` can be written).
+    """
+    import json
+
+    from glp.core.models import load_tokenizer
+    from glp.deploy.text_model import META
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_dir)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.pad_token_id is None:
+        raise GlpError(f"{model_dir}: a text-in model needs a fast tokenizer with a padding "
+                       f"token; {type(tokenizer).__name__} has none")
+    export_onnx(model_dir, folder / "model.onnx", int8=int8)
+    backend.save(str(folder / "tokenizer.json"))
+    meta = {"labels": list(labels) if labels else None, "max_length": int(max_length),
+            "pad_id": int(tokenizer.pad_token_id), "pad_token": str(tokenizer.pad_token),
+            "pair": bool(pair), "int8": bool(int8)}
+    (folder / META).write_text(json.dumps(meta, indent=1) + "\n")
+    return folder

@@ -26,6 +26,32 @@ def _params(model, home, **overrides) -> CompressParams:
     return CompressParams(**{**values, **overrides})
 
 
+TEXTS = ("a gripping, beautifully acted film", "the plot never comes together",
+         "it is what it is " * 20)  # the last one is cut at max_length
+
+
+def serve_in_fresh_process(tracking_uri: str, uri: str, texts) -> dict:
+    """A registered version's predictions on ``texts`` (a ``text`` column), from a Python
+    process that loads it with mlflow.pyfunc alone; with the modules of glp, torch and
+    transformers it imported (none, for a text-in ONNX version)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys, mlflow, pandas as pd
+mlflow.set_tracking_uri({tracking_uri!r}); mlflow.set_registry_uri({tracking_uri!r})
+model = mlflow.pyfunc.load_model({uri!r})
+out = model.predict(pd.DataFrame({{"text": {list(texts)!r}}}))
+imported = sorted({{m.split(".")[0] for m in sys.modules}} & {{"glp", "torch", "transformers"}})
+print(json.dumps({{"columns": list(out.columns), "imported": imported,
+                  **{{c: out[c].tolist() for c in out.columns}}}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def _finals(home):
     return ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
 
@@ -85,19 +111,23 @@ def test_each_density_is_registered_as_onnx_and_serves(two_runs):
     assert set(first.versions) == {"density-60", "density-70", "best"}
     best = client.get_model_version_by_alias(name, "best")
     assert best.tags["glp.flavor"] == "onnx" and float(best.tags["glp.encoder_density"]) <= 0.7
-    mlflow.set_tracking_uri(first.tracking_uri)
-    mlflow.set_registry_uri(first.tracking_uri)
-    served = mlflow.pyfunc.load_model(f"models:/{name}@density-60")
-    ids = np.array([[101, 1037, 2986, 2143, 102]], dtype=np.int64)
-    out = served.predict({"input_ids": ids, "attention_mask": np.ones_like(ids),
-                          "token_type_ids": np.zeros_like(ids)})
     row = next(r for r in first.finals if r.get("model_version") == first.versions["density-60"]
                and r["seed"] == int(client.get_model_version(
                    name, first.versions["density-60"]).tags["glp.seed"]))
+    # Text in, in a process that imports neither glp, torch nor transformers.
+    served = serve_in_fresh_process(first.tracking_uri, f"models:/{name}@density-60", TEXTS)
+    assert served["imported"] == [] and served["columns"] == ["label", "score"]
     model = glp.load_pretrained(row["model_dir"])
+    tokenizer = glp.core.models.load_tokenizer(row["model_dir"])
     with torch.no_grad():
-        expected = model(input_ids=torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
+        batch = tokenizer(list(TEXTS), padding=True, truncation=True, max_length=16,
+                          return_tensors="pt")
+        probabilities = model(**batch).logits.softmax(-1)
+    assert served["label"] == [str(i) for i in probabilities.argmax(-1).tolist()]
+    np.testing.assert_allclose(served["score"], probabilities.max(-1).values.numpy(),
+                               atol=1e-4)
+    version = client.get_model_version(name, first.versions["density-60"])
+    assert version.tags["glp.input"] == "text"
     # Each final run has its plan as an artifact, and the first seed's its latency.
     run = client.get_run(row["run_id"])
     assert "plan.json" in [a.path for a in client.list_artifacts(row["run_id"])]

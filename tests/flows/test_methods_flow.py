@@ -116,7 +116,7 @@ def test_register_puts_every_method_in_the_registry_once(compared, tiny_bert):
     """--register on the comparison's cache: nothing recomputed, each compressor and
     composition under its own name with one ONNX version per size, and no row added."""
     import mlflow
-    import numpy as np
+    import pandas as pd
     from mlflow import MlflowClient
 
     from flows.params import model_slug
@@ -140,14 +140,13 @@ def test_register_puts_every_method_in_the_registry_once(compared, tiny_bert):
     assert len(rows) == rows_before
     composed = [r for r in rows if r["method"] == "greedy+lowrank"]
     assert all(r["registered_model"] == f"{stem}-greedy1-lowrank" for r in composed)
-    # The composition's ONNX version serves without glp.
+    # The composition's version takes text and serves without glp.
     mlflow.set_tracking_uri(registered.tracking_uri)
     mlflow.set_registry_uri(registered.tracking_uri)
     served = mlflow.pyfunc.load_model(f"models:/{stem}-greedy1-lowrank@best")
-    ids = np.array([[101, 1037, 2986, 2143, 102]], dtype=np.int64)
-    out = served.predict({"input_ids": ids, "attention_mask": np.ones_like(ids),
-                          "token_type_ids": np.zeros_like(ids)})
-    assert out["logits"].shape == (1, 2)
+    out = served.predict(pd.DataFrame({"text": ["a fine film", "a dull one"]}))
+    assert list(out.columns) == ["label", "score"] and set(out["label"]) <= {"0", "1"}
+    assert ((out["score"] >= 0.5) & (out["score"] <= 1)).all()
     # Registering again adds no version.
     compare(_params(tiny_bert, home, register_models=True))
     assert len(client.search_model_versions(f"name = '{stem}-mlpruning'")) == 1
