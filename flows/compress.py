@@ -302,6 +302,7 @@ def compressed_rows(job: Job, method: Method, configs: list, source: Checkpoint,
                          name or method.name, trained))
         job.reporter.update(handle, count + 1)
     job.reporter.end(handle)
+    job.score_int8(rows)
     return rows
 
 

@@ -31,6 +31,7 @@ from glp.methods.layers.search import (
 from tasks import progress
 from tasks.analysis import layer_similarity, measure_latencies
 from tasks.data import DataRef, is_pair, prepare_data
+from tasks.deployment import evaluate_int8, int8_folder
 from tasks.home import RunHome
 from tasks.records import (
     final_row,
@@ -47,6 +48,7 @@ from tasks.tracking import (
 from tasks.training import (
     CODE,
     Checkpoint,
+    Evaluation,
     FineTuneRequest,
     Teacher,
     evaluate_final,
@@ -286,7 +288,27 @@ class Job(JobSearch):
                     latency_batch=batch, distilled=distilled,
                     train_epochs=own_epochs + (taught[0] if distilled else 0.0),
                     train_steps=job["checkpoint"].steps + (taught[1] if distilled else 0)))
+        self.score_int8(rows)
         return rows
+
+    def score_int8(self, rows: list[dict]) -> None:
+        """Each model's dev score as deployed in int8 (``int8_value``; its text-in int8
+        folder ``_int8``): one cached ``evaluate-int8`` per model, none for a diverged one."""
+        task = evaluate_int8.with_options(result_storage=self.home.results)
+        done: dict[str, Evaluation] = {}
+        todo = [r for r in rows if not r["diverged"] and r.get("model_dir")]
+        if not todo:
+            return
+        handle = self.reporter.begin("int8", "int8 scores", len(todo))
+        for count, row in enumerate(todo):
+            checkpoint = row["_checkpoint"]
+            if checkpoint.key not in done:
+                done[checkpoint.key] = task(checkpoint, self.data, "dev",
+                                            self.finetune.max_length, self.home)
+            row["int8_value"] = done[checkpoint.key].score
+            row["_int8"] = str(int8_folder(self.home, done[checkpoint.key].key))
+            self.reporter.update(handle, count + 1)
+        self.reporter.end(handle)
 
     def time_budgets(self, source: Checkpoint, reference: list[dict], rows: list[dict],
                      budget: str) -> None:

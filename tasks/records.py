@@ -78,6 +78,7 @@ FINALS = pa.schema([
     ("seed", pa.int64()),
     *_SCORED,
     ("selection_value", pa.float64()),  # chooses the registered seed and `best`
+    ("int8_value", pa.float64()),  # dev score as deployed: ONNX int8, text in
     ("method", pa.string()),  # layers, mlpruning, ... (unpruned for the reference)
     ("distilled", pa.bool_()),  # fine-tuned with distillation from the unpruned model
     ("plan", pa.string()),  # the compression plan as JSON (glp.core.plan.Plan)

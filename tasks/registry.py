@@ -42,6 +42,8 @@ class Registration:
                 "glp.selection_value": f"{self.chosen['selection_value']:.6f}",
                 "glp.selection_mean": f"{self.selection_mean:.6f}",
                 "glp.seeds_registered_from": str(len(self.rows)),
+                **({"glp.int8_value": f"{self.chosen['int8_value']:.6f}"}
+                   if self.chosen.get("int8_value") is not None else {}),
                 "glp.device": str(self.chosen["device"])}
 
 

@@ -70,6 +70,12 @@ def test_rows_carry_method_plan_size_and_model_dir(two_runs, tiny_bert):
     compressed = [r for r in rows if r["method"] == "mlpruning"]
     reference = [r for r in rows if r["method"] == "unpruned"]
     assert len(compressed) == 4 and len(reference) == 2  # 2 densities x 2 seeds; 2 seeds
+    # Every model's dev score as deployed in int8 (text in), beside its PyTorch score.
+    assert all(abs(r["int8_value"] - r["value"]) <= 0.15 for r in rows)
+    folders = list((home / "artifacts" / "int8").iterdir())  # one int8 graph per model
+    assert len(folders) == len({r["cache_key"] for r in rows})
+    assert all((f / "model.onnx").is_file() and (f / "tokenizer.json").is_file()
+               for f in folders)
     assert {r["target_density"] for r in compressed} == {0.7, 0.6}
     for row in compressed:
         plan = Plan.from_json(row["plan"])
@@ -128,6 +134,7 @@ def test_each_density_is_registered_as_onnx_and_serves(two_runs):
                                atol=1e-4)
     version = client.get_model_version(name, first.versions["density-60"])
     assert version.tags["glp.input"] == "text"
+    assert float(version.tags["glp.int8_value"]) == pytest.approx(row["int8_value"], abs=1e-6)
     # Each final run has its plan as an artifact, and the first seed's its latency.
     run = client.get_run(row["run_id"])
     assert "plan.json" in [a.path for a in client.list_artifacts(row["run_id"])]

@@ -28,7 +28,7 @@ def _register(rows, monkeypatch):
     monkeypatch.setattr(flows.registration, "register_model", register_model)
     onnx = []
 
-    def register_onnx(uri, run_id, path, name, job_id, budget, tags, description):
+    def register_onnx(uri, run_id, path, name, job_id, budget, tags, description, text):
         onnx.append((name, budget, int(tags["glp.seed"])))
         return str(len(onnx))
 
@@ -37,7 +37,8 @@ def _register(rows, monkeypatch):
     job = SimpleNamespace(data=SimpleNamespace(task="sst2", metric="accuracy",
                                                fingerprints={"dev": "x"}),
                           tracking_uri="sqlite://", job_id="job", common_tags={},
-                          model_fp="fp", version_tags=dict)
+                          model_fp="fp", version_tags=dict,
+                          text_spec={"labels": ("0", "1"), "max_length": 16, "pair": False})
     params = SimpleNamespace(model="m")
     outcome = SearchOutcome(strategy=None, plan=[(6, ()), (5, (5,)), (4, (4, 5))],
                             order=[5, 4])

@@ -104,7 +104,7 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
     code = ("import sys, time; from tasks.tracking import client_for; "
-            "time.sleep(float(sys.argv[2]) - time.time()); "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
             "client_for(sys.argv[1]).search_experiments()")
     import time
 
