@@ -116,7 +116,7 @@ def collect_garbage(home: RunHome, finals: bool = False, dry_run: bool = False
     of dead processes, and the tokenisation cache (rebuilt on demand).
 
     With ``finals``, also the final models' checkpoints (``glp compress``'s pruned and
-    compressed models included) and Prefect's cached results (a
+    compressed models and the int8 graphs included) and Prefect's cached results (a
     re-run then recomputes its fine-tunes). The MLflow store, the registered models and
     the Parquet tables are never touched. Returns (path, bytes) for what was (or, with
     ``dry_run``, would be) removed.
@@ -124,7 +124,8 @@ def collect_garbage(home: RunHome, finals: bool = False, dry_run: bool = False
     targets = [home.artifacts / "candidates", home.token_cache]
     targets += home.stale_temporaries()
     if finals:
-        targets += [home.artifacts / kind for kind in ("finals", "pruned", "compressed")]
+        targets += [home.artifacts / kind
+                    for kind in ("finals", "pruned", "compressed", "int8")]
         targets.append(home.results)
     found = [(t, folder_size(t)) for t in targets if t.exists()]
     if not dry_run:
