@@ -22,7 +22,11 @@ fp16; at this model's size a step costs the same, and fp32 needs no loss scaling
 Writes ``reference_settings.json`` (every number, the versions and the GPU) and
 ``reference_settings.md`` (the table) to ``--out``.
 
-Usage: python benchmarks/reference_settings.py --model DIR --out DIR [--device cuda]
+A GPU machine without network needs the model beside the code: ``--pack DIR`` writes the
+embedded MiniLM there with fp16 weights (45 MB; the run makes an fp32 copy before loading).
+
+Usage: python benchmarks/reference_settings.py --pack .carry/minilm
+       python benchmarks/reference_settings.py --model DIR --out DIR [--device cuda]
        [--budget-s 460] [--epochs 20] [--densities 0.3] [--train-limit N] [--scratch DIR]
 """
 
@@ -68,6 +72,22 @@ def fp32_copy(source: Path, target: Path) -> Path:
     save_file({k: v.float().contiguous() for k, v in weights.items()},
               target / "model.safetensors", metadata={"format": "pt"})
     return target
+
+
+def pack(target: Path) -> None:
+    """The embedded MiniLM with fp16 weights, to carry to a machine without network."""
+    from safetensors.torch import load_file, save_file
+
+    from glp.core.models import resolve_model
+
+    source = Path(resolve_model(None))
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and item.suffix in (".json", ".txt"):
+            (target / item.name).write_bytes(item.read_bytes())
+    weights = load_file(source / "model.safetensors")
+    save_file({k: v.half().contiguous() for k, v in weights.items()},
+              target / "model.safetensors", metadata={"format": "pt"})
 
 
 def progress(label: str, every: float = 0.1):
@@ -209,8 +229,9 @@ def table(records: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="the pre-trained model's directory")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", help="the pre-trained model's directory")
+    parser.add_argument("--out")
+    parser.add_argument("--pack", help="write the embedded MiniLM as fp16 to this folder")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--budget-s", type=float, default=460.0)
     parser.add_argument("--epochs", type=float, default=20.0,
@@ -227,6 +248,11 @@ def main() -> int:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pack:
+        pack(Path(args.pack))
+        return 0
+    if not (args.model and args.out):
+        parser.error("--model and --out are required (or --pack DIR)")
     if args.job:
         run_method(args)
         return 0
