@@ -219,7 +219,7 @@ def print_summary(console: Console, summary: Any) -> None:
                       f"(load with mlflow.transformers.load_model("
                       f"\"models:/{summary.registered_model}@best\"))")
         _say(console, f"                  and as ONNX: [cyan]{summary.registered_model}-onnx"
-                      "[/cyan] (mlflow.pyfunc, onnxruntime only)")
+                      "[/cyan] (mlflow.pyfunc: text in, onnxruntime only)")
         if distilled:
             _say(console, f"distilled:        [cyan]{summary.registered_model}-kd[/cyan] "
                           "(and -kd-onnx), aliases depth-N and best")
