@@ -221,3 +221,48 @@ def test_post_training_prunes_registers_and_writes_its_rows(harness, tiny_bert, 
     version = MlflowClient(summary.tracking_uri).get_model_version_by_alias(
         summary.registered_model, "best")
     assert "its last step not fine-tuned" in version.description  # it trained nothing
+
+
+def test_a_registered_version_serves_text_over_http(two_runs):
+    """`mlflow models serve` (env manager local) on a registered version, bound to
+    127.0.0.1: POSTed sentences come back labelled as a pyfunc load labels them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    _, first, _ = two_runs
+    uri = f"models:/{first.registered_model}@best"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": first.tracking_uri,
+           "MLFLOW_REGISTRY_URI": first.tracking_uri,  # mlflow runs the venv's uvicorn
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
+         "local", "--host", "127.0.0.1", "--port", str(port)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        body = json.dumps({"dataframe_split": {"columns": ["text"],
+                                               "data": [[t] for t in TEXTS]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        deadline, answer = time.monotonic() + 120, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, server.stderr.read().decode()[-3000:] if server.poll() \
+            is not None else "no answer in 120 s"
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    served = serve_in_fresh_process(first.tracking_uri, uri, TEXTS)
+    assert [row["label"] for row in answer["predictions"]] == served["label"]
+    np.testing.assert_allclose([row["score"] for row in answer["predictions"]],
+                               served["score"], atol=1e-6)
