@@ -31,7 +31,7 @@ from glp.methods.layers.search import (
 from tasks import progress
 from tasks.analysis import layer_similarity, measure_latencies
 from tasks.data import DataRef, is_pair, prepare_data
-from tasks.deployment import evaluate_int8, int8_folder
+from tasks.deployment import evaluate_int8
 from tasks.home import RunHome
 from tasks.records import (
     final_row,
@@ -292,8 +292,8 @@ class Job(JobSearch):
         return rows
 
     def score_int8(self, rows: list[dict]) -> None:
-        """Each model's dev score as deployed in int8 (``int8_value``; its text-in int8
-        folder ``_int8``): one cached ``evaluate-int8`` per model, none for a diverged one."""
+        """Each model's dev score as deployed in int8 (``int8_value``): one cached
+        ``evaluate-int8`` per model, none for a diverged one."""
         task = evaluate_int8.with_options(result_storage=self.home.results)
         done: dict[str, Evaluation] = {}
         todo = [r for r in rows if not r["diverged"] and r.get("model_dir")]
@@ -306,7 +306,6 @@ class Job(JobSearch):
                 done[checkpoint.key] = task(checkpoint, self.data, "dev",
                                             self.finetune.max_length, self.home)
             row["int8_value"] = done[checkpoint.key].score
-            row["_int8"] = str(int8_folder(self.home, done[checkpoint.key].key))
             self.reporter.update(handle, count + 1)
         self.reporter.end(handle)
 

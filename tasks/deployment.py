@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
 from glp.core.hashing import stable_hash
-from glp.core.provenance import code_fingerprint
+from glp.core.provenance import code_fingerprint, library_versions
 from glp.training.metrics import compute_metrics, selection_score
 from tasks import faults
 from tasks.data import DataRef, is_pair
@@ -28,8 +28,15 @@ CODE = "tasks.deployment"
 
 
 def int8_key(checkpoint: Checkpoint, data: DataRef, split: str, max_length: int) -> str:
+    """Everything that decides an int8 score: the model, the rows, the length, this code
+    and the libraries that quantise, tokenize and run it."""
+    import onnxruntime
+    import tokenizers
+
+    versions = {**library_versions(), "onnxruntime": onnxruntime.__version__,
+                "tokenizers": tokenizers.__version__}
     return stable_hash("int8", checkpoint.key, data.fingerprints[split], data.metric,
-                       max_length, code_fingerprint(CODE))
+                       max_length, code_fingerprint(CODE, versions=versions))
 
 
 def int8_folder(home: RunHome, key: str) -> Path:
@@ -60,12 +67,8 @@ def run_int8_evaluation(checkpoint: Checkpoint, data: DataRef, split: str, max_l
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     rows = data.load(split)
-    model = TextModel(folder)
-    texts = rows["text_a"]
-    pairs = rows["text_b"] if "text_b" in rows.column_names else None
-    logits = np.concatenate([model.logits(texts[i:i + 64],
-                                          None if pairs is None else pairs[i:i + 64])
-                             for i in range(0, len(texts), 64)])
+    logits = TextModel(folder).logits(
+        rows["text_a"], rows["text_b"] if "text_b" in rows.column_names else None)
     labels = np.asarray(rows["label"])
     metrics = compute_metrics(logits, labels, is_regression=data.is_regression)
     score = selection_score(metrics, data.metric)

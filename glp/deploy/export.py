@@ -204,12 +204,12 @@ def write_text_model(model_dir: str | os.PathLike[str], folder: str | os.PathLik
     from glp.deploy.text_model import META
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_dir)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or tokenizer.pad_token_id is None:
         raise GlpError(f"{model_dir}: a text-in model needs a fast tokenizer with a padding "
                        f"token; {type(tokenizer).__name__} has none")
+    folder.mkdir(parents=True, exist_ok=True)
     export_onnx(model_dir, folder / "model.onnx", int8=int8)
     backend.save(str(folder / "tokenizer.json"))
     meta = {"labels": list(labels) if labels else None, "max_length": int(max_length),

@@ -57,7 +57,16 @@ class TextModel:
         return not self.labels
 
     def logits(self, texts: list[str], pairs: list[str] | None = None):
-        """The graph's logits for a batch of rows (one call, padded to its longest row)."""
+        """The graph's logits for any number of rows, ``BATCH`` rows per graph call."""
+        import numpy as np
+
+        chunks = [self._batch_logits(texts[i:i + BATCH],
+                                     None if pairs is None else pairs[i:i + BATCH])
+                  for i in range(0, len(texts), BATCH)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels or [0])))
+
+    def _batch_logits(self, texts: list[str], pairs: list[str] | None = None):
+        """One graph call, padded to the batch's longest row."""
         import numpy as np
 
         rows = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
@@ -77,10 +86,7 @@ class TextModel:
         pairs = None if pairs is None else [str(p) for p in pairs]
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} text_pair rows")
-        chunks = [self.logits(texts[i:i + BATCH],
-                              None if pairs is None else pairs[i:i + BATCH])
-                  for i in range(0, len(texts), BATCH)]
-        logits = np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels or [0])))
+        logits = self.logits(texts, pairs)
         if self.is_regression:
             return {"value": logits[:, 0].astype(float).tolist()}
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
