@@ -14,7 +14,8 @@ from flows.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 # Options of tools other than glp that the docs quote (pip, prefect, mlflow, pytest).
 OTHERS = {"--no-prompt", "--all", "--pool", "--param", "--durations", "--host", "--port",
-          "--backend-store-uri", "--onnx-twin", "--no-deps", "--help"}
+          "--backend-store-uri", "--onnx-twin", "--no-deps", "--help",
+          "--env-manager"}
 
 
 def cli_options() -> set[str]:
