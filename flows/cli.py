@@ -211,13 +211,21 @@ def _local_model(spec: str, home: str | None) -> str:
 @app.command()
 def pick(
     max_latency_ms: Annotated[float | None, typer.Option(
-        help="slowest latency allowed (ms, as the run measured it)")] = None,
+        help="slowest latency allowed (ms per batch of --batch rows, as the run measured "
+             "it)")] = None,
     min_speedup: Annotated[float | None, typer.Option(
-        help="speed-up over the unpruned model, measured beside it")] = None,
+        help="speed-up over the unpruned model in the same precision and runtime, measured "
+             "beside it")] = None,
     min_metric: Annotated[float | None, typer.Option(
-        help="quality floor on the dev metric (mean over seeds)")] = None,
+        help="quality floor on the dev metric (mean over seeds; an int8 deployment's own "
+             "int8 score)")] = None,
     max_parameters: Annotated[int | None, typer.Option(help="most parameters allowed")]
     = None,
+    precision: Annotated[list[str] | None, typer.Option(
+        help="only deployments in this precision: fp32 or int8 (repeatable) [default: "
+             "both]")] = None,
+    batch: Annotated[int, typer.Option(help="the batch size whose latency counts: 1 or 32")]
+    = 32,
     task: Annotated[str | None, typer.Option(help="only this task's models")] = None,
     model: Annotated[str | None, typer.Option(help="only models of this base model")] = None,
     job: Annotated[str | None, typer.Option(help="only this job's models (its id)")] = None,
@@ -225,23 +233,29 @@ def pick(
                                               "production) at the chosen version")] = None,
     home: HomeOption = None,
 ) -> None:
-    """The best final model that meets a budget, from a run home's results.
+    """The best deployment that meets a budget, from a run home's results: a model in a
+    precision (fp32 or int8) and a runtime (PyTorch or onnxruntime).
 
-    With a speed or size limit: the best dev metric among the models within it; with only
-    --min-metric: the fastest model that reaches it. Prints the chosen model, its plan and
-    its measured numbers; the last line is its registry URI (models:/NAME/VERSION) or, if
-    it was not registered, its model directory. Nothing meets the budget: one line naming
-    the closest model, exit 1.
+    With a speed or size limit: the best dev metric among the deployments within it; with
+    only --min-metric: the fastest one that reaches it. An int8 deployment is judged by its
+    int8 graph's own dev score and latency. Prints the choice, its plan and its measured
+    numbers; the last line is its registry URI (models:/NAME/VERSION: the int8 version for
+    int8) or, if it was not registered, its model directory. Nothing meets the budget: one
+    line naming the closest, exit 1.
     """
-    from glp.report.pick import Budget, NothingMeets, choose
+    from glp.report.pick import FP32, INT8, Budget, NothingMeets, choose
     from glp.report.terminal import print_pick
     from tasks.picking import point_alias, read_finals
 
+    for value in precision or ():
+        if value not in (FP32, INT8):
+            _fail(f"--precision {value}: expected {FP32} or {INT8}")
     run_home = RunHome.resolve(home)
     try:
         budget = Budget(max_latency_ms, min_speedup, min_metric, max_parameters)
         chosen, meeting = choose(read_finals(run_home), budget, str(run_home.root),
-                                 task=task, model=model, job=job)
+                                 task=task, model=model, job=job, batch=batch,
+                                 precisions=precision or (FP32, INT8))
     except NothingMeets as exc:
         _fail(str(exc), code=1)
     except GlpError as exc:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from flows.job import Job, _finite
 from flows.params import PruneParams
+from flows.registration import register_version
 from flows.runners import run_on_task_runner
 from flows.sources import input_checkpoint, is_fine_tuned, registry_name, resolve_model
 from glp import GlpError
@@ -48,7 +49,7 @@ from tasks.methods import (
 )
 from tasks.records import final_row, written
 from tasks.registry import Registration, register_all, registrations
-from tasks.tracking import FINAL, end_job_run, log_child_run, register_onnx
+from tasks.tracking import FINAL, end_job_run, log_child_run
 from tasks.training import Checkpoint
 
 
@@ -358,15 +359,13 @@ def register_sizes(job: Job, name: str, rows: list[dict], method: Method) -> dic
     def size_of(row: dict) -> float | None:
         return row.get(column)
 
-    def register(registration: Registration) -> str:
+    def register(registration: Registration, int8: bool) -> str:
         chosen = registration.chosen
         trained = "fine-tuned" if chosen.get("_trained_on_task") else "not fine-tuned"
         model = getattr(job.params, "source_model", None) or job.params.model
-        return register_onnx(
-            job.tracking_uri, chosen["run_id"], chosen["model_dir"], name, job.job_id,
-            registration.alias,
-            tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
-                  "glp.method": chosen["method"],
+        return register_version(
+            job, name, registration, int8, chosen["model_dir"],
+            tags={"glp.method": chosen["method"],
                   f"glp.{method.budget}": f"{registration.group:g}",
                   "glp.encoder_density": f"{chosen['encoder_density']:.4f}",
                   "glp.parameters": str(chosen["parameters"]),
@@ -375,8 +374,7 @@ def register_sizes(job: Job, name: str, rows: list[dict], method: Method) -> dic
             description=(f"{model} compressed by {chosen['method']} ({chosen['variant']}; "
                          f"its last step {trained}) on {job.data.task}; dev "
                          f"{job.data.metric} {chosen['value']:.4f} (seed {chosen['seed']}, "
-                         "chosen by the selection split); ONNX, text in"),
-            text=job.text_spec)
+                         "chosen by the selection split)"))
 
     plan = registrations(rows, size_of, lambda size: budget_label(method.budget, size))
     return register_all(job.tracking_uri, name, plan, register, rows, size_of)

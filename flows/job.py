@@ -31,7 +31,7 @@ from glp.methods.layers.search import (
 from tasks import progress
 from tasks.analysis import layer_similarity, measure_latencies
 from tasks.data import DataRef, is_pair, prepare_data
-from tasks.deployment import evaluate_int8
+from tasks.deployment import evaluate_int8, int8_folder
 from tasks.home import RunHome
 from tasks.records import (
     final_row,
@@ -306,6 +306,7 @@ class Job(JobSearch):
                 done[checkpoint.key] = task(checkpoint, self.data, "dev",
                                             self.finetune.max_length, self.home)
             row["int8_value"] = done[checkpoint.key].score
+            row["_int8_folder"] = str(int8_folder(self.home, done[checkpoint.key].key))
             self.reporter.update(handle, count + 1)
         self.reporter.end(handle)
 

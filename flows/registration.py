@@ -1,29 +1,47 @@
-"""Registering a layer strategy's models: one version per pruned depth, as a transformers
-pipeline and as its ONNX twin, by the rule of :mod:`tasks.registry`."""
+"""Registering models: one text-in version per budget (a depth, a density, a ratio) and
+its int8 graph, by the rule of :mod:`tasks.registry`.
+
+Every version is the same kind of thing, whatever the method: an MLflow pyfunc that takes
+text and runs an ONNX graph on onnxruntime (:func:`tasks.tracking.register_onnx`). The
+fp32 version carries the budget's alias (``depth-4``, ``density-30``, ``best``); its int8
+graph is a version of the same registered model with ``-int8`` after the alias
+(``depth-4-int8``, ``best-int8``).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from glp.methods import REFERENCE
-from tasks.registry import Registration, register_all, registrations
-from tasks.tracking import (
-    register_model,
-    register_onnx,
-)
+from tasks.registry import INT8, Registration, register_all, registrations
+from tasks.tracking import register_onnx
 
 if TYPE_CHECKING:
     from flows.job import Job, SearchOutcome
     from flows.params import PruneParams
 
 
+def register_version(job: Job, name: str, registration: Registration, int8: bool,
+                     model_dir: str, tags: dict[str, str], description: str) -> str:
+    """The fp32 or int8 text-in version of a registration's chosen model; returns its
+    number. Its tags: the job's, the scores (:meth:`Registration.score_tags`), ``tags``."""
+    chosen = registration.chosen
+    return register_onnx(
+        job.tracking_uri, chosen["run_id"], model_dir, name, job.job_id,
+        registration.alias + (INT8 if int8 else ""),
+        tags={**job.common_tags, **registration.score_tags(), **job.version_tags(), **tags},
+        description=(f"{description}; int8 ONNX (dynamic quantisation), dev "
+                     f"{job.data.metric} {chosen['int8_value']:.4f} in int8" if int8
+                     else f"{description}; ONNX fp32") + ", text in",
+        text=job.text_spec, int8_folder=chosen.get("_int8_folder") if int8 else None)
+
+
 def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,
                     outcome: SearchOutcome, distilled: bool = False) -> dict[str, str]:
-    """Register one model per pruned depth (aliases ``depth-N`` and ``best``), by the rule
-    of :mod:`tasks.registry`: chosen by the selection split, never diverged. Each is
-    registered twice: as a transformers pipeline in ``name``, and as ONNX in
-    ``name-onnx`` (same versions' models, same aliases) for serving without glp or
-    transformers. Returns the pipeline model's aliases."""
+    """Register one model per pruned depth (aliases ``depth-N`` and ``best``, and the
+    int8 versions' ``depth-N-int8`` and ``best-int8``), by the rule of
+    :mod:`tasks.registry`: chosen by the selection split, never diverged. Returns where
+    the aliases point."""
     data = job.data
     order = outcome.order or [layer for _, removed in outcome.plan[-1:] for layer in removed]
 
@@ -34,33 +52,16 @@ def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name:
     how = (f"fine-tuned on {data.task} with distillation from the unpruned model"
            if distilled else f"fine-tuned on {data.task}")
 
-    def register(registration: Registration) -> str:
+    def register(registration: Registration, int8: bool) -> str:
         chosen, depth = registration.chosen, registration.group
-        return register_model(
-            job.tracking_uri, chosen["run_id"], chosen["_path"], name, job.job_id, depth,
-            tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
-                  "glp.removed_layers": ",".join(map(str, chosen["removed"])),
-                  "glp.depth": depth, "glp.order": ",".join(map(str, order))},
+        return register_version(
+            job, name, registration, int8, chosen["_path"],
+            tags={"glp.removed_layers": ",".join(map(str, chosen["removed"])),
+                  "glp.depth": str(depth), "glp.order": ",".join(map(str, order))},
             description=(f"{params.model} with layers {chosen['removed']} removed "
                          f"({depth} layers left), {how}; dev "
                          f"{data.metric} {chosen['value']:.4f} (seed {chosen['seed']}, chosen "
-                         "by the selection split)"),
-        )
-
-    def register_as_onnx(registration: Registration) -> str:
-        chosen, depth = registration.chosen, registration.group
-        return register_onnx(
-            job.tracking_uri, chosen["run_id"], chosen["_path"], f"{name}-onnx", job.job_id,
-            registration.alias,
-            tags={**job.common_tags, **registration.score_tags(), **job.version_tags(),
-                  "glp.removed_layers": ",".join(map(str, chosen["removed"])),
-                  "glp.depth": str(depth), "glp.order": ",".join(map(str, order))},
-            description=f"{params.model} with layers {chosen['removed']} removed, as ONNX "
-                        "(text in)", text=job.text_spec)
+                         "by the selection split)"))
 
     plan = registrations(final_rows, depth_of, lambda depth: f"depth-{depth}")
-    aliases = register_all(job.tracking_uri, name, plan, register, final_rows, depth_of)
-    # The ONNX twin: its own registered model, so that each alias names one flavour.
-    register_all(job.tracking_uri, f"{name}-onnx", plan, register_as_onnx,
-                 [dict(row) for row in final_rows], depth_of)
-    return aliases
+    return register_all(job.tracking_uri, name, plan, register, final_rows, depth_of)

@@ -31,7 +31,7 @@ def is_fine_tuned(model_path: str) -> bool:
 
 def download_registered(uri: str, tracking_uri: str, home, option: str = "--model",
                         use: str = "compress") -> str:
-    """A registered transformers version, as a local model directory in the run home.
+    """A registered fp32 version, as a local model directory in the run home.
 
     ``option`` and ``use`` word the errors for the command that asked (``--model``,
     compress).
@@ -59,14 +59,17 @@ def download_registered(uri: str, tracking_uri: str, home, option: str = "--mode
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GlpError(f"{option} {uri}: not found in the registry at {tracking_uri} "
                        f"({first[:200]})") from None
-    if (local / "onnx").is_dir() or any(local.glob("*.onnx")):
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise GlpError(f"{option} {uri} is an ONNX version; {use} its transformers twin "
-                       "(the registered name without -onnx) or a model directory")
-    model_dir = local / "model"
+    # a text-in version's fp32 folder is also the model directory; an int8 one has only
+    # the graph. (A transformers pipeline, as glp registered before: model/ + tokenizer.)
+    text = local / "artifacts" / "text_model"
+    model_dir = text if (text / "model.onnx").is_file() else local / "model"
     if not (model_dir / "config.json").is_file():
         shutil.rmtree(tmp, ignore_errors=True)
-        raise GlpError(f"{option} {uri}: the version holds no transformers model")
+        if (text / "model.onnx").is_file():
+            raise GlpError(f"{option} {uri} is an int8 version (a quantised graph, no "
+                           f"weights to {use}); give its fp32 version (the alias without "
+                           "-int8) or a model directory")
+        raise GlpError(f"{option} {uri}: the version holds no model directory")
     tokenizer = local / "components" / "tokenizer"
     if tokenizer.is_dir():
         for file in tokenizer.iterdir():

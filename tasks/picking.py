@@ -34,12 +34,16 @@ def point_alias(home: RunHome, model: Model, alias: str) -> str:
 
     Raises GlpError when the model was not registered.
     """
-    if not model.model_version:
-        raise GlpError(f"--alias {alias}: the chosen model was not registered (its job ran "
-                       "with --no-register); register it, or load it from its directory")
+    uri = model.uri or ""
+    if not uri.startswith("models:/"):
+        raise GlpError(f"--alias {alias}: the chosen model was not registered in "
+                       f"{model.precision} (its job ran with --no-register, or before glp "
+                       "registered int8 versions); register it, or load it from its "
+                       "directory")
     from tasks.tracking import client_for
 
-    client_for(home.tracking_uri).set_registered_model_alias(
-        model.registered_model, alias, model.model_version)
-    return (f"alias @{alias} of {model.registered_model} now points at version "
-            f"{model.model_version}")
+    version = uri.rsplit("/", 1)[1]
+    client_for(home.tracking_uri).set_registered_model_alias(model.registered_model, alias,
+                                                             version)
+    return (f"alias @{alias} of {model.registered_model} now points at version {version} "
+            f"({model.deployment})")

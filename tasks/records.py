@@ -105,7 +105,8 @@ FINALS = pa.schema([
     ("int8_b32_ms", pa.float64()),
     *_CACHE,
     ("registered_model", pa.string()),
-    ("model_version", pa.string()),
+    ("model_version", pa.string()),  # fp32 ONNX, text in
+    ("int8_model_version", pa.string()),  # its int8 graph, text in (aliases ...-int8)
     _RECORDED,
 ])
 

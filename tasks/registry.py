@@ -66,21 +66,43 @@ def registrations(rows: Iterable[dict], group: Callable[[dict], Hashable | None]
             for key, members in sorted(groups.items(), key=lambda item: item[0], reverse=True)]
 
 
+INT8 = "-int8"
+"""The suffix of an int8 version's aliases: ``density-30-int8``, ``depth-4-int8``,
+``best-int8`` (the int8 graph of the model ``best`` points at)."""
+
+
 def register_all(tracking_uri: str, name: str, plan: list[Registration],
-                 register: Callable[[Registration], str], rows: list[dict],
+                 register: Callable[[Registration, bool], str], rows: list[dict],
                  group: Callable[[dict], Hashable | None]) -> dict[str, str]:
-    """Register every planned version (``register`` returns its number), mark every row of
-    its group with it (diverged seeds included), and point the aliases: one per group, and
-    ``best``. Returns where every alias points afterwards."""
-    aliases, means = {}, {}
+    """Register every planned version (``register(registration, int8)`` returns its
+    number) as fp32, and as int8 where the chosen row was scored in int8; mark every row of
+    its group with them (``model_version``, ``int8_model_version``; diverged seeds
+    included), and point the aliases: one per group and ``best``, and the same with
+    :data:`INT8` after them for the int8 versions. The int8 version is the chosen model's
+    own graph, quantised: the selection split chose the model, and int8 is how it is
+    deployed. Returns where every alias points afterwards."""
+    aliases, int8s, means = {}, {}, {}
     for registration in plan:
-        version = register(registration)
+        version = register(registration, False)
+        int8 = (register(registration, True)
+                if registration.chosen.get("int8_value") is not None else None)
         for row in rows:
             if group(row) == registration.group:
                 row["registered_model"], row["model_version"] = name, version
+                row["int8_model_version"] = int8
         aliases[registration.alias] = version
-        means[version] = registration.selection_mean
+        if int8 is not None:
+            int8s[registration.alias] = int8
+        means[registration.alias] = registration.selection_mean
     if not aliases:
         return {}
-    aliases["best"] = max(means, key=means.get)
-    return update_aliases(tracking_uri, name, aliases)
+    best = max(means, key=means.get)
+    aliases["best"] = aliases[best]
+    if best in int8s:
+        int8s["best"] = int8s[best]
+    placed = update_aliases(tracking_uri, name, aliases)
+    # an int8 alias moves with its fp32 alias: where an older, better version kept the
+    # fp32 alias, its int8 alias stays too
+    moved = {alias + INT8: version for alias, version in int8s.items()
+             if placed.get(alias) == aliases[alias]}
+    return {**placed, **(update_aliases(tracking_uri, name, moved) if moved else {})}

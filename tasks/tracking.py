@@ -1,5 +1,5 @@
 """MLflow tracking and registry: a parent run per pruning job, child runs per candidate and
-final model, and one registered model version per depth.
+final model, and registered text-in versions (fp32 and int8) per budget.
 
 Everything goes through ``MlflowClient`` with explicit run ids (MLflow's active run is
 thread-local, and tasks may run on other threads or machines). Every write is looked up
@@ -147,14 +147,6 @@ def log_run_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -
     _log(client, run_id, metrics={k: v for k, v in metrics.items() if k not in have})
 
 
-def _pipeline_requirements() -> list[str]:
-    import torch
-    import transformers
-
-    torch_version = torch.__version__.split("+")[0]
-    return [f"torch=={torch_version}", f"transformers=={transformers.__version__}"]
-
-
 def _create_version(client: MlflowClient, name: str, versions: list, source: str,
                     run_id: str, tags: dict, description: str) -> str:
     """A new version of ``name`` (the registered model is created first when it has no
@@ -178,38 +170,6 @@ def _find_version(client: MlflowClient, name: str, job_id: str, key: str, value:
         if version.tags.get("glp.job_id") == job_id and version.tags.get(key) == value:
             return str(version.version), versions
     return None, versions
-
-
-@task(name="register-model", **_RETRY)
-def register_model(tracking_uri: str, run_id: str, checkpoint_path: str, name: str,
-                   job_id: str, depth: int, tags: dict, description: str) -> str:
-    """Log the checkpoint as a transformers pipeline in its run and register a version.
-
-    Idempotent: a version of ``name`` that already carries this job and depth is returned
-    as it is. Returns the version number.
-    """
-    faults.inject("register")
-    import mlflow
-    import transformers
-
-    client = client_for(tracking_uri)
-    found, versions = _find_version(client, name, job_id, "glp.depth", str(depth))
-    if found is not None:
-        return found
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    pipe = transformers.pipeline("text-classification", model=checkpoint_path,
-                                 tokenizer=checkpoint_path, device="cpu")
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model=pipe,
-            name="model",
-            task="text-classification",
-            pip_requirements=_pipeline_requirements(),
-        )
-    return _create_version(client, name, versions, info.model_uri, run_id,
-                           {"glp.job_id": job_id, "glp.depth": str(depth), **tags}, description)
 
 
 def text_signature(pair: bool, is_regression: bool):
@@ -245,28 +205,28 @@ TEXT_EXAMPLE = ("a gripping, beautifully acted film", "the plot never comes toge
 
 @task(name="register-onnx", **_RETRY)
 def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job_id: str,
-                  budget: str, tags: dict, description: str, text: dict) -> str:
+                  budget: str, tags: dict, description: str, text: dict,
+                  int8_folder: str | None = None) -> str:
     """Log a model directory as a text-in version in its run and register it, tagged with
-    the budget (``glp.budget``, e.g. ``density-30``).
+    the budget (``glp.budget``, e.g. ``density-30``, ``density-30-int8``) and the precision
+    (``glp.precision``: fp32, or int8 when ``int8_folder`` is given).
 
     The version is an MLflow pyfunc (models from code, :mod:`tasks.served_text_model`)
     holding the ONNX graph and the tokenizer (:func:`glp.deploy.export.write_text_model`,
     with ``text``'s ``labels``, ``max_length`` and ``pair``), with a signature and an input
     example: it takes a ``text`` column and returns ``label`` and ``score``, and serving it
-    needs onnxruntime and tokenizers, not glp, torch or transformers.
-    Idempotent: the version of this job and budget is returned if it exists.
+    needs onnxruntime and tokenizers, not glp, torch or transformers. ``int8_folder`` is
+    the int8 text-in folder the int8 score was measured on (:mod:`tasks.deployment`): the
+    very graph that was scored is registered, its files linked, not copied, where the
+    store allows. Idempotent: the version of this job and budget is returned if it exists.
     """
     faults.inject("register")
     import shutil
     import tempfile
 
     import mlflow
-    import onnxruntime
-    import pandas as pd
-    import tokenizers
 
-    from glp.deploy import text_model
-    from glp.deploy.export import write_text_model
+    from glp.deploy.export import link_or_copy, write_text_model
 
     client = client_for(tracking_uri)
     found, versions = _find_version(client, name, job_id, "glp.budget", budget)
@@ -275,29 +235,87 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
-    pair = bool(text.get("pair"))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_text_model(model_dir, Path(tmp) / "text_model",
-                                  labels=text.get("labels"), max_length=text["max_length"],
-                                  pair=pair)
+        folder = Path(tmp) / "text_model"
+        if int8_folder is not None and (Path(int8_folder) / "model.onnx").is_file():
+            shutil.copytree(int8_folder, folder, copy_function=link_or_copy)
+        else:
+            write_text_model(model_dir, folder, labels=text.get("labels"),
+                             max_length=text["max_length"], pair=bool(text.get("pair")),
+                             int8=int8_folder is not None)
         plan = Path(model_dir) / "glp_plan.json"
-        if plan.is_file():
+        if plan.is_file() and not (folder / plan.name).exists():
             shutil.copy(plan, folder / plan.name)
-        example = pd.DataFrame({"text": list(TEXT_EXAMPLE),
-                                **({"text_pair": list(reversed(TEXT_EXAMPLE))} if pair
-                                   else {})})
-        with mlflow.start_run(run_id=run_id), _without_type_hint_advice():
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(Path(__file__).with_name(
-                    "served_text_model.py")),
-                artifacts={"text_model": str(folder)}, code_paths=[text_model.__file__],
-                signature=text_signature(pair, not text.get("labels")),
-                input_example=example,
-                pip_requirements=[f"onnxruntime=={onnxruntime.__version__}",
-                                  f"tokenizers=={tokenizers.__version__}"])
+        info = _log_text_model(run_id, folder, text)
+    logged = _local_folder(info.model_uri)
+    if logged is not None:  # one copy on disk: the checkpoint's, the scored int8 graph's
+        link_duplicates(Path(int8_folder or model_dir), logged / "artifacts" / "text_model")
+    precision = "int8" if int8_folder is not None else "fp32"
     return _create_version(client, name, versions, info.model_uri, run_id,
                            {"glp.job_id": job_id, "glp.budget": budget, "glp.flavor": "onnx",
-                            "glp.input": "text", **tags}, description)
+                            "glp.input": "text", "glp.precision": precision, **tags},
+                           description)
+
+
+def _log_text_model(run_id: str, folder: Path, text: dict):
+    """Log ``folder`` (a text-in folder) as a models-from-code pyfunc in the run."""
+    import mlflow
+    import onnxruntime
+    import pandas as pd
+    import tokenizers
+
+    from glp.deploy import text_model
+
+    pair = bool(text.get("pair"))
+    example = pd.DataFrame({"text": list(TEXT_EXAMPLE),
+                            **({"text_pair": list(reversed(TEXT_EXAMPLE))} if pair else {})})
+    with mlflow.start_run(run_id=run_id), _without_type_hint_advice():
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("served_text_model.py")),
+            artifacts={"text_model": str(folder)}, code_paths=[text_model.__file__],
+            signature=text_signature(pair, not text.get("labels")), input_example=example,
+            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}",
+                              f"tokenizers=={tokenizers.__version__}"])
+
+
+def _local_folder(model_uri: str) -> Path | None:
+    """The folder a logged model's files are in, when the artifact store is local."""
+    from urllib.parse import urlparse
+
+    try:
+        import mlflow
+
+        location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    except Exception:  # an older store, or not a logged model
+        return None
+    parsed = urlparse(location)
+    return Path(parsed.path) if parsed.scheme in ("", "file") else None
+
+
+def link_duplicates(source: Path, copy: Path) -> int:
+    """Replace each file under ``copy`` that is byte-identical to the file of the same
+    name under ``source`` by a hard link to it: a registered graph and the one its score
+    was measured on are then one file on disk. Files are never written in place (every
+    write is a new file, renamed), so a link shares nothing that later changes; deleting
+    either keeps the other. Returns the bytes saved."""
+    import filecmp
+    import os
+
+    saved = 0
+    for path in copy.rglob("*"):
+        twin = source / path.relative_to(copy)
+        if not path.is_file() or path.is_symlink() or not twin.is_file():
+            continue
+        if os.path.samefile(path, twin) or not filecmp.cmp(path, twin, shallow=False):
+            continue
+        tmp = path.with_name(f".{path.name}.link")
+        try:
+            os.link(twin, tmp)
+        except OSError:
+            return saved
+        os.replace(tmp, path)
+        saved += path.stat().st_size
+    return saved
 
 
 @task(name="update-aliases", **_RETRY)

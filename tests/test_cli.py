@@ -216,8 +216,8 @@ def test_pick_with_nothing_in_budget_is_one_line_naming_the_closest(picked_home)
     assert code == 1 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("error: no model meets --max-latency-ms 45 (5 models searched); "
-                               "the closest: greedy, 3 layers")
+    assert lines[0].startswith("error: no model meets --max-latency-ms 45 (5 models, 10 "
+                               "deployments searched); the closest: greedy, 3 layers")
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -226,6 +226,11 @@ def test_pick_with_nothing_in_budget_is_one_line_naming_the_closest(picked_home)
     (["--min-metric", "0.5", "--task", "cola"], "error: --task cola: no final models of it"),
     (["--min-metric", "0.5", "--alias", "production"],
      "error: --alias production: the chosen model was not registered"),
+    (["--min-metric", "0.5", "--precision", "fp16"], "error: --precision fp16: expected fp32 "
+                                                     "or int8"),
+    (["--min-metric", "0.5", "--batch", "8"], "error: --batch 8: latencies are measured at "
+                                              "batch 1 and 32"),
+    (["--min-metric", "0.5", "--precision", "int8"], "error: --precision int8: no final model"),
 ])
 def test_pick_refuses_bad_input_in_one_line(picked_home, args, message):
     code, out, err = _pick(picked_home, *args)
@@ -282,3 +287,29 @@ def test_compare_prints_every_name_it_registered():
     out.truncate(0)
     print_registered(console, SimpleNamespace(finals=finals[:1]))
     assert out.getvalue() == ""  # nothing registered: no line
+
+
+def test_pick_chooses_across_precisions_and_prints_the_int8_version(tmp_path):
+    """With int8 scores and latencies, the int8 graph of a model is a deployment of its
+    own: its int8 score against the floor, its int8 latency, its int8 version's URI."""
+    from tasks.records import write_part
+    from tests.glp.test_pick import ROWS
+
+    rows = [{**r, "int8_value": r["value"] - 0.005, "onnx_b32_ms": r["latency_ms"] and
+             r["latency_ms"] / 2, "int8_b32_ms": r["latency_ms"] and r["latency_ms"] / 4,
+             "int8_model_version": r["model_version"] and str(int(r["model_version"]) + 10)}
+            for r in ROWS]
+    home = tmp_path / "home"
+    write_part(home / "parquet", "finals", "job-a", "finals", rows)
+    code, out, err = _pick(home, "--min-metric", "0.78")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    # the fastest that reaches 0.78: greedy at 4 layers in int8 (0.785 at 16.75 ms)
+    assert lines[-1] == "models:/glp-g/12"
+    assert any(line.startswith("picked: greedy, 4 layers as int8 onnxruntime") for line in lines)
+    assert "mlflow models serve -m models:/glp-g/12 --env-manager local" in out
+    code, out, _ = _pick(home, "--min-metric", "0.78", "--precision", "fp32")
+    assert code == 0 and out.strip().splitlines()[-1] == "models:/glp-g/2"  # onnxruntime fp32
+    # a floor only fp32 reaches: int8 scores 0.005 lower
+    code, out, _ = _pick(home, "--min-metric", "0.81")
+    assert code == 0 and "as fp32 onnxruntime" in out

@@ -62,11 +62,15 @@ def test_registered_model_loads_and_predicts(runs):
 
     home, _, _ = runs
     code = (
-        f"import mlflow; mlflow.set_tracking_uri('sqlite:///{home / 'mlflow.db'}')\n"
-        "pipe = mlflow.transformers.load_model("
-        "'models:/glp-all-minilm-l6-v2-sst2-greedy@best')\n"
-        "print(pipe('a warm, funny and moving film')[0]['label'], "
-        "pipe.model.config.num_hidden_layers)\n"
+        f"import json, mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri('sqlite:///{home / 'mlflow.db'}')\n"
+        "uri = 'models:/glp-all-minilm-l6-v2-sst2-greedy@best'\n"
+        "model = mlflow.pyfunc.load_model(uri)\n"
+        "text = pd.DataFrame({'text': ['a warm, funny and moving film']})\n"
+        "label = model.predict(text)['label'][0]\n"
+        "folder = mlflow.artifacts.download_artifacts(uri + '/artifacts/text_model')\n"
+        "config = json.load(open(folder + '/config.json'))\n"
+        "print(label, config['num_hidden_layers'])\n"
     )
     # A user's fresh shell: no URI that an in-process flow of this test session has set.
     env = {k: v for k, v in os.environ.items()

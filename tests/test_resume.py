@@ -302,7 +302,7 @@ def test_concurrent_runs_in_one_home(tiny_bert, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
                           registry_uri=f"sqlite:///{home / 'mlflow.db'}")
     versions = client.search_model_versions("name = 'glp-shared'")
-    assert len(versions) == 4
-    assert len({(v.tags["glp.job_id"], v.tags["glp.depth"]) for v in versions}) == 4
+    assert len(versions) == 8  # 2 jobs x 2 depths, fp32 and int8
+    assert len({(v.tags["glp.job_id"], v.tags["glp.budget"]) for v in versions}) == 8
     assert client.get_model_version_by_alias("glp-shared", "best")
     assert not [r for r in _runs(home) if r.info.status == "RUNNING"]

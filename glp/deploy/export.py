@@ -35,7 +35,7 @@ def model_inputs(model) -> list[str]:
 
 
 def export_onnx(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                int8: bool = False, opset: int = OPSET) -> Path:
+                int8: bool = False, opset: int = OPSET, fold: bool = True) -> Path:
     """Write ``model_dir``'s model as an ONNX graph to ``out`` (atomically).
 
     Args:
@@ -43,6 +43,10 @@ def export_onnx(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         out: the ``.onnx`` file to write.
         int8: dynamic int8 quantisation with onnxruntime.
         opset: the ONNX opset.
+        fold: fold constants at export (transposed weights become new tensors). False
+            keeps every weight as the model holds it, so that :func:`share_weights` finds
+            it in the checkpoint; onnxruntime folds them when it loads the graph. int8
+            always folds: the quantiser needs the weights as the multiplies' inputs.
 
     Returns:
         The written file.
@@ -86,7 +90,8 @@ def export_onnx(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             torch.onnx.export(Logits(model).eval(), tuple(example[n] for n in names),
                               str(tmp), input_names=names, output_names=["logits"],
                               dynamic_axes={**axes, "logits": {0: "batch"}},
-                              opset_version=opset, dynamo=False)
+                              opset_version=opset, dynamo=False,
+                              do_constant_folding=fold or int8)
         if int8:
             try:
                 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -181,11 +186,72 @@ class OnnxModel:
         return iter(())
 
 
+def share_weights(graph: str | os.PathLike[str], weights: str | os.PathLike[str]) -> int:
+    """Store each weight of ``graph`` that is byte-for-byte a tensor of ``weights`` (a
+    safetensors file in the graph's folder) as ONNX external data pointing into that file,
+    and rewrite the graph (atomically); the rest stays inside it. The graph and the
+    checkpoint then share one copy of the weights. Returns the bytes shared."""
+    import hashlib
+    import json
+
+    import onnx
+
+    graph, weights = Path(graph), Path(weights)
+    if weights.parent != graph.parent:
+        raise ValueError("the weights must be in the graph's folder")
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header, base = json.loads(data[8:8 + length]), 8 + length
+    spans = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            start, end = entry["data_offsets"]
+            spans.setdefault(hashlib.sha256(data[base + start:base + end]).digest(),
+                             (base + start, end - start))
+    model = onnx.load(str(graph))
+    shared = 0
+    for tensor in model.graph.initializer:
+        span = spans.get(hashlib.sha256(tensor.raw_data).digest()) if tensor.raw_data else None
+        if span is None or span[1] != len(tensor.raw_data):
+            continue
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", weights.name), ("offset", str(span[0])),
+                           ("length", str(span[1]))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        shared += span[1]
+    tmp = graph.with_name(f".{graph.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(model.SerializeToString())
+        os.replace(tmp, graph)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return shared
+
+
+def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]):
+    """A hard link at ``target`` to ``source``, or a copy where the file system refuses
+    (files glp writes are never changed in place, so a link shares nothing that moves)."""
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
+    return target
+
+
 def write_text_model(model_dir: str | os.PathLike[str], folder: str | os.PathLike[str], *,
                      labels: tuple[str, ...] | None, max_length: int, pair: bool = False,
                      int8: bool = False) -> Path:
     """A folder that :class:`glp.deploy.text_model.TextModel` serves: the model as ONNX
     (``int8``: quantised), its tokenizer as ``tokenizer.json`` and ``glp_text.json``.
+
+    An fp32 folder is also the model directory itself (``glp.load_pretrained(folder)``,
+    the PyTorch path to fine-tune further): it holds ``model_dir``'s files (hard links
+    where the file system allows), and the graph keeps its weights in the folder's
+    ``model.safetensors`` (:func:`share_weights`), so the two are one copy.
 
     Args:
         model_dir: a directory written by glp, with its (fast) tokenizer.
@@ -193,7 +259,7 @@ def write_text_model(model_dir: str | os.PathLike[str], folder: str | os.PathLik
         labels: the class names in class-index order; None for a regressor.
         max_length: the tokens per row the model was trained on (longer rows are cut).
         pair: the model reads sentence pairs (``text`` and ``text_pair``).
-        int8: onnxruntime's dynamic int8 quantisation.
+        int8: onnxruntime's dynamic int8 quantisation (the graph alone).
 
     Raises:
         GlpError: the model has no fast tokenizer (no ``tokenizer.json`` can be written).
@@ -210,7 +276,13 @@ def write_text_model(model_dir: str | os.PathLike[str], folder: str | os.PathLik
         raise GlpError(f"{model_dir}: a text-in model needs a fast tokenizer with a padding "
                        f"token; {type(tokenizer).__name__} has none")
     folder.mkdir(parents=True, exist_ok=True)
-    export_onnx(model_dir, folder / "model.onnx", int8=int8)
+    if not int8:
+        for path in Path(model_dir).iterdir():
+            if path.is_file() and path.name not in ("model.onnx", "tokenizer.json", META):
+                link_or_copy(path, folder / path.name)
+    export_onnx(model_dir, folder / "model.onnx", int8=int8, fold=int8)
+    if not int8 and (folder / "model.safetensors").is_file():
+        share_weights(folder / "model.onnx", folder / "model.safetensors")
     backend.save(str(folder / "tokenizer.json"))
     meta = {"labels": list(labels) if labels else None, "max_length": int(max_length),
             "pad_id": int(tokenizer.pad_token_id), "pad_token": str(tokenizer.pad_token),

@@ -6,7 +6,10 @@ pooled). Output, under one folder: ``methods.csv`` (a row per model), two Pareto
 method in its own colour, the frontier drawn and its members ringed) and ``methods.md``:
 the table, the best model of each speed-up bucket, and plain sentences on which method
 wins where, with the seed spread. Speed-ups are against the unpruned model in the same
-runtime and batch (PyTorch at batch 32 unless said), measured beside it in one run.
+runtime and batch, measured beside it in one run. The headline is each model deployed as
+its int8 ONNX graph (its own int8 dev score, onnxruntime at batch 32) against the unpruned
+model's int8 graph: the baseline a user gets without glp. The speed-ups against PyTorch
+eager stay beside it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from glp.methods import EQUAL_TRAINING, REFERENCE, target_size
 from glp.report.format import markdown_table, score, write_atomic, write_text
-from glp.report.pick import Model
+from glp.report.pick import INT8, Model, deployments
 
 BUCKETS = (1.5, 2.0, 3.0, 6.0)
 """Speed-up buckets of the table: the best model at least this much faster."""
@@ -182,10 +185,46 @@ def sentences(models: Sequence[Model], metric: str) -> list[str]:
     return lines
 
 
+def headline(models: Sequence[Model]) -> list[Model]:
+    """The models as deployed in int8: each one's int8 graph, with its own int8 dev score
+    and its onnxruntime latency at batch 32 as ``latency_ms`` (speed-ups against the
+    unpruned int8 graph); empty when the unpruned model's int8 graph was not timed and
+    scored."""
+    found = deployments(list(models), 32, (INT8,))
+    if not any(m.strategy == REFERENCE and m.latency_ms for m in found):
+        return []
+    return [m for m in found if m.latency_ms]
+
+
+def int8_costs(models: Sequence[Model]) -> list[str]:
+    """A sentence for each model whose int8 graph scores lower than its fp32 model by more
+    than the seed spread (the fp32 scores' std; with one seed there is no spread, and the
+    largest cost is said as such)."""
+    scored = [m for m in models if m.int8_mean is not None]
+    if not scored:
+        return []
+    lines = []
+    for m in sorted(scored, key=lambda m: m.int8_mean - m.mean):
+        cost = m.mean - m.int8_mean
+        if m.seeds > 1 and cost > m.std:
+            lines.append(f"int8 costs **{method_of(m)}** ({size_of(m)}) {cost:.4f}: "
+                         f"{score(m.int8_mean, m.int8_std, m.seeds)} against fp32 {_pm(m)}, "
+                         "more than the seed spread.")
+    if not lines:
+        worst = max(scored, key=lambda m: m.mean - m.int8_mean)
+        cost = worst.mean - worst.int8_mean
+        spread = ("within its seed spread" if worst.seeds > 1 else
+                  "one seed, so no spread to hold it against")
+        lines.append(f"int8 costs no model more than its seed spread; the largest change is "
+                     f"{method_of(worst)} ({size_of(worst)}), {cost:+.4f} in int8 ({spread}).")
+    return lines
+
+
 def table(models: Sequence[Model], metric: str) -> list[list[str]]:
     """One row per model, fastest (PyTorch, batch 32) first, with every measurement."""
     fast = speedups(models)
     deployed = speedups(models, "int8 b1", against="torch b1")
+    int8 = {i: speedups(models, f"int8 b{b}") for i, b in enumerate((1, 32))}
     order = sorted(range(len(models)), key=lambda i: (latency(models[i], "torch b32")
                                                       or math.inf, -models[i].mean))
     rows = []
@@ -193,17 +232,21 @@ def table(models: Sequence[Model], metric: str) -> list[list[str]]:
         m = models[i]
         stored = m.extra.get("stored_bytes")
         density = m.extra.get("encoder_density")
-        rows.append([method_of(m), size_of(m), score(m.mean, m.std, m.seeds), str(m.seeds),
-                     f"{m.parameters:,}" if m.parameters else "—",
+        rows.append([method_of(m), size_of(m), score(m.mean, m.std, m.seeds),
+                     "—" if m.int8_mean is None else score(m.int8_mean, m.int8_std, m.seeds),
+                     str(m.seeds), f"{m.parameters:,}" if m.parameters else "—",
                      f"{density:.3f}" if isinstance(density, float) else "—",
                      f"{stored / 1e6:.1f}" if isinstance(stored, int | float) else "—",
                      *[_ms(latency(m, name)) for name, _ in DEPLOYED],
-                     _x(fast[i]), _x(deployed[i]), _training(m)])
+                     _x(int8[1][i]), _x(int8[0][i]), _x(fast[i]), _x(deployed[i]),
+                     _training(m)])
     return rows
 
 
-TABLE_HEADER = ("method", "size", "dev {metric}", "seeds", "parameters", "encoder density",
-                "stored MB", *(f"{name} ms" for name, _ in DEPLOYED), "speed-up (torch b32)",
+TABLE_HEADER = ("method", "size", "dev {metric}", "dev {metric} int8", "seeds", "parameters",
+                "encoder density", "stored MB", *(f"{name} ms" for name, _ in DEPLOYED),
+                "speed-up (int8 b32 vs unpruned int8 b32)",
+                "speed-up (int8 b1 vs unpruned int8 b1)", "speed-up (torch b32)",
                 "deployed speed-up (int8 b1 vs torch b1)",
                 "training (epochs / steps, teacher included)")
 
@@ -311,15 +354,29 @@ def write_methods_report(folder: Path | str, models: Sequence[Model], metric: st
              *([f"Made by `{command}`.", ""] if command else []),
              "![metric vs latency](pareto_latency.png)", "",
              "![metric vs parameters](pareto_parameters.png)", "",
-             "## Which method wins where", "",
-             "Speed-ups are PyTorch at batch 32 on this CPU against the unpruned model timed "
-             "beside it; the best model of a bucket has the best mean dev "
-             f"{metric}; \"clearly ahead\" means its lead is larger than both seed spreads "
-             "added, \"within the seed spread\" that it is not.", ""]
+             "## Which method wins where, deployed in int8", ""]
+    int8 = headline(models)
+    if int8:
+        lines += ["Each model as its int8 ONNX graph, the way it deploys: speed-ups are "
+                  "onnxruntime at batch 32 on this CPU against the unpruned model's int8 graph "
+                  f"timed beside it, and the scores are the int8 graphs' own dev {metric}. "
+                  "The best model of a bucket has the best mean; \"clearly ahead\" means its "
+                  "lead is larger than both seed spreads added, \"within the seed spread\" "
+                  "that it is not.", ""]
+        lines += [f"- {s}" for s in sentences(int8, metric)]
+    else:
+        lines += ["No int8 graphs were timed and scored for the unpruned model in this run "
+                  "(glp compare --methods does both), so there is no int8 headline.", ""]
+    lines += ["", "## Against PyTorch eager", "",
+              "The same question in PyTorch at batch 32 (fp32 scores), against the unpruned "
+              "model timed beside it.", ""]
     lines += [f"- {s}" for s in sentences(models, metric)]
-    lines += ["", "## The best model of each speed-up bucket", ""]
+    lines += ["", "## What int8 costs", ""]
+    lines += [f"- {s}" for s in int8_costs(models)] or ["No model was scored in int8."]
+    lines += ["", "## The best model of each speed-up bucket (int8, batch 32)"
+              if int8 else "## The best model of each speed-up bucket (PyTorch, batch 32)", ""]
     bucket_rows = []
-    for b in buckets(models):
+    for b in buckets(int8 or models):
         m = b["best"]
         bucket_rows.append([f"≥{b['threshold']:g}×", *(
             [method_of(m), size_of(m), _pm(m), _x(b["speedup"]), _where(m, home)]

@@ -7,14 +7,20 @@ and its deployable member is the one the registry rule chooses (the best selecti
 score, never a diverged seed): the registered version when there is one, else that seed's
 saved directory.
 
-The budget's limits must all hold. With a speed or size limit the model with the best mean
-dev metric wins; with only a quality floor (``min_metric``) the fastest model that reaches
-it wins (by latency, else by parameters). The quality floor is on the dev metric, the
-number every report shows; nothing else here is chosen on dev.
+A model is deployed in a precision and a runtime (:func:`deployments`): fp32 in PyTorch,
+fp32 in onnxruntime, and int8 in onnxruntime, each with its own measured latency and, for
+int8, its own dev score (the int8 graph scored on the same rows). The pick is across
+models and deployments alike.
+
+The budget's limits must all hold. With a speed or size limit the deployment with the best
+mean dev metric wins; with only a quality floor (``min_metric``) the fastest one that
+reaches it wins (by latency, else by parameters). The quality floor is on the dev metric,
+the number every report shows; nothing else here is chosen on dev.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -24,6 +30,16 @@ from dataclasses import dataclass, field
 from glp.core.errors import GlpError
 from glp.methods import BUDGETS, REFERENCE, target_size
 from glp.report.format import score
+
+FP32, INT8 = "fp32", "int8"
+"""The precisions a model is deployed in (int8: onnxruntime's dynamic quantisation)."""
+PYTORCH, ONNXRUNTIME = "pytorch", "onnxruntime"
+BATCHES = (1, 32)
+"""The batch sizes deployed latencies are measured at (``glp compare --methods``)."""
+_LATENCY = {(FP32, PYTORCH, 1): "latency_b1_ms", (FP32, PYTORCH, 32): "latency_ms",
+            (FP32, ONNXRUNTIME, 1): "onnx_b1_ms", (FP32, ONNXRUNTIME, 32): "onnx_b32_ms",
+            (INT8, ONNXRUNTIME, 1): "int8_b1_ms", (INT8, ONNXRUNTIME, 32): "int8_b32_ms"}
+"""The finals column of each deployment's latency, by batch."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,11 @@ class Model:
     registered_model: str | None = None
     model_version: str | None = None
     extra: dict = field(default_factory=dict)
+    int8_mean: float | None = None  # the dev metric of the int8 graphs, over the seeds
+    int8_std: float | None = None
+    int8_version: str | None = None
+    precision: str = FP32  # a deployment's (:func:`deployments`); a pooled model: fp32 ...
+    runtime: str = PYTORCH  # ... in PyTorch, as every flow measures ``latency_ms``
 
     @property
     def label(self) -> str:
@@ -95,11 +116,18 @@ class Model:
         return f"{name}, {what}"
 
     @property
+    def deployment(self) -> str:
+        """``int8 onnxruntime``, ``fp32 pytorch``."""
+        return f"{self.precision} {self.runtime}"
+
+    @property
     def uri(self) -> str | None:
-        """Where to load it from: the registered version, else the saved directory."""
-        if self.registered_model and self.model_version:
-            return f"models:/{self.registered_model}/{self.model_version}"
-        return self.model_dir
+        """Where to load it from: the registered version of its precision (the fp32
+        version holds the PyTorch checkpoint beside its graph), else the saved directory."""
+        version = self.int8_version if self.precision == INT8 else self.model_version
+        if self.registered_model and version:
+            return f"models:/{self.registered_model}/{version}"
+        return None if self.precision == INT8 else self.model_dir
 
     def meets(self, budget: Budget) -> bool:
         return not self.violations(budget)
@@ -155,6 +183,8 @@ def models(rows: Iterable[dict]) -> list[Model]:
         chosen = max(alive, key=lambda r: (_or(r.get("selection_value"), -math.inf),
                                            -r["seed"]))
         values = [r["value"] for r in alive]
+        int8 = [r.get("int8_value") for r in alive]
+        int8 = int8 if all(_finite(v) for v in int8) else []
         latency = _first([chosen, *members], "latency_ms")  # the deployable member's
         plan = chosen["plan"]
         reference = reference_latency.get(job_id)
@@ -170,9 +200,46 @@ def models(rows: Iterable[dict]) -> list[Model]:
             chosen_seed=int(chosen["seed"]), model_dir=chosen.get("model_dir"),
             registered_model=chosen.get("registered_model") or None,
             model_version=chosen.get("model_version") or None,
-            extra={k: chosen[k] for k in EXTRA if _finite(chosen.get(k))},
+            extra={k: v for k in EXTRA  # a latency is the plan's: any seed's
+                   if (v := _first([chosen, *members] if k.endswith("_ms") else [chosen], k))
+                   is not None},
+            int8_mean=statistics.mean(int8) if int8 else None,
+            int8_std=(statistics.stdev(int8) if len(int8) > 1 else 0.0) if int8 else None,
+            int8_version=chosen.get("int8_model_version") or None,
         ))
     return found
+
+
+def deployments(found: list[Model], batch: int = 32,
+                precisions: Iterable[str] = (FP32, INT8)) -> list[Model]:
+    """Every way each model is deployed: fp32 in PyTorch and in onnxruntime, and int8 in
+    onnxruntime where its int8 graph was scored, each with its latency at ``batch`` (None
+    where the run did not measure it: ``glp compare --methods`` times every runtime, prune
+    and compress time PyTorch at batch 32). A deployment's dev metric is its precision's
+    (the int8 graph's own score for int8), and its speed-up is against the unpruned model
+    in the same precision, runtime and batch, timed beside it."""
+    if batch not in BATCHES:
+        raise GlpError(f"--batch {batch}: latencies are measured at batch "
+                       f"{' and '.join(map(str, BATCHES))}")
+    wanted = set(precisions)
+    out = []
+    for model in found:
+        for (precision, runtime, size), column in _LATENCY.items():
+            if size != batch or precision not in wanted:
+                continue
+            if precision == INT8 and model.int8_mean is None:
+                continue
+            latency = model.latency_ms if column == "latency_ms" else model.extra.get(column)
+            out.append(dataclasses.replace(
+                model, precision=precision, runtime=runtime,
+                latency_ms=float(latency) if _finite(latency) else None,
+                latency_batch=batch,
+                mean=model.int8_mean if precision == INT8 else model.mean,
+                std=model.int8_std if precision == INT8 else model.std, speedup=None))
+    reference = {(m.job_id, m.deployment): m.latency_ms for m in out
+                 if m.strategy == REFERENCE and m.latency_ms}
+    return [dataclasses.replace(m, speedup=reference[m.job_id, m.deployment] / m.latency_ms)
+            if m.latency_ms and (m.job_id, m.deployment) in reference else m for m in out]
 
 
 def pick(candidates: list[Model], budget: Budget) -> tuple[Model | None, list[Model]]:
@@ -199,8 +266,10 @@ FILTERS = (("--task", "task"), ("--model", "model"), ("--job", "job_id"))
 
 
 def choose(rows: list[dict], budget: Budget, where: str, *, task: str | None = None,
-           model: str | None = None, job: str | None = None) -> tuple[Model, list[Model]]:
-    """The model ``budget`` picks from a run home's final rows, and every model that meets it
+           model: str | None = None, job: str | None = None, batch: int = 32,
+           precisions: Iterable[str] = (FP32, INT8)) -> tuple[Model, list[Model]]:
+    """The deployment ``budget`` picks from a run home's final rows (a model in a
+    precision and a runtime, :func:`deployments` at ``batch``), and every one that meets it
     (best first).
 
     ``task``, ``model`` and ``job`` keep only the rows of that task, base model or job
@@ -225,19 +294,25 @@ def choose(rows: list[dict], budget: Budget, where: str, *, task: str | None = N
         raise GlpError(f"{where} holds models of {len(subjects)} model/task pairs ("
                        + ", ".join(f"{m} on {t}" for m, t in subjects)
                        + "); choose one with --model and --task")
-    found = models(rows)
-    if not found:
+    pooled = models(rows)
+    if not pooled:
         raise GlpError(f"every final model in {where} diverged; nothing can be picked")
+    found = deployments(pooled, batch, precisions)
+    if not found:
+        raise GlpError(f"--precision int8: no final model in {where} was scored in int8; "
+                       "rerun its command with this glp (the int8 scores are added, nothing "
+                       "is trained again)")
     chosen, meeting = pick(found, budget)
     if budget.needs_latency and not any(m.latency_ms for m in found):
-        raise GlpError("no final model in this home has a measured latency (glp compare and "
-                       "glp compress measure it; glp bench DIR times any model); use "
-                       "--max-parameters or --min-metric")
+        raise GlpError(f"no final model in this home has a measured latency at batch {batch} "
+                       "(glp compare --methods measures every runtime at batch 1 and 32; "
+                       "prune and compress PyTorch at 32); use --max-parameters or "
+                       "--min-metric")
     if chosen is None:
         near = closest(found, budget)
         where_near = f"; the closest: {describe(near)}" if near else ""
-        raise NothingMeets(f"no model meets {budget.describe()} ({len(found)} models "
-                           f"searched){where_near}")
+        raise NothingMeets(f"no model meets {budget.describe()} ({len(pooled)} models, "
+                           f"{len(found)} deployments searched){where_near}")
     return chosen, meeting
 
 
@@ -247,7 +322,8 @@ def describe(model: Model) -> str:
                if model.latency_ms else "")
     speedup = f" ({model.speedup:.2f}x)" if model.speedup else ""
     params = f", {model.parameters:,} parameters" if model.parameters else ""
-    return (f"{model.label} (job {model.job_id[:12]}): dev {model.metric} "
+    return (f"{model.label} as {model.deployment} (job {model.job_id[:12]}): dev "
+            f"{model.metric} "
             f"{score(model.mean, model.std, model.seeds, counted=True)}{params}{latency}"
             f"{speedup}; seed {model.chosen_seed}")
 

@@ -151,7 +151,7 @@ def print_registered(console: Console, summary: Any) -> None:
                                if r.get("registered_model")))
     if names:
         _say(console, f"registered:     {', '.join(names)} "
-                      f"(models:/NAME@best; a layer strategy's ONNX twin is NAME-onnx)")
+                      "(models:/NAME@best, and its int8 graph models:/NAME@best-int8)")
 
 
 def score_cell(row: dict) -> str:
@@ -204,27 +204,40 @@ def print_summary(console: Console, summary: Any) -> None:
             registry += " @best" if version == best else ""
         rows.append([str(depth), ",".join(map(str, members[0]["removed"])) or "none (reference)",
                      *(("kd" if kd else "plain",) if distilled else ()),
-                     _pooled(values, len(members)),
+                     _pooled(values, len(members)), _int8_cell(members),
                      f"{members[0]['parameters']:,}" if members[0]["parameters"] else "",
                      registry])
     header = ["layers", "removed", *(("fine-tune",) if distilled else ()),
-              f"dev {summary.metric}", "parameters", "registry"]
-    show(console, f"Final models: dev {summary.metric}, mean ± std over seeds"
+              f"dev {summary.metric}", "int8", "parameters", "registry"]
+    show(console, f"Final models: dev {summary.metric}, mean ± std over seeds; int8: the "
+                  "int8 ONNX graphs' own score"
                   + (" (kd: distilled from the unpruned model)" if distilled else ""),
          header, rows, right=range(len(header) - 1))
     print_counts(console, summary)
     home = Path(summary.home)
     if summary.registered_model:
-        _say(console, f"registered model: [cyan]{summary.registered_model}[/cyan] "
-                      f"(load with mlflow.transformers.load_model("
-                      f"\"models:/{summary.registered_model}@best\"))")
-        _say(console, f"                  and as ONNX: [cyan]{summary.registered_model}-onnx"
-                      "[/cyan] (mlflow.pyfunc: text in, onnxruntime only)")
+        _registered_lines(console, summary.registered_model)
         if distilled:
-            _say(console, f"distilled:        [cyan]{summary.registered_model}-kd[/cyan] "
-                          "(and -kd-onnx), aliases depth-N and best")
+            _say(console, f"distilled:        [cyan]{summary.registered_model}-kd[/cyan], "
+                          "the same aliases")
     _say(console, f"MLflow UI:      glp ui --home {home}")
     _say(console, f"Parquet tables: {home / 'parquet'} (candidates/, selections/, finals/)")
+
+
+def _int8_cell(members: Sequence[dict]) -> str:
+    """The int8 graphs' dev score over the seeds that have one."""
+    values = [r["int8_value"] for r in members
+              if not r.get("diverged") and r.get("int8_value") is not None]
+    if len(values) > 1:
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return f"{values[0]:.4f}" if values else ""
+
+
+def _registered_lines(console: Console, name: str) -> None:
+    _say(console, f"registered model: [cyan]{name}[/cyan], text in, onnxruntime: "
+                  f"mlflow.pyfunc.load_model(\"models:/{name}@best\")")
+    _say(console, f"                  int8: models:/{name}@best-int8; serve: mlflow models "
+                  f"serve -m models:/{name}@best-int8 --env-manager local")
 
 
 # --------------------------------------------------------------------------- glp compare
@@ -283,17 +296,25 @@ def print_comparison(console: Console, summary: Any) -> None:
 
 def print_methods(console: Console, summary: Any) -> None:
     """Every method's models, fastest first, and the best of each speed-up bucket."""
-    from glp.report.pareto import buckets, method_of, size_of, table
+    from glp.report.pareto import TABLE_HEADER, buckets, headline, method_of, size_of, table
     from glp.report.pick import models
 
     found = models(summary.finals)
-    header = ("method", "size", f"dev {summary.metric}", "torch b1", "torch b32", "int8 b1",
-              "int8 b32", "speed-up", "int8 b1 speed-up")
-    rows = [[*row[:3], row[7], row[8], row[11], row[12], row[13], row[14]]
-            for row in table(found, summary.metric)]
-    show(console, f"Every method: dev {summary.metric}, CPU latency (ms) and speed-up over the "
-                  "unpruned model", header, rows, right=range(2, len(header)), keys=2)
-    for bucket in buckets(found):
+    columns = {"method": "method", "size": "size", f"dev {summary.metric}": "dev {metric}",
+               "int8": "dev {metric} int8", "torch b32": "torch b32 ms",
+               "int8 b1": "int8 b1 ms", "int8 b32": "int8 b32 ms",
+               "int8 speed-up": "speed-up (int8 b32 vs unpruned int8 b32)",
+               "torch speed-up": "speed-up (torch b32)"}
+    index = [TABLE_HEADER.index(name) for name in columns.values()]
+    rows = [[row[i] for i in index] for row in table(found, summary.metric)]
+    show(console, f"Every method: dev {summary.metric} (fp32 and int8), CPU latency (ms) and "
+                  "speed-up over the unpruned model in the same runtime (batch 32)",
+         list(columns), rows, right=range(2, len(columns)), keys=2)
+    int8 = headline(found)
+    if int8:
+        _say(console, "Deployed in int8 (onnxruntime, batch 32, against the unpruned int8 "
+                      "graph):")
+    for bucket in buckets(int8 or found):
         best = bucket["best"]
         _say(console, f"  ≥{bucket['threshold']:g}×: " + (
             f"{method_of(best)} ({size_of(best)}), {summary.metric} "
@@ -322,11 +343,13 @@ def print_compression(console: Console, summary: Any) -> None:
         latency, stored = first.get("latency_ms"), first.get("stored_bytes")
         rows.append([label, f"{first['encoder_density']:.3f}", f"{first['parameters']:,}",
                      f"{stored / 1e6:.1f}" if stored else "", str(first["depth"]),
-                     _pooled(values, len(members)), f"{latency:.1f}" if latency else "",
-                     registry])
-    show(console, f"{summary.method}: dev {summary.metric} (mean ± std over seeds)",
+                     _pooled(values, len(members)), _int8_cell(members),
+                     f"{latency:.1f}" if latency else "", registry])
+    show(console, f"{summary.method}: dev {summary.metric} (mean ± std over seeds; int8: "
+                  "the int8 ONNX graphs' own score)",
          ["model", "encoder density", "parameters", "stored MB", "layers",
-          f"dev {summary.metric}", "latency ms", "registry"], rows, right=range(1, 7))
+          f"dev {summary.metric}", "int8", "latency ms", "registry"], rows,
+         right=range(1, 8))
     print_counts(console, summary)
     home = Path(summary.home)
     dirs = [r["model_dir"] for r in summary.finals if r["method"] not in ("unpruned", "input")
@@ -335,8 +358,7 @@ def print_compression(console: Console, summary: Any) -> None:
         _say(console, f"a model:        glp.load_pretrained(\"{dirs[0]}\")")
         _say(console, f"                glp export {dirs[0]} --onnx --out model.onnx")
     if summary.registered_model:
-        _say(console, f"registered ONNX: [cyan]{summary.registered_model}[/cyan] "
-                      f"(mlflow.pyfunc.load_model(\"models:/{summary.registered_model}@best\"))")
+        _registered_lines(console, summary.registered_model)
     _say(console, f"MLflow UI:      glp ui --home {home}")
     _say(console, f"Parquet tables: {home / 'parquet'} (finals/: method, plan, parameters, "
                   "encoder_density, model_dir)")
@@ -346,21 +368,27 @@ def print_compression(console: Console, summary: Any) -> None:
 
 
 def print_pick(console: Console, budget: Any, chosen: Any, meeting: Sequence[Any]) -> None:
-    """The models that meet the budget (the ten best), the chosen one and its plan."""
-    from glp.report.pick import describe, plan_summary
+    """The deployments that meet the budget (the ten best), the chosen one, its plan and
+    how to serve it."""
+    from glp.report.pick import ONNXRUNTIME, describe, plan_summary
 
-    rows = [[m.label, score(m.mean, m.std, m.seeds, counted=True),
+    rows = [[m.label, m.deployment, score(m.mean, m.std, m.seeds, counted=True),
              f"{m.parameters:,}" if m.parameters else "",
              f"{m.latency_ms:.2f}" if m.latency_ms else "",
              f"{m.speedup:.2f}x" if m.speedup else "",
-             f"{m.registered_model} v{m.model_version}" if m.model_version else ""]
+             m.uri.removeprefix("models:/") if m.uri and m.uri.startswith("models:/") else ""]
             for m in meeting[:10]]
-    show(console, f"Models that meet {budget.describe()} (best first)",
-         ["model", f"dev {chosen.metric}", "parameters", "latency ms", "speed-up",
-          "registered"], rows, right=range(1, 5))
+    show(console, f"Deployments that meet {budget.describe()} (best first; latency at batch "
+                  f"{chosen.latency_batch})",
+         ["model", "deployment", f"dev {chosen.metric}", "parameters", "latency ms",
+          "speed-up", "registered"], rows, right=range(2, 6))
     console.print(f"picked: {describe(chosen)}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"plan: {plan_summary(chosen.plan)}", markup=False, highlight=False,
                   soft_wrap=True)
+    uri = chosen.uri or ""
+    if uri.startswith("models:/") and chosen.runtime == ONNXRUNTIME:
+        console.print(f"serve it: mlflow models serve -m {uri} --env-manager local "
+                      "--port 5001", markup=False, highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- glp gc

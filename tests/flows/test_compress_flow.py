@@ -4,6 +4,7 @@ ONNX from the registry, the cache, and the CLI."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -15,6 +16,8 @@ import glp
 from flows.compress import CompressParams, compress
 from glp import GlpError
 from glp.core.plan import Plan
+from glp.deploy.text_model import TextModel
+from tests.flows.serving import serve_in_fresh_process, serve_over_http
 
 pytestmark = pytest.mark.slow  # Prefect/MLflow flows or subprocesses: see README, Tests
 
@@ -28,28 +31,6 @@ def _params(model, home, **overrides) -> CompressParams:
 
 TEXTS = ("a gripping, beautifully acted film", "the plot never comes together",
          "it is what it is " * 20)  # the last one is cut at max_length
-
-
-def serve_in_fresh_process(tracking_uri: str, uri: str, texts) -> dict:
-    """A registered version's predictions on ``texts`` (a ``text`` column), from a Python
-    process that loads it with mlflow.pyfunc alone; with the modules of glp, torch and
-    transformers it imported (none, for a text-in ONNX version)."""
-    import subprocess
-    import sys
-
-    code = f"""
-import json, sys, mlflow, pandas as pd
-mlflow.set_tracking_uri({tracking_uri!r}); mlflow.set_registry_uri({tracking_uri!r})
-model = mlflow.pyfunc.load_model({uri!r})
-out = model.predict(pd.DataFrame({{"text": {list(texts)!r}}}))
-imported = sorted({{m.split(".")[0] for m in sys.modules}} & {{"glp", "torch", "transformers"}})
-print(json.dumps({{"columns": list(out.columns), "imported": imported,
-                  **{{c: out[c].tolist() for c in out.columns}}}}))
-"""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _finals(home):
@@ -113,8 +94,10 @@ def test_each_density_is_registered_as_onnx_and_serves(two_runs):
     client = MlflowClient(tracking_uri=first.tracking_uri, registry_uri=first.tracking_uri)
     name = first.registered_model
     versions = client.search_model_versions(f"name = '{name}'")
-    assert sorted(v.tags["glp.budget"] for v in versions) == ["density-60", "density-70"]
-    assert set(first.versions) == {"density-60", "density-70", "best"}
+    assert sorted(v.tags["glp.budget"] for v in versions) == [
+        "density-60", "density-60-int8", "density-70", "density-70-int8"]
+    assert set(first.versions) == {"density-60", "density-70", "best", "density-60-int8",
+                                   "density-70-int8", "best-int8"}
     best = client.get_model_version_by_alias(name, "best")
     assert best.tags["glp.flavor"] == "onnx" and float(best.tags["glp.encoder_density"]) <= 0.7
     row = next(r for r in first.finals if r.get("model_version") == first.versions["density-60"]
@@ -135,6 +118,19 @@ def test_each_density_is_registered_as_onnx_and_serves(two_runs):
     version = client.get_model_version(name, first.versions["density-60"])
     assert version.tags["glp.input"] == "text"
     assert float(version.tags["glp.int8_value"]) == pytest.approx(row["int8_value"], abs=1e-6)
+    # The int8 version is the very graph its int8 score was measured on (one file on disk),
+    # and it serves the same way.
+    int8 = client.get_model_version(name, first.versions["density-60-int8"])
+    assert int8.tags["glp.precision"] == "int8" and row["int8_model_version"] == str(int8.version)
+    registered = Path(client.get_model_version_download_uri(name, int8.version).removeprefix(
+        "file://")) / "artifacts" / "text_model" / "model.onnx"
+    scored = [f.parent for f in (Path(first.home) / "artifacts" / "int8").glob("*/model.onnx")
+              if f.samefile(registered)]
+    assert len(scored) == 1
+    served_int8 = serve_in_fresh_process(first.tracking_uri, f"models:/{name}@density-60-int8",
+                                         TEXTS)
+    assert served_int8["imported"] == []
+    assert served_int8["label"] == TextModel(scored[0]).predict(list(TEXTS))["label"]
     # Each final run has its plan as an artifact, and the first seed's its latency.
     run = client.get_run(row["run_id"])
     assert "plan.json" in [a.path for a in client.list_artifacts(row["run_id"])]
@@ -226,42 +222,9 @@ def test_post_training_prunes_registers_and_writes_its_rows(harness, tiny_bert, 
 def test_a_registered_version_serves_text_over_http(two_runs):
     """`mlflow models serve` (env manager local) on a registered version, bound to
     127.0.0.1: POSTed sentences come back labelled as a pyfunc load labels them."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     _, first, _ = two_runs
     uri = f"models:/{first.registered_model}@best"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": first.tracking_uri,
-           "MLFLOW_REGISTRY_URI": first.tracking_uri,  # mlflow runs the venv's uvicorn
-           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
-         "local", "--host", "127.0.0.1", "--port", str(port)], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        body = json.dumps({"dataframe_split": {"columns": ["text"],
-                                               "data": [[t] for t in TEXTS]}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        deadline, answer = time.monotonic() + 120, None
-        while answer is None and time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                time.sleep(0.5)
-        assert answer is not None, server.stderr.read().decode()[-3000:] if server.poll() \
-            is not None else "no answer in 120 s"
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    answer = serve_over_http(first.tracking_uri, uri, TEXTS)
     served = serve_in_fresh_process(first.tracking_uri, uri, TEXTS)
     assert [row["label"] for row in answer["predictions"]] == served["label"]
     np.testing.assert_allclose([row["score"] for row in answer["predictions"]],

@@ -40,7 +40,8 @@ def test_transient_faults_are_retried(clean, tiny_bert, tmp_path, monkeypatch):
     assert [c["value"] for c in summary.candidates] == [c["value"] for c in reference.candidates]
     assert [f["value"] for f in summary.finals] == [f["value"] for f in reference.finals]
     assert summary.computed == 8 and len(_rows(home, "candidates")) == 5
-    assert sorted(summary.versions) == ["best", "depth-1", "depth-2"]
+    assert sorted(summary.versions) == ["best", "best-int8", "depth-1", "depth-1-int8",
+                                        "depth-2", "depth-2-int8"]
 
 
 def test_a_permanent_fault_fails_the_run_and_keeps_what_finished(tiny_bert, tmp_path,

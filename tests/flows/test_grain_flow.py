@@ -51,7 +51,8 @@ def test_grain_rows_reload_register_and_repeat_from_cache(two_runs):
     assert (second.computed, second.reused) == (0, 3) and second.job_id == first.job_id
     assert len(rows) == 3  # no duplicates
     client = MlflowClient(tracking_uri=first.tracking_uri, registry_uri=first.tracking_uri)
-    assert set(first.versions) == {"density-50", "density-30", "best"}
+    assert set(first.versions) == {"density-50", "density-30", "best", "density-50-int8",
+                                   "density-30-int8", "best-int8"}
     version = client.get_model_version_by_alias(first.registered_model, "density-30")
     assert version.tags["glp.flavor"] == "onnx" and version.tags["glp.method"] == "grain"
     assert first.registered_model.endswith("-grain")

@@ -69,8 +69,10 @@ def test_rerun_is_cached_and_each_ratio_is_registered(lowrank):
     assert second.job_id == first.job_id and len(_finals(home, first.job_id)) == 3
     client = MlflowClient(tracking_uri=first.tracking_uri, registry_uri=first.tracking_uri)
     versions = client.search_model_versions(f"name = '{first.registered_model}'")
-    assert sorted(v.tags["glp.budget"] for v in versions) == ["ratio-2", "ratio-4"]
-    assert set(first.versions) == {"ratio-2", "ratio-4", "best"}
+    assert sorted(v.tags["glp.budget"] for v in versions) == [
+        "ratio-2", "ratio-2-int8", "ratio-4", "ratio-4-int8"]
+    assert set(first.versions) == {"ratio-2", "ratio-4", "best", "ratio-2-int8",
+                                   "ratio-4-int8", "best-int8"}
 
 
 def test_autoencoder_compresses_a_fine_tuned_directory_as_it_is(lowrank, tmp_path):

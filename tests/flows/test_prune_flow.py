@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow.dataset as ds
 import pytest
 from mlflow.tracking import MlflowClient
@@ -80,7 +82,8 @@ def test_mlflow_runs_and_registry(two_runs):
     assert kinds == ["candidate"] * 5 + ["final"] * 3  # no copies from the second run
     name = first.registered_model
     versions = client.search_model_versions(f"name = '{name}'")
-    assert sorted(int(v.version) for v in versions) == [1, 2]  # depths 2 and 1, once each
+    # depths 2 and 1, each as fp32 and int8, once each
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
     best = client.get_model_version_by_alias(name, "best")
     assert best.tags["glp.task"] == "sst2" and best.tags["glp.strategy"] == "greedy"
     assert best.tags["glp.removed_layers"]
@@ -99,12 +102,26 @@ def test_mlflow_runs_and_registry(two_runs):
     assert selection_means[str(best.version)] == max(selection_means.values())
     depth_1 = client.get_model_version_by_alias(name, "depth-1")
     assert depth_1.tags["glp.removed_layers"] == ",".join(map(str, sorted(first.order)))
-    # The ONNX twin: the same seeds, the same aliases, served by plain mlflow.pyfunc.
-    twin = client.get_model_version_by_alias(f"{name}-onnx", "depth-1")
-    assert twin.tags["glp.flavor"] == "onnx" and twin.tags["glp.seed"] == depth_1.tags["glp.seed"]
-    assert (client.get_model_version_by_alias(f"{name}-onnx", "best").tags["glp.depth"]
+    # Every version takes text and runs on onnxruntime; the int8 one is the same seed's
+    # graph, quantised, with the int8 score measured on it.
+    assert depth_1.tags["glp.flavor"] == "onnx" and depth_1.tags["glp.precision"] == "fp32"
+    int8 = client.get_model_version_by_alias(name, "depth-1-int8")
+    assert int8.tags["glp.precision"] == "int8" and int8.tags["glp.budget"] == "depth-1-int8"
+    assert int8.tags["glp.seed"] == depth_1.tags["glp.seed"]
+    assert float(int8.tags["glp.int8_value"]) == pytest.approx(next(
+        r["int8_value"] for r in finals if r["model_version"] == str(depth_1.version)))
+    assert (client.get_model_version_by_alias(name, "best-int8").tags["glp.depth"]
             == best.tags["glp.depth"])
-    assert len(client.search_model_versions(f"name = '{name}-onnx'")) == 2  # not re-registered
+    assert {r["int8_model_version"] for r in finals if r["model_version"]} == {
+        str(v.version) for v in versions if v.tags["glp.precision"] == "int8"}
+    # The fp32 version is also the model directory, its weights one file with the
+    # checkpoint's on disk (a hard link), shared by its ONNX graph.
+    folder = Path(client.get_model_version_download_uri(name, depth_1.version).removeprefix(
+        "file://")) / "artifacts" / "text_model"
+    checkpoint = next(r["model_dir"] for r in finals if r["model_version"] == str(
+        depth_1.version) and str(r["seed"]) == depth_1.tags["glp.seed"])
+    assert (folder / "model.safetensors").samefile(Path(checkpoint) / "model.safetensors")
+    assert (folder / "model.onnx").stat().st_size < 1_000_000
 
 
 def test_changed_config_does_not_reuse(harness, tiny_bert, two_runs):
@@ -239,3 +256,44 @@ def test_distill_fine_tunes_every_pruned_depth_from_the_unpruned_teacher(harness
     assert again.computed == 0 and again.job_id == first.job_id
     assert prune(params.model_copy(update={"distill": False})).job_id != first.job_id
     assert len([r for r in _rows(tmp_path, "finals") if r["variant"] == "kd"]) == 2
+
+
+def test_a_layer_pruned_version_serves_text_over_http(two_runs):
+    """A layer-pruned model's int8 version, served by `mlflow models serve` (127.0.0.1),
+    labels POSTed sentences as glp's own int8 evaluation of the same graph does; its fp32
+    version as the PyTorch model does."""
+    import numpy as np
+    import torch
+
+    import glp
+    from glp.deploy.text_model import TextModel
+    from tests.flows.serving import serve_over_http
+
+    texts = ["a gripping, beautifully acted film", "the plot never comes together",
+             "it is what it is"]
+    home, first, _ = two_runs
+    client = MlflowClient(tracking_uri=first.tracking_uri, registry_uri=first.tracking_uri)
+    name = first.registered_model
+    int8 = client.get_model_version_by_alias(name, "depth-1-int8")
+    answer = serve_over_http(first.tracking_uri, f"models:/{name}@depth-1-int8", texts)
+    graph = Path(client.get_model_version_download_uri(name, int8.version).removeprefix(
+        "file://")) / "artifacts" / "text_model" / "model.onnx"
+    scored = next(f.parent for f in (home / "artifacts" / "int8").glob("*/model.onnx")
+                  if f.samefile(graph))  # the graph the int8 score was measured on
+    expected = TextModel(scored).predict(texts)
+    assert [row["label"] for row in answer["predictions"]] == expected["label"]
+    np.testing.assert_allclose([row["score"] for row in answer["predictions"]],
+                               expected["score"], atol=1e-6)
+    fp32 = serve_over_http(first.tracking_uri, f"models:/{name}@depth-1", texts)
+    version = str(client.get_model_version_by_alias(name, "depth-1").version)
+    row = next(r for r in _rows(home, "finals") if r["model_version"] == version
+               and str(r["seed"]) == int8.tags["glp.seed"])
+    model, tokenizer = (glp.load_pretrained(row["model_dir"]),
+                        glp.core.models.load_tokenizer(row["model_dir"]))
+    with torch.no_grad():
+        probabilities = model(**tokenizer(texts, padding=True, truncation=True, max_length=16,
+                                          return_tensors="pt")).logits.softmax(-1)
+    assert [r["label"] for r in fp32["predictions"]] == [
+        str(i) for i in probabilities.argmax(-1).tolist()]
+    np.testing.assert_allclose([r["score"] for r in fp32["predictions"]],
+                               probabilities.max(-1).values.numpy(), atol=1e-4)

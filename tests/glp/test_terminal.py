@@ -185,13 +185,29 @@ def test_every_method_fits_80_columns_with_its_buckets():
     from tests.glp.test_pick import ROWS
 
     rows = [{**r, "latency_b1_ms": r["latency_ms"] and r["latency_ms"] / 10,
-             "int8_b1_ms": r["latency_ms"] and r["latency_ms"] / 20} for r in ROWS]
+             "int8_b1_ms": r["latency_ms"] and r["latency_ms"] / 20,
+             "int8_b32_ms": r["latency_ms"] and r["latency_ms"] / 4,
+             "int8_value": r["value"] - 0.01} for r in ROWS]
     summary = SimpleNamespace(finals=rows, metric="accuracy")
     console, out = _console()
     print_methods(console, summary)
     text = out.getvalue()
     _readable(text)
-    _numbers_whole(text, ["0.8100", "0.7900", "84.00", "67.00", "50.00", "5.00", "1.49"])
-    assert "  ≥1.5×: top (4 layers), accuracy 0.7500 ± 0.0141, 1.52×" in text
-    assert "  ≥2×: greedy (3 layers), accuracy 0.7000 ± 0.0141, 2.00×" in text
+    _numbers_whole(text, ["0.8100", "0.7900", "84.00", "67.00", "50.00", "4.20", "21.00",
+                          "1.49"])
+    # the headline is int8 against unpruned int8, with the int8 graphs' own scores
+    assert "Deployed in int8" in text
+    assert "  ≥1.5×: top (4 layers), accuracy 0.7400 ± 0.0141, 1.52×" in text
+    assert "  ≥2×: greedy (3 layers), accuracy 0.6900 ± 0.0141, 2.00×" in text
     assert "0.7000 ± 0.0141" in text  # room enough in parts: every score on one line
+
+
+def test_every_method_without_int8_keeps_the_pytorch_buckets():
+    from glp.report.terminal import print_methods
+    from tests.glp.test_pick import ROWS
+
+    console, out = _console()
+    print_methods(console, SimpleNamespace(finals=ROWS, metric="accuracy"))
+    text = out.getvalue()
+    assert "Deployed in int8" not in text
+    assert "  ≥2×: greedy (3 layers), accuracy 0.7000 ± 0.0141, 2.00×" in text
