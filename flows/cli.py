@@ -222,10 +222,10 @@ def pick(
     max_parameters: Annotated[int | None, typer.Option(help="most parameters allowed")]
     = None,
     precision: Annotated[list[str] | None, typer.Option(
-        help="only deployments in this precision: fp32 or int8 (repeatable) [default: "
-             "both]")] = None,
-    batch: Annotated[int, typer.Option(help="the batch size whose latency counts: 1 or 32")]
-    = 32,
+        metavar="fp32|int8", help="only deployments in this precision (repeatable) "
+                                  "[default: both]")] = None,
+    batch: Annotated[int, typer.Option(metavar="1|32",
+                                       help="the batch size whose latency counts")] = 32,
     task: Annotated[str | None, typer.Option(help="only this task's models")] = None,
     model: Annotated[str | None, typer.Option(help="only models of this base model")] = None,
     job: Annotated[str | None, typer.Option(help="only this job's models (its id)")] = None,

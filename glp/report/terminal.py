@@ -202,15 +202,15 @@ def print_summary(console: Console, summary: Any) -> None:
         elif version:
             registry = f"v{version} @{inverse.get(version, '')}"
             registry += " @best" if version == best else ""
-        rows.append([str(depth), ",".join(map(str, members[0]["removed"])) or "none (reference)",
+        rows.append([str(depth), ",".join(map(str, members[0]["removed"])) or "none",
                      *(("kd" if kd else "plain",) if distilled else ()),
                      _pooled(values, len(members)), _int8_cell(members),
                      f"{members[0]['parameters']:,}" if members[0]["parameters"] else "",
                      registry])
     header = ["layers", "removed", *(("fine-tune",) if distilled else ()),
               f"dev {summary.metric}", "int8", "parameters", "registry"]
-    show(console, f"Final models: dev {summary.metric}, mean ± std over seeds; int8: the "
-                  "int8 ONNX graphs' own score"
+    show(console, f"Final models: dev {summary.metric}, mean ± std over seeds (none removed: "
+                  "the unpruned reference); int8: the int8 ONNX graphs' own score"
                   + (" (kd: distilled from the unpruned model)" if distilled else ""),
          header, rows, right=range(len(header) - 1))
     print_counts(console, summary)

@@ -119,3 +119,38 @@ def test_a_methods_training_counts_the_phases_on_the_task_data():
               {"phase": "fine-tune", "steps": 5, "examples": 160}]
     assert trained_on_task(phases, 160) == (3.0, 15)
     assert trained_on_task([], 160) == (0.0, 0)
+
+
+def test_the_headline_is_int8_against_unpruned_int8_and_int8_costs_are_said(tmp_path):
+    """Deployed in int8: the int8 graphs' own scores and latencies, against the unpruned
+    int8 graph; a model whose int8 graph loses more than its seed spread is named."""
+    import dataclasses
+
+    from glp.report.pareto import headline, int8_costs, write_methods_report
+
+    def deployed(model, int8_mean, int8_b32):
+        return dataclasses.replace(model, int8_mean=int8_mean, int8_std=0.005,
+                                   extra={**model.extra, "int8_b32_ms": int8_b32})
+
+    models = [deployed(_model("unpruned", 0.90, 60.0), 0.895, 20.0),
+              # 2x in PyTorch, but its int8 graph is only 1.25x the unpruned int8 graph
+              deployed(_model("greedy", 0.88, 30.0, depth=3), 0.879, 16.0),
+              # 1.5x in PyTorch, 2x in int8; its int8 graph loses 0.05 (spread 0.01)
+              deployed(_model("mlpruning", 0.89, 40.0, method="mlpruning",
+                              variant="density-50", target_density=0.5), 0.84, 10.0)]
+    int8 = headline(models)
+    assert [round(m.mean, 3) for m in int8] == [0.895, 0.879, 0.84]
+    assert [m.speedup for m in int8] == [1.0, 1.25, 2.0]
+    best = {b["threshold"]: b["best"] for b in buckets(int8)}
+    assert best[2.0].method == "mlpruning" and best[1.5].method == "mlpruning"
+    costs = int8_costs(models)
+    assert len(costs) == 1 and "**mlpruning** (density 0.5) 0.0500" in costs[0]
+    text = write_methods_report(tmp_path, models, "accuracy")["methods"].read_text()
+    assert "## Which method wins where, deployed in int8" in text
+    assert "At ≥2×: **mlpruning** (density 0.5, 2.00×) with accuracy 0.8400" in text
+    assert "## Against PyTorch eager" in text and "## What int8 costs" in text
+    # no int8 timing of the unpruned model: no int8 headline, said so
+    plain = [dataclasses.replace(m, int8_mean=None, extra={}) for m in models]
+    assert headline(plain) == []
+    assert "no int8 headline" in write_methods_report(tmp_path / "p", plain,
+                                                      "accuracy")["methods"].read_text()
