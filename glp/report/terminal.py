@@ -372,16 +372,18 @@ def print_pick(console: Console, budget: Any, chosen: Any, meeting: Sequence[Any
     how to serve it."""
     from glp.report.pick import ONNXRUNTIME, describe, plan_summary
 
-    rows = [[m.label, m.deployment, score(m.mean, m.std, m.seeds, counted=True),
+    short = {"pytorch": "torch", "onnxruntime": "onnx"}
+    rows = [[m.label, f"{m.precision} {short.get(m.runtime, m.runtime)}",
+             score(m.mean, m.std, m.seeds, counted=True),
              f"{m.parameters:,}" if m.parameters else "",
              f"{m.latency_ms:.2f}" if m.latency_ms else "",
              f"{m.speedup:.2f}x" if m.speedup else "",
-             m.uri.removeprefix("models:/") if m.uri and m.uri.startswith("models:/") else ""]
+             f"v{m.uri.rsplit('/', 1)[1]}" if m.uri and m.uri.startswith("models:/") else ""]
             for m in meeting[:10]]
     show(console, f"Deployments that meet {budget.describe()} (best first; latency at batch "
-                  f"{chosen.latency_batch})",
-         ["model", "deployment", f"dev {chosen.metric}", "parameters", "latency ms",
-          "speed-up", "registered"], rows, right=range(2, 6))
+                  f"{chosen.latency_batch}; onnx: onnxruntime)",
+         ["model", "runs as", f"dev {chosen.metric}", "parameters", "latency ms",
+          "speed-up", "version"], rows, right=range(2, 6))
     console.print(f"picked: {describe(chosen)}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"plan: {plan_summary(chosen.plan)}", markup=False, highlight=False,
                   soft_wrap=True)
