@@ -102,11 +102,26 @@ class RunHome:
         return removed
 
 
-def folder_size(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 when it does not exist)."""
+def _files(path: Path) -> list[os.stat_result]:
     if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+        return [path.stat()]
+    return [f.stat() for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist), a file hard-linked
+    more than once under it counted once (a registered version links its checkpoint)."""
+    return sum({(s.st_dev, s.st_ino): s.st_size for s in _files(path)}.values())
+
+
+def freed_size(path: Path) -> int:
+    """Bytes that removing ``path`` frees: a file also linked from outside it (by a
+    registered version) frees nothing."""
+    inside: dict[tuple[int, int], list[os.stat_result]] = {}
+    for stat in _files(path):
+        inside.setdefault((stat.st_dev, stat.st_ino), []).append(stat)
+    return sum(links[0].st_size for links in inside.values()
+               if len(links) >= links[0].st_nlink)
 
 
 def collect_garbage(home: RunHome, finals: bool = False, dry_run: bool = False
@@ -118,8 +133,8 @@ def collect_garbage(home: RunHome, finals: bool = False, dry_run: bool = False
     With ``finals``, also the final models' checkpoints (``glp compress``'s pruned and
     compressed models and the int8 graphs included) and Prefect's cached results (a
     re-run then recomputes its fine-tunes). The MLflow store, the registered models and
-    the Parquet tables are never touched. Returns (path, bytes) for what was (or, with
-    ``dry_run``, would be) removed.
+    the Parquet tables are never touched. Returns (path, bytes freed) for what was (or,
+    with ``dry_run``, would be) removed: a file a registered version links frees nothing.
     """
     targets = [home.artifacts / "candidates", home.token_cache]
     targets += home.stale_temporaries()
@@ -127,7 +142,7 @@ def collect_garbage(home: RunHome, finals: bool = False, dry_run: bool = False
         targets += [home.artifacts / kind
                     for kind in ("finals", "pruned", "compressed", "int8")]
         targets.append(home.results)
-    found = [(t, folder_size(t)) for t in targets if t.exists()]
+    found = [(t, freed_size(t)) for t in targets if t.exists()]
     if not dry_run:
         for target, _ in found:
             shutil.rmtree(target, ignore_errors=True)

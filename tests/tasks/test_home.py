@@ -59,3 +59,24 @@ def test_an_unwritable_home_is_one_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(GlpError, match=r"--home .*file/home: cannot write there"):
         RunHome(blocker / "home").ensure_writable()
+
+
+def test_gc_counts_only_the_bytes_it_frees_when_the_registry_links_them(tmp_path):
+    """A registered version hard-links its checkpoint and its int8 graph: removing the
+    home's copy frees nothing, and the home's size counts each file once."""
+    from tasks.home import folder_size
+
+    home = _populated(tmp_path)
+    weights = home.artifacts / "finals" / "k2" / "model.safetensors"
+    registered = home.root / "mlruns" / "models" / "m-1" / "artifacts"
+    registered.mkdir(parents=True)
+    os.link(weights, registered / "model.safetensors")
+    alone = home.artifacts / "finals" / "k5" / "model.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes(b"z" * 40)
+    before = folder_size(home.root)
+    assert before == sum(f.stat().st_size for f in home.root.rglob("*") if f.is_file()) - 100
+    freed = dict(collect_garbage(home, finals=True, dry_run=True))
+    assert freed[home.artifacts / "finals"] == 40 + 100 + 100  # k5, k3 and k4 (k2 linked)
+    collect_garbage(home, finals=True)
+    assert (registered / "model.safetensors").read_bytes() == b"x" * 100
