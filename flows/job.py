@@ -306,7 +306,7 @@ class Job(JobSearch):
                 done[checkpoint.key] = task(checkpoint, self.data, "dev",
                                             self.finetune.max_length, self.home)
             row["int8_value"] = done[checkpoint.key].score
-            row["_int8_folder"] = str(int8_folder(self.home, done[checkpoint.key].key))
+            row["int8_dir"] = str(int8_folder(self.home, done[checkpoint.key].key))
             self.reporter.update(handle, count + 1)
         self.reporter.end(handle)
 

@@ -33,7 +33,7 @@ def register_version(job: Job, name: str, registration: Registration, int8: bool
         description=(f"{description}; int8 ONNX (dynamic quantisation), dev "
                      f"{job.data.metric} {chosen['int8_value']:.4f} in int8" if int8
                      else f"{description}; ONNX fp32") + ", text in",
-        text=job.text_spec, int8_folder=chosen.get("_int8_folder") if int8 else None)
+        text=job.text_spec, int8_folder=chosen.get("int8_dir") if int8 else None)
 
 
 def register_depths(params: PruneParams, job: Job, final_rows: list[dict], name: str,

@@ -79,6 +79,7 @@ FINALS = pa.schema([
     *_SCORED,
     ("selection_value", pa.float64()),  # chooses the registered seed and `best`
     ("int8_value", pa.float64()),  # dev score as deployed: ONNX int8, text in
+    ("int8_dir", pa.string()),  # that int8 text-in folder (glp.deploy.text_model.TextModel)
     ("method", pa.string()),  # layers, mlpruning, ... (unpruned for the reference)
     ("distilled", pa.bool_()),  # fine-tuned with distillation from the unpruned model
     ("plan", pa.string()),  # the compression plan as JSON (glp.core.plan.Plan)

@@ -10,11 +10,12 @@ is never registered, and a group whose every seed diverged gets no version.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
-from tasks.tracking import update_aliases
+from tasks.tracking import drop_aliases, update_aliases
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ def register_all(tracking_uri: str, name: str, plan: list[Registration],
     aliases, int8s, means = {}, {}, {}
     for registration in plan:
         version = register(registration, False)
+        scored = registration.chosen.get("int8_value")
         int8 = (register(registration, True)
-                if registration.chosen.get("int8_value") is not None else None)
+                if scored is not None and math.isfinite(scored) else None)
         for row in rows:
             if group(row) == registration.group:
                 row["registered_model"], row["model_version"] = name, version
@@ -105,4 +107,9 @@ def register_all(tracking_uri: str, name: str, plan: list[Registration],
     # fp32 alias, its int8 alias stays too
     moved = {alias + INT8: version for alias, version in int8s.items()
              if placed.get(alias) == aliases[alias]}
+    # an fp32 alias that moved to a model with no int8 graph takes its int8 alias along
+    stale = [alias + INT8 for alias in aliases
+             if alias not in int8s and placed.get(alias) == aliases[alias]]
+    if stale:
+        drop_aliases(tracking_uri, name, stale)
     return {**placed, **(update_aliases(tracking_uri, name, moved) if moved else {})}

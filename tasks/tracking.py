@@ -280,7 +280,8 @@ def _log_text_model(run_id: str, folder: Path, text: dict):
 
 def _local_folder(model_uri: str) -> Path | None:
     """The folder a logged model's files are in, when the artifact store is local."""
-    from urllib.parse import urlparse
+    from urllib.parse import unquote, urlparse
+    from urllib.request import url2pathname
 
     try:
         import mlflow
@@ -289,7 +290,7 @@ def _local_folder(model_uri: str) -> Path | None:
     except Exception:  # an older store, or not a logged model
         return None
     parsed = urlparse(location)
-    return Path(parsed.path) if parsed.scheme in ("", "file") else None
+    return Path(url2pathname(unquote(parsed.path))) if parsed.scheme in ("", "file") else None
 
 
 def link_duplicates(source: Path, copy: Path) -> int:
@@ -309,6 +310,7 @@ def link_duplicates(source: Path, copy: Path) -> int:
         if os.path.samefile(path, twin) or not filecmp.cmp(path, twin, shallow=False):
             continue
         tmp = path.with_name(f".{path.name}.link")
+        tmp.unlink(missing_ok=True)  # left by a process that died here
         try:
             os.link(twin, tmp)
         except OSError:
@@ -345,6 +347,17 @@ def update_aliases(tracking_uri: str, name: str, proposals: dict[str, str]) -> d
         client.set_registered_model_alias(name, alias, version)
         placed[alias] = str(version)
     return placed
+
+
+@task(name="drop-aliases", **_RETRY)
+def drop_aliases(tracking_uri: str, name: str, aliases: list[str]) -> None:
+    """Remove these aliases of ``name`` where they exist (an int8 alias whose fp32 alias
+    moved to a model with no int8 graph)."""
+    client = client_for(tracking_uri)
+    have = set(client.get_registered_model(name).aliases)
+    for alias in aliases:
+        if alias in have:
+            client.delete_registered_model_alias(name, alias)
 
 
 def _scored_better(current: dict, new: dict) -> bool:

@@ -313,3 +313,19 @@ def test_pick_chooses_across_precisions_and_prints_the_int8_version(tmp_path):
     # a floor only fp32 reaches: int8 scores 0.005 lower
     code, out, _ = _pick(home, "--min-metric", "0.81")
     assert code == 0 and "as fp32 onnxruntime" in out
+
+
+def test_pick_of_an_unregistered_int8_model_prints_its_int8_folder(tmp_path):
+    """A run without --register: the int8 choice's last line is its text-in folder, never
+    'None'."""
+    from tasks.records import write_part
+    from tests.glp.test_pick import ROWS
+
+    rows = [{**r, "int8_value": r["value"], "int8_b32_ms": r["latency_ms"] and
+             r["latency_ms"] / 4, "int8_dir": f"/int8/{r['strategy']}{r['depth']}-{r['seed']}",
+             "registered_model": None, "model_version": None} for r in ROWS]
+    home = tmp_path / "home"
+    write_part(home / "parquet", "finals", "job-a", "finals", rows)
+    code, out, err = _pick(home, "--min-metric", "0.78", "--precision", "int8")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == "/int8/greedy4-41"

@@ -235,10 +235,14 @@ def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str])
     (files glp writes are never changed in place, so a link shares nothing that moves)."""
     import shutil
 
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
     try:
-        os.link(source, target)
+        os.link(source, tmp)
     except OSError:  # another file system, or links not allowed
-        shutil.copy2(source, target)
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)  # never written into: an existing target may be a link too
     return target
 
 
@@ -251,7 +255,8 @@ def write_text_model(model_dir: str | os.PathLike[str], folder: str | os.PathLik
     An fp32 folder is also the model directory itself (``glp.load_pretrained(folder)``,
     the PyTorch path to fine-tune further): it holds ``model_dir``'s files (hard links
     where the file system allows), and the graph keeps its weights in the folder's
-    ``model.safetensors`` (:func:`share_weights`), so the two are one copy.
+    ``model.safetensors`` (:func:`share_weights`), so the two are one copy. Save a model
+    fine-tuned from it elsewhere: the graph reads those bytes.
 
     Args:
         model_dir: a directory written by glp, with its (fast) tokenizer.
@@ -278,7 +283,8 @@ def write_text_model(model_dir: str | os.PathLike[str], folder: str | os.PathLik
     folder.mkdir(parents=True, exist_ok=True)
     if not int8:
         for path in Path(model_dir).iterdir():
-            if path.is_file() and path.name not in ("model.onnx", "tokenizer.json", META):
+            if path.is_file() and path.suffix != ".onnx" and path.name not in (
+                    "tokenizer.json", META):
                 link_or_copy(path, folder / path.name)
     export_onnx(model_dir, folder / "model.onnx", int8=int8, fold=int8)
     if not int8 and (folder / "model.safetensors").is_file():

@@ -211,12 +211,13 @@ def int8_costs(models: Sequence[Model]) -> list[str]:
                          f"{score(m.int8_mean, m.int8_std, m.seeds)} against fp32 {_pm(m)}, "
                          "more than the seed spread.")
     if not lines:
-        worst = max(scored, key=lambda m: m.mean - m.int8_mean)
-        cost = worst.mean - worst.int8_mean
+        worst = min(scored, key=lambda m: m.int8_mean - m.mean)
+        change = worst.int8_mean - worst.mean
         spread = ("within its seed spread" if worst.seeds > 1 else
                   "one seed, so no spread to hold it against")
         lines.append(f"int8 costs no model more than its seed spread; the largest change is "
-                     f"{method_of(worst)} ({size_of(worst)}), {cost:+.4f} in int8 ({spread}).")
+                     f"{method_of(worst)} ({size_of(worst)}), {change:+.4f} in int8 "
+                     f"({spread}).")
     return lines
 
 

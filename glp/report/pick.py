@@ -103,6 +103,7 @@ class Model:
     int8_mean: float | None = None  # the dev metric of the int8 graphs, over the seeds
     int8_std: float | None = None
     int8_version: str | None = None
+    int8_dir: str | None = None  # the int8 text-in folder its int8 score was measured on
     precision: str = FP32  # a deployment's (:func:`deployments`); a pooled model: fp32 ...
     runtime: str = PYTORCH  # ... in PyTorch, as every flow measures ``latency_ms``
 
@@ -123,11 +124,12 @@ class Model:
     @property
     def uri(self) -> str | None:
         """Where to load it from: the registered version of its precision (the fp32
-        version holds the PyTorch checkpoint beside its graph), else the saved directory."""
+        version holds the PyTorch checkpoint beside its graph), else the saved directory
+        (an int8 deployment's: its text-in folder, ``TextModel(DIR)``)."""
         version = self.int8_version if self.precision == INT8 else self.model_version
         if self.registered_model and version:
             return f"models:/{self.registered_model}/{version}"
-        return None if self.precision == INT8 else self.model_dir
+        return self.int8_dir if self.precision == INT8 else self.model_dir
 
     def meets(self, budget: Budget) -> bool:
         return not self.violations(budget)
@@ -206,6 +208,7 @@ def models(rows: Iterable[dict]) -> list[Model]:
             int8_mean=statistics.mean(int8) if int8 else None,
             int8_std=(statistics.stdev(int8) if len(int8) > 1 else 0.0) if int8 else None,
             int8_version=chosen.get("int8_model_version") or None,
+            int8_dir=chosen.get("int8_dir") or None,
         ))
     return found
 

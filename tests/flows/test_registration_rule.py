@@ -29,6 +29,7 @@ def _register(rows, monkeypatch):
 
     monkeypatch.setattr(flows.registration, "register_onnx", register_onnx)
     monkeypatch.setattr(tasks.registry, "update_aliases", lambda uri, name, proposals: proposals)
+    monkeypatch.setattr(tasks.registry, "drop_aliases", lambda uri, name, aliases: None)
     job = SimpleNamespace(data=SimpleNamespace(task="sst2", metric="accuracy",
                                                fingerprints={"dev": "x"}),
                           tracking_uri="sqlite://", job_id="job", common_tags={},
@@ -81,7 +82,7 @@ def test_each_registered_model_gets_its_int8_version_and_aliases(monkeypatch):
     rows = [_row(5, 40, 0.80, 0.60), _row(5, 41, 0.70, 0.80), _row(4, 40, 0.75, 0.70)]
     for row in rows:
         row["int8_value"] = row["value"] - 0.01
-        row["_int8_folder"] = f"/int8/{row['depth']}-{row['seed']}"
+        row["int8_dir"] = f"/int8/{row['depth']}-{row['seed']}"
     registered, aliases = _register(rows, monkeypatch)
     assert [(depth, seed) for depth, seed, _ in registered] == [(5, 41), (4, 40)]
     # versions 1 (fp32) and 2 (int8) for depth 5, 3 and 4 for depth 4

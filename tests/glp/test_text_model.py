@@ -98,3 +98,21 @@ def test_int8_folder_agrees_with_fp32_on_most_rows(classifier, tiny_bert, tmp_pa
     assert (folder / "model.onnx").stat().st_size < (path / "model.safetensors").stat().st_size
     assert len(TextModel(folder).predict(TEXTS)["label"]) == len(TEXTS)
 
+
+
+def test_linking_into_a_folder_never_writes_through_an_existing_link(tmp_path):
+    """A second file linked or copied onto a name that is already a hard link replaces
+    the name; the file the first link shares is untouched."""
+    import os
+
+    from glp.deploy.export import link_or_copy
+
+    first, second, folder = tmp_path / "a", tmp_path / "b", tmp_path / "folder"
+    first.write_bytes(b"AAAA")
+    second.write_bytes(b"BBBB")
+    folder.mkdir()
+    link_or_copy(first, folder / "w")
+    link_or_copy(second, folder / "w")
+    assert first.read_bytes() == b"AAAA" and (folder / "w").read_bytes() == b"BBBB"
+    assert os.path.samefile(second, folder / "w")
+    assert [p.name for p in folder.iterdir()] == ["w"]  # no temporary left

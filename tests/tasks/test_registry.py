@@ -113,3 +113,30 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(errors)
+
+
+def test_an_int8_alias_never_outlives_its_fp32_alias(registry, monkeypatch):
+    """``best`` moves to a better model that has no int8 graph: ``best-int8`` is removed
+    instead of naming the old model's graph."""
+    import tasks.registry
+    from tasks.registry import Registration, register_all
+    from tasks.tracking import drop_aliases
+
+    uri, client, add = registry
+    monkeypatch.setattr(tasks.registry, "update_aliases", update_aliases.fn)
+    monkeypatch.setattr(tasks.registry, "drop_aliases", drop_aliases.fn)
+    means = iter([0.80, 0.80, 0.85])
+
+    def register(registration, int8):
+        return add(next(means))
+
+    row = {"seed": 40, "selection_value": 0.80, "value": 0.7, "int8_value": 0.69}
+    first = [Registration(5, "depth-5", row, [row])]
+    assert register_all(uri, "m", first, register, [], lambda r: None) == {
+        "depth-5": "1", "best": "1", "depth-5-int8": "2", "best-int8": "2"}
+    better = {"seed": 40, "selection_value": 0.85, "value": 0.8, "int8_value": None}
+    placed = register_all(uri, "m", [Registration(5, "depth-5", better, [better])], register,
+                          [], lambda r: None)
+    assert placed == {"depth-5": "3", "best": "3"}
+    aliases = client.get_registered_model("m").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"depth-5": "3", "best": "3"}
