@@ -116,8 +116,10 @@ def main() -> None:
         built = {"unpruned fp32": (reference.model_dir, False),
                  "unpruned int8": (reference.model_dir, True),
                  f"{method_of(best)} ({size_of(best)}) int8": (best.model_dir, True)}
+        # No spinning: a session's threads that spin after each call would take the cores
+        # from the next model in the round (a server runs one model, and spins).
         served = {name: TextModel(write_text_model(path, Path(tmp) / str(i), int8=int8, **spec),
-                                  threads=args.threads)
+                                  threads=args.threads, spin=False)
                   for i, (name, (path, int8)) in enumerate(built.items())}
         results = []
         for batch in (1, 32):
@@ -125,7 +127,10 @@ def main() -> None:
             for repeat in range(args.repeats + 3):  # 3 warm-up rounds, not counted
                 texts = [sentences[(repeat * batch + i) % len(sentences)]
                          for i in range(batch)]
-                for name, model in served.items():
+                names = list(served)
+                shift = repeat % len(names)  # the order rotates, as glp.deploy.bench's does
+                for name in names[shift:] + names[:shift]:
+                    model = served[name]
                     start = time.perf_counter()
                     model.predict(texts)
                     if repeat >= 3:

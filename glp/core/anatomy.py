@@ -120,10 +120,14 @@ class _Family:
     ffn_in: str  # rows = FFN neurons
     ffn_out: str  # columns = FFN neurons
     head_count: str = "num_attention_heads"
+    # ``attention`` is a BERT-style self-attention module (called with the hidden states and
+    # the prepared mask, returning the context and the weights): uneven heads run in groups
+    # (glp.core.attention.GroupedSelfAttention) instead of the padded layout.
+    grouped: bool = False
 
 
 _BERT_LIKE = _Family("attention.self", ("query", "key", "value"), "attention.output.dense",
-                     "intermediate.dense", "output.dense")
+                     "intermediate.dense", "output.dense", grouped=True)
 
 
 FAMILIES: dict[str, _Family] = {

@@ -247,7 +247,7 @@ def _slice_dims(model: nn.Module, layer: nn.Module, qk: Sequence[int] | None,
 
     import torch
 
-    from glp.core.attention import GatherLinear, ScatterLinear, layout
+    from glp.core.attention import GatherLinear, ScatterLinear, grouped_layout, layout
 
     family = family_of(model)
     attention = get_module(layer, family.attention)
@@ -259,6 +259,9 @@ def _slice_dims(model: nn.Module, layer: nn.Module, qk: Sequence[int] | None,
         if dims and max(dims) >= heads * size:
             raise GlpError(f"{what} dimension {max(dims)} does not exist ({heads} heads of "
                            f"{size})")
+    if family.grouped:
+        _group_dims(layer, family, grouped_layout(qk, vo, heads, size), size)
+        return
     plan = layout(qk, vo, heads, size)
     width, kept = plan["width"], plan["heads"]
     # Families that scale by the padded size at run time get the base scale back here.
@@ -282,6 +285,23 @@ def _slice_dims(model: nn.Module, layer: nn.Module, qk: Sequence[int] | None,
         attention.all_head_size = len(kept) * width
     if len(kept) < heads:
         _take_position_bias(model, attention, kept)
+
+
+def _group_dims(layer: nn.Module, family, plan: dict, size: int) -> None:
+    """A BERT-like layer's uneven heads as :class:`glp.core.attention.GroupedSelfAttention`."""
+    from glp.core.attention import GroupedLinear, GroupedOutput, GroupedSelfAttention
+
+    attention = get_module(layer, family.attention)
+    linears = []
+    for name in family.projections:
+        rows, index = plan["vo" if name == family.projections[2] else "qk"]
+        linears.append(GroupedLinear(prune_linear(getattr(attention, name), rows, dim=0),
+                                     index))
+    rows, index = plan["vo"]
+    set_module(layer, family.output, GroupedOutput(
+        prune_linear(get_module(layer, family.output), rows, dim=1), index))
+    set_module(layer, family.attention,
+               GroupedSelfAttention(attention, *linears, plan["groups"], size))
 
 
 def _take_position_bias(model: nn.Module, attention: nn.Module, heads: Sequence[int]) -> None:

@@ -34,7 +34,8 @@ class TextModel:
     truncated as they were in training.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], threads: int | None = None):
+    def __init__(self, folder: str | os.PathLike[str], threads: int | None = None,
+                 spin: bool = True):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -48,6 +49,8 @@ class TextModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:  # see glp.deploy.export.OnnxModel: for timing models side by side
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]

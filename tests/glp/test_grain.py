@@ -379,3 +379,104 @@ def test_init_pretrained_without_a_pretrained_model_is_refused():
         get_method("grain").implementation()(context, GrainConfig(init="pretrained"))
     with pytest.raises(ParamError, match="init 'student'"):
         GrainConfig(init="student")
+
+
+def test_the_grouped_layout_holds_every_kept_row_once_in_few_groups():
+    from glp.core.attention import grouped_layout
+
+    generator = torch.Generator().manual_seed(0)
+    heads, size = 12, 32
+    for bucket, max_groups in ((8, 2), (8, 3), (4, 5), (32, 1)):
+        keep = torch.rand(heads * size, generator=generator)
+        qk = [d for d in range(heads * size) if keep[d] < 0.3]
+        vo = [d for d in range(heads * size) if keep[d] > 0.4 and d // size != 5]
+        plan = grouped_layout(qk, vo, heads, size, bucket=bucket, max_groups=max_groups)
+        assert 5 not in plan["heads"] and len(plan["heads"]) == heads - 1
+        assert 1 <= len(plan["groups"]) <= max_groups
+        assert sum(count for count, _, _ in plan["groups"]) == len(plan["heads"])
+        for kind, position in (("qk", 1), ("vo", 2)):
+            rows, index = plan[kind]
+            assert len(index) == sum(g[0] * g[position] for g in plan["groups"])
+            real = [i for i in index if i != len(rows)]
+            assert sorted(real) == list(range(len(rows)))  # every compact row, once
+            for _, *widths in plan["groups"]:
+                assert widths[position - 1] % bucket == 0 or widths[position - 1] == size
+        # the compact rows are the padded layout's: a checkpoint holds the same matrices
+        from glp.core.attention import layout
+        assert plan["qk"][0] == layout(qk, vo, heads, size)["qk"][0]
+
+
+def grouping_model():
+    """A BERT with 3 heads of 32 (widths that fall into more than one group)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=96, num_hidden_layers=2,
+                        num_attention_heads=3, intermediate_size=40,
+                        max_position_embeddings=64, num_labels=3)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    spread_weights(model)
+    return model
+
+
+UNEVEN = Plan(2, qk={0: (0, 1, 2, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 64),
+                     1: tuple(range(40, 60))},
+              vo={0: (3, 4, 40, *range(64, 96)), 1: (0, 1, 2, 3, 50, 70, 71)})
+
+
+def test_bert_like_uneven_heads_run_in_groups_with_no_scatter(tmp_path):
+    import onnx
+
+    from glp.core.attention import GroupedSelfAttention, ScatterLinear
+
+    model = grouping_model()
+    reference = copy.deepcopy(model)
+    masks = DimMasks(reference)
+    for kind, kept in (("qk", UNEVEN.qk), ("vo", UNEVEN.vo)):
+        masks.masks[kind].zero_()
+        for layer, dims in kept.items():
+            masks.masks[kind][layer, list(dims)] = 1
+    masked = logits(reference)
+    apply_plan(model, UNEVEN)
+    attention = encoder_layers(model)[0].attention.self
+    assert isinstance(attention, GroupedSelfAttention) and len(attention.groups) == 2
+    assert not any(isinstance(m, ScatterLinear) for m in model.modules())
+    assert torch.allclose(logits(model), masked, atol=1e-5)
+    assert_round_trip(model, tmp_path)
+    graph = export_onnx(tmp_path / "m", tmp_path / "int8.onnx", int8=True)
+    ops = [node.op_type for node in onnx.load(str(graph)).graph.node]
+    assert "ScatterElements" not in ops and "Pad" not in ops
+    # every projection is an int8 product: the gathered weights were folded into constants
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") >= 2 * 6
+
+
+def test_deberta_keeps_the_padded_layout():
+    from glp.core.attention import ScatterLinear
+
+    model = tiny_model("deberta-v2", layers=2)
+    apply_plan(model, Plan(2, qk={0: (0, 1, 9)}, vo={0: (1, 9)}))
+    assert isinstance(encoder_layers(model)[0].attention.self.query_proj, ScatterLinear)
+
+
+def test_grouped_heads_train_and_see_their_new_weights():
+    model = grouping_model()
+    apply_plan(model, UNEVEN)
+    before = logits(model)  # eval, no autograd: the gathered weights are kept
+    model.train()
+    inputs = batch()
+    loss = model(**inputs, labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    query = encoder_layers(model)[0].attention.self.query
+    assert query.weight.grad is not None and query.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param -= 0.1 * param.grad
+    model.eval()
+    after = logits(model)
+    assert not torch.allclose(before, after)
+    fresh = copy.deepcopy(model)  # nothing kept from before the step
+    for module in fresh.modules():
+        if hasattr(module, "_cache"):
+            module._cache = None
+    assert torch.equal(logits(fresh), after)
