@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,13 @@ import psutil
 def start_process(command: list[str], env: Mapping[str, str], log: Path | None,
                   cwd: Path | None = None) -> subprocess.Popen:
     """A child in its own session, so Ctrl-C reaches only us and we stop it in order;
-    its output appended to ``log`` (None: this process's own stdout and stderr)."""
+    its output appended to ``log`` (None: this process's own stdout and stderr).
+
+    A ``python -m MODULE`` command runs under :mod:`flows.parent_watch`: it stops when
+    this process is gone, even one killed with SIGKILL, which runs no exit handler.
+    """
+    if command[:2] == [sys.executable, "-m"]:
+        command = [sys.executable, "-m", "flows.parent_watch", str(os.getpid()), *command[2:]]
     output: IO[bytes] | None = None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,7 @@ class JobSearch:
                           else list(record.removed))
                 iteration = (record.iteration if isinstance(record, LayerSelected)
                              else record.count - 1)
+                self._check_not_all_diverged(label, iteration, records)
                 row = selection_row(
                     base, run_id=self.parent_run_id, iteration=iteration,
                     layer=getattr(record, "layer", None), order=chosen,
@@ -184,6 +185,17 @@ class JobSearch:
         outcome.seconds = round(outcome.seconds, 3)
         outcome.zero_shot_passes = passes
         return outcome
+
+    def _check_not_all_diverged(self, label: str, iteration: int, records: list) -> None:
+        """Raises GlpError when every candidate this iteration chose from diverged: the
+        choice would be arbitrary, and so would every model after it."""
+        scored = [r for r in records if isinstance(r, CandidateScored)
+                  and r.iteration == iteration]
+        if scored and all(r.result.evaluation.diverged for r in scored):
+            raise GlpError(
+                f"every candidate of {label} iteration {iteration + 1} diverged (a NaN or "
+                f"infinite training loss or output), so there is nothing to choose from; "
+                f"lower --lr ({self.finetune.learning_rate:g})")
 
     def _candidate_row(self, base: dict, record: CandidateScored) -> dict:
         checkpoint, evaluation = record.result.checkpoint, record.result.evaluation

@@ -186,6 +186,42 @@ def test_kill_9_then_resume_repeats_no_finished_work(point, tiny_bert, tmp_path,
     assert len(parent) == 1 and parent[0].data.tags["glp.attempts"] == "2"
 
 
+def _naming(home: Path) -> list[int]:
+    """Process ids of every process whose environment names ``home`` (whatever glp
+    started for a run there: it passes the home to its children in PREFECT_HOME)."""
+    wanted = str(home).encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if wanted in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_kill_9_of_the_process_group_leaves_no_process_and_resumes(tiny_bert, tmp_path,
+                                                                   reference, start):
+    """The OOM killer or a CI timeout: SIGKILL to glp's whole process group. The API server
+    runs in a session of its own, outside that group; it must not outlive glp."""
+    home = tmp_path / "home"
+    process = start(_command(tiny_bert, home, "--keep-candidates"))
+    _wait_for(lambda: _finished(home, "candidates") >= 2, process, "the second candidate")
+    assert _servers(home)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    done_before = _finished(home, "candidates")
+    deadline = time.monotonic() + 30
+    while _naming(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _naming(home), "a process glp started outlived it"
+    computed, reused = _counts(_run(tiny_bert, home, "--keep-candidates"))
+    assert computed + reused == TOTAL and reused >= done_before - 1
+    assert _results(home) == reference
+    assert not [r for r in _runs(home) if r.info.status == "RUNNING"]
+
+
 def _terminate(process: subprocess.Popen) -> tuple[float, str]:
     """SIGTERM the command alone, as a scheduler would; seconds until it exited, stderr."""
     sent = time.monotonic()

@@ -297,3 +297,18 @@ def test_a_layer_pruned_version_serves_text_over_http(two_runs):
         str(i) for i in probabilities.argmax(-1).tolist()]
     np.testing.assert_allclose([r["score"] for r in fp32["predictions"]],
                                probabilities.max(-1).values.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [16, 128])
+def test_a_search_where_every_candidate_diverged_fails_naming_it(harness, tiny_bert, tmp_path,
+                                                                 batch_size):
+    """At lr 1e30 every candidate diverges: a NaN training loss (several steps), or with one
+    step a finite loss and then NaN outputs. There is nothing to choose from, and a prune
+    that reported "remove layer 5" would register an arbitrary model."""
+    from glp import GlpError
+
+    home = tmp_path / "home"
+    with pytest.raises(GlpError, match=r"every candidate of greedy iteration 1 diverged.*"
+                                       r"lower --lr \(1e\+30\)"):
+        prune(_params(tiny_bert, home, learning_rate=1e30, remove=1, batch_size=batch_size))
+    assert not (home / "parquet" / "finals").exists()
