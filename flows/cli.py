@@ -201,8 +201,9 @@ def _local_model(spec: str, home: str | None) -> str:
     """A model directory, or a registered version downloaded into the run home."""
     if not spec.startswith("models:/"):
         return spec
-    from flows.sources import download_registered
+    from flows.sources import check_registered, download_registered
 
+    check_registered(spec, home, option="glp bench")
     run_home = RunHome.resolve(home)
     return download_registered(spec, run_home.tracking_uri, run_home, option="glp bench",
                                use="time")

@@ -170,6 +170,10 @@ def preflight(params: CompressParams) -> str:
 
     method, configs = check_method(params)
     uri = params.model and params.model.startswith("models:/")
+    if uri:
+        from flows.sources import check_registered
+
+        check_registered(params.model, params.home, params.tracking_uri)
     num_layers, data = check_inputs(params.model_copy(update={"model": None}) if uri
                                     else params, [])
     what = params.model or "the embedded default"

@@ -29,6 +29,55 @@ def is_fine_tuned(model_path: str) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
 
 
+def check_registered(uri: str, home: str | None, tracking_uri: str | None = None,
+                     option: str = "--model") -> None:
+    """Refuse, before anything runs or is created, a registry URI that the registry does not
+    hold: a home with no registry, an unknown name, alias or version. An int8 version is
+    refused later, when its files show it (:func:`download_registered`)."""
+    from tasks.home import RunHome
+
+    if "@" not in uri and uri.count("/") < 2:
+        raise GlpError(f"{option} {uri}: name a version, models:/NAME@alias or "
+                       "models:/NAME/VERSION")
+    run_home = RunHome.resolve(home)
+    if tracking_uri is None and not run_home.mlflow_db.is_file():
+        raise GlpError(f"{option} {uri}: the run home {run_home.root} has no registry (no "
+                       "mlflow.db); pass the --home where glp registered it, or a model "
+                       "directory")
+    import logging
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    client = MlflowClient(tracking_uri=tracking_uri or run_home.tracking_uri,
+                          registry_uri=tracking_uri or run_home.tracking_uri)
+    body = uri[len("models:/"):]
+    name, _, alias = body.partition("@")
+    if not alias:
+        name, _, version = body.rpartition("/")
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        else:
+            client.get_model_version(name, version)
+        return
+    except MlflowException:
+        pass
+    names = sorted(m.name for m in client.search_registered_models())
+    if name not in names:
+        known = (f"registered names: {', '.join(names[:8])}" + (" …" if len(names) > 8
+                                                                  else "")
+                 if names else "it holds no registered model")
+        raise GlpError(f"{option} {uri}: the registry at {run_home.root} has no model "
+                       f"'{name}'; {known}")
+    if alias:
+        aliases = sorted(client.get_registered_model(name).aliases)
+        raise GlpError(f"{option} {uri}: '{name}' has no alias '{alias}'; its aliases: "
+                       f"{', '.join(aliases) or 'none'}")
+    raise GlpError(f"{option} {uri}: '{name}' has no version {version}")
+
+
 def download_registered(uri: str, tracking_uri: str, home, option: str = "--model",
                         use: str = "compress") -> str:
     """A registered fp32 version, as a local model directory in the run home.

@@ -173,8 +173,49 @@ def test_bench_refuses_what_is_not_a_model(tmp_path):
 def test_bench_names_a_registry_uri_it_cannot_find(tmp_path):
     result = runner.invoke(app, ["bench", "models:/nothing@best", "--home", str(tmp_path)])
     assert result.exit_code == 2
-    assert "glp bench models:/nothing@best: not found in the registry" in " ".join(
-        result.output.split())
+    assert (f"glp bench models:/nothing@best: the run home {tmp_path} has no registry"
+            in " ".join(result.output.split()))
+
+
+@pytest.fixture
+def registry_home(tmp_path):
+    """A run home whose registry holds one model, glp-x, with the aliases best and depth-4."""
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "registry-home"
+    home.mkdir()
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("glp-x")
+    version = client.create_model_version("glp-x", source=str(tmp_path)).version
+    for alias in ("best", "depth-4"):
+        client.set_registered_model_alias("glp-x", alias, version)
+    return home
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("models:/nosuch@best", "has no model 'nosuch'; registered names: glp-x"),
+    ("models:/glp-x@depth-9", "'glp-x' has no alias 'depth-9'; its aliases: best, depth-4"),
+    ("models:/glp-x/7", "'glp-x' has no version 7"),
+    ("models:/glp-x", "name a version, models:/NAME@alias or models:/NAME/VERSION"),
+])
+def test_compress_refuses_a_registry_uri_the_registry_does_not_hold(uri, expected,
+                                                                     registry_home):
+    before = sorted(p.name for p in registry_home.iterdir())
+    result = runner.invoke(app, ["compress", "--method", "lowrank", "--model", uri,
+                                 "--home", str(registry_home)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"--model {uri}" in output and expected in output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+    assert sorted(p.name for p in registry_home.iterdir()) == before
+
+
+def test_compress_with_a_registry_uri_and_a_new_home_creates_nothing(tmp_path):
+    home = tmp_path / "new"
+    result = runner.invoke(app, ["compress", "--method", "lowrank", "--model",
+                                 "models:/nosuch@best", "--home", str(home)])
+    assert result.exit_code == 2 and "has no registry" in result.output
+    assert not home.exists()
 
 
 # ---------------------------------------------------------------- glp pick
