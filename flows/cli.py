@@ -358,7 +358,39 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """``glp``: the commands, with a bad option value refused in one line, as every other
+    refusal is (``error: --max-parameters abc: …``), instead of click's usage block."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="glp", standalone_mode=False)
+    except typer.BadParameter as exc:
+        try:
+            _fail(_bad_parameter(exc, sys.argv[1:]))
+        except typer.Exit as stop:
+            sys.exit(stop.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except typer.TyperException as exc:  # unknown options, missing arguments: click's text
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _bad_parameter(exc, argv: list[str]) -> str:
+    """``--option VALUE: reason``, the value as it was typed."""
+    options = list(getattr(exc.param, "opts", None) or [])
+    option = options[0] if options else (exc.param_hint or "a value")
+    value = None
+    for index, word in enumerate(argv):
+        for name in options:
+            if word == name and index + 1 < len(argv):
+                option, value = name, argv[index + 1]
+            elif word.startswith(name + "="):
+                option, value = name, word[len(name) + 1:]
+    reason = exc.message[:1].lower() + exc.message[1:] if exc.message else "not valid"
+    return f"{option} {value}: {reason}" if value is not None else f"{option}: {reason}"
 
 
 if __name__ == "__main__":

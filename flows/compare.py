@@ -156,8 +156,10 @@ def preflight(params: CompareParams) -> str:
         names = ", ".join(parse_methods(params.methods))
         trained = "".join(f" ({m}: {e:g} pruning epochs)"
                           for m, e in pruning_epochs(params).items())
-        return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers, "
-                f"{describe_sizes(params)}{trained}, of {params.model} on "
+        sizes = describe_sizes(params)
+        layers = f"remove 1..{params.remove} of {num_layers} layers"
+        return (f"compare {names}: {', '.join(p for p in (layers, sizes + trained) if p)}, "
+                f"of {params.model} on "
                 f"{data.spec.name} ({len(data.train):,} train / {len(data.dev):,} dev rows, "
                 f"{data.spec.metric}, {_seeds(params.seeds)})")
     names = ", ".join(dict.fromkeys(s.name for s in strategies))

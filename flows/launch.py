@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import warnings
 from collections.abc import Callable, Mapping
@@ -57,7 +58,7 @@ class RichReporter:
             self.bars.remove_task(handle)  # one bar per fine-tune would flood the screen
 
     def note(self, message: str) -> None:
-        self.bars.console.print(f"[green]✓[/green] {message}")
+        self.bars.console.print(f"[green]✓[/green] {escape(message)}")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -208,8 +209,8 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,
         run_home.ensure_writable()
     except GlpError as exc:
         fail(explain(exc, values))
-    console.print(f"[bold]glp[/bold] {described}")
-    console.print(f"run home: {run_home.root}")
+    console.print(f"[bold]glp[/bold] {escape(described)}")
+    console.print(f"run home: {run_home.root}", markup=False)
     bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console)
@@ -230,9 +231,10 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,
         from tasks.faults import is_full_disk
 
         if is_full_disk(exc):  # not retried: one line, what to do
+            home = shlex.quote(str(run_home.root))
             fail(f"no space left on the device of {exc.filename or run_home.root}: free some "
-                 f"space (glp gc --home {run_home.root} removes what no run needs) and run "
-                 "the same command again")
+                 f"space (glp gc --home {home} removes what no run needs) and run the same "
+                 "command again")
         err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: "
                   f"{escape(str(exc))}",
                   highlight=False)

@@ -31,10 +31,14 @@ def parse_methods(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``"greedy,top,mlpruning,greedy+lowrank"`` (or a list): known, unique names in the
     given order, or a GlpError naming the bad one and what would be valid."""
     items = value.split(",") if isinstance(value, str) else list(value)
-    items = [n.strip().lower() for n in items if n.strip()]
     valid = f"{', '.join(names())}, or compositions such as {', '.join(EXAMPLES)}"
-    if not items:
+    if not any(n.strip() for n in items):
         raise GlpError(f"--methods: no method given; choose from {valid}")
+    if not all(n.strip() for n in items):
+        typed = value if isinstance(value, str) else ",".join(items)
+        raise GlpError(f"--methods {typed}: an empty name between commas; give names "
+                       f"separated by single commas, e.g. greedy,top,mlpruning")
+    items = [n.strip().lower() for n in items]
     items = ["+".join(step.strip() for step in name.split("+")) for name in items]
     for name in items:
         steps = name.split("+")

@@ -43,7 +43,8 @@ class PruneParams(BaseModel):
     label_column: str = "label"
     task_type: str = "classification"
     metric: str | None = None
-    remove: int = Field(2, ge=1, description="layers to remove")
+    remove: int = Field(2, description="layers to remove (1 to the model's layers - 1: "
+                                       "checked against the model)")
     strategy: str = "greedy"
     prefilter_keep: int = Field(0, ge=0, description="greedy: fine-tune only the m candidates "
                                 "with the lowest block influence (0 = all)")

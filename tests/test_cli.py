@@ -32,7 +32,7 @@ def albert(tmp_path):
     [
         (["--task", "nope"], "unknown task 'nope'"),
         (["--remove", "6"], "cannot remove 6 layers"),
-        (["--remove", "0"], "--remove"),
+        (["--remove", "0"], "--remove 0: choose 1..5 (the model has 6 encoder layers"),
         (["--strategy", "best-guess"], "unknown strategy 'best-guess'"),
         (["--train-file", "missing.csv", "--text-column", "text"], "missing.csv"),
         (["--model", "./no/such/model"], "no/such/model"),
@@ -370,3 +370,23 @@ def test_pick_of_an_unregistered_int8_model_prints_its_int8_folder(tmp_path):
     code, out, err = _pick(home, "--min-metric", "0.78", "--precision", "int8")
     assert code == 0, err
     assert out.strip().splitlines()[-1] == "/int8/greedy4-41"
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["pick", "--max-parameters", "abc"], "error: --max-parameters abc: input should be a "
+                                          "valid integer"),
+    (["pick", "--max-latency-ms=1x"], "error: --max-latency-ms 1x: input should be a valid "
+                                      "number"),
+])
+def test_a_bad_number_is_one_line_naming_the_option_and_the_value(args, expected, tmp_path,
+                                                                  monkeypatch, capfd):
+    import sys
+
+    from flows.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["glp", *args, "--home", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capfd.readouterr().err
+    assert exited.value.code == 2
+    assert " ".join(err.split()).startswith(expected) and len(err.strip().splitlines()) == 1

@@ -345,24 +345,28 @@ class Plan:
         if version > FORMAT:
             raise GlpError(f"plan format {version} is newer than this glp understands "
                            f"({FORMAT}); upgrade glp")
-        try:
-            return cls(
-                num_layers=int(data["num_layers"]),
-                removed=tuple(data.get("removed", ())),
-                heads={int(k): tuple(v) for k, v in data.get("heads", {}).items()},
-                neurons={int(k): tuple(v) for k, v in data.get("neurons", {}).items()},
-                blocks={k: BlockMask(int(b["size"]), int(b["rows"]), int(b["cols"]),
-                                     str(b["bits"])) for k, b in data.get("blocks", {}).items()},
-                ranks=dict(data.get("ranks", {})),
-                shared=tuple(data.get("shared", ())),
-                coded=dict(data.get("coded", {})),
-                qk={int(k): tuple(v) for k, v in data.get("qk", {}).items()},
-                vo={int(k): tuple(v) for k, v in data.get("vo", {}).items()},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, GlpError):
-                raise
-            raise GlpError(f"not a glp plan ({type(exc).__name__}: {exc})") from None
+        if "num_layers" not in data:
+            raise GlpError("not a glp plan: it has no num_layers")
+        blocks = {}
+        for key, block in _mapping(data, "blocks", "block masks").items():
+            if not isinstance(block, Mapping) or not isinstance(block.get("bits"), str):
+                raise GlpError(f"not a glp plan: blocks {key!r} must be an object with size, "
+                               f"rows, cols and bits, got {_shown(block)}")
+            blocks[key] = BlockMask(*(_whole(block.get(f), f"blocks {key!r} {f}")
+                                      for f in ("size", "rows", "cols")), block["bits"])
+        return cls(
+            num_layers=_whole(data["num_layers"], "num_layers"),
+            removed=_wholes(data.get("removed", ()), "removed", "layer numbers"),
+            heads=_layer_lists(data, "heads", "head indices"),
+            neurons=_layer_lists(data, "neurons", "FFN neuron indices"),
+            blocks=blocks,
+            ranks={k: _whole(v, f"ranks {k!r}")
+                   for k, v in _mapping(data, "ranks", "ranks").items()},
+            shared=tuple(str(v) for v in _list(data.get("shared", ()), "shared", "roles")),
+            coded=dict(_mapping(data, "coded", "autoencoder settings")),
+            qk=_layer_lists(data, "qk", "query/key dimensions"),
+            vo=_layer_lists(data, "vo", "value/output dimensions"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -461,3 +465,42 @@ def check_factorisable(plan: Plan | None, roles: Iterable[str]) -> None:
         raise ParamError("modules", ",".join(attention), (
             "other matrices, e.g. ffn_in,ffn_out (this model was pruned inside its attention "
             "heads, whose matrices have per-head widths)"))
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _whole(value, where: str) -> int:
+    """A whole number of a plan (a JSON number, or a layer key such as ``"3"``)."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (
+            isinstance(value, str) and value.lstrip("-").isdigit())):
+        raise GlpError(f"not a glp plan: {where} must be a whole number, got {_shown(value)}")
+    return int(value)
+
+
+def _list(value, field: str, what: str) -> list:
+    if not isinstance(value, list | tuple):
+        raise GlpError(f"not a glp plan: {field} must be a list of {what}, got {_shown(value)}")
+    return list(value)
+
+
+def _wholes(value, field: str, what: str) -> tuple[int, ...]:
+    return tuple(_whole(v, f"each of {field}") for v in _list(value, field, what))
+
+
+def _mapping(data: Mapping, field: str, what: str) -> Mapping:
+    value = data.get(field, {})
+    if not isinstance(value, Mapping):
+        raise GlpError(f"not a glp plan: {field} must be an object of {what}, got "
+                       f"{_shown(value)}")
+    return value
+
+
+def _layer_lists(data: Mapping, field: str, what: str) -> dict[int, tuple[int, ...]]:
+    """``{"3": [0, 5, ...]}``: per layer number, a list of indices."""
+    return {_whole(layer, f"{field}: layer {layer!r}"):
+            _wholes(items, f"{field} of layer {layer}", what)
+            for layer, items in _mapping(data, field, f"layer numbers to lists of {what}"
+                                         ).items()}

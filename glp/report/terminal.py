@@ -9,6 +9,7 @@ printed whole (soft-wrapped), so that a pipe or a copy gets them intact.
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -82,7 +83,7 @@ def show(console: Console, title: str, header: Sequence[Cell], rows: Iterable[Se
             grow = min(full[j] - widths[j], spare)
             widths[j] += grow
             spare -= grow
-        table = Table(title=title if number == 0 else f"{title} (continued)")
+        table = Table(title=Text(title if number == 0 else f"{title} (continued)"))
         for j in part:
             table.add_column(head[j], justify="right" if j in right else "left",
                              width=widths[j], overflow="fold")
@@ -117,8 +118,9 @@ def _records(console: Console, title: str, head: list[Text], body: list[list[Tex
 
 
 def _say(console: Console, text: str) -> None:
-    """A line printed whole: a terminal wraps it, a pipe gets it in one piece."""
-    console.print(text, soft_wrap=True)
+    """A line printed whole: a terminal wraps it, a pipe gets it in one piece. Printed as
+    it is: a path or a name with brackets in it is never read as markup."""
+    console.print(text, soft_wrap=True, markup=False)
 
 
 def _pooled(values: list[float], rows: int) -> Text:
@@ -140,8 +142,8 @@ def print_counts(console: Console, summary: Any) -> None:
     compressions) were computed and reused, the wall time and the job."""
     total = summary.computed + summary.reused
     what = "models" if getattr(summary, "method", None) else "fine-tunes"
-    _say(console, f"{what}: [bold]{summary.computed}[/bold] computed, "
-                  f"[bold]{summary.reused}[/bold] reused from cache (of {total}); "
+    _say(console, f"{what}: {summary.computed} computed, "
+                  f"{summary.reused} reused from cache (of {total}); "
                   f"wall time {summary.seconds:.0f} s; job {summary.job_id}")
 
 
@@ -166,8 +168,8 @@ def score_cell(row: dict) -> str:
 def print_summary(console: Console, summary: Any) -> None:
     """The pruning order, every candidate's score, the final models, and where to look."""
     console.print()
-    _say(console, f"[bold]Pruning order[/bold] ({summary.strategy}, first removed first): "
-                  f"[cyan]{', '.join(map(str, summary.order))}[/cyan]")
+    _say(console, f"Pruning order ({summary.strategy}, first removed first): "
+                  f"{', '.join(map(str, summary.order))}")
     if summary.candidates and summary.strategy.startswith("greedy"):
         full = sum(summary.num_layers - k for k in range(len(summary.order)))
         _say(console, f"search cost: {summary.search_fine_tunes} fine-tunes, "
@@ -218,9 +220,9 @@ def print_summary(console: Console, summary: Any) -> None:
     if summary.registered_model:
         _registered_lines(console, summary.registered_model)
         if distilled:
-            _say(console, f"distilled:        [cyan]{summary.registered_model}-kd[/cyan], "
+            _say(console, f"distilled:        {summary.registered_model}-kd, "
                           "the same aliases")
-    _say(console, f"MLflow UI:      glp ui --home {home}")
+    _say(console, f"MLflow UI:      glp ui --home {shlex.quote(str(home))}")
     _say(console, f"Parquet tables: {home / 'parquet'} (candidates/, selections/, finals/)")
 
 
@@ -234,7 +236,7 @@ def _int8_cell(members: Sequence[dict]) -> str:
 
 
 def _registered_lines(console: Console, name: str) -> None:
-    _say(console, f"registered model: [cyan]{name}[/cyan], text in, onnxruntime: "
+    _say(console, f"registered model: {name}, text in, onnxruntime: "
                   f"mlflow.pyfunc.load_model(\"models:/{name}@best\")")
     _say(console, f"                  int8: models:/{name}@best-int8; serve: mlflow models "
                   f"serve -m models:/{name}@best-int8 --env-manager local")
@@ -359,7 +361,7 @@ def print_compression(console: Console, summary: Any) -> None:
         _say(console, f"                glp export {dirs[0]} --onnx --out model.onnx")
     if summary.registered_model:
         _registered_lines(console, summary.registered_model)
-    _say(console, f"MLflow UI:      glp ui --home {home}")
+    _say(console, f"MLflow UI:      glp ui --home {shlex.quote(str(home))}")
     _say(console, f"Parquet tables: {home / 'parquet'} (finals/: method, plan, parameters, "
                   "encoder_density, model_dir)")
 

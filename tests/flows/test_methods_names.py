@@ -19,6 +19,8 @@ def test_methods_are_parsed_in_order_without_duplicates():
 @pytest.mark.parametrize(("value", "message"), [
     ("greedy,svd", "--methods svd: unknown method 'svd'; choose from greedy, top"),
     ("", "--methods: no method given"),
+    ("greedy,,top", "--methods greedy,,top: an empty name between commas"),
+    ("greedy,top,", "--methods greedy,top,: an empty name between commas"),
     ("top+lowrank", "a composition starts with greedy"),
     ("greedy+lowrank+mlpruning", "a width method cannot follow lowrank"),
     ("greedy+mlpruning+mlpruning", "a width method cannot follow mlpruning"),
@@ -164,3 +166,11 @@ def test_one_registered_name_for_a_whole_comparison_is_refused():
 
     with pytest.raises(GlpError, match="--registered-model mine: compare registers each"):
         preflight(CompareParams(methods="greedy,mlpruning", registered_model="mine"))
+
+
+def test_a_comparison_of_layer_strategies_describes_no_sizes():
+    from flows.compare import CompareParams, preflight
+
+    described = preflight(CompareParams(methods="greedy,top", remove=1, train_limit=40))
+    assert described.startswith("compare greedy, top: remove 1..1 of 6 layers, of ")
+    assert "density" not in described and ", ," not in described

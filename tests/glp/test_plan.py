@@ -224,3 +224,24 @@ def test_apply_plan_refuses_a_plan_for_another_depth_and_a_second_width_cut():
     model = apply_plan(tiny_model("bert"), Plan(4, heads={0: (0,)}))
     with pytest.raises(GlpError, match="already cut in width"):
         apply_plan(model, Plan(4, heads={1: (0,)}))
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"num_layers": 6, "heads": {"0": 5}}, "heads of layer 0 must be a list of head indices"),
+    ({"num_layers": 6, "qk": {"0": ["a"]}}, "each of qk of layer 0 must be a whole number"),
+    ({"num_layers": 6, "ranks": {"0.query": "abc"}}, "ranks '0.query' must be a whole number"),
+    ({"num_layers": 6, "removed": [[1]]}, "each of removed must be a whole number, got [1]"),
+    ({"num_layers": [6]}, "num_layers must be a whole number, got [6]"),
+    ({"num_layers": 6, "heads": [1, 2]}, "heads must be an object of layer numbers"),
+    ({"num_layers": 6, "blocks": {"0.query": 3}}, "blocks '0.query' must be an object"),
+    ({"removed": [1]}, "it has no num_layers"),
+])
+def test_a_hand_edited_plan_of_the_wrong_shape_is_named_not_a_python_error(data, expected,
+                                                                           tmp_path):
+    (tmp_path / "glp_plan.json").write_text(json.dumps(data))
+    with pytest.raises(GlpError) as error:
+        read_plan(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'glp_plan.json'}: not a glp plan: ")
+    assert expected in message
+    assert "TypeError" not in message and "ValueError" not in message

@@ -211,3 +211,13 @@ def test_every_method_without_int8_keeps_the_pytorch_buckets():
     text = out.getvalue()
     assert "Deployed in int8" not in text
     assert "  ≥2×: greedy (3 layers), accuracy 0.7000 ± 0.0141, 2.00×" in text
+
+
+def test_user_values_print_as_typed_never_as_markup_and_hints_are_quoted():
+    summary = _summary(seeds=1)
+    summary.home = "/tmp/my runs/[red]home[/red]"
+    summary.registered_model = "glp-[bold]x"
+    text = _wide(print_summary, summary)
+    assert "glp ui --home '/tmp/my runs/[red]home[/red]'" in text
+    assert "/tmp/my runs/[red]home[/red]/parquet" in text
+    assert "glp-[bold]x" in text

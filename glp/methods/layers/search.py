@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from glp.core.errors import GlpError
+from glp.core.errors import GlpError, ParamError
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,8 @@ def validate_budget(num_layers: int, remove: int) -> None:
     if num_layers < 2:
         raise GlpError(f"the model has {num_layers} encoder layer(s); nothing can be removed")
     if not 1 <= remove <= num_layers - 1:
-        raise GlpError(
-            f"cannot remove {remove} layers: the model has {num_layers} encoder layers; "
-            f"choose 1..{num_layers - 1}"
-        )
+        raise ParamError("remove", remove, f"1..{num_layers - 1} (the model has {num_layers} "
+                         f"encoder layers; it cannot remove {remove} layers)")
 
 
 class Strategy:
