@@ -100,8 +100,25 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _hold_stop_signals() -> None:
+    """After the first stop signal, the rest are ignored while glp closes its runs and
+    stops its server: ``timeout`` forwards the terminal's Ctrl-C a second time, and a
+    second KeyboardInterrupt in the middle of that cleanup left the MLflow run RUNNING."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _terminated(signum: int, frame: object) -> None:
+    _hold_stop_signals()
     raise Terminated(signum)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _hold_stop_signals()
+    raise KeyboardInterrupt
 
 
 def _interrupted(signum: int, run_home: RunHome) -> typer.Exit:
@@ -155,21 +172,30 @@ def run_command(kind: str, values: dict, home: str | None, verbose: bool, *,
     SIGTERM, SIGHUP (the terminal closed) and Ctrl-C stop the run within a training step:
     the running fine-tune is dropped, the parent MLflow run is closed as KILLED, the API
     server is stopped, and the command exits with 128 + the signal's number (143, 129,
-    130); the same command resumes.
+    130); the same command resumes. Once one of them has arrived, the others are ignored
+    until the command has exited, so that a second one (``timeout`` forwards Ctrl-C) cannot
+    cut that cleanup short.
     """
     run_home = RunHome.resolve(home)
     # Prefect swaps in its own SIGTERM handler while the flow runs and hands the signal
     # back to this one when the flow has been torn down.
     previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
+    stopped = False
     try:
         _run_command(kind, values, run_home, verbose, option_names, explain)
     except Terminated as stop:
+        stopped = True
         raise _interrupted(stop.signum, run_home) from None
     except KeyboardInterrupt:
+        stopped = True
+        _hold_stop_signals()
         raise _interrupted(signal.SIGINT, run_home) from None
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if not stopped:  # a stopped command keeps holding them until it has exited
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,

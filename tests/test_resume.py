@@ -318,6 +318,27 @@ def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes(tiny_bert, tmp_path, ref
     assert _results(home) == reference
 
 
+@pytest.mark.parametrize("gap", [None, 0.1, 0.5, 1.0])
+def test_ctrl_c_twice_under_timeout_still_closes_the_run(tiny_bert, tmp_path, start, gap):
+    """``timeout 600 glp prune ...`` in a terminal: Ctrl-C reaches glp from the terminal and
+    again from ``timeout``, which forwards it (``gap`` None); or a second Ctrl-C ``gap``
+    seconds after the first. The second must not cut the first's cleanup short and leave
+    the MLflow run RUNNING."""
+    home = tmp_path / "home"
+    command = _command(tiny_bert, home, "--keep-candidates")
+    process = start(["timeout", "600", *command] if gap is None else command)
+    _wait_for(lambda: _finished(home, "candidates") >= 2, process, "the second candidate")
+    os.killpg(process.pid, signal.SIGINT)
+    if gap is not None:
+        time.sleep(gap)
+        os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "interrupted by SIGINT" in stderr and "Traceback" not in stderr
+    assert [r.info.status for r in _job_runs(home)] == ["KILLED"]
+    assert not [r for r in _runs(home) if r.info.status == "RUNNING"]
+
+
 def test_concurrent_runs_in_one_home(tiny_bert, tmp_path):
     home = tmp_path / "home"
     shared = ("--registered-model", "glp-shared")
