@@ -31,7 +31,13 @@ from flows.comparison import (
 from flows.job import Job, distilled_variant, final_plans
 from flows.methods import compressor_names, layer_strategies, parse_methods
 from flows.options import COMPARE_SIZES
-from flows.params import PruneParams, check_inputs, check_search, strategy_for
+from flows.params import (
+    PruneParams,
+    check_inputs,
+    check_search,
+    selection_notes,
+    strategy_for,
+)
 from flows.registration import register_depths
 from flows.runners import run_on_task_runner
 from glp import GlpError
@@ -40,7 +46,7 @@ from glp.methods.layers.search import STRATEGIES, Strategy
 from glp.report.tables import label, write_report
 from tasks.methods import method_fingerprint
 from tasks.records import written
-from tasks.tracking import end_job_run, log_report
+from tasks.tracking import log_report
 
 ALL_STRATEGIES = tuple(STRATEGIES)
 
@@ -161,11 +167,12 @@ def preflight(params: CompareParams) -> str:
         return (f"compare {names}: {', '.join(p for p in (layers, sizes + trained) if p)}, "
                 f"of {params.model} on "
                 f"{data.spec.name} ({len(data.train):,} train / {len(data.dev):,} dev rows, "
-                f"{data.spec.metric}, {_seeds(params.seeds)})")
+                f"{data.spec.metric}, {_seeds(params.seeds)})" + selection_notes(params, data))
     names = ", ".join(dict.fromkeys(s.name for s in strategies))
     return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers of "
             f"{params.model} on {data.spec.name} ({len(data.train):,} train / "
-            f"{len(data.dev):,} dev rows, {data.spec.metric}, {_seeds(params.seeds)})")
+            f"{len(data.dev):,} dev rows, {data.spec.metric}, {_seeds(params.seeds)})"
+            + selection_notes(params, data))
 
 
 def _seeds(count: int) -> str:
@@ -244,9 +251,8 @@ def _compare(params: CompareParams) -> CompareSummary:
                 costs=spent, subject=f"{data.task} · {params.model}",
                 home=job.home.root, command=params.command)
         log_report(job.tracking_uri, job.parent_run_id, folder)
-        end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
-                    metrics={"fine_tunes_computed": job.counts["computed"],
-                             "fine_tunes_reused": job.counts["reused"], "seconds": seconds})
+        job.finish(metrics={"fine_tunes_computed": job.counts["computed"],
+                            "fine_tunes_reused": job.counts["reused"], "seconds": seconds})
     except BaseException as exc:
         job.abort(exc)
         raise

@@ -49,7 +49,7 @@ from tasks.methods import (
 )
 from tasks.records import final_row, written
 from tasks.registry import Registration, register_all, registrations
-from tasks.tracking import FINAL, end_job_run, log_child_run
+from tasks.tracking import FINAL, log_child_run
 from tasks.training import Checkpoint
 
 
@@ -166,7 +166,7 @@ def check_on_model(method: Method, configs: list, model_path: str) -> None:
 
 def preflight(params: CompressParams) -> str:
     """Check every input before anything runs; a one-line description of the job."""
-    from flows.params import check_inputs
+    from flows.params import check_inputs, selection_notes
 
     method, configs = check_method(params)
     uri = params.model and params.model.startswith("models:/")
@@ -186,7 +186,8 @@ def preflight(params: CompressParams) -> str:
              if params.prune_layers else "")
     return (f"{method.name}: compress {what}{first} to {method.budget} {sizes} "
             f"({method.family}) on {data.spec.name} ({len(data.train):,} train / "
-            f"{len(data.dev):,} dev rows, selection by {data.spec.metric})")
+            f"{len(data.dev):,} dev rows, selection by {data.spec.metric})"
+            + selection_notes(params, data))
 
 
 @flow(name="glp-compress", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -247,9 +248,8 @@ def _compress(params: CompressParams) -> CompressSummary:
         versions = register_sizes(job, name, rows, method) if params.register_models else {}
         job.write_finals(reference + rows)
         seconds = round(time.perf_counter() - started, 1)
-        end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
-                    metrics={"compressions_computed": job.counts["computed"],
-                             "compressions_reused": job.counts["reused"], "seconds": seconds})
+        job.finish(metrics={"compressions_computed": job.counts["computed"],
+                            "compressions_reused": job.counts["reused"], "seconds": seconds})
     except BaseException as exc:
         job.abort(exc)
         raise

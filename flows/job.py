@@ -33,6 +33,7 @@ from tasks.analysis import layer_similarity, measure_latencies
 from tasks.data import DataRef, is_pair, prepare_data
 from tasks.deployment import evaluate_int8, int8_folder
 from tasks.home import RunHome
+from tasks.locks import JobLock
 from tasks.records import (
     final_row,
     record_rows,
@@ -112,8 +113,11 @@ class Job(JobSearch):
                              if self.params.distill else ()))
 
     def start(self, job_id: str, run_name: str, tags: dict[str, str]) -> str:
+        """Open the job's parent run, once no other process runs the same job here."""
         progress.clear_stop()
         self.job_id = job_id
+        self.lock = JobLock(self.home.root / "locks", job_id)
+        self.lock.acquire(self.reporter.note)
         self.common_tags = {"glp.model": self.params.model, "glp.task": self.data.task,
                             "glp.metric": self.data.metric, **tags}
         self.parent_run_id = start_job_run(
@@ -134,8 +138,21 @@ class Job(JobSearch):
         their next step (a thread pool would otherwise finish every queued one before the
         flow could end) and close the parent run as FAILED, or KILLED when interrupted."""
         progress.request_stop()
-        end_job_run(self.tracking_uri, self.parent_run_id,
-                    "FAILED" if isinstance(exc, Exception) else "KILLED")
+        try:
+            if self.parent_run_id:
+                end_job_run(self.tracking_uri, self.parent_run_id,
+                            "FAILED" if isinstance(exc, Exception) else "KILLED")
+        finally:
+            if getattr(self, "lock", None):
+                self.lock.release()
+
+    def finish(self, metrics: dict, tags: dict | None = None) -> None:
+        """Close the parent run as FINISHED, and let a waiting identical job go on."""
+        try:
+            end_job_run(self.tracking_uri, self.parent_run_id, "FINISHED", metrics=metrics,
+                        tags=tags)
+        finally:
+            self.lock.release()
 
     def version_tags(self) -> dict[str, str]:
         """What every registered version of this job records about its inputs."""

@@ -174,8 +174,16 @@ def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, 
     check_options(params)
     _, num_layers = check_model(params, strategies)
     data = load_source(params.source())
-    checked_train(data, params.train_limit, params.split_seed)
+    checked_train(data, params.train_limit, params.split_seed, params.selection_fraction)
     return num_layers, data
+
+
+def selection_notes(params: PruneParams, data: TaskData) -> str:
+    """What the job's description adds about its selection split: a warning line per
+    class it does not hold (the data as :func:`check_inputs` loaded it)."""
+    _, notes = checked_train(data, params.train_limit, params.split_seed,
+                             params.selection_fraction)
+    return "".join(f"\nwarning: {note}" for note in notes)
 
 
 def _strategy_names(params: PruneParams) -> list[str]:

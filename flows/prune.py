@@ -16,10 +16,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows.job import Job, final_plans
-from flows.params import PruneParams, check_inputs, model_slug, strategy_for
+from flows.params import (
+    PruneParams,
+    check_inputs,
+    model_slug,
+    selection_notes,
+    strategy_for,
+)
 from flows.registration import register_depths
 from flows.runners import run_on_task_runner
-from tasks.tracking import end_job_run
 
 __all__ = ["PruneParams", "PruneSummary", "preflight", "prune", "model_slug"]
 
@@ -57,7 +62,8 @@ def preflight(params: PruneParams) -> str:
     num_layers, data = check_inputs(params, [strategy])
     return (f"{strategy.label}: remove {params.remove} of {num_layers} layers of "
             f"{params.model} on {data.spec.name} ({len(data.train):,} train / "
-            f"{len(data.dev):,} dev rows, selection by {data.spec.metric})")
+            f"{len(data.dev):,} dev rows, selection by {data.spec.metric})"
+            + selection_notes(params, data))
 
 
 @flow(name="glp-prune", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -92,12 +98,11 @@ def _prune(params: PruneParams) -> PruneSummary:
                             distilled=True)
         job.write_finals(final_rows)
         seconds = round(time.perf_counter() - started, 1)
-        end_job_run(job.tracking_uri, job.parent_run_id, "FINISHED",
-                    metrics={"fine_tunes_computed": job.counts["computed"],
-                             "fine_tunes_reused": job.counts["reused"], "seconds": seconds,
-                             "search_fine_tunes": outcome.fine_tunes,
-                             "search_equivalents": outcome.equivalents},
-                    tags={"glp.order": ",".join(map(str, outcome.order))})
+        job.finish(metrics={"fine_tunes_computed": job.counts["computed"],
+                            "fine_tunes_reused": job.counts["reused"], "seconds": seconds,
+                            "search_fine_tunes": outcome.fine_tunes,
+                            "search_equivalents": outcome.equivalents},
+                   tags={"glp.order": ",".join(map(str, outcome.order))})
     except BaseException as exc:
         job.abort(exc)
         raise

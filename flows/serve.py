@@ -425,10 +425,9 @@ def serve(home: str | os.PathLike[str] | None = None, port: int = DEFAULT_PORT,
                      f"{COMPARE_DEPLOYMENT} (Sundays 03:00 UTC)")
                 deploy_all(env, pool)
             worker = start_worker(env, pool, limit=limit)
-            echo("")
-            echo(f"Prefect UI:   {ui_url(host, port)}" if ui else f"Prefect API: {api}")
-            echo(f"Runs write to {run_home.root} (MLflow: glp ui --home "
-                 f"{shlex.quote(str(run_home.root))})")
+            echo("\n" + (f"Prefect UI:   {ui_url(host, port)}" if ui else f"Prefect API: {api}"))
+            quoted = shlex.quote(str(run_home.root))
+            echo(f"Runs write to {run_home.root} (MLflow: glp ui --home {quoted})")
             echo("Start a run now, from another terminal:")
             echo(f"  {trigger_command(PRUNE_DEPLOYMENT, api=api)}")
             echo("Worker started; Ctrl-C stops the worker and the server.")

@@ -17,6 +17,7 @@ from glp import GlpError
 from glp.training.data import (
     TaskData,
     check_labels,
+    check_selection,
     fingerprint,
     get_task,
     limit_examples,
@@ -107,14 +108,17 @@ def _read_source(source: DataSource) -> TaskData:
     return load_glue_task(source.task, source.data_dir)
 
 
-def checked_train(data: TaskData, train_limit: int | None, split_seed: int
-                  ) -> datasets.Dataset:
+def checked_train(data: TaskData, train_limit: int | None, split_seed: int,
+                  selection_fraction: float) -> tuple[datasets.Dataset, list[str]]:
     """The training rows a run uses (``train_limit`` of them, deterministically), after
     checking that a model can learn them and be judged on the dev rows (glp.training.data's
-    ``check_labels``)."""
+    ``check_labels``), and that they leave a selection split worth the name
+    (``check_selection``); with the warnings about that split."""
     train = limit_examples(data.train, train_limit, seed=split_seed)
     check_labels(train, data.dev, data.spec, limited=train_limit is not None)
-    return train
+    notes = check_selection(train, selection_fraction, split_seed, data.spec,
+                            limited=train_limit is not None)
+    return train, notes
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE, retries=1,
@@ -133,8 +137,9 @@ def prepare_data(
     """
     data = load_source(source)
     # Checked here too, not only in the CLI: a deployment or a direct flow call gets it.
-    train = checked_train(data, train_limit, split_seed)
-    fit, selection = split_for_selection(train, selection_fraction, seed=split_seed)
+    train, _ = checked_train(data, train_limit, split_seed, selection_fraction)
+    fit, selection = split_for_selection(train, selection_fraction, seed=split_seed,
+                                         by=None if data.spec.is_regression else "label")
     dev = limit_examples(data.dev, eval_limit, seed=split_seed)
     splits = {"train": train, "fit": fit, "selection": selection, "dev": dev}
     prints = {name: fingerprint(ds) for name, ds in splits.items()}

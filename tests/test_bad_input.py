@@ -103,7 +103,7 @@ def _cases(files: dict[str, Path], model: Path) -> dict[str, tuple[list[str], st
     cases = {
         "unknown task": (["--task", "nope"], "unknown task 'nope'; choose one of"),
         "too many layers": (["--remove", "6"], "cannot remove 6 layers"),
-        "remove 0": (["--remove", "0"], "--remove 0: input should be greater than or"),
+        "remove 0": (["--remove", "0"], "--remove 0: choose 1..2 (the model has 3 encoder"),
         "unknown strategy": (["--strategy", "best-guess"], "unknown strategy 'best-guess'"),
         "missing data file": (["--train-file", "missing.csv", "--text-column", "text"],
                               "--train-file 'missing.csv': no such file"),

@@ -339,6 +339,38 @@ def test_ctrl_c_twice_under_timeout_still_closes_the_run(tiny_bert, tmp_path, st
     assert not [r for r in _runs(home) if r.info.status == "RUNNING"]
 
 
+def test_two_identical_runs_at_once_register_each_model_once(tiny_bert, tmp_path):
+    """The second identical command, started while the first runs, waits for it and reuses
+    its results: one MLflow job run, one registry version per final model, and the finals'
+    versions agree with the aliases."""
+    home = tmp_path / "home"
+    command = _command(tiny_bert, home, "--seeds", "1")
+    command[command.index("--epochs") + 1] = "10"  # the first still runs when the second starts
+    first = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _finished(home, "candidates") + _finished(home, "finals") >= 1
+              or (home / "locks").is_dir(), first, "the first run's start")
+    second = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    outputs = [job.communicate(timeout=600)[0] for job in (first, second)]
+    assert [job.returncode for job in (first, second)] == [0, 0], "\n".join(outputs)
+    assert "waiting for it to finish" in " ".join(outputs[1].split())
+    assert _counts(outputs[1])[0] == 0  # everything reused
+    tables = _tables(home)
+    assert len(tables["finals"]) == 3 and len({r["cache_key"] for r in tables["finals"]}) == 3
+    assert len(_job_runs(home)) == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    (model,) = client.search_registered_models()
+    fp32 = [v for v in client.search_model_versions(f"name='{model.name}'")
+            if v.tags.get("glp.precision") != "int8"]
+    registered = [r for r in tables["finals"] if r["model_version"]]
+    assert sorted(r["depth"] for r in registered) == [1, 2]  # the pruned depths
+    assert len(fp32) == 2  # once each
+    for row in registered:
+        alias = client.get_model_version_by_alias(model.name, f"depth-{row['depth']}")
+        assert str(alias.version) == str(row["model_version"])
+
+
 def test_concurrent_runs_in_one_home(tiny_bert, tmp_path):
     home = tmp_path / "home"
     shared = ("--registered-model", "glp-shared")

@@ -45,6 +45,8 @@ __all__ = [
     "load_glue_task",
     "load_user_data",
     "split_for_selection",
+    "check_selection",
+    "MIN_SELECTION",
     "tokenize",
 ]
 
@@ -641,8 +643,18 @@ def limit_examples(ds: datasets.Dataset, n: int | None, seed: int = 0) -> datase
     return ds.select(np.sort(order[:n]).tolist())
 
 
+MIN_SELECTION = 4
+"""Fewest selection-split rows a search accepts: with fewer, one row decides between
+candidates, and every candidate tends to tie."""
+
+
+def selection_size(n: int, fraction: float) -> int:
+    """Rows of an ``n``-row training set that the selection split gets (unstratified)."""
+    return min(max(1, math.floor(n * fraction + 0.5)), n - 1)
+
+
 def split_for_selection(
-    ds: datasets.Dataset, fraction: float = 0.15, seed: int = 0
+    ds: datasets.Dataset, fraction: float = 0.15, seed: int = 0, by: str | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split rows into a fit part and a selection part (the paper's 85/15 protocol).
 
@@ -650,6 +662,9 @@ def split_for_selection(
         ds: the training set.
         fraction: the share of rows that scores candidate layers, in (0, 1).
         seed: the random seed; the same input and seed give the same split.
+        by: a column to stratify on (a classification task's ``label``): each value gets
+            its share of the selection split, at least one row where it has two or more,
+            so that a rare class is scored too. A value with one row stays in the fit part.
 
     Returns:
         ``(fit, selection)``: disjoint, together all rows, each in the original order.
@@ -664,12 +679,54 @@ def split_for_selection(
         raise GlpError(
             f"cannot split {n} row(s) into fit and selection parts; at least 2 rows are needed"
         )
-    # Round half up (not Python's banker's rounding), and keep at least one row each side.
-    n_sel = min(max(1, math.floor(n * fraction + 0.5)), n - 1)
     order = np.random.default_rng(seed).permutation(n)
-    sel = np.sort(order[:n_sel]).tolist()
-    fit = np.sort(order[n_sel:]).tolist()
+    chosen: list[int] = []
+    if by is not None:
+        values = ds[by]
+        groups: dict = {}
+        for row in order.tolist():
+            groups.setdefault(values[row], []).append(row)
+        for rows in groups.values():
+            if len(rows) >= 2:
+                take = min(max(1, math.floor(len(rows) * fraction + 0.5)), len(rows) - 1)
+                chosen += rows[:take]
+    if not chosen or len(chosen) >= n:  # no stratum allows it: the plain split
+        chosen = order[:selection_size(n, fraction)].tolist()
+    picked = set(chosen)
+    sel = sorted(picked)
+    fit = [i for i in range(n) if i not in picked]
     return ds.select(fit), ds.select(sel)
+
+
+def check_selection(train: datasets.Dataset, fraction: float, seed: int, spec: TaskSpec,
+                    limited: bool = False) -> list[str]:
+    """Refuse a training set too small for a selection split; warnings for the rest.
+
+    Returns:
+        One line per problem worth a warning: a class with no row in the selection split
+        (it has a single training row).
+
+    Raises:
+        GlpError: the selection split would have fewer than :data:`MIN_SELECTION` rows.
+    """
+    n = len(train)
+    by = None if spec.is_regression or spec.label_names is None else "label"
+    selection = split_for_selection(train, fraction, seed, by=by)[1] if n >= 2 else []
+    if len(selection) < MIN_SELECTION:
+        subset = " (the --train-limit subset)" if limited else ""
+        needed = math.ceil((MIN_SELECTION - 0.5) / fraction)
+        raise GlpError(f"{n} training row(s){subset} leave {len(selection)} for the selection "
+                       f"split (--selection-fraction {fraction:g}), which scores the "
+                       f"candidates; it needs at least {MIN_SELECTION}: give at least {needed} "
+                       "training rows")
+    if by is None:
+        return []
+    counts: dict[int, int] = {}
+    for label in train["label"]:
+        counts[label] = counts.get(label, 0) + 1
+    absent = sorted(set(counts) - set(selection["label"]))
+    return [f"class {spec.label_names[label]!r} has {counts[label]} training row, so none "
+            "in the selection split: candidates are not judged on it" for label in absent]
 
 
 # --------------------------------------------------------------------------- fingerprint

@@ -382,6 +382,51 @@ def test_split_for_selection() -> None:
     assert len(split_for_selection(_ds(100))[1]) == 15
 
 
+def _rare_classes() -> datasets.Dataset:
+    """20 classes: 10 with 5 rows, 10 with 20 (the issue's bring-your-own data)."""
+    labels = [c for c in range(10) for _ in range(5)] + [c for c in range(10, 20)
+                                                         for _ in range(20)]
+    return datasets.Dataset.from_dict({"text_a": [f"row {i}" for i in range(len(labels))],
+                                       "label": labels})
+
+
+def test_a_stratified_split_keeps_every_class_with_two_rows_in_the_selection_split() -> None:
+    ds = _rare_classes()
+    plain = split_for_selection(ds, seed=0)[1]
+    assert len(set(plain["label"])) < 20  # what the unstratified split did
+    fit, sel = split_for_selection(ds, seed=0, by="label")
+    assert set(sel["label"]) == set(range(20)) and set(fit["label"]) == set(range(20))
+    assert len(fit) + len(sel) == len(ds) and not set(fit["text_a"]) & set(sel["text_a"])
+    counts = collections.Counter(sel["label"])
+    assert counts[0] == 1 and counts[10] == 3  # each class its share
+    again = split_for_selection(ds, seed=0, by="label")[1]
+    assert again["text_a"] == sel["text_a"]
+
+
+def _spec(names):
+    return get_task("sst2").__class__(**{**get_task("sst2").__dict__, "label_names": names})
+
+
+def test_too_small_a_selection_split_is_refused_naming_the_minimum() -> None:
+    from glp.training.data import check_selection
+
+    three = datasets.Dataset.from_dict({"text_a": ["a", "b", "c"], "label": [0, 1, 0]})
+    with pytest.raises(GlpError, match=r"3 training row\(s\) leave 1 for the selection split "
+                                       r".* at least 4: give at least 24 training rows"):
+        check_selection(three, 0.15, 0, _spec(("neg", "pos")))
+    assert check_selection(_ds(40), 0.15, 0, _spec(("neg", "pos"))) == []
+
+
+def test_a_class_missing_from_the_selection_split_is_warned_about() -> None:
+    from glp.training.data import check_selection
+
+    ds = datasets.Dataset.from_dict({"text_a": [f"r{i}" for i in range(41)],
+                                     "label": [0, 1] * 20 + [2]})
+    notes = check_selection(ds, 0.15, 0, _spec(("a", "b", "c")))
+    assert notes == ["class 'c' has 1 training row, so none in the selection split: "
+                     "candidates are not judged on it"]
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
 def test_split_bad_fraction(fraction: float) -> None:
     with pytest.raises(GlpError, match=str(fraction)):
