@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shlex
 import signal
 import warnings
 from collections.abc import Callable, Mapping
@@ -31,6 +30,7 @@ from rich.progress import (
 
 from glp import GlpError
 from tasks import progress
+from tasks.faults import FULL_DISK_TEXTS
 from tasks.home import RunHome, configure_environment
 
 console = Console()
@@ -67,6 +67,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+QUIET_FAILURES = (*FULL_DISK_TEXTS, "no space left on the device",
+                  "did not reach a 'COMPLETED' state")
+"""Task-run log lines left out without --verbose."""
+
+
 def quiet(verbose: bool) -> None:
     """Without --verbose: only warnings from Prefect, MLflow and Hugging Face, no bars."""
     if not verbose:
@@ -84,6 +89,10 @@ def quiet(verbose: bool) -> None:
         # Once a run is interrupted, every stopped task logs its crash: one line says it.
         for name in ("prefect.task_runs", "prefect.flow_runs"):
             logging.getLogger(name).addFilter(lambda record: not progress.stop_requested())
+            # A full disk ends the run with glp's own line (what is free, what to do), and
+            # a task whose input failed says nothing the failed task has not.
+            logging.getLogger(name).addFilter(lambda record: not any(
+                text in record.getMessage() for text in QUIET_FAILURES))
         import datasets
         import transformers
 
@@ -254,13 +263,10 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,
     except TerminationSignal:  # Prefect kept the signal (a cancel from its runner)
         raise Terminated() from None
     except Exception as exc:  # a task failed after its retries: say so, keep what finished
-        from tasks.faults import is_full_disk
+        from tasks.faults import full_disk_message, is_full_disk
 
         if is_full_disk(exc):  # not retried: one line, what to do
-            home = shlex.quote(str(run_home.root))
-            fail(f"no space left on the device of {exc.filename or run_home.root}: free some "
-                 f"space (glp gc --home {home} removes what no run needs) and run the same "
-                 "command again")
+            fail(full_disk_message(run_home.root, params.model))
         err.print(f"[bold red]error:[/bold red] the run failed: {type(exc).__name__}: "
                   f"{escape(str(exc))}",
                   highlight=False)

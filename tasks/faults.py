@@ -61,9 +61,23 @@ def inject(point: str) -> None:
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
-def is_full_disk(exc: BaseException) -> bool:
-    """A write failed because the disk (or the user's quota) is full."""
-    return isinstance(exc, OSError) and exc.errno in FULL_DISK
+FULL_DISK_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull",
+                   "QuotaExceeded")
+"""How libraries that do not raise OSError say it: safetensors' Rust writer raises
+``SafetensorError: ... IoError(Os { code: 28, kind: StorageFull, ... })``."""
+
+
+def is_full_disk(exc: BaseException | None) -> bool:
+    """A write failed because the disk (or the user's quota) is full: an OSError with
+    that errno, or an error (or one it was raised from) that says so."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in FULL_DISK:
+            return True
+        if any(text in str(exc) for text in FULL_DISK_TEXTS):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def retry_unless_hopeless(task, task_run, state) -> bool:
@@ -72,3 +86,29 @@ def retry_unless_hopeless(task, task_run, state) -> bool:
     from glp import GlpError
 
     return not (isinstance(state.data, GlpError) or is_full_disk(state.data))
+
+
+def full_disk_message(home, model: str | None) -> str:
+    """One line for a run stopped by a full disk: the run home, the space left on its
+    device, what one checkpoint of the model takes, and what to do."""
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    root = Path(home)
+    probe = root if root.exists() else root.parent
+    free = shutil.disk_usage(probe).free if probe.exists() else None
+    need = None
+    try:
+        from glp.core.models import resolve_model
+
+        folder = Path(resolve_model(model))
+        need = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or None
+    except Exception:  # noqa: BLE001 - a size we cannot tell is left out of the message
+        pass
+    left = f"{free / 1e6:,.0f} MB free" if free is not None else "no space"
+    size = (f"; each checkpoint of the model takes about {need / 1e6:,.0f} MB, and a run "
+            "keeps one per final model and seed" if need else "")
+    return (f"no space left on the device of the run home {root} ({left}{size}): free some "
+            f"space (glp gc --home {shlex.quote(str(root))} removes what no run needs) and "
+            "run the same command again; finished work is kept")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import shutil
 import threading
 import time
@@ -226,14 +227,17 @@ def save_atomically(model, tokenizer, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_pretrained(model, tmp, tokenizer)  # safetensors + the plan (glp_plan.json)
-    except OSError as exc:
+    except Exception as exc:  # safetensors' writer raises SafetensorError, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
         if faults.is_full_disk(exc):
             need = sum(p.numel() * p.element_size() for p in model.parameters())
-            raise NoSpace(f"no space left on the device of {target.parent}: a checkpoint "
-                          f"needs about {need / 1e6:.0f} MB; free some space (glp gc "
-                          "removes what no run needs) and run the same command again"
-                          ) from None
+            home = target.parents[2]  # <home>/artifacts/<kind>/<key>
+            free = shutil.disk_usage(target.parent).free
+            raise NoSpace(f"no space left on the device of the run home {home} "
+                          f"({free / 1e6:,.0f} MB free; a checkpoint of this model needs "
+                          f"about {need / 1e6:,.0f} MB): free some space (glp gc --home "
+                          f"{shlex.quote(str(home))} removes what no run needs) and run the "
+                          "same command again; finished work is kept") from None
         raise
     if target.exists():
         shutil.rmtree(target)

@@ -62,6 +62,12 @@ def test_a_split_is_tokenised_once_per_job(tiny_bert, tmp_path):
 
 
 class _FullDisk:
+    """A model whose save fails half-way as a full disk fails it: an OSError, or the
+    safetensors writer's own error (what a real full disk raised)."""
+
+    def __init__(self, error=None):
+        self.error = error or OSError(errno.ENOSPC, "No space left on device")
+
     def parameters(self):
         import torch
 
@@ -70,15 +76,25 @@ class _FullDisk:
     def save_pretrained(self, path):
         Path(path).mkdir(parents=True)
         (Path(path) / "model.safetensors").write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise self.error
 
 
-def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_folder(tmp_path):
-    target = tmp_path / "artifacts" / "finals" / "key"
+def _safetensor_error():
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device "
+                           "(os error 28)")
+
+
+@pytest.mark.parametrize("error", [None, "safetensors"])
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_folder(tmp_path, error):
+    target = tmp_path / "home" / "artifacts" / "finals" / "key"
     target.parent.mkdir(parents=True)
-    with pytest.raises(NoSpace, match=r"no space left on the device of .*finals: a checkpoint "
-                                      r"needs about 0 MB"):
-        save_atomically(_FullDisk(), None, target)
+    model = _FullDisk(_safetensor_error() if error else None)
+    with pytest.raises(NoSpace, match=r"no space left on the device of the run home "
+                                      rf"{tmp_path / 'home'} \([\d,]+ MB free; a checkpoint of "
+                                      r"this model needs about 0 MB\)"):
+        save_atomically(model, None, target)
     assert list(target.parent.iterdir()) == []
 
 
@@ -88,6 +104,7 @@ def test_a_full_disk_and_bad_input_are_not_retried():
 
     assert retry_unless_hopeless(None, None, state(NoSpace("full"))) is False
     assert retry_unless_hopeless(None, None, state(OSError(errno.ENOSPC, "full"))) is False
+    assert retry_unless_hopeless(None, None, state(_safetensor_error())) is False
     assert retry_unless_hopeless(None, None, state(OSError(errno.EIO, "io"))) is True
     assert retry_unless_hopeless(None, None, state(RuntimeError("flaky"))) is True
 
