@@ -141,6 +141,34 @@ def total_steps(num_examples: int, config: FineTuneConfig) -> int:
     return max(1, math.ceil(config.epochs * math.ceil(num_examples / config.batch_size)))
 
 
+MAX_BATCH_TOKENS = 4096
+"""The most one forward pass of training takes, in padded tokens, a row of ``T`` tokens
+counting ``T * max(1, T / 128)`` (past 128 tokens the attention's ``T x T`` terms, kept for
+the backward pass, outgrow the rest). A batch over it runs as micro-batches whose gradients
+add up to the batch's (its loss is a mean over its rows, so each micro-batch's loss is
+weighted by its share of the rows). 32 rows of 128 tokens run whole; 32 of 512 as 16
+passes of 2. Memory then follows this budget, not the input: docs/benchmarks.md."""
+
+
+def batch_cost(rows: int, length: int) -> float:
+    """What a padded batch counts against :data:`MAX_BATCH_TOKENS`."""
+    return rows * length * max(1.0, length / 128)
+
+
+def micro_batches(indices: Sequence[int], lengths: Sequence[int],
+                  budget: float = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """``indices`` as one batch when it fits ``budget`` (:func:`batch_cost`); else by
+    length into the fewest groups that each fit it (a row too long for it alone)."""
+    if batch_cost(len(indices), max(lengths[i] for i in indices)) <= budget:
+        return [list(indices)]
+    groups: list[list[int]] = [[]]
+    for i in sorted(indices, key=lengths.__getitem__):
+        if groups[-1] and batch_cost(len(groups[-1]) + 1, lengths[i]) > budget:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
 class Objective:
     """What a training run minimises, beyond the plain task loss (the default).
 
@@ -226,19 +254,28 @@ def fine_tune(
     model.train()
     start, seen, loss_value, diverged = time.perf_counter(), 0, float("nan"), False
     batches = _batches_forever(lengths, config, seed)
+    # An objective that reads the gradients after each part sees a whole batch's.
+    splits = type(objective).after_backward is Objective.after_backward
     for step in range(steps):
         indices = next(batches)
-        batch = collate(dataset, indices, pad_id, device=target)
-        with _autocast(config.precision, target):
-            outputs = model(**batch, **objective.forward_kwargs())
-            parts = objective.losses(model, outputs, batch, step, steps)
-        loss_value = float(sum(part.detach() for part in parts))
+        loss_value = 0.0
+        for chunk in micro_batches(indices, lengths, MAX_BATCH_TOKENS) if splits else [indices]:
+            share = len(chunk) / len(indices)
+            batch = collate(dataset, chunk, pad_id, device=target)
+            with _autocast(config.precision, target):
+                outputs = model(**batch, **objective.forward_kwargs())
+                parts = objective.losses(model, outputs, batch, step, steps)
+            loss_value += share * float(sum(part.detach() for part in parts))
+            if not math.isfinite(loss_value):
+                break
+            for number, part in enumerate(parts):
+                scaler.scale(part * share if share < 1 else part).backward(
+                    retain_graph=number + 1 < len(parts))
+                objective.after_backward(model, number, len(parts), step, steps)
+            del batch, outputs, parts
         if not math.isfinite(loss_value):
             diverged = True  # NaN/inf: every later step would only spread it
             break
-        for number, part in enumerate(parts):
-            scaler.scale(part).backward(retain_graph=number + 1 < len(parts))
-            objective.after_backward(model, number, len(parts), step, steps)
         scaler.unscale_(optimizer)  # clip the true gradients
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -257,9 +294,13 @@ def fine_tune(
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, dataset, *, batch_size: int = 128,
-            device: str | torch.device | None = None) -> np.ndarray:
+            device: str | torch.device | None = None,
+            max_tokens: int = 4 * MAX_BATCH_TOKENS) -> np.ndarray:
     """Logits (or regression scores) for every row, in the dataset's order.
 
+    Rows go by length, at most ``batch_size`` per pass and fewer where they are long, so
+    that no pass holds more than ``max_tokens`` padded tokens (inference keeps no
+    activations for a backward pass, hence a larger budget than training's).
     ``device`` moves the model there first; None keeps it where it is.
     """
     if device is not None:
@@ -271,8 +312,14 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 128,
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     model.eval()
     outputs = np.zeros((len(order), model.config.num_labels), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
+    start = 0
+    while start < len(order):
+        # sorted ascending: the last row of a slice is its longest
+        size = min(batch_size, len(order) - start)
+        while size > 1 and size * lengths[order[start + size - 1]] > max_tokens:
+            size -= 1
+        indices = order[start : start + size]
+        start += size
         batch = collate(dataset, indices, pad_id, device=target)
         batch.pop("labels", None)
         outputs[indices] = model(**batch).logits.float().cpu().numpy()

@@ -116,3 +116,26 @@ def test_linking_into_a_folder_never_writes_through_an_existing_link(tmp_path):
     assert first.read_bytes() == b"AAAA" and (folder / "w").read_bytes() == b"BBBB"
     assert os.path.samefile(second, folder / "w")
     assert [p.name for p in folder.iterdir()] == ["w"]  # no temporary left
+
+
+def test_long_rows_run_in_calls_within_the_token_budget(classifier, monkeypatch):
+    """Rows whose padded slice would pass the budget run as smaller calls, by length, with
+    the same answers, in the input's order."""
+    import glp.deploy.text_model as text_model
+
+    _, folder = classifier
+    model = TextModel(folder)
+    rows = [f"word {i} " * (1 + (i * 5) % 9) for i in range(20)]
+    together = model.logits(rows)
+    calls = []
+    run = model.session.run
+
+    def counted(names, feed):
+        calls.append(feed["input_ids"].size)
+        return run(names, feed)
+
+    monkeypatch.setattr(text_model, "MAX_TOKENS", 40)
+    monkeypatch.setattr(model.session, "run", counted, raising=False)
+    split = model.logits(rows)
+    assert len(calls) > 1 and max(calls) <= 40
+    np.testing.assert_allclose(split, together, atol=1e-5)

@@ -431,3 +431,47 @@ def test_fine_tune_on_a_gpu(data, init, precision) -> None:
     assert stats.device == "cuda:0" and not stats.diverged
     assert next(model.parameters()).device.type == "cuda"
     assert np.isfinite(predict(model, data)).all()
+
+
+def test_a_batch_over_the_token_budget_trains_as_micro_batches_with_equal_results(
+        data, init, monkeypatch) -> None:
+    """Long rows: the batch runs as several passes whose gradients add up to the batch's,
+    so the weights come out as from one pass (up to float rounding), and no pass holds
+    more padded tokens than the budget."""
+    import glp.training.train as train
+    from glp.training import data as glp_data
+
+    model_of = {}
+    widest = []
+    collate = glp_data.collate
+
+    def watched(dataset, indices, pad_id, **kwargs):
+        batch = collate(dataset, indices, pad_id, **kwargs)
+        widest.append(batch["input_ids"].numel())
+        return batch
+
+    config = FineTuneConfig(learning_rate=3e-3, batch_size=16, epochs=1.0)
+    no_dropout = tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    for budget in (10_000, 40):
+        monkeypatch.setattr(train, "MAX_BATCH_TOKENS", budget)
+        monkeypatch.setattr(train, "collate", watched)
+        widest.clear()
+        model_of[budget] = copy.deepcopy(no_dropout)
+        stats = fine_tune(model_of[budget], data, config, seed=3)
+        assert stats.examples == len(data) and stats.steps == 4
+        if budget == 40:
+            assert max(widest) <= 40 and len(widest) > stats.steps  # split, within budget
+    torch.testing.assert_close(flat_weights(model_of[40]), flat_weights(model_of[10_000]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_prediction_passes_stay_within_the_token_budget(data, init) -> None:
+    from glp.training.train import micro_batches
+
+    whole = predict(init, data)
+    np.testing.assert_allclose(predict(init, data, max_tokens=30), whole, atol=1e-5)
+    lengths = [len(ids) for ids in data["input_ids"]]
+    groups = micro_batches(list(range(16)), lengths, 40)
+    assert sorted(i for g in groups for i in g) == list(range(16))
+    assert all(len(g) * max(lengths[i] for i in g) <= 40 for g in groups)  # short rows
+    assert micro_batches([0, 1], lengths, 10_000) == [[0, 1]]  # fits: one batch, as given
