@@ -196,7 +196,12 @@ class Job(JobSearch):
         cached)."""
         checkpoint = self._fine_tune_final.submit(
             self.request((), "train", self.seeds[0])).result()
-        if checkpoint.diverged or checkpoint.path is None:
+        diverged = checkpoint.diverged or checkpoint.path is None
+        if not diverged:  # a finite loss can still leave NaN outputs (one huge step)
+            diverged = self._evaluate_final.submit(  # the reference row's own, cached
+                checkpoint, self.data, "selection", self.finetune, self.home,
+                self.device).result().diverged
+        if diverged:
             raise GlpError("the unpruned model's fine-tune (the teacher) diverged; lower --lr "
                            "or turn on clipping (--max-grad-norm)")
         return checkpoint

@@ -78,8 +78,7 @@ def register_all(tracking_uri: str, name: str, plan: list[Registration],
     """Register every planned version (``register(registration, int8)`` returns its
     number) as fp32, and as int8 where the chosen row was scored in int8; mark every row of
     its group with them (``model_version``, ``int8_model_version``; diverged seeds
-    included), and point the aliases: one per group and ``best`` (none when every model
-    scored the same on the selection split: the choice would be arbitrary), and the same with
+    included), and point the aliases: one per group and ``best``, and the same with
     :data:`INT8` after them for the int8 versions. The int8 version is the chosen model's
     own graph, quantised: the selection split chose the model, and int8 is how it is
     deployed. Returns where every alias points afterwards."""
@@ -99,15 +98,10 @@ def register_all(tracking_uri: str, name: str, plan: list[Registration],
         means[registration.alias] = registration.selection_mean
     if not aliases:
         return {}
-    scores = {round(r["selection_value"], 9) for p in plan for r in p.rows
-              if r.get("selection_value") is not None}
-    if len(means) == 1 or len(scores) > 1:
-        best = max(means, key=means.get)
-        aliases["best"] = aliases[best]
-        if best in int8s:
-            int8s["best"] = int8s[best]
-    # else every model of every group scored the same on the selection split (a split too
-    # small to tell them apart, or a task none learnt): ``best`` would be arbitrary
+    best = max(means, key=means.get)
+    aliases["best"] = aliases[best]
+    if best in int8s:
+        int8s["best"] = int8s[best]
     placed = update_aliases(tracking_uri, name, aliases)
     # an int8 alias moves with its fp32 alias: where an older, better version kept the
     # fp32 alias, its int8 alias stays too

@@ -173,12 +173,16 @@ def test_every_family_compresses_end_to_end(family, harness, tiny_bert, tmp_path
         assert model(input_ids=torch.tensor([[101, 1037, 2986, 102]])).logits.shape == (1, 2)
 
 
-def test_a_diverged_teacher_is_refused_not_compressed(harness, tiny_bert, tmp_path):
-    """At lr 1e9 the unpruned model's fine-tune diverges: no method starts from it."""
+@pytest.mark.parametrize(("learning_rate", "batch_size"), [(1e9, 16), (1e30, 128)])
+def test_a_diverged_teacher_is_refused_not_compressed(harness, tiny_bert, tmp_path,
+                                                      learning_rate, batch_size):
+    """At lr 1e9 the unpruned model's fine-tune diverges: no method starts from it. At lr
+    1e30 in one step (a batch of every row) its loss stays finite and its outputs are NaN:
+    a diverged teacher too."""
     with pytest.raises(GlpError, match=r"the unpruned model's fine-tune \(the teacher\) "
                                        "diverged"):
-        compress(_params(tiny_bert, tmp_path / "home", learning_rate=1e9, seeds=1,
-                         densities=(0.7,)))
+        compress(_params(tiny_bert, tmp_path / "home", learning_rate=learning_rate,
+                         batch_size=batch_size, seeds=1, densities=(0.7,)))
 
 
 def test_block_settings_reuse_the_masks_phase(harness, tiny_bert, two_runs):

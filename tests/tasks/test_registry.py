@@ -141,24 +141,3 @@ def test_an_int8_alias_never_outlives_its_fp32_alias(registry, monkeypatch):
     aliases = client.get_registered_model("m").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"depth-5": "3", "best": "3"}
 
-
-def test_models_that_all_tie_on_the_selection_split_get_no_best(registry, monkeypatch):
-    """A selection split that cannot tell the models apart (every one scores 0.0 on it):
-    ``best`` would be an arbitrary choice, registered as if it were the best model."""
-    import tasks.registry
-    from tasks.registry import Registration, register_all
-    from tasks.tracking import drop_aliases
-
-    uri, client, add = registry
-    monkeypatch.setattr(tasks.registry, "update_aliases", update_aliases.fn)
-    monkeypatch.setattr(tasks.registry, "drop_aliases", drop_aliases.fn)
-
-    def register(registration, int8):
-        return add(0.0)
-
-    rows = {depth: {"seed": 40, "selection_value": 0.0, "value": 0.5, "int8_value": None}
-            for depth in (6, 5)}
-    plan = [Registration(depth, f"depth-{depth}", row, [row]) for depth, row in rows.items()]
-    placed = register_all(uri, "m", plan, register, [], lambda r: None)
-    assert placed == {"depth-6": "1", "depth-5": "2"}
-    assert "best" not in client.get_registered_model("m").aliases
