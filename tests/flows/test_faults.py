@@ -102,8 +102,9 @@ def test_a_full_disk_fails_at_once_with_one_clear_error(harness, tiny_bert, tmp_
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
     home = tmp_path / "home"
-    with pytest.raises(NoSpace, match=r"no space left on the device of .*artifacts/finals: "
-                                      r"a checkpoint needs about \d+ MB"):
+    with pytest.raises(NoSpace, match=r"no space left on the device of the run home "
+                                      rf"{home} \([\d,]+ MB free; a checkpoint of this "
+                                      r"model needs about \d+ MB\)"):
         prune(_params(tiny_bert, home))
     assert len(calls) == 1  # the first final model's save, tried once
     assert not list((home / "artifacts").rglob("*.tmp-*"))
