@@ -359,7 +359,8 @@ def test_two_identical_runs_at_once_register_each_model_once(tiny_bert, tmp_path
     tables = _tables(home)
     assert len(tables["finals"]) == 3 and len({r["cache_key"] for r in tables["finals"]}) == 3
     assert len(_job_runs(home)) == 1
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    uri = f"sqlite:///{home / 'mlflow.db'}"  # both: an earlier test may set the registry
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     registered = [r for r in tables["finals"] if r["model_version"]]
     names = {r["registered_model"] for r in registered}
     assert len(names) == 1, [m.name for m in client.search_registered_models()]
