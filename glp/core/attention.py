@@ -15,8 +15,8 @@ The BERT-like families (BERT, RoBERTa, XLM-R, ELECTRA) get a faster layout with 
 with its own query/key and value/output widths (the kept dimensions rounded up to a
 multiple of :data:`BUCKET`), and each group runs its own attention. The projections' weights
 are gathered into that order, with zero rows for the padding, inside ``forward``: the
-checkpoint keeps the compact weights, and so does an exported graph (the int8 export folds
-the gathers into constants; onnxruntime folds them when it loads the fp32 graph).
+checkpoint keeps the compact weights, and so does the fp32 graph (onnxruntime folds the
+gathers when it loads it); the int8 export folds them into constants before quantising.
 docs/benchmarks.md has the two layouts side by side.
 
 Scores keep the base model's scale ``1/sqrt(head_size)`` (a masked dimension changes no
