@@ -35,7 +35,6 @@ from flows.params import (
     PruneParams,
     check_inputs,
     check_search,
-    selection_notes,
     strategy_for,
 )
 from flows.registration import register_depths
@@ -154,7 +153,7 @@ def preflight(params: CompareParams) -> str:
         check_sizes_used(params)
         check_search(params)  # also when no layer strategy is built
     strategies = strategies_of(params)
-    num_layers, data = check_inputs(params, strategies)
+    num_layers, data, notes = check_inputs(params, strategies)
     if params.methods:
         from glp.core.models import resolve_model
 
@@ -167,12 +166,12 @@ def preflight(params: CompareParams) -> str:
         return (f"compare {names}: {', '.join(p for p in (layers, sizes + trained) if p)}, "
                 f"of {params.model} on "
                 f"{data.spec.name} ({len(data.train):,} train / {len(data.dev):,} dev rows, "
-                f"{data.spec.metric}, {_seeds(params.seeds)})" + selection_notes(params, data))
+                f"{data.spec.metric}, {_seeds(params.seeds)})" + notes)
     names = ", ".join(dict.fromkeys(s.name for s in strategies))
     return (f"compare {names}: remove 1..{params.remove} of {num_layers} layers of "
             f"{params.model} on {data.spec.name} ({len(data.train):,} train / "
             f"{len(data.dev):,} dev rows, {data.spec.metric}, {_seeds(params.seeds)})"
-            + selection_notes(params, data))
+            + notes)
 
 
 def _seeds(count: int) -> str:

@@ -166,7 +166,7 @@ def check_on_model(method: Method, configs: list, model_path: str) -> None:
 
 def preflight(params: CompressParams) -> str:
     """Check every input before anything runs; a one-line description of the job."""
-    from flows.params import check_inputs, selection_notes
+    from flows.params import check_inputs
 
     method, configs = check_method(params)
     uri = params.model and params.model.startswith("models:/")
@@ -174,7 +174,7 @@ def preflight(params: CompressParams) -> str:
         from flows.sources import check_registered
 
         check_registered(params.model, params.home, params.tracking_uri)
-    num_layers, data = check_inputs(params.model_copy(update={"model": None}) if uri
+    num_layers, data, notes = check_inputs(params.model_copy(update={"model": None}) if uri
                                     else params, [])
     what = params.model or "the embedded default"
     if not uri:
@@ -187,7 +187,7 @@ def preflight(params: CompressParams) -> str:
     return (f"{method.name}: compress {what}{first} to {method.budget} {sizes} "
             f"({method.family}) on {data.spec.name} ({len(data.train):,} train / "
             f"{len(data.dev):,} dev rows, selection by {data.spec.metric})"
-            + selection_notes(params, data))
+            + notes)
 
 
 @flow(name="glp-compress", task_runner=ThreadPoolTaskRunner(max_workers=1))

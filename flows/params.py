@@ -167,23 +167,18 @@ def check_options(params: PruneParams) -> str:
     return str(device)
 
 
-def check_inputs(params: PruneParams, strategies: list[Strategy]) -> tuple[int, TaskData]:
+def check_inputs(params: PruneParams, strategies: list[Strategy]
+                 ) -> tuple[int, TaskData, str]:
     """Every check a run needs before it starts: the options, the device, the model, each
     strategy's budget, and the data (task, files, columns, labels of the subset that will
-    be used). Returns the layer count and the loaded data."""
+    be used, the selection split it leaves). Returns the layer count, the loaded data and
+    what the job's description adds: a warning line per class its selection split lacks."""
     check_options(params)
     _, num_layers = check_model(params, strategies)
     data = load_source(params.source())
-    checked_train(data, params.train_limit, params.split_seed, params.selection_fraction)
-    return num_layers, data
-
-
-def selection_notes(params: PruneParams, data: TaskData) -> str:
-    """What the job's description adds about its selection split: a warning line per
-    class it does not hold (the data as :func:`check_inputs` loaded it)."""
     _, notes = checked_train(data, params.train_limit, params.split_seed,
                              params.selection_fraction)
-    return "".join(f"\nwarning: {note}" for note in notes)
+    return num_layers, data, "".join(f"\nwarning: {note}" for note in notes)
 
 
 def _strategy_names(params: PruneParams) -> list[str]:

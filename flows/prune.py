@@ -16,13 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows.job import Job, final_plans
-from flows.params import (
-    PruneParams,
-    check_inputs,
-    model_slug,
-    selection_notes,
-    strategy_for,
-)
+from flows.params import PruneParams, check_inputs, model_slug, strategy_for
 from flows.registration import register_depths
 from flows.runners import run_on_task_runner
 
@@ -59,11 +53,11 @@ def preflight(params: PruneParams) -> str:
     unsupported model, or more layers to remove than the model allows.
     """
     strategy = strategy_for(params, params.strategy)
-    num_layers, data = check_inputs(params, [strategy])
+    num_layers, data, notes = check_inputs(params, [strategy])
     return (f"{strategy.label}: remove {params.remove} of {num_layers} layers of "
             f"{params.model} on {data.spec.name} ({len(data.train):,} train / "
             f"{len(data.dev):,} dev rows, selection by {data.spec.metric})"
-            + selection_notes(params, data))
+            + notes)
 
 
 @flow(name="glp-prune", task_runner=ThreadPoolTaskRunner(max_workers=1))
