@@ -218,15 +218,12 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
     needs onnxruntime and tokenizers, not glp, torch or transformers. ``int8_folder`` is
     the int8 text-in folder the int8 score was measured on (:mod:`tasks.deployment`): the
     very graph that was scored is registered, its files linked, not copied, where the
-    store allows. Idempotent: the version of this job and budget is returned if it exists.
+    store allows. Idempotent: the version of this job and budget is returned if it exists,
+    and a model an attempt logged but did not register (it died in between) is registered
+    now, not logged a second time.
     """
     faults.inject("register")
-    import shutil
-    import tempfile
-
     import mlflow
-
-    from glp.deploy.export import link_or_copy, write_text_model
 
     client = client_for(tracking_uri)
     found, versions = _find_version(client, name, job_id, "glp.budget", budget)
@@ -235,6 +232,54 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    owner = {"glp.job_id": job_id, "glp.budget": budget}
+    model_id = (_logged_before(client, run_id, owner)
+                or _log_text_model(client, run_id, model_dir, int8_folder, text, owner))
+    model_uri = f"models:/{model_id}"
+    logged = _local_folder(model_uri)
+    if logged is not None:  # one copy on disk: the checkpoint's, the scored int8 graph's
+        link_duplicates(Path(int8_folder or model_dir), logged / "artifacts" / "text_model")
+    precision = "int8" if int8_folder is not None else "fp32"
+    return _create_version(client, name, versions, model_uri, run_id,
+                           {**owner, "glp.flavor": "onnx",
+                            "glp.input": "text", "glp.precision": precision, **tags},
+                           description)
+
+
+def _logged_before(client: MlflowClient, run_id: str, owner: dict[str, str]) -> str | None:
+    """The id of the model an earlier attempt logged for this version and then died before
+    registering it (READY: reused); a model it left unfinished is deleted, with its files.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    clauses = " AND ".join([f"source_run_id = '{run_id}'",
+                            *(f"tags.`{k}` = '{v}'" for k, v in owner.items())])
+    ready = None
+    for model in client.search_logged_models([experiment_id], filter_string=clauses):
+        if model.status == LoggedModelStatus.READY and ready is None:
+            ready = model.model_id
+            continue
+        folder = _local_folder(f"models:/{model.model_id}")
+        client.delete_logged_model(model.model_id)
+        if folder is not None and folder.is_dir():
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+    return ready
+
+
+def _log_text_model(client: MlflowClient, run_id: str, model_dir: str,
+                    int8_folder: str | None, text: dict, owner: dict[str, str]) -> str:
+    """Log the text-in folder of ``model_dir`` (or the scored ``int8_folder``) as a
+    models-from-code pyfunc of the run, tagged with ``owner``; its id. The run is not
+    reopened (``mlflow.start_run``): a process killed while a reopened run logs leaves the
+    run RUNNING, and the model unfindable."""
+    import shutil
+    import tempfile
+
+    from glp.deploy.export import link_or_copy, write_text_model
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "text_model"
         if int8_folder is not None and (Path(int8_folder) / "model.onnx").is_file():
@@ -246,36 +291,35 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
         plan = Path(model_dir) / "glp_plan.json"
         if plan.is_file() and not (folder / plan.name).exists():
             shutil.copy(plan, folder / plan.name)
-        info = _log_text_model(run_id, folder, text)
-    logged = _local_folder(info.model_uri)
-    if logged is not None:  # one copy on disk: the checkpoint's, the scored int8 graph's
-        link_duplicates(Path(int8_folder or model_dir), logged / "artifacts" / "text_model")
-    precision = "int8" if int8_folder is not None else "fp32"
-    return _create_version(client, name, versions, info.model_uri, run_id,
-                           {"glp.job_id": job_id, "glp.budget": budget, "glp.flavor": "onnx",
-                            "glp.input": "text", "glp.precision": precision, **tags},
-                           description)
+        return _log_folder(client, run_id, folder, text, owner)
 
 
-def _log_text_model(run_id: str, folder: Path, text: dict):
-    """Log ``folder`` (a text-in folder) as a models-from-code pyfunc in the run."""
+def _log_folder(client: MlflowClient, run_id: str, folder: Path, text: dict,
+                owner: dict[str, str]) -> str:
     import mlflow
     import onnxruntime
     import pandas as pd
     import tokenizers
+    from mlflow.entities import LoggedModelOutput
 
     from glp.deploy import text_model
 
     pair = bool(text.get("pair"))
     example = pd.DataFrame({"text": list(TEXT_EXAMPLE),
                             **({"text_pair": list(reversed(TEXT_EXAMPLE))} if pair else {})})
-    with mlflow.start_run(run_id=run_id), _without_type_hint_advice():
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).with_name("served_text_model.py")),
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model = mlflow.initialize_logged_model(name="model", source_run_id=run_id, tags=owner,
+                                           experiment_id=experiment_id)
+    with _without_type_hint_advice():
+        mlflow.pyfunc.log_model(
+            name="model", model_id=model.model_id,
+            python_model=str(Path(__file__).with_name("served_text_model.py")),
             artifacts={"text_model": str(folder)}, code_paths=[text_model.__file__],
             signature=text_signature(pair, not text.get("labels")), input_example=example,
             pip_requirements=[f"onnxruntime=={onnxruntime.__version__}",
                               f"tokenizers=={tokenizers.__version__}"])
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return model.model_id
 
 
 def _local_folder(model_uri: str) -> Path | None:
