@@ -138,7 +138,7 @@ def _interrupted(signum: int, run_home: RunHome) -> typer.Exit:
 
 
 def start_services(tracking_uri: str) -> str | None:
-    """Start the flow runs' own Prefect API server (:func:`flows.serve.start_run_server`)
+    """Start the flow runs' own Prefect API server (:func:`flows.run_server.start_run_server`)
     while this process opens the MLflow store and imports what registration needs: on a
     new home both create their databases, and one after the other they took 12 s + 2.4 s
     here. Nothing is started before every input has been checked (a refused command
@@ -154,7 +154,7 @@ def start_services(tracking_uri: str) -> str | None:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     )
 
-    from flows.serve import run_server_ready, start_run_server
+    from flows.run_server import run_server_ready, start_run_server
     from tasks.tracking import client_for
 
     own = not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value()
@@ -253,7 +253,7 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,
     try:
         api = start_services(params.tracking_uri or run_home.tracking_uri)
         # The flow runs report to that server: the supported setting PREFECT_API_URL,
-        # for this command only (flows.serve.start_run_server says why).
+        # for this command only (flows.run_server says why).
         settings = (temporary_settings(updates={PREFECT_API_URL: api}) if api
                     else contextlib.nullcontext())
         with bars, settings:

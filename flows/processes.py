@@ -84,6 +84,14 @@ def _signal_listed(listed: list[psutil.Process], sig: int) -> None:
                 process.send_signal(sig)
 
 
+def ask_to_stop(process: subprocess.Popen) -> None:
+    """Ctrl-C to a child's process group, without waiting for it to exit: for a server
+    this process no longer needs on its way out (it stops by itself within a second or
+    two; :mod:`flows.parent_watch` ends it if it does not)."""
+    if process.poll() is None:
+        _signal_group(process.pid, signal.SIGINT)
+
+
 def stop_process(process: subprocess.Popen | None, grace: float = 20.0,
                  settle: float = 3.0) -> int | None:
     """Stop a child started here, and everything it started; its exit code.

@@ -4,8 +4,8 @@
 under the run home, creates the process work pool, deploys ``prefect.yaml`` and runs a
 worker until Ctrl-C; then it stops the worker and the server, and whatever they started.
 The helpers (a free port, the environment, start, wait until healthy, stop a process
-tree) are also what the deployment test uses, and :func:`start_run_server` starts the API
-server that a ``glp prune``/``compare``/``compress`` command's flow runs report to.
+tree) are also what the deployment test uses, and what :mod:`flows.run_server` starts
+a ``glp prune``/``compare``/``compress`` command's own API server with.
 
 Every Prefect command runs in a subprocess whose settings come from its environment
 (``PREFECT_API_URL``, ``PREFECT_HOME``); this process talks to a server only through
@@ -16,7 +16,6 @@ inside the functions: the CLI sets up Prefect's environment before its first imp
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -262,84 +261,6 @@ def deploy_all(env: Mapping[str, str], pool: str = DEFAULT_POOL,
         prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     return run_prefect(["deploy", "--all", "--prefect-file", str(prefect_file)], env,
                        timeout=timeout, what=f"deploying {prefect_file}")
-
-
-# ---------------------------------------------------------------------- a command's API
-
-
-STARTUP_FAILURE = 3
-"""uvicorn's exit code when the server did not start (a taken port, or a failed app start)."""
-RUN_SERVER_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "PAUSE_EXPIRATIONS",
-                  "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER")
-"""Server services that only deployments and workers need (Prefect's temporary server
-runs none of them either): a command's own server leaves them off."""
-_run_server: tuple[subprocess.Popen, str] | None = None
-
-
-def start_run_server() -> tuple[subprocess.Popen, str]:
-    """A Prefect API server for this process's flow runs: the process and its API URL.
-
-    Started once per process (the next call returns the same one while it runs) and
-    stopped when the process exits, after Prefect has sent what it still holds. Returns
-    at once: :func:`wait_healthy` before the first flow run.
-
-    Why not Prefect's temporary server: Ctrl-C in a terminal sends SIGINT to the whole
-    foreground process group, and the temporary server that Prefect starts for a flow
-    run without ``PREFECT_API_URL`` is a child in that group. It died while the flow still
-    needed it: glp then spent minutes printing connection errors, exited 1 and could leave
-    the MLflow run RUNNING. Prefect has no setting that starts that server in a session of
-    its own, so glp starts the same server itself, through public interfaces only:
-    uvicorn's ``--factory`` serving ``prefect.server.api.server:create_app`` (Prefect's
-    documented app factory, the app ``prefect server start`` serves) in a new session
-    (``start_new_session``), so that only glp gets Ctrl-C and stops its fine-tunes, closes
-    its runs, then stops the server. The flow runs are pointed at it with the setting
-    ``PREFECT_API_URL`` (``prefect.settings.temporary_settings``). As the temporary one did,
-    it serves no UI (``PREFECT_SERVER_UI_ENABLED``) and none of the :data:`RUN_SERVER_OFF`
-    services (``PREFECT_SERVER_SERVICES_<NAME>_ENABLED``), and its database is in
-    ``PREFECT_HOME``. Prefect's telemetry (``PREFECT_SERVER_ANALYTICS_ENABLED``) is off.
-    """
-    global _run_server
-    if _run_server is not None and _run_server[0].poll() is None:
-        return _run_server
-    from prefect.settings import get_current_settings
-
-    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
-    for key, value in {"PREFECT_SERVER_UI_ENABLED": "false",
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       # glp's flows use no block types: registering all of them on a new
-                       # database took 4 s of the server's start here (15.5 s against 11.2).
-                       "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
-                       **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
-                          for name in RUN_SERVER_OFF}}.items():
-        env.setdefault(key, value)
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "--factory",
-               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
-               str(port), "--log-level", "error"]
-    process = start_process(command, env, log=None, cwd=REPO_ROOT)
-    # Registered before Prefect's own exit handlers, so it runs after they have drained.
-    atexit.register(stop_process, process, 5.0, 0.0)
-    _run_server = process, api_url("127.0.0.1", port)
-    return _run_server
-
-
-def run_server_ready(timeout: float) -> str:
-    """Start :func:`start_run_server`'s server and wait until it answers; its API URL.
-
-    A start that fails (uvicorn exits with :data:`STARTUP_FAILURE`) is tried again on a
-    new port, as Prefect's temporary server does: two commands started at the same moment
-    on one new home start two servers on one database, and one of them failed while the
-    other created it. Raises GlpError on any other exit, or after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        process, api = start_run_server()
-        try:
-            wait_healthy(api, timeout=max(deadline - time.monotonic(), 0.0), process=process)
-            return api
-        except GlpError:
-            if process.returncode != STARTUP_FAILURE or time.monotonic() >= deadline:
-                raise
 
 
 # ---------------------------------------------------------------------- serve

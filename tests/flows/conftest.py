@@ -8,9 +8,11 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def harness():
-    """A temporary Prefect API and database for one test module."""
+    """A temporary Prefect API and database, one for the whole session: each start on a
+    new database took about 10 s, and no test reads another's flow runs (each test's runs
+    write to a home of its own)."""
     with prefect_test_harness(server_startup_timeout=90):
         yield
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 
 import psutil
 
-from flows import serve
+from flows import run_server, serve
 from flows.processes import descendants, start_process, stop_process
 
 # A parent that starts one child in its own group and one in a session of its own (as a
@@ -74,20 +75,64 @@ def test_run_server_starts_again_when_its_start_fails(tmp_path, monkeypatch):
     import socket
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    monkeypatch.setattr(serve, "_run_server", None)
+    monkeypatch.setattr(run_server, "_run_server", None)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     ports = [taken.getsockname()[1]]
     real = serve.free_port
-    monkeypatch.setattr(serve, "free_port", lambda *a: ports.pop() if ports else real(*a))
+    monkeypatch.setattr(run_server, "free_port", lambda *a: ports.pop() if ports else real(*a))
     try:
-        api = serve.run_server_ready(timeout=120)
-        process = serve._run_server[0]
+        api = run_server.run_server_ready(timeout=120)
+        process = run_server._run_server[0]
         assert serve.is_healthy(api)
         assert str(taken.getsockname()[1]) not in api
     finally:
         taken.close()
-        if serve._run_server is not None:
-            stop_process(serve._run_server[0], grace=5.0, settle=0.0)
+        if run_server._run_server is not None:
+            stop_process(run_server._run_server[0], grace=5.0, settle=0.0)
     assert process.poll() is not None
+
+
+def test_a_new_home_starts_from_the_migrated_template(tmp_path, monkeypatch):
+    """The first new home's server migrates its database and keeps it, empty, as the
+    template; the next new home's database is a copy of it, made before its server starts,
+    and that server answers on it."""
+    monkeypatch.setenv("GLP_CACHE_DIR", str(tmp_path / "cache"))
+    created = []
+    for home in ("first", "second"):
+        monkeypatch.setenv("PREFECT_HOME", str(tmp_path / home))
+        monkeypatch.setattr(run_server, "_run_server", None)
+        try:
+            api = run_server.run_server_ready(timeout=120)
+            created.append(run_server._creates_database)
+            with serve.prefect_client(api) as client:
+                assert client.read_flow_runs() == []
+        finally:
+            if run_server._run_server is not None:
+                stop_process(run_server._run_server[0], grace=5.0, settle=0.0)
+    assert created == [True, False]  # the second home's was the template's copy
+    template = run_server.template_path()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [template.name]  # one file
+
+
+def test_a_home_with_a_database_or_another_database_setting_is_not_seeded(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("GLP_CACHE_DIR", str(tmp_path / "cache"))
+    template = run_server.template_path()
+    template.parent.mkdir()
+    sqlite3.connect(template).execute("create table t (x)").connection.commit()
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "prefect.db").write_bytes(b"the home's own")
+    assert not run_server.seed_database()
+    assert (tmp_path / "home" / "prefect.db").read_bytes() == b"the home's own"
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "other"))
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://db/prefect")
+    assert run_server.home_database() is None and not run_server.seed_database()
+    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
+    assert run_server.seed_database()
+    tables = sqlite3.connect(tmp_path / "other" / "prefect.db").execute(
+        "select name from sqlite_master").fetchall()
+    assert tables == [("t",)] and [p.name for p in (tmp_path / "other").iterdir()] == [
+        "prefect.db"]  # no partial copy left

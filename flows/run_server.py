@@ -1,0 +1,177 @@
+"""The Prefect API server a ``glp prune``/``compare``/``compress`` command's flow runs
+report to, started by the command itself (:func:`start_run_server`), and the migrated
+database every new home starts from (:func:`seed_database`).
+
+Why not Prefect's temporary server: Ctrl-C in a terminal sends SIGINT to the whole
+foreground process group, and the temporary server that Prefect starts for a flow run
+without ``PREFECT_API_URL`` is a child in that group. It died while the flow still needed
+it: glp then spent minutes printing connection errors, exited 1 and could leave the MLflow
+run RUNNING. Prefect has no setting that starts that server in a session of its own, so glp
+starts the same server itself, through public interfaces only: uvicorn's ``--factory``
+serving ``prefect.server.api.server:create_app`` (Prefect's documented app factory, the app
+``prefect server start`` serves) in a new session, so that only glp gets Ctrl-C and stops
+its fine-tunes, closes its runs, then stops the server. The flow runs are pointed at it with
+the setting ``PREFECT_API_URL`` (``prefect.settings.temporary_settings``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flows.processes import ask_to_stop, start_process
+from flows.serve import REPO_ROOT, api_url, free_port, wait_healthy
+from glp import GlpError
+
+STARTUP_FAILURE = 3
+"""uvicorn's exit code when the server did not start (a taken port, or a failed app start)."""
+RUN_SERVER_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "PAUSE_EXPIRATIONS",
+                  "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER")
+"""Server services that only deployments and workers need (Prefect's temporary server
+runs none of them either): a command's own server leaves them off."""
+DATABASE_URLS = ("PREFECT_API_DATABASE_CONNECTION_URL",
+                 "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+"""The settings that move Prefect's database out of ``PREFECT_HOME`` (then it is left
+alone: no seeding)."""
+_run_server: tuple[subprocess.Popen, str] | None = None
+_creates_database = False
+"""Whether this process's server creates its home's database (then the migrated, empty
+database becomes the template once the server answers)."""
+
+
+# ------------------------------------------------------------------ the migrated database
+
+
+def template_path() -> Path:
+    """Where a new, migrated database of this Prefect version is kept for this user:
+    ``$GLP_CACHE_DIR`` or ``$XDG_CACHE_HOME/glp`` (``~/.cache/glp``)."""
+    import prefect
+
+    root = os.environ.get("GLP_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glp"
+    return Path(root) / f"prefect-{prefect.__version__}.db"
+
+
+def home_database() -> Path | None:
+    """The run's Prefect database file, when it is Prefect's default (``PREFECT_HOME``'s
+    ``prefect.db``); None when a setting puts it elsewhere."""
+    if any(os.environ.get(name) for name in DATABASE_URLS) or not os.environ.get("PREFECT_HOME"):
+        return None
+    return Path(os.environ["PREFECT_HOME"]) / "prefect.db"
+
+
+def seed_database() -> bool:
+    """Start a new home's Prefect database as a copy of the migrated template: a server on
+    a new database spends most of its start creating tables (measured in
+    docs/benchmarks.md). Nothing happens when the home has a database, when there is no
+    template yet, or when the database is not Prefect's default file. The copy appears
+    whole or not at all (a link that fails if another command created it first)."""
+    database, template = home_database(), template_path()
+    if database is None or database.exists() or not template.is_file():
+        return False
+    database.parent.mkdir(parents=True, exist_ok=True)
+    partial = database.with_name(f".{database.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(template, partial)
+        os.link(partial, database)
+    except OSError:  # created meanwhile, or the copy failed: the server migrates as usual
+        return False
+    finally:
+        partial.unlink(missing_ok=True)
+    return True
+
+
+def save_template() -> None:
+    """Keep the run's new database, migrated and still empty, as the template for later
+    homes (sqlite's online backup, so a server writing to it is no harm)."""
+    database, template = home_database(), template_path()
+    if database is None or not database.is_file() or template.is_file():
+        return
+    with contextlib.suppress(OSError, sqlite3.Error):
+        template.parent.mkdir(parents=True, exist_ok=True)
+        partial = template.with_name(f".{template.name}.tmp-{os.getpid()}")
+        _copy(database, partial)
+        os.replace(partial, template)
+
+
+def _copy(source: Path, target: Path) -> None:
+    """A consistent copy of a live database, as one file (rollback journal: Prefect turns
+    write-ahead logging on again when it opens it)."""
+    with contextlib.closing(sqlite3.connect(source)) as src, \
+            contextlib.closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")
+
+
+# ------------------------------------------------------------------ the server
+
+
+def start_run_server() -> tuple[subprocess.Popen, str]:
+    """A Prefect API server for this process's flow runs: the process and its API URL.
+
+    Started once per process (the next call returns the same one while it runs) and asked
+    to stop when the process exits, after Prefect has sent what it still holds. Returns
+    at once: :func:`wait_healthy` before the first flow run.
+
+    As Prefect's temporary server does,
+    it serves no UI (``PREFECT_SERVER_UI_ENABLED``) and none of the :data:`RUN_SERVER_OFF`
+    services (``PREFECT_SERVER_SERVICES_<NAME>_ENABLED``), and its database is in
+    ``PREFECT_HOME``: a new home's starts as a copy of the migrated template
+    (:func:`seed_database`). Prefect's telemetry (``PREFECT_SERVER_ANALYTICS_ENABLED``) is
+    off.
+    """
+    global _run_server, _creates_database
+    if _run_server is not None and _run_server[0].poll() is None:
+        return _run_server
+    database = home_database()
+    _creates_database = (database is not None and not database.exists()
+                         and not seed_database())
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
+    for key, value in {"PREFECT_SERVER_UI_ENABLED": "false",
+                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       # glp's flows use no block types: registering all of them on a new
+                       # database took 4 s of the server's start here (15.5 s against 11.2).
+                       "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+                       **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
+                          for name in RUN_SERVER_OFF}}.items():
+        env.setdefault(key, value)
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "--factory",
+               "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+               str(port), "--log-level", "error"]
+    process = start_process(command, env, log=None, cwd=REPO_ROOT)
+    # Registered before Prefect's own exit handlers, so it runs after they have drained.
+    # Not waited for: its graceful stop took 1.2 s of every command's exit here.
+    atexit.register(ask_to_stop, process)
+    _run_server = process, api_url("127.0.0.1", port)
+    return _run_server
+
+
+def run_server_ready(timeout: float) -> str:
+    """Start :func:`start_run_server`'s server and wait until it answers; its API URL.
+
+    A start that fails (uvicorn exits with :data:`STARTUP_FAILURE`) is tried again on a
+    new port, as Prefect's temporary server does: two commands started at the same moment
+    on one new home start two servers on one database, and one of them failed while the
+    other created it. Raises GlpError on any other exit, or after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        process, api = start_run_server()
+        try:
+            wait_healthy(api, timeout=max(deadline - time.monotonic(), 0.0), process=process)
+            if _creates_database:  # before any flow run writes to it
+                save_template()
+            return api
+        except GlpError:
+            if process.returncode != STARTUP_FAILURE or time.monotonic() >= deadline:
+                raise
