@@ -13,7 +13,15 @@ max length 64, lr 1e-4, 1 seed) two ways, each a whole fresh process (imports in
 The two alternate, ``--rounds`` times (A B, then B A, ...). Reported: each run's wall
 time, and the flow's as a multiple of the library's (medians).
 
+``--pieces`` times the parts of the fixed cost instead, each in fresh processes, the
+variants alternating: the command's Prefect API server until it answers, on a new home with
+no template and on one seeded from the template (``flows/run_server.py``); a new MLflow
+store; importing the flows; and a process that imported torch, transformers, onnxruntime,
+MLflow and Prefect ending normally against ending without the interpreter's teardown (as
+``glp`` does).
+
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py [--train-limit 500]
+       PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py --pieces [--rounds 3]
 """
 
 from __future__ import annotations
@@ -83,12 +91,80 @@ def run(kind: str, limit: int) -> float:
     return seconds
 
 
+SERVER = r'''
+import os, sys, time
+from flows.run_server import run_server_ready
+from flows.processes import stop_process
+import flows.run_server as rs
+start = time.perf_counter()
+run_server_ready(timeout=120)
+print(time.perf_counter() - start)
+stop_process(rs._run_server[0], grace=5.0, settle=0.0)
+'''
+STORE = r'''
+import sys, time
+from tasks.tracking import client_for
+start = time.perf_counter()
+client_for(f"sqlite:///{sys.argv[1]}/mlflow.db")
+print(time.perf_counter() - start)
+'''
+STACK = "import torch, transformers, onnxruntime, mlflow, prefect, flows.prune, flows.compare"
+TEARDOWN = {"normal exit": STACK, "no teardown": STACK + "; import os; os._exit(0)"}
+
+
+def _python(code: str, *args: str, env: dict | None = None) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    return time.perf_counter() - start, done.stdout.strip()
+
+
+def pieces(rounds: int) -> dict[str, list[float]]:
+    import os
+
+    times: dict[str, list[float]] = {}
+    for round_ in range(rounds):
+        with tempfile.TemporaryDirectory() as scratch:
+            root = Path(scratch)
+            for name, seeded in (("server, new home, no template", False),
+                                 ("server, new home, seeded", True))[::1 - 2 * (round_ % 2)]:
+                cache = root / ("cache" if seeded else f"empty-{name[-3:]}")
+                if seeded:  # a template made by a first start
+                    _python(SERVER, env={**os.environ, "GLP_CACHE_DIR": str(cache),
+                                         "PREFECT_HOME": str(root / "first")})
+                env = {**os.environ, "GLP_CACHE_DIR": str(cache),
+                       "PREFECT_HOME": str(root / name.replace(" ", "-").replace(",", ""))}
+                times.setdefault(name, []).append(float(_python(SERVER, env=env)[1]))
+            (root / "store").mkdir()
+            times.setdefault("MLflow store, new", []).append(
+                float(_python(STORE, str(root / "store"))[1]))
+            times.setdefault("MLflow store, existing", []).append(
+                float(_python(STORE, str(root / "store"))[1]))
+        times.setdefault("import flows.prune", []).append(_python("import flows.prune")[0])
+        for name, code in list(TEARDOWN.items())[::1 - 2 * (round_ % 2)]:
+            times.setdefault(f"process: {name}", []).append(_python(code)[0])
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-limit", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/orchestration.json"))
+    parser.add_argument("--pieces", action="store_true", help="time the fixed cost's parts")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.pieces:
+        times = pieces(args.rounds)
+        out = args.out or Path("docs/benchmarks/orchestration_pieces.json")
+        out.write_text(json.dumps({"rounds": args.rounds, "seconds": times}, indent=1) + "\n")
+        print("| piece | seconds (each round) | median |\n| --- | --- | ---: |")
+        for name, values in times.items():
+            print(f"| {name} | {' / '.join(f'{v:.1f}' for v in values)} | "
+                  f"{statistics.median(values):.1f} |")
+        return
+    args.out = args.out or Path("docs/benchmarks/orchestration.json")
     times: dict[str, list[float]] = {"flow": [], "library": []}
     order = ["flow", "library"]
     for round_ in range(args.rounds):
