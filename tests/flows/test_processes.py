@@ -8,6 +8,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from flows import run_server, serve
 from flows.processes import descendants, start_process, stop_process
@@ -68,6 +69,20 @@ def test_a_server_that_is_not_there_is_not_healthy_at_once():
     assert time.monotonic() - started < 1.0  # no retried connections while polling
 
 
+def test_a_port_that_never_answers_is_not_healthy_within_seconds():
+    """Something else listens on the port and never answers (a taken port): one try, with
+    its timeout, not a client's retries (68 s here)."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        assert serve.is_healthy(serve.api_url("127.0.0.1", silent.getsockname()[1])) is False
+        assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.slow  # starts Prefect API servers
 def test_run_server_starts_again_when_its_start_fails(tmp_path, monkeypatch):
     # Two commands started at the same moment on one new home start two servers on one
     # database: one server's start fails (uvicorn exits 3) while the other migrates it.
@@ -94,6 +109,7 @@ def test_run_server_starts_again_when_its_start_fails(tmp_path, monkeypatch):
     assert process.poll() is not None
 
 
+@pytest.mark.slow  # starts Prefect API servers
 def test_a_new_home_starts_from_the_migrated_template(tmp_path, monkeypatch):
     """The first new home's server migrates its database and keeps it, empty, as the
     template; the next new home's database is a copy of it, made before its server starts,
