@@ -36,10 +36,6 @@ RUN_SERVER_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "PAUSE_EXP
                   "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER")
 """Server services that only deployments and workers need (Prefect's temporary server
 runs none of them either): a command's own server leaves them off."""
-DATABASE_URLS = ("PREFECT_API_DATABASE_CONNECTION_URL",
-                 "PREFECT_SERVER_DATABASE_CONNECTION_URL")
-"""The settings that move Prefect's database out of ``PREFECT_HOME`` (then it is left
-alone: no seeding)."""
 _run_server: tuple[subprocess.Popen, str] | None = None
 _creates_database = False
 """Whether this process's server creates its home's database (then the migrated, empty
@@ -60,19 +56,24 @@ def template_path() -> Path:
 
 
 def home_database() -> Path | None:
-    """The run's Prefect database file, when it is Prefect's default (``PREFECT_HOME``'s
-    ``prefect.db``); None when a setting puts it elsewhere."""
-    if any(os.environ.get(name) for name in DATABASE_URLS) or not os.environ.get("PREFECT_HOME"):
+    """The sqlite file the run's Prefect server will use, from Prefect's own settings
+    (environment, profile or temporary settings alike); None for another database."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().server.database.connection_url
+    url = url.get_secret_value() if url is not None else ""
+    prefix = "sqlite+aiosqlite:///"
+    if not url.startswith(prefix) or url.endswith(":memory:") or "?" in url:
         return None
-    return Path(os.environ["PREFECT_HOME"]) / "prefect.db"
+    return Path(url.removeprefix(prefix))
 
 
 def seed_database() -> bool:
     """Start a new home's Prefect database as a copy of the migrated template: a server on
     a new database spends most of its start creating tables (measured in
-    docs/benchmarks.md). Nothing happens when the home has a database, when there is no
-    template yet, or when the database is not Prefect's default file. The copy appears
-    whole or not at all (a link that fails if another command created it first)."""
+    docs/benchmarks.md). Nothing happens when the database exists, when there is no
+    template yet, or when Prefect's settings name a database that is not a sqlite file.
+    The copy appears whole or not at all (a link that fails if another command created it first)."""
     database, template = home_database(), template_path()
     if database is None or database.exists() or not template.is_file():
         return False

@@ -109,6 +109,14 @@ def test_run_server_starts_again_when_its_start_fails(tmp_path, monkeypatch):
     assert process.poll() is not None
 
 
+def _database(url: str):
+    """Prefect's database setting for a block, whatever the session set (the flow tests'
+    shared test server sets its own)."""
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_DATABASE_CONNECTION_URL: url})
+
+
 @pytest.mark.slow  # starts Prefect API servers
 def test_a_new_home_starts_from_the_migrated_template(tmp_path, monkeypatch):
     """The first new home's server migrates its database and keeps it, empty, as the
@@ -117,37 +125,36 @@ def test_a_new_home_starts_from_the_migrated_template(tmp_path, monkeypatch):
     monkeypatch.setenv("GLP_CACHE_DIR", str(tmp_path / "cache"))
     created = []
     for home in ("first", "second"):
-        monkeypatch.setenv("PREFECT_HOME", str(tmp_path / home))
         monkeypatch.setattr(run_server, "_run_server", None)
-        try:
-            api = run_server.run_server_ready(timeout=120)
-            created.append(run_server._creates_database)
-            with serve.prefect_client(api) as client:
-                assert client.read_flow_runs() == []
-        finally:
-            if run_server._run_server is not None:
-                stop_process(run_server._run_server[0], grace=5.0, settle=0.0)
+        (tmp_path / home).mkdir()  # a home's prefect/ folder exists before its server starts
+        with _database(f"sqlite+aiosqlite:///{tmp_path / home / 'prefect.db'}"):
+            try:
+                api = run_server.run_server_ready(timeout=120)
+                created.append(run_server._creates_database)
+                with serve.prefect_client(api) as client:
+                    assert client.read_flow_runs() == []
+            finally:
+                if run_server._run_server is not None:
+                    stop_process(run_server._run_server[0], grace=5.0, settle=0.0)
     assert created == [True, False]  # the second home's was the template's copy
     template = run_server.template_path()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [template.name]  # one file
 
 
-def test_a_home_with_a_database_or_another_database_setting_is_not_seeded(tmp_path,
-                                                                          monkeypatch):
+def test_a_home_with_a_database_or_another_database_is_not_seeded(tmp_path, monkeypatch):
     monkeypatch.setenv("GLP_CACHE_DIR", str(tmp_path / "cache"))
     template = run_server.template_path()
     template.parent.mkdir()
     sqlite3.connect(template).execute("create table t (x)").connection.commit()
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "prefect.db").write_bytes(b"the home's own")
-    assert not run_server.seed_database()
+    with _database(f"sqlite+aiosqlite:///{tmp_path / 'home' / 'prefect.db'}"):
+        assert not run_server.seed_database()
     assert (tmp_path / "home" / "prefect.db").read_bytes() == b"the home's own"
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "other"))
-    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://db/prefect")
-    assert run_server.home_database() is None and not run_server.seed_database()
-    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
-    assert run_server.seed_database()
+    with _database("postgresql+asyncpg://db/prefect"):
+        assert run_server.home_database() is None and not run_server.seed_database()
+    with _database(f"sqlite+aiosqlite:///{tmp_path / 'other' / 'prefect.db'}"):
+        assert run_server.seed_database()
     tables = sqlite3.connect(tmp_path / "other" / "prefect.db").execute(
         "select name from sqlite_master").fetchall()
     assert tables == [("t",)] and [p.name for p in (tmp_path / "other").iterdir()] == [
