@@ -363,12 +363,16 @@ def serve(
 def main() -> None:
     """``glp``: the commands, with a bad option value refused in one line, as every other
     refusal is (``error: --max-parameters abc: …``), instead of click's usage block.
+    Ends with ``SystemExit`` and the command's code."""
+    sys.exit(_run())
 
-    Run as the program itself (the ``glp`` script, ``python -m flows.cli``), it ends
-    without the interpreter's teardown, once every exit handler has run
-    (:func:`_end_without_teardown`)."""
-    if _is_program():
-        atexit.register(_end_without_teardown)  # the first registered runs last
+
+def program() -> None:
+    """The ``glp`` program (and ``python -m flows.cli``): :func:`main`, then an end without
+    the interpreter's teardown once every exit handler has run
+    (:func:`_end_without_teardown`). Only the program itself: a caller of :func:`main`
+    keeps its own exit."""
+    atexit.register(_end_without_teardown)  # the first registered runs last
     code = _run()
     _exit_code[0] = code
     sys.exit(code)
@@ -395,12 +399,6 @@ def _run() -> int:
 
 _exit_code = [1]
 """The command's exit code, for :func:`_end_without_teardown` (1 until it returns)."""
-
-
-def _is_program() -> bool:
-    main_module = sys.modules.get("__main__")
-    spec = getattr(main_module, "__spec__", None)
-    return (Path(sys.argv[0]).name == "glp" or getattr(spec, "name", None) == "flows.cli")
 
 
 def _end_without_teardown() -> None:
@@ -431,4 +429,4 @@ def _bad_parameter(exc, argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    program()

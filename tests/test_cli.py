@@ -390,3 +390,20 @@ def test_a_bad_number_is_one_line_naming_the_option_and_the_value(args, expected
     err = capfd.readouterr().err
     assert exited.value.code == 2
     assert " ".join(err.split()).startswith(expected) and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # a Python subprocess
+def test_main_called_by_another_program_leaves_its_exit_code_alone(tmp_path):
+    """Only the glp program itself skips the interpreter's teardown at exit: a program that
+    calls ``main()`` (a test, a script) keeps its own exit code (it was 2, the last glp
+    command's, after a whole passing test run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            f"sys.argv = ['glp', 'pick', '--max-parameters', 'abc', '--home', {str(tmp_path)!r}]\n"
+            "from flows.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 2\n"
+            "sys.exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
