@@ -372,10 +372,10 @@ def program() -> None:
     the interpreter's teardown once every exit handler has run
     (:func:`_end_without_teardown`). Only the program itself: a caller of :func:`main`
     keeps its own exit."""
+    global _exit_code
     atexit.register(_end_without_teardown)  # the first registered runs last
-    code = _run()
-    _exit_code[0] = code
-    sys.exit(code)
+    _exit_code = _run()
+    sys.exit(_exit_code)
 
 
 def _run() -> int:
@@ -397,7 +397,7 @@ def _run() -> int:
     return code if isinstance(code, int) else 0
 
 
-_exit_code = [1]
+_exit_code = 1
 """The command's exit code, for :func:`_end_without_teardown` (1 until it returns)."""
 
 
@@ -410,7 +410,7 @@ def _end_without_teardown() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(_exit_code[0])
+    os._exit(_exit_code)
 
 
 def _bad_parameter(exc, argv: list[str]) -> str:

@@ -233,8 +233,10 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
     mlflow.set_registry_uri(tracking_uri)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     owner = {"glp.job_id": job_id, "glp.budget": budget}
-    model_id = (_logged_before(client, run_id, owner)
-                or _log_text_model(client, run_id, model_dir, int8_folder, text, owner))
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model_id = (_logged_before(client, experiment_id, run_id, owner)
+                or _log_text_model(client, experiment_id, run_id, model_dir, int8_folder,
+                                   text, owner))
     model_uri = f"models:/{model_id}"
     logged = _local_folder(model_uri)
     if logged is not None:  # one copy on disk: the checkpoint's, the scored int8 graph's
@@ -246,13 +248,13 @@ def register_onnx(tracking_uri: str, run_id: str, model_dir: str, name: str, job
                            description)
 
 
-def _logged_before(client: MlflowClient, run_id: str, owner: dict[str, str]) -> str | None:
+def _logged_before(client: MlflowClient, experiment_id: str, run_id: str,
+                   owner: dict[str, str]) -> str | None:
     """The id of the model an earlier attempt logged for this version and then died before
     registering it (READY: reused); a model it left unfinished is deleted, with its files.
     """
     from mlflow.entities import LoggedModelStatus
 
-    experiment_id = client.get_run(run_id).info.experiment_id
     clauses = " AND ".join([f"source_run_id = '{run_id}'",
                             *(f"tags.`{k}` = '{v}'" for k, v in owner.items())])
     ready = None
@@ -269,7 +271,7 @@ def _logged_before(client: MlflowClient, run_id: str, owner: dict[str, str]) -> 
     return ready
 
 
-def _log_text_model(client: MlflowClient, run_id: str, model_dir: str,
+def _log_text_model(client: MlflowClient, experiment_id: str, run_id: str, model_dir: str,
                     int8_folder: str | None, text: dict, owner: dict[str, str]) -> str:
     """Log the text-in folder of ``model_dir`` (or the scored ``int8_folder``) as a
     models-from-code pyfunc of the run, tagged with ``owner``; its id. The run is not
@@ -291,11 +293,11 @@ def _log_text_model(client: MlflowClient, run_id: str, model_dir: str,
         plan = Path(model_dir) / "glp_plan.json"
         if plan.is_file() and not (folder / plan.name).exists():
             shutil.copy(plan, folder / plan.name)
-        return _log_folder(client, run_id, folder, text, owner)
+        return _log_folder(client, experiment_id, run_id, folder, text, owner)
 
 
-def _log_folder(client: MlflowClient, run_id: str, folder: Path, text: dict,
-                owner: dict[str, str]) -> str:
+def _log_folder(client: MlflowClient, experiment_id: str, run_id: str, folder: Path,
+                text: dict, owner: dict[str, str]) -> str:
     import mlflow
     import onnxruntime
     import pandas as pd
@@ -307,7 +309,6 @@ def _log_folder(client: MlflowClient, run_id: str, folder: Path, text: dict,
     pair = bool(text.get("pair"))
     example = pd.DataFrame({"text": list(TEXT_EXAMPLE),
                             **({"text_pair": list(reversed(TEXT_EXAMPLE))} if pair else {})})
-    experiment_id = client.get_run(run_id).info.experiment_id
     model = mlflow.initialize_logged_model(name="model", source_run_id=run_id, tags=owner,
                                            experiment_id=experiment_id)
     with _without_type_hint_advice():
