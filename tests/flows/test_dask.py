@@ -19,7 +19,6 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.testing.utilities import prefect_test_harness
 
 import tasks.training
 from flows.prune import prune
@@ -130,7 +129,7 @@ async def dask_setup(worker):
 
 
 @pytest.fixture(scope="module")
-def both_runs(tiny_bert, tmp_path_factory, search_params):
+def both_runs(harness, tiny_bert, tmp_path_factory, search_params):
     """The same search sequentially and on ``dask:2``, in separate homes (no shared cache)."""
     tmp = tmp_path_factory.mktemp("dask")
     log = tmp / "tasks.jsonl"
@@ -143,7 +142,7 @@ def both_runs(tiny_bert, tmp_path_factory, search_params):
         here.append(os.getpid())
         return original(*args, **kwargs)
 
-    with prefect_test_harness(server_startup_timeout=90), pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks.training, "fine_tune", counting)  # only this process's module
         started = time.perf_counter()
         sequential = prune(search_params(tiny_bert, tmp / "sequential"))
@@ -192,7 +191,7 @@ def test_dask_fine_tunes_ran_in_two_worker_processes(both_runs):
     assert len(set(runs["score_candidate"])) == 2  # the candidates ran side by side
 
 
-def test_a_compression_method_runs_on_dask_as_it_does_here(tiny_bert, tmp_path):
+def test_a_compression_method_runs_on_dask_as_it_does_here(harness, tiny_bert, tmp_path):
     """compress goes through the same task-runner path as prune: the teacher's fine-tune and
     truncated SVD on ``dask:2`` give the sequential run's models (scores within float
     tolerance: a worker runs torch with another thread count)."""
@@ -204,9 +203,8 @@ def test_a_compression_method_runs_on_dask_as_it_does_here(tiny_bert, tmp_path):
             eval_limit=40, epochs=1.0, max_length=16, learning_rate=1e-3, batch_size=16,
             seeds=1, register_models=False, home=str(home), **extra))
 
-    with prefect_test_harness(server_startup_timeout=90):
-        sequential = run(tmp_path / "sequential")
-        on_dask = run(tmp_path / "dask", task_runner="dask:2")
+    sequential = run(tmp_path / "sequential")
+    on_dask = run(tmp_path / "dask", task_runner="dask:2")
     assert on_dask.job_id == sequential.job_id
     pairs = list(zip(sequential.finals, on_dask.finals, strict=True))
     assert [a["method"] for a, _ in pairs] == ["unpruned", "lowrank"]

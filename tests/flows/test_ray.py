@@ -30,7 +30,6 @@ prefect_ray = pytest.importorskip(
 
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 import tasks.training  # noqa: E402
 from flows.prune import prune  # noqa: E402
@@ -99,7 +98,7 @@ def install():
 
 
 @pytest.fixture(scope="module")
-def both_runs(tiny_bert, tmp_path_factory, search_params):
+def both_runs(harness, tiny_bert, tmp_path_factory, search_params):
     """The same search sequentially and on ``ray``, in separate homes (no shared cache)."""
     tmp = tmp_path_factory.mktemp("ray")
     log = tmp / "calls.jsonl"
@@ -117,8 +116,7 @@ def both_runs(tiny_bert, tmp_path_factory, search_params):
         return run
 
     try:
-        with prefect_test_harness(server_startup_timeout=90), \
-                pytest.MonkeyPatch.context() as mp:
+        with pytest.MonkeyPatch.context() as mp:
             for call in here:  # only this process's module
                 mp.setattr(tasks.training, call, counting(call, getattr(tasks.training, call)))
             started = time.perf_counter()
