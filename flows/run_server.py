@@ -17,10 +17,7 @@ the setting ``PREFECT_API_URL`` (``prefect.settings.temporary_settings``).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +26,7 @@ from pathlib import Path
 from flows.processes import ask_to_stop, start_process
 from flows.serve import REPO_ROOT, api_url, free_port, wait_healthy
 from glp import GlpError
+from tasks import templates
 
 STARTUP_FAILURE = 3
 """uvicorn's exit code when the server did not start (a taken port, or a failed app start)."""
@@ -46,13 +44,11 @@ database becomes the template once the server answers)."""
 
 
 def template_path() -> Path:
-    """Where a new, migrated database of this Prefect version is kept for this user:
-    ``$GLP_CACHE_DIR`` or ``$XDG_CACHE_HOME/glp`` (``~/.cache/glp``)."""
+    """Where a new, migrated database of this Prefect version is kept for this user
+    (:func:`tasks.templates.template_path`)."""
     import prefect
 
-    root = os.environ.get("GLP_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glp"
-    return Path(root) / f"prefect-{prefect.__version__}.db"
+    return templates.template_path(f"prefect-{prefect.__version__}.db")
 
 
 def home_database() -> Path | None:
@@ -72,43 +68,17 @@ def seed_database() -> bool:
     """Start a new home's Prefect database as a copy of the migrated template: a server on
     a new database spends most of its start creating tables (measured in
     docs/benchmarks.md). Nothing happens when the database exists, when there is no
-    template yet, or when Prefect's settings name a database that is not a sqlite file.
-    The copy appears whole or not at all (a link that fails if another command created it first)."""
-    database, template = home_database(), template_path()
-    if database is None or database.exists() or not template.is_file():
-        return False
-    database.parent.mkdir(parents=True, exist_ok=True)
-    partial = database.with_name(f".{database.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(template, partial)
-        os.link(partial, database)
-    except OSError:  # created meanwhile, or the copy failed: the server migrates as usual
-        return False
-    finally:
-        partial.unlink(missing_ok=True)
-    return True
+    template yet, or when Prefect's settings name a database that is not a sqlite file."""
+    database = home_database()
+    return database is not None and templates.seed(database, template_path())
 
 
 def save_template() -> None:
     """Keep the run's new database, migrated and still empty, as the template for later
-    homes (sqlite's online backup, so a server writing to it is no harm)."""
-    database, template = home_database(), template_path()
-    if database is None or not database.is_file() or template.is_file():
-        return
-    with contextlib.suppress(OSError, sqlite3.Error):
-        template.parent.mkdir(parents=True, exist_ok=True)
-        partial = template.with_name(f".{template.name}.tmp-{os.getpid()}")
-        _copy(database, partial)
-        os.replace(partial, template)
-
-
-def _copy(source: Path, target: Path) -> None:
-    """A consistent copy of a live database, as one file (rollback journal: Prefect turns
-    write-ahead logging on again when it opens it)."""
-    with contextlib.closing(sqlite3.connect(source)) as src, \
-            contextlib.closing(sqlite3.connect(target)) as dst:
-        src.backup(dst)
-        dst.execute("PRAGMA journal_mode=DELETE")
+    homes (Prefect turns write-ahead logging on again when it opens a copy)."""
+    database = home_database()
+    if database is not None:
+        templates.keep(database, template_path())
 
 
 # ------------------------------------------------------------------ the server

@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import glp
-from tasks import faults
+from tasks import faults, templates
 
 JOB, CANDIDATE, FINAL = "job", "candidate", "final"
 _RETRY = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 2,
@@ -32,7 +32,8 @@ _READY: set[str] = set()
 
 
 def _create_store_once(tracking_uri: str) -> None:
-    """Create a new sqlite store under an exclusive file lock.
+    """Create a new sqlite store under an exclusive file lock, as a copy of the migrated
+    template when there is one (:mod:`tasks.templates`; 1.5 s of migrations otherwise).
 
     MLflow creates its tables with alembic migrations; two processes that open a new
     database at the same moment both migrate and one fails ("table _alembic_tmp_tags
@@ -42,13 +43,26 @@ def _create_store_once(tracking_uri: str) -> None:
         return
     path = Path(tracking_uri.removeprefix("sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)
+    import mlflow
     from filelock import FileLock
 
+    template = templates.template_path(f"mlflow-{mlflow.__version__}.db")
     with FileLock(path.with_name(f"{path.name}.lock")):
+        new = not path.exists() and not templates.seed(path, template)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
+        if new:
+            templates.keep(path, template, empty=_without_experiments)
     _READY.add(tracking_uri)
+
+
+def _without_experiments(database) -> None:
+    """A new store's one row that names its home: the Default experiment, whose artifact
+    location MLflow sets when it creates the store. MLflow creates it again, for the
+    store's own location, when it opens a store without experiments."""
+    database.execute("DELETE FROM experiment_tags")
+    database.execute("DELETE FROM experiments")
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
