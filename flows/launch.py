@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import NoReturn
@@ -59,6 +60,41 @@ class RichReporter:
 
     def note(self, message: str) -> None:
         self.bars.console.print(f"[green]✓[/green] {escape(message)}")
+
+
+class LineReporter:
+    """For a log file or a pipe, where live bars show nothing until the end: a timestamped
+    line as each fine-tune starts, each time a set of candidates, final models or int8
+    scores advances, and for each note."""
+
+    def __init__(self, out: Console):
+        self.out = out
+        self.open: dict[int, tuple[str, str, int | None, int]] = {}
+        self.count = 0
+
+    def _line(self, text: str) -> None:
+        self.out.print(f"{time.strftime('%H:%M:%S')} {text}", markup=False, highlight=False,
+                       soft_wrap=True)
+
+    def begin(self, kind: str, label: str, total: int | None) -> object:
+        self.count += 1
+        label = label.strip()
+        self.open[self.count] = (kind, label, total, 0)
+        self._line(f"{label}: started" if kind == "steps" else f"{label}: 0/{total}")
+        return self.count
+
+    def update(self, handle: object, completed: int, total: int | None = None) -> None:
+        kind, label, known, last = self.open.get(handle, ("steps", "", None, 0))
+        if kind == "steps" or completed == last:
+            return
+        self.open[handle] = (kind, label, total or known, completed)
+        self._line(f"{label}: {completed}/{total or known}")
+
+    def end(self, handle: object) -> None:
+        self.open.pop(handle, None)
+
+    def note(self, message: str) -> None:
+        self._line(f"done: {message}")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -249,7 +285,7 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,
     bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console)
-    progress.set_reporter(RichReporter(bars))
+    progress.set_reporter(RichReporter(bars) if console.is_terminal else LineReporter(console))
     try:
         api = start_services(params.tracking_uri or run_home.tracking_uri)
         # The flow runs report to that server: the supported setting PREFECT_API_URL,

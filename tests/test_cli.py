@@ -407,3 +407,28 @@ def test_main_called_by_another_program_leaves_its_exit_code_alone(tmp_path):
             "sys.exit(0)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_log_gets_a_line_as_each_piece_of_work_finishes():
+    """Not a terminal (nohup, a scheduler's log): bars would show only at the end."""
+    import io
+
+    from rich.console import Console
+
+    from flows.launch import LineReporter
+
+    out = io.StringIO()
+    reporter = LineReporter(Console(file=out, width=40))
+    candidates = reporter.begin("candidates", "6 candidates", 6)
+    steps = reporter.begin("steps", "  candidate without layer 3, seed 41", None)
+    for step in range(1, 500):
+        reporter.update(steps, step, 500)  # no line per training step
+    reporter.end(steps)
+    reporter.update(candidates, 1)
+    reporter.update(candidates, 1)  # unchanged: no second line
+    reporter.note("greedy 1: removed layer 3 (f1 0.8123)")
+    lines = [line.split(" ", 1) for line in out.getvalue().splitlines()]
+    assert all(len(clock) == 8 and clock[2] == ":" for clock, _ in lines)
+    assert [text for _, text in lines] == [
+        "6 candidates: 0/6", "candidate without layer 3, seed 41: started", "6 candidates: 1/6",
+        "done: greedy 1: removed layer 3 (f1 0.8123)"]  # not wrapped at 40 columns

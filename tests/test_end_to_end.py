@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,8 @@ def test_tables_and_summary(runs):
     assert sorted(r["layer"] for r in candidates) == [0, 1, 2, 3, 4, 5]
     assert len(selections) == 1 and sorted(r["depth"] for r in finals) == [5, 6]
     assert "Pruning order" in first and "8 computed, 0 reused" in first
+    # Not a terminal: a line for each finished candidate, not bars drawn at the end.
+    assert re.search(r"^\d\d:\d\d:\d\d 6 candidates: 6/6$", first, re.MULTILINE), first
     assert "glp ui --home" in first and str(home / "parquet") in first
     # Only the final models keep weights, and none of them asks to run custom code.
     weights = sorted(p.parent.parent.name for p in home.glob("artifacts/*/*/model.safetensors"))
@@ -107,15 +110,22 @@ print(" ".join(f"{v:.6f}" for v in session.run(["logits"], feed)[0][0]))
 """
 
 
+@pytest.fixture(scope="module")
+def compress_home(tmp_path_factory):
+    """One home for both methods: the second reuses the first's fine-tuned MiniLM, which
+    each compresses (and distils from), as a user's second ``glp compress`` would."""
+    return tmp_path_factory.mktemp("compress") / "home"
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_compress_minilm_reloads_and_runs_as_onnx_without_glp(method, tmp_path):
+def test_compress_minilm_reloads_and_runs_as_onnx_without_glp(method, compress_home, tmp_path):
     import torch
 
     import glp
     from glp.core.models import load_tokenizer
     from glp.core.plan import Plan
 
-    home = tmp_path / "home"
+    home = compress_home
     done = _glp(home, *COMPRESS, *METHODS[method])
     assert done.returncode == 0, done.stdout + done.stderr
     rows = ds.dataset(home / "parquet" / "finals").to_table().to_pylist()
