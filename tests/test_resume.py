@@ -172,35 +172,50 @@ KILL_POINTS = {
 }
 
 
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_kill_9_leaves_no_process_and_resume_repeats_no_finished_work(point, tiny_bert,
-                                                                      tmp_path, reference,
-                                                                      start):
-    kind, count, killed = KILL_POINTS[point]
+def _checkpoints(home: Path) -> dict[Path, tuple[int, int]]:
+    """Every finished fine-tune's weights, and the file's inode and modification time (a
+    fine-tune done again writes a new file in its place)."""
+    return {path: (path.stat().st_ino, path.stat().st_mtime_ns)
+            for path in home.glob("artifacts/*/*/model.safetensors") if ".tmp-" not in str(path)}
+
+
+def test_kill_9_again_and_again_leaves_no_process_and_repeats_no_finished_work(
+        tiny_bert, tmp_path, reference, start):
+    """The same command killed at each point in turn, each time resumed from where the last
+    attempt got to (as a scheduler that retries a crashed job would), then run to the end:
+    no process outlives any kill, each attempt redoes at most the fine-tune the kill
+    interrupted, and the result is the uninterrupted run's, with no duplicate rows."""
     home = tmp_path / "home"
     # Candidates' weights are kept here only to see from outside how far the run got.
-    process = start(_command(tiny_bert, home, "--keep-candidates"))
-    _wait_for(lambda: _finished(home, kind) >= count, process, "the kill point")
-    assert _servers(home), "the run's own API server is running"
-    if killed == "group":
-        os.killpg(process.pid, signal.SIGKILL)
-    else:
-        process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    done_before = _finished(home, "candidates") + _finished(home, "finals")
-    assert process.returncode == -signal.SIGKILL
-    deadline = time.monotonic() + 30
-    while _naming(home) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _naming(home), "a process glp started outlived it"
+    command = _command(tiny_bert, home, "--keep-candidates")
+    seen: dict[Path, tuple[int, int]] = {}
+    for point, (kind, count, killed) in KILL_POINTS.items():
+        process = start(command)
+        _wait_for(lambda k=kind, n=count: _finished(home, k) >= n, process, point)
+        assert _servers(home), "the run's own API server is running"
+        if killed == "group":
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        assert process.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while _naming(home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _naming(home), f"{point}: a process glp started outlived it"
+        now = _checkpoints(home)
+        redone = [path for path, stamp in seen.items() if now.get(path, stamp) != stamp]
+        assert len(redone) <= 1, (point, redone)  # the one an earlier kill interrupted
+        print(f"{point}: {len(now)} fine-tunes finished, {len(redone)} done again")
+        seen = now
 
     computed, reused = _counts(_run(tiny_bert, home, "--keep-candidates"))
-    print(f"{point}: {done_before} fine-tunes finished before the kill; "
-          f"resume computed {computed}, reused {reused}")
     assert computed + reused == TOTAL
     # Every finished fine-tune is reused; at most the interrupted one is done again (its
     # checkpoint may be written while its result was not yet recorded).
-    assert reused >= done_before - 1 and computed <= TOTAL - done_before + 1
+    assert reused >= len(seen) - 1 and computed <= TOTAL - len(seen) + 1
+    now = _checkpoints(home)
+    assert len([path for path, stamp in seen.items() if now[path] != stamp]) <= 1
     assert _results(home) == reference
     tables = _tables(home)
     assert [len(tables[t]) for t in ("candidates", "selections", "finals")] == [5, 2, 6]
@@ -208,7 +223,7 @@ def test_kill_9_leaves_no_process_and_resume_repeats_no_finished_work(point, tin
     runs = _runs(home)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parent = [r for r in runs if r.data.tags.get("glp.kind") == "job"]
-    assert len(parent) == 1 and parent[0].data.tags["glp.attempts"] == "2"
+    assert len(parent) == 1 and parent[0].data.tags["glp.attempts"] == str(len(KILL_POINTS) + 1)
 
 
 def _terminate(process: subprocess.Popen) -> tuple[float, str]:
