@@ -8,17 +8,21 @@ max length 64, lr 1e-4, 1 seed) two ways, each a whole fresh process (imports in
 - ``library``: a loop over the candidates with ``glp.training.train`` (fine-tune on the fit split,
   score on the selection split, keep the best), then the unpruned and the pruned final
   models fine-tuned on the training rows and scored on dev: the same fine-tunes and
-  evaluations, nothing else.
+  evaluations, nothing else;
+- ``library+int8``: that loop, and each final model also exported, quantised to int8 and
+  scored on dev with onnxruntime, as the flow does for every final model (the work a user
+  deploys); what is left between it and the flow is orchestration: Prefect, MLflow and
+  its registry, Parquet, checkpoints.
 
-The two alternate, ``--rounds`` times (A B, then B A, ...). Reported: each run's wall
-time, and the flow's as a multiple of the library's (medians).
+The three alternate, ``--rounds`` times (A B C, then C B A, ...). Reported: each run's wall
+time, and the flow's as a multiple of each library loop's (medians).
 
 ``--pieces`` times the parts of the fixed cost instead, each in fresh processes, the
 variants alternating: the command's Prefect API server until it answers, on a new home with
 no template and on one seeded from the template (``flows/run_server.py``); a new MLflow
-store; importing the flows; and a process that imported torch, transformers, onnxruntime,
-MLflow and Prefect ending normally against ending without the interpreter's teardown (as
-``glp`` does).
+store, with no template and seeded from one (``tasks/templates.py``); importing the
+flows; and a process that imported torch, transformers, onnxruntime, MLflow and Prefect
+ending normally against ending without the interpreter's teardown (as ``glp`` does).
 
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py [--train-limit 500]
        PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py --pieces [--rounds 3]
@@ -67,10 +71,23 @@ for layer in range(6):
     fine_tune(model, fit, config, seed=0)
     scores[layer] = evaluate(model, selection, is_regression=False)["accuracy"]
 best = max(scores, key=lambda k: (scores[k], -k))
+raw_dev = load_glue_split("sst2", data, "dev")
 for removed in ([], [best]):
     model = model_without(removed)
     fine_tune(model, train, config, seed=40)
     print(removed, evaluate(model, dev, is_regression=False)["accuracy"])
+    if sys.argv[2] == "int8":  # what the flow also does: each final model scored as int8
+        import tempfile
+        import numpy as np
+        from glp.deploy.export import write_text_model
+        from glp.deploy.text_model import TextModel
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(f"{tmp}/model")
+            tokenizer.save_pretrained(f"{tmp}/model")
+            write_text_model(f"{tmp}/model", f"{tmp}/int8", labels=("negative", "positive"),
+                             max_length=64, int8=True)
+            logits = TextModel(f"{tmp}/int8").logits(raw_dev["text_a"], None)
+            print("int8", float((logits.argmax(-1) == np.asarray(raw_dev["label"])).mean()))
 '''
 
 
@@ -83,7 +100,8 @@ def run(kind: str, limit: int) -> float:
                  "--train-limit", str(limit), "--epochs", "1", "--max-length", "64", "--lr",
                  "1e-4", "--seeds", "1", "--home", home], capture_output=True, text=True)
     else:
-        done = subprocess.run([sys.executable, "-c", LIBRARY, str(limit)],
+        done = subprocess.run([sys.executable, "-c", LIBRARY, str(limit),
+                               "int8" if kind == "library+int8" else "-"],
                               capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
@@ -137,11 +155,17 @@ def pieces(rounds: int) -> dict[str, list[float]]:
                 env = {**os.environ, "GLP_CACHE_DIR": str(cache),
                        "PREFECT_HOME": str(root / name.replace(" ", "-").replace(",", ""))}
                 times.setdefault(name, []).append(float(_python(SERVER, env=env)[1]))
-            (root / "store").mkdir()
-            times.setdefault("MLflow store, new", []).append(
-                float(_python(STORE, str(root / "store"))[1]))
+            for name, seeded in (("MLflow store, new home, no template", False),
+                                 ("MLflow store, new home, seeded", True))[::1 - 2 * (round_ % 2)]:
+                cache, store = root / f"mlflow-cache-{seeded}", root / f"store-{seeded}"
+                store.mkdir()
+                env = {**os.environ, "GLP_CACHE_DIR": str(cache)}
+                if seeded:  # a template made by a first store
+                    (root / "first-store").mkdir()
+                    _python(STORE, str(root / "first-store"), env=env)
+                times.setdefault(name, []).append(float(_python(STORE, str(store), env=env)[1]))
             times.setdefault("MLflow store, existing", []).append(
-                float(_python(STORE, str(root / "store"))[1]))
+                float(_python(STORE, str(root / "store-True"))[1]))
         times.setdefault("import flows.prune", []).append(_python("import flows.prune")[0])
         for name, code in list(TEARDOWN.items())[::1 - 2 * (round_ % 2)]:
             times.setdefault(f"process: {name}", []).append(_python(code)[0])
@@ -165,20 +189,24 @@ def main() -> None:
                   f"{statistics.median(values):.1f} |")
         return
     args.out = args.out or Path("docs/benchmarks/orchestration.json")
-    times: dict[str, list[float]] = {"flow": [], "library": []}
-    order = ["flow", "library"]
+    order = ["flow", "library", "library+int8"]
+    times: dict[str, list[float]] = {kind: [] for kind in order}
     for round_ in range(args.rounds):
         for kind in order if round_ % 2 == 0 else order[::-1]:
             times[kind].append(run(kind, args.train_limit))
             print(f"round {round_ + 1} {kind}: {times[kind][-1]:.1f} s", flush=True)
-    ratio = statistics.median(times["flow"]) / statistics.median(times["library"])
+    flow = statistics.median(times["flow"])
+    ratios = {kind: flow / statistics.median(times[kind]) for kind in order[1:]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"train_limit": args.train_limit, "rounds": args.rounds,
-                                    "seconds": times, "ratio": ratio}, indent=1) + "\n")
+                                    "seconds": times, "ratio": ratios["library"],
+                                    "ratio_same_work": ratios["library+int8"]},
+                                   indent=1) + "\n")
     print("\n| run | wall time (each round) |\n| --- | --- |")
     for kind in order:
         print(f"| {kind} | " + " / ".join(f"{t:.1f} s" for t in times[kind]) + " |")
-    print(f"\nglp prune / library loop: {ratio:.2f}× (medians)")
+    for kind, ratio in ratios.items():
+        print(f"glp prune / {kind} loop: {ratio:.2f}× (medians)")
 
 
 if __name__ == "__main__":
