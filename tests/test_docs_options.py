@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Options of tools other than glp that the docs quote (pip, prefect, mlflow, pytest).
 OTHERS = {"--no-prompt", "--all", "--pool", "--param", "--durations", "--host", "--port",
           "--backend-store-uri", "--onnx-twin", "--no-deps", "--help",
-          "--env-manager"}
+          "--env-manager", "--dist"}
 
 
 def cli_options() -> set[str]:
