@@ -457,6 +457,31 @@ def load_classifier(
     return model
 
 
+def import_model_code(name_or_path: str | None) -> None:
+    """Import the modules that define the model's classifier class, which transformers
+    imports on the first load (1.8 s for BERT here), so that a caller can do it while it
+    waits on something else.
+
+    Only for the embedded default or a model directory (:func:`resolve_model`): a hub id is
+    never downloaded here. A model with its own code (``auto_map``), an unknown type or an
+    unreadable config imports nothing: loading it later says what is wrong.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    name = (name_or_path or DEFAULT_MODEL).strip()
+    if name.lower() not in _DEFAULT_ALIASES and not os.path.isdir(os.path.expanduser(name)):
+        return
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name))
+    except (GlpError, OSError, ValueError, KeyError):
+        return
+    if getattr(config, "auto_map", None):
+        return
+    with contextlib.suppress(KeyError):
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+
+
 def strip_remote_code(config: PretrainedConfig) -> None:
     """Remove ``auto_map`` from a config: glp's outputs never ask to run custom code."""
     if hasattr(config, "auto_map"):

@@ -18,6 +18,7 @@ from glp.core.models import (
     DEFAULT_MODEL,
     SUPPORTED_MODEL_TYPES,
     check_supported,
+    import_model_code,
     load_classifier,
     load_tokenizer,
     model_fingerprint,
@@ -98,6 +99,46 @@ def test_unreachable_hub_id_is_a_glp_error(monkeypatch):
     message = str(excinfo.value)
     assert "model 'someone/unknown-model' is neither a local directory with config.json" in message
     assert "nor a reachable hub id (OSError: offline mode is enabled)" in message
+
+
+class _Lookups(dict):
+    """A stand-in for transformers' config-to-class mapping that records each lookup."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __getitem__(self, key):
+        self.seen.append(key.__name__)
+        raise KeyError(key)
+
+
+def test_import_model_code_looks_up_local_models_only(encoder_dir, tmp_path, monkeypatch):
+    import sys
+
+    lookups = _Lookups()
+    monkeypatch.setattr("transformers.models.auto.modeling_auto."
+                        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING", lookups)
+
+    def no_download(repo_id, **kwargs):
+        raise AssertionError(f"downloaded {repo_id}")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_download)
+    import_model_code(str(encoder_dir))
+    import_model_code(None)  # the embedded MiniLM, a BERT too
+    import_model_code("someone/some-model")  # a hub id: nothing fetched, nothing looked up
+    import_model_code("models:/glp-x@best")
+    remote = tmp_path / "remote"
+    shutil.copytree(encoder_dir, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_mine.MyModel"}
+    (remote / "config.json").write_text(json.dumps(config))
+    import_model_code(str(remote))  # its own code: never imported here
+    import_model_code(str(tmp_path))  # no config.json
+    assert lookups.seen == ["BertConfig", "BertConfig"]
+    monkeypatch.undo()
+    import_model_code(str(encoder_dir))
+    assert "transformers.models.bert.modeling_bert" in sys.modules
 
 
 def test_hub_id_downloads_config_tokenizer_and_safetensors(encoder_dir, monkeypatch):
