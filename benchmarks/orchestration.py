@@ -24,8 +24,14 @@ store, with no template and seeded from one (``tasks/templates.py``); importing 
 flows; and a process that imported torch, transformers, onnxruntime, MLflow and Prefect
 ending normally against ending without the interpreter's teardown (as ``glp`` does).
 
+``--tiny`` times the tiny job (``glp prune --task rte --remove 1 --train-limit 32
+--eval-limit 32 --epochs 1 --max-length 16 --seeds 1``) in new homes, as a user waits for it;
+with ``--against DIR`` (another checkout of glp, e.g. a ``git worktree`` of an earlier commit)
+it alternates with the same command run from there, on this Python.
+
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py [--train-limit 500]
        PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py --pieces [--rounds 3]
+       PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py --tiny [--against DIR]
 """
 
 from __future__ import annotations
@@ -172,13 +178,49 @@ def pieces(rounds: int) -> dict[str, list[float]]:
     return times
 
 
+TINY = ["prune", "--task", "rte", "--remove", "1", "--train-limit", "32", "--eval-limit", "32",
+        "--epochs", "1", "--max-length", "16", "--seeds", "1"]
+
+
+def tiny(rounds: int, against: Path | None) -> dict[str, list[float]]:
+    """The tiny job's wall time in a new home, from this checkout and (alternating) from
+    ``against``: ``python -m flows.cli`` run in a checkout imports that checkout's code."""
+    checkouts = {"this checkout": Path.cwd()}
+    if against is not None:
+        checkouts[f"{against}"] = against.resolve()
+    times: dict[str, list[float]] = {name: [] for name in checkouts}
+    for round_ in range(rounds):
+        for name, root in list(checkouts.items())[::1 - 2 * (round_ % 2)]:
+            with tempfile.TemporaryDirectory() as home:
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "flows.cli", *TINY, "--home", home],
+                                      cwd=root, capture_output=True, text=True)
+                times[name].append(time.perf_counter() - start)
+            if done.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+            print(f"round {round_ + 1} {name}: {times[name][-1]:.1f} s", flush=True)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-limit", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pieces", action="store_true", help="time the fixed cost's parts")
+    parser.add_argument("--tiny", action="store_true", help="time the tiny job in new homes")
+    parser.add_argument("--against", type=Path, help="--tiny: another checkout to alternate with")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.tiny:
+        times = tiny(args.rounds, args.against)
+        out = args.out or Path("docs/benchmarks/orchestration_tiny.json")
+        out.write_text(json.dumps({"rounds": args.rounds, "command": ["glp", *TINY],
+                                   "seconds": times}, indent=1) + "\n")
+        print("| checkout | seconds (each round) | median |\n| --- | --- | ---: |")
+        for name, values in times.items():
+            print(f"| {name} | {' / '.join(f'{v:.1f}' for v in values)} | "
+                  f"{statistics.median(values):.1f} |")
+        return
     if args.pieces:
         times = pieces(args.rounds)
         out = args.out or Path("docs/benchmarks/orchestration_pieces.json")
