@@ -14,14 +14,17 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import glp
 from tasks import faults, templates
+
+if TYPE_CHECKING:  # MLflow is imported where it is used: 0.6 s that a command pays while
+    # its Prefect server starts (flows/launch.py), not before it checks its inputs.
+    from mlflow.tracking import MlflowClient
 
 JOB, CANDIDATE, FINAL = "job", "candidate", "final"
 _RETRY = {"cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": 2,
@@ -45,6 +48,7 @@ def _create_store_once(tracking_uri: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     import mlflow
     from filelock import FileLock
+    from mlflow.tracking import MlflowClient
 
     template = templates.template_path(f"mlflow-{mlflow.__version__}.db")
     with FileLock(path.with_name(f"{path.name}.lock")):
@@ -66,6 +70,8 @@ def _without_experiments(database) -> None:
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     _create_store_once(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
@@ -85,6 +91,8 @@ def _find_runs(client: MlflowClient, experiment_id: str, **tags: str) -> list:
 
 def _log(client: MlflowClient, run_id: str, params: dict | None = None,
          metrics: dict | None = None, tags: dict | None = None) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,

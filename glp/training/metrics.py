@@ -10,8 +10,6 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from glp.core.errors import GlpError
 
@@ -55,6 +53,11 @@ def compute_metrics(predictions, labels, *, is_regression: bool) -> dict[str, fl
     Raises:
         GlpError: empty input, or predictions and labels of different lengths or bad shape.
     """
+    # Imported here: SciPy and scikit-learn take ~0.7 s to import, which a command pays
+    # while its Prefect server starts (flows/launch.py) instead of before checking inputs.
+    from scipy import stats
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     preds = np.asarray(predictions)
     gold = np.asarray(labels).reshape(-1)
     if len(gold) == 0:
