@@ -154,3 +154,20 @@ def test_the_headline_is_int8_against_unpruned_int8_and_int8_costs_are_said(tmp_
     assert headline(plain) == []
     assert "no int8 headline" in write_methods_report(tmp_path / "p", plain,
                                                       "accuracy")["methods"].read_text()
+
+
+def test_an_int8_cost_counts_only_beyond_the_larger_seed_spread():
+    """The rule of every other comparison in the reports: a difference counts when it is
+    larger than the larger of the two sample standard deviations (here fp32's and int8's).
+    MRPC's unpruned model: fp32 0.8330 ± 0.0046, int8 0.8283 ± 0.0069."""
+    import dataclasses
+
+    from glp.report.pareto import int8_costs
+
+    model = dataclasses.replace(_model("unpruned", 0.8330, 60.0, std=0.0046),
+                                int8_mean=0.8283, int8_std=0.0069)
+    assert int8_costs([model]) == [
+        "int8 costs no model more than its seed spread; the largest change is unpruned "
+        "(6 layers), -0.0047 in int8 (within its seed spread)."]
+    beyond = dataclasses.replace(model, int8_mean=0.8250)  # a cost of 0.0079 > 0.0069
+    assert "more than the seed spread" in int8_costs([beyond])[0]
