@@ -198,9 +198,9 @@ def headline(models: Sequence[Model]) -> list[Model]:
 
 def int8_costs(models: Sequence[Model]) -> list[str]:
     """A sentence for each model whose int8 graph scores lower than its fp32 model by more
-    than the seed spread (the larger of the fp32 and int8 scores' sample stds, as in every
-    comparison of the reports; with one seed there is no spread, and the largest cost is
-    said as such)."""
+    than the seed spread (the larger of the fp32 and int8 scores' sample stds, the rule of
+    the layer report's greedy-against-top comparison, ``glp.report.tables``; with one seed
+    there is no spread, and the largest cost is said as such)."""
     scored = [m for m in models if m.int8_mean is not None]
     if not scored:
         return []

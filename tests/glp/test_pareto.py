@@ -157,8 +157,8 @@ def test_the_headline_is_int8_against_unpruned_int8_and_int8_costs_are_said(tmp_
 
 
 def test_an_int8_cost_counts_only_beyond_the_larger_seed_spread():
-    """The rule of every other comparison in the reports: a difference counts when it is
-    larger than the larger of the two sample standard deviations (here fp32's and int8's).
+    """The layer report's rule (glp.report.tables): a difference counts when it is larger
+    than the larger of the two sample standard deviations (here fp32's and int8's).
     MRPC's unpruned model: fp32 0.8330 ± 0.0046, int8 0.8283 ± 0.0069."""
     import dataclasses
 
