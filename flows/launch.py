@@ -259,9 +259,9 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,
     configure_environment(run_home)
     quiet(verbose)
     from prefect.exceptions import TerminationSignal
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from pydantic import ValidationError
 
+    from flows.run_server import run_server_settings
     from glp.report.terminal import print_comparison, print_compression, print_summary
 
     if kind == "compare":
@@ -300,8 +300,7 @@ def _run_command(kind: str, values: dict, run_home: RunHome, verbose: bool,
         api = start_services(params.tracking_uri or run_home.tracking_uri, params.model)
         # The flow runs report to that server: the supported setting PREFECT_API_URL,
         # for this command only (flows.run_server says why).
-        settings = (temporary_settings(updates={PREFECT_API_URL: api}) if api
-                    else contextlib.nullcontext())
+        settings = run_server_settings(api) if api else contextlib.nullcontext()
         with bars, settings:
             summary = flow(params)
     except GlpError as exc:

@@ -127,6 +127,23 @@ def start_run_server() -> tuple[subprocess.Popen, str]:
     return _run_server
 
 
+def run_server_settings(api: str):
+    """The settings a command's flow runs take while they report to its own server at
+    ``api`` (``prefect.settings.temporary_settings``): ``PREFECT_API_URL``, and no flow-run
+    heartbeats (``flows.heartbeat_frequency``) unless the user set them.
+
+    Heartbeats let a long-lived server mark a run whose process died as crashed; this
+    server lives and dies with the run, so nothing reads them, and the flow's exit waited
+    up to 1 s for the heartbeat thread (0.5 s on average, measured in docs/benchmarks.md).
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    updates: dict = {PREFECT_API_URL: api}
+    if "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
+        updates["flows.heartbeat_frequency"] = None
+    return temporary_settings(updates=updates)
+
+
 def run_server_ready(timeout: float) -> str:
     """Start :func:`start_run_server`'s server and wait until it answers; its API URL.
 

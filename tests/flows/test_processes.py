@@ -159,3 +159,16 @@ def test_a_home_with_a_database_or_another_database_is_not_seeded(tmp_path, monk
         "select name from sqlite_master").fetchall()
     assert tables == [("t",)] and [p.name for p in (tmp_path / "other").iterdir()] == [
         "prefect.db"]  # no partial copy left
+
+
+def test_flow_runs_on_the_commands_own_server_send_no_heartbeats():
+    from prefect.settings import get_current_settings, temporary_settings
+
+    api = "http://127.0.0.1:9/api"
+    with run_server.run_server_settings(api):
+        settings = get_current_settings()
+        assert settings.api.url == api and settings.flows.heartbeat_frequency is None
+    assert get_current_settings().api.url != api  # for this command's flow runs only
+    with temporary_settings(updates={"flows.heartbeat_frequency": 60}):  # the user's own
+        with run_server.run_server_settings(api):
+            assert get_current_settings().flows.heartbeat_frequency == 60
