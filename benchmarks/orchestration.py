@@ -15,7 +15,10 @@ max length 64, lr 1e-4, 1 seed) two ways, each a whole fresh process (imports in
   its registry, Parquet, checkpoints.
 
 The three alternate, ``--rounds`` times (A B C, then C B A, ...). Reported: each run's wall
-time, and the flow's as a multiple of each library loop's (medians).
+time, the flow's as a multiple of each library loop's (medians), and each run cut into
+phases where its output marks the search's progress (until the first candidate is scored,
+each later candidate, the final models with their scores, after the last score until exit):
+the flow's phases against ``library+int8``'s are its fixed cost and its cost per task.
 
 ``--pieces`` times the parts of the fixed cost instead, each in fresh processes, the
 variants alternating: the command's Prefect API server until it answers, on a new home with
@@ -37,7 +40,9 @@ Usage: PYTHONPATH=. .venv/bin/python benchmarks/orchestration.py [--train-limit 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -72,16 +77,18 @@ def model_without(layers):
     return remove_layers(model, layers)
 
 scores = {}
+print("search: started", flush=True)
 for layer in range(6):
     model = model_without([layer])
     fine_tune(model, fit, config, seed=0)
     scores[layer] = evaluate(model, selection, is_regression=False)["accuracy"]
+    print(f"candidates: {layer + 1}/6", flush=True)
 best = max(scores, key=lambda k: (scores[k], -k))
 raw_dev = load_glue_split("sst2", data, "dev")
 for removed in ([], [best]):
     model = model_without(removed)
     fine_tune(model, train, config, seed=40)
-    print(removed, evaluate(model, dev, is_regression=False)["accuracy"])
+    print(removed, evaluate(model, dev, is_regression=False)["accuracy"], flush=True)
     if sys.argv[2] == "int8":  # what the flow also does: each final model scored as int8
         import tempfile
         import numpy as np
@@ -93,26 +100,48 @@ for removed in ([], [best]):
             write_text_model(f"{tmp}/model", f"{tmp}/int8", labels=("negative", "positive"),
                              max_length=64, int8=True)
             logits = TextModel(f"{tmp}/int8").logits(raw_dev["text_a"], None)
-            print("int8", float((logits.argmax(-1) == np.asarray(raw_dev["label"])).mean()))
+            print("int8", float((logits.argmax(-1) == np.asarray(raw_dev["label"])).mean()),
+                  flush=True)
 '''
 
 
-def run(kind: str, limit: int) -> float:
+def run(kind: str, limit: int) -> tuple[float, list[tuple[float, str]]]:
+    """One run's wall time, and each line of its output with the second it arrived."""
     start = time.perf_counter()
-    if kind == "flow":
-        with tempfile.TemporaryDirectory() as home:
-            done = subprocess.run(
-                [sys.executable, "-m", "flows.cli", "prune", "--task", "sst2", "--remove", "1",
-                 "--train-limit", str(limit), "--epochs", "1", "--max-length", "64", "--lr",
-                 "1e-4", "--seeds", "1", "--home", home], capture_output=True, text=True)
-    else:
-        done = subprocess.run([sys.executable, "-c", LIBRARY, str(limit),
-                               "int8" if kind == "library+int8" else "-"],
-                              capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as home:
+        if kind == "flow":
+            command = [sys.executable, "-m", "flows.cli", "prune", "--task", "sst2", "--remove",
+                       "1", "--train-limit", str(limit), "--epochs", "1", "--max-length", "64",
+                       "--lr", "1e-4", "--seeds", "1", "--home", home]
+        else:
+            command = [sys.executable, "-c", LIBRARY, str(limit),
+                       "int8" if kind == "library+int8" else "-"]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as process:
+            lines = [(time.perf_counter() - start, line.rstrip()) for line in process.stdout]
     seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
-    return seconds
+    if process.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n" + "\n".join(line for _, line in lines[-40:]))
+    return seconds, lines
+
+
+CANDIDATE_DONE = re.compile(r"candidates: ([1-9][0-9]*)/")
+LAST_SCORE = {"flow": re.compile(r"int8 scores: 2/2"), "library": re.compile(r"^\[[0-9, ]*\] "),
+              "library+int8": re.compile(r"^int8 ")}
+
+
+def phases(kind: str, seconds: float, lines: list[tuple[float, str]]) -> dict[str, float]:
+    """A run cut where its output marks the search's progress: until its first candidate
+    was scored (the imports, services and data before it included), each later candidate,
+    the final models with their scores, and what follows the last score until the process
+    has exited (registration, the report, the exit)."""
+    done = [t for t, line in lines if CANDIDATE_DONE.search(line)]
+    last = [t for t, line in lines if LAST_SCORE[kind].search(line)][-1]
+    return {"until the first candidate is scored": done[0],
+            "each later candidate (median)": statistics.median(
+                b - a for a, b in itertools.pairwise(done)),
+            "the final models and their scores": last - done[-1],
+            "after the last score, until exit": seconds - last}
 
 
 SERVER = r'''
@@ -233,22 +262,32 @@ def main() -> None:
     args.out = args.out or Path("docs/benchmarks/orchestration.json")
     order = ["flow", "library", "library+int8"]
     times: dict[str, list[float]] = {kind: [] for kind in order}
+    cuts: dict[str, list[dict[str, float]]] = {kind: [] for kind in order}
     for round_ in range(args.rounds):
         for kind in order if round_ % 2 == 0 else order[::-1]:
-            times[kind].append(run(kind, args.train_limit))
-            print(f"round {round_ + 1} {kind}: {times[kind][-1]:.1f} s", flush=True)
+            seconds, lines = run(kind, args.train_limit)
+            times[kind].append(seconds)
+            cuts[kind].append(phases(kind, seconds, lines))
+            print(f"round {round_ + 1} {kind}: {seconds:.1f} s", flush=True)
     flow = statistics.median(times["flow"])
     ratios = {kind: flow / statistics.median(times[kind]) for kind in order[1:]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"train_limit": args.train_limit, "rounds": args.rounds,
                                     "seconds": times, "ratio": ratios["library"],
-                                    "ratio_same_work": ratios["library+int8"]},
+                                    "ratio_same_work": ratios["library+int8"],
+                                    "phases": cuts},
                                    indent=1) + "\n")
     print("\n| run | wall time (each round) |\n| --- | --- |")
     for kind in order:
         print(f"| {kind} | " + " / ".join(f"{t:.1f} s" for t in times[kind]) + " |")
     for kind, ratio in ratios.items():
         print(f"glp prune / {kind} loop: {ratio:.2f}× (medians)")
+    print("\n| phase (medians of the rounds) | flow | library+int8 | difference |\n"
+          "| --- | ---: | ---: | ---: |")
+    for phase in cuts["flow"][0]:
+        flow_s, same_s = (statistics.median(c[phase] for c in cuts[k])
+                          for k in ("flow", "library+int8"))
+        print(f"| {phase} | {flow_s:.2f} s | {same_s:.2f} s | {flow_s - same_s:+.2f} s |")
 
 
 if __name__ == "__main__":
